@@ -1,0 +1,53 @@
+# fedshield: two commands set everything up on a fresh machine.
+#   make run   - create .venv, install, run the quick-start federation, write its report
+#   make test  - create .venv, install, lint, type-check, check import layers, run tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: run test lint typecheck layers pytest bench bench-slow data clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU wheel first, pinned, so that no CUDA build is ever pulled.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	-@$(MAKE) --no-print-directory data
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (offline, 31 MB).
+# Best effort: where apt is not available the loader explains how to get it.
+data:
+	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist with apt-get"; \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
+		|| echo "note: could not install dataset-fashion-mnist; its tests will be skipped"; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/fedshield simulate examples/quickstart.toml
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck layers pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench bench -p no:cacheprovider -s
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,63 @@
+"""fedshield: federated learning that protects privacy and proves it.
+
+The public API is imported lazily, so ``import fedshield`` is cheap and the
+command line starts fast; torch loads only when a model is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # core
+    "Params": "fedshield.core",
+    "ParamSpec": "fedshield.core",
+    "ClientUpdate": "fedshield.core",
+    "ServerState": "fedshield.core",
+    "Aggregate": "fedshield.core",
+    "Aggregator": "fedshield.core",
+    "WeightedMean": "fedshield.core",
+    "Client": "fedshield.core",
+    "FitConfig": "fedshield.core",
+    "EvalConfig": "fedshield.core",
+    # api
+    "fedavg": "fedshield.api",
+    "FederatedProcess": "fedshield.api",
+    # errors
+    "FedShieldError": "fedshield.errors",
+    "ConfigError": "fedshield.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from fedshield.api import FederatedProcess, fedavg
+    from fedshield.core import (
+        Aggregate,
+        Aggregator,
+        Client,
+        ClientUpdate,
+        EvalConfig,
+        FitConfig,
+        Params,
+        ParamSpec,
+        ServerState,
+        WeightedMean,
+    )
+    from fedshield.errors import ConfigError, FedShieldError
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedshield' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

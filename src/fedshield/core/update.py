@@ -1,0 +1,91 @@
+"""What a client sends back after local training, and how it is checked."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedshield.core.params import Params, ParamSpec
+from fedshield.errors import InvalidUpdateError
+
+__all__ = ["ClientId", "ClientUpdate", "validate_update"]
+
+ClientId = str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUpdate:
+    """A client's contribution to one round.
+
+    Parameters
+    ----------
+    client_id
+        Who sent it.
+    delta
+        New local parameters minus the global parameters the client received.
+    num_examples
+        Training examples behind the update (the FedAvg weight ``n_k``).
+    metrics
+        Scalar training metrics (``"loss"``, ``"accuracy"``, ...).
+    """
+
+    client_id: ClientId
+    delta: Params
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def validate_update(
+    update: object,
+    spec: ParamSpec,
+    *,
+    max_examples: int | None = None,
+) -> ClientUpdate:
+    """Check a received update and return it, or raise naming every problem.
+
+    Parameters
+    ----------
+    update
+        What the client sent.
+    spec
+        The parameter layout of the global model.
+    max_examples
+        Largest plausible ``num_examples`` (``None``: no upper bound).
+
+    Returns
+    -------
+    ClientUpdate
+        ``update`` itself, now known to be well formed.
+
+    Raises
+    ------
+    InvalidUpdateError
+        If it is not a :class:`ClientUpdate`, its arrays do not match ``spec``,
+        any value is NaN or infinite, or ``num_examples`` is out of range.
+    """
+    if not isinstance(update, ClientUpdate):
+        raise InvalidUpdateError(
+            f"expected a ClientUpdate; got {type(update).__name__}"
+        )
+    problems: list[str] = []
+    if not isinstance(update.delta, Params):
+        problems.append(f"delta must be Params; got {type(update.delta).__name__}")
+    else:
+        problems.extend(spec.mismatches(update.delta.spec))
+        if not problems and update.delta.flat.dtype != np.float32:
+            problems.append(f"delta dtype must be float32; got {update.delta.flat.dtype}")
+        if not problems and not update.delta.is_finite():
+            bad = int((~np.isfinite(update.delta.flat)).sum())
+            problems.append(f"delta has {bad} NaN or infinite values")
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
+        problems.append(f"num_examples must be a positive integer; got {n!r}")
+    elif max_examples is not None and n > max_examples:
+        problems.append(f"num_examples must be <= {max_examples}; got {n}")
+    if problems:
+        raise InvalidUpdateError(
+            f"update from client {update.client_id!r} rejected: " + "; ".join(problems)
+        )
+    return update
