@@ -31,7 +31,23 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "fedshield.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "Aggregate",
+    "Aggregator",
+    "Client",
+    "ClientUpdate",
+    "ConfigError",
+    "EvalConfig",
+    "FedShieldError",
+    "FederatedProcess",
+    "FitConfig",
+    "ParamSpec",
+    "Params",
+    "ServerState",
+    "WeightedMean",
+    "__version__",
+    "fedavg",
+]
 
 if TYPE_CHECKING:
     from fedshield.api import FederatedProcess, fedavg

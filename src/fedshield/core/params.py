@@ -80,7 +80,8 @@ class ParamSpec:
         for name in mine.keys() & theirs.keys():
             if tuple(mine[name]) != tuple(theirs[name]):
                 problems.append(
-                    f"parameter {name!r} has shape {theirs[name]}, expected {mine[name]}"
+                    f"parameter {name!r} has shape {theirs[name]}, "
+                    f"expected {mine[name]}"
                 )
         if not problems and self.names != other.names:
             problems.append("parameters are in a different order")
@@ -113,7 +114,9 @@ class Params(Mapping[str, np.ndarray]):
     def __init__(self, arrays: Mapping[str, ArrayLike]) -> None:
         converted = {name: np.asarray(value) for name, value in arrays.items()}
         spec = ParamSpec(
-            tuple((name, tuple(int(s) for s in a.shape)) for name, a in converted.items())
+            tuple(
+                (name, tuple(int(s) for s in a.shape)) for name, a in converted.items()
+            )
         )
         flat = np.empty(spec.size, dtype=np.float32)
         offset = 0
@@ -135,7 +138,9 @@ class Params(Mapping[str, np.ndarray]):
         self._views = views
 
     @classmethod
-    def from_flat(cls, flat: ArrayLike, spec: ParamSpec, *, copy: bool = True) -> Params:
+    def from_flat(
+        cls, flat: ArrayLike, spec: ParamSpec, *, copy: bool = True
+    ) -> Params:
         """Build from a flat vector laid out as ``spec``.
 
         Parameters
@@ -200,7 +205,8 @@ class Params(Mapping[str, np.ndarray]):
     def _check(self, other: Params) -> None:
         if other.spec != self._spec:
             raise InvalidUpdateError(
-                "parameters do not match: " + "; ".join(self._spec.mismatches(other.spec))
+                "parameters do not match: "
+                + "; ".join(self._spec.mismatches(other.spec))
             )
 
     def __add__(self, other: Params) -> Params:
@@ -212,9 +218,7 @@ class Params(Mapping[str, np.ndarray]):
         return Params.from_flat(self._flat - other.flat, self._spec, copy=False)
 
     def __mul__(self, scalar: float) -> Params:
-        return Params.from_flat(
-            self._flat * np.float32(scalar), self._spec, copy=False
-        )
+        return Params.from_flat(self._flat * np.float32(scalar), self._spec, copy=False)
 
     __rmul__ = __mul__
 
@@ -226,7 +230,8 @@ class Params(Mapping[str, np.ndarray]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Params({len(self)} arrays, {self._spec.size} values, norm={self.norm():.4g})"
+        size = self._spec.size
+        return f"Params({len(self)} arrays, {size} values, norm={self.norm():.4g})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Params.from_flat, (np.array(self._flat), self._spec, False))

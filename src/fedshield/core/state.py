@@ -85,8 +85,9 @@ class ServerState:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 header = json.loads(bytes(archive["header"]).decode("utf-8"))
                 if header.get("format") != _FORMAT:
+                    found = header.get("format")
                     raise CheckpointError(
-                        f"not a fedshield server state (format {header.get('format')!r})"
+                        f"not a fedshield server state (format {found!r})"
                     )
                 params = Params.from_flat(
                     archive["params"], ParamSpec.from_json(header["spec"])

@@ -75,7 +75,9 @@ def validate_update(
     else:
         problems.extend(spec.mismatches(update.delta.spec))
         if not problems and update.delta.flat.dtype != np.float32:
-            problems.append(f"delta dtype must be float32; got {update.delta.flat.dtype}")
+            problems.append(
+                f"delta dtype must be float32; got {update.delta.flat.dtype}"
+            )
         if not problems and not update.delta.is_finite():
             bad = int((~np.isfinite(update.delta.flat)).sum())
             problems.append(f"delta has {bad} NaN or infinite values")

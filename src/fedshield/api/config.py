@@ -1,0 +1,263 @@
+"""The experiment configuration: TOML sections validated with pydantic.
+
+Every key is documented in the README's configuration reference. Unknown keys
+and bad values are refused before round 1 with a message that names the key,
+the constraint and the value (and suggests the closest key for a misspelling).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedshield.errors import ConfigError, ConfigFileError
+
+__all__ = [
+    "ClientSection",
+    "DataSection",
+    "ExperimentConfig",
+    "ModelSection",
+    "RunSection",
+    "StrategySection",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    """``[run]``: the run as a whole."""
+
+    name: str = Field("fedshield-run", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    rounds: int = Field(30, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0, lt=2**63)
+    eval_every: int = Field(1, ge=1)
+    federated_eval: bool = True
+    backend: Literal["sequential"] = "sequential"
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class DataSection(_Section):
+    """``[data]``: which data set and how it is split across clients."""
+
+    dataset: Literal["digits", "breast_cancer", "heart", "fashion_mnist"] = "digits"
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    shards: int = Field(2, ge=1)
+    sigma: float = Field(1.0, gt=0)
+    num_clients: int = Field(10, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    min_samples: int = Field(2, ge=1)
+
+
+class ModelSection(_Section):
+    """``[model]``: the network trained."""
+
+    kind: Literal["logistic", "mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64], max_length=16)
+
+    @model_validator(mode="after")
+    def _positive_hidden(self) -> ModelSection:
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden sizes must all be >= 1; got {self.hidden}")
+        return self
+
+
+class ClientSection(_Section):
+    """``[client]``: local training on each client."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class StrategySection(_Section):
+    """``[strategy]``: sampling, aggregation and the server step."""
+
+    name: Literal["fedavg"] = "fedavg"
+    fraction: float | None = Field(None, gt=0, le=1)
+    clients_per_round: int | None = Field(None, ge=1)
+    server_lr: float = Field(1.0, gt=0)
+    min_clients: int = Field(1, ge=1)
+    weighted: bool = True
+
+    @model_validator(mode="after")
+    def _one_sampling_rule(self) -> StrategySection:
+        if self.fraction is not None and self.clients_per_round is not None:
+            raise ValueError(
+                "set either fraction or clients_per_round, not both; "
+                f"got fraction={self.fraction}, "
+                f"clients_per_round={self.clients_per_round}"
+            )
+        return self
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: one TOML file."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    client: ClientSection = Field(default_factory=ClientSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        sampled = self.strategy.clients_per_round
+        if sampled is not None and sampled > self.data.num_clients:
+            raise ValueError(
+                f"strategy.clients_per_round ({sampled}) must be <= "
+                f"data.num_clients ({self.data.num_clients})"
+            )
+        if self.strategy.min_clients > self.data.num_clients:
+            raise ValueError(
+                f"strategy.min_clients ({self.strategy.min_clients}) must be <= "
+                f"data.num_clients ({self.data.num_clients})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict with ``None`` values dropped (TOML has no null)."""
+
+        def strip(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items() if v is not None}
+            return value
+
+        result: dict[str, Any] = strip(self.model_dump(mode="json"))
+        return result
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in ExperimentConfig.model_fields.items()
+}
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        loc = [str(p) for p in problem["loc"]]
+        key = ".".join(loc) if loc else "(config)"
+        if problem["type"] == "extra_forbidden":
+            if len(loc) == 1:
+                valid = list(_SECTIONS)
+                lines.append(
+                    f"[{loc[0]}]: unknown section{_suggest(loc[0], valid)} "
+                    f"(sections: {', '.join(valid)})"
+                )
+            else:
+                section = _SECTIONS.get(loc[0])
+                valid = list(section.model_fields) if section else []
+                lines.append(
+                    f"{key}: unknown key{_suggest(loc[-1], valid)} "
+                    f"(keys of [{loc[0]}]: {', '.join(valid)})"
+                )
+            continue
+        value = problem.get("input")
+        shown = "" if isinstance(value, dict) else f"; got {value!r}"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a configuration given as nested mappings.
+
+    Raises
+    ------
+    ConfigError
+        Naming every unknown key and invalid value.
+    """
+    try:
+        return ExperimentConfig.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as `heart` is taken as a string
+
+
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Sequence[str]
+) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (values parsed as TOML) to nested ``data``.
+
+    Examples
+    --------
+    >>> apply_overrides({"model": {"kind": "mlp"}}, ["model.hidden=[64, 32]"])
+    {'model': {'kind': 'mlp', 'hidden': [64, 32]}}
+    """
+    result: dict[str, Any] = {
+        k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()
+    }
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--set expects key=value (for example run.rounds=5); got {item!r}"
+            )
+        *path, last = key.split(".")
+        if not path:
+            raise ConfigError(
+                f"--set key must be section.key (for example run.rounds); got {key!r}"
+            )
+        node = result
+        for part in path:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[last] = _parse_value(text.strip())
+    return result
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a TOML file, apply ``--set`` overrides and validate.
+
+    Raises
+    ------
+    ConfigFileError
+        If the file is missing, unreadable or not valid TOML.
+    ConfigError
+        If a key is unknown or a value invalid.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text("utf-8")
+        except FileNotFoundError:
+            raise ConfigFileError(
+                f"config file {str(path)!r} not found; see examples/quickstart.toml"
+            ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigFileError(
+                f"cannot read config file {str(path)!r}: {err}"
+            ) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigFileError(f"{path} is not valid TOML: {err}") from None
+    return parse_config(apply_overrides(data, overrides))

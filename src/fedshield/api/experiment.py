@@ -1,0 +1,216 @@
+"""From a configuration to a runnable federation: data, clients, model."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedshield.api.config import ExperimentConfig
+from fedshield.core import ClientId, FitConfig, Params, derive_rng
+from fedshield.data import (
+    Dataset,
+    PartitionSummary,
+    load_dataset,
+    natural_client_names,
+    partition,
+    split_test,
+    summarize_partition,
+)
+from fedshield.errors import ConfigError
+from fedshield.strategies import CountSampler, FedAvg, FractionSampler, ServerSgd
+
+if TYPE_CHECKING:
+    from fedshield.models import TorchClient, TorchModel
+
+__all__ = ["Federation", "build_federation", "build_strategy"]
+
+
+class DatasetClients:
+    """Builds each client lazily from its slice of a shared data set.
+
+    Picklable, so process and Ray backends can ship it. A client's local test
+    split (for federated evaluation) is drawn from ``(seed, client_id)``.
+    """
+
+    def __init__(
+        self,
+        model: TorchModel,
+        train: Dataset,
+        parts: Mapping[ClientId, np.ndarray],
+        *,
+        client_test_fraction: float,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.train = train
+        self.parts = dict(parts)
+        self.client_test_fraction = client_test_fraction
+        self.seed = seed
+
+    def __call__(self, client_id: ClientId) -> TorchClient:
+        """The client ``client_id``."""
+        from fedshield.models import TorchClient
+
+        try:
+            indices = self.parts[client_id]
+        except KeyError:
+            raise KeyError(f"no client {client_id!r} in this federation") from None
+        n_test = round(self.client_test_fraction * len(indices))
+        if n_test >= len(indices):
+            n_test = len(indices) - 1
+        order = derive_rng(self.seed, "local-split", client_id).permutation(indices)
+        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+        x, y = self.train.x, self.train.y
+        return TorchClient(
+            client_id,
+            self.model,
+            x_train=x[train_idx],
+            y_train=y[train_idx],
+            x_test=x[test_idx] if n_test else None,
+            y_test=y[test_idx] if n_test else None,
+        )
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Everything a simulation needs besides the strategy.
+
+    Parameters
+    ----------
+    model
+        The model adapter shared by all clients.
+    client_ids
+        Every client, in order.
+    client_fn
+        Builds a client from its id (lazily).
+    test
+        The server's held-out test set (centralised evaluation).
+    partition
+        Per-client sample counts and label histograms.
+    dataset
+        The data set's name.
+    """
+
+    model: TorchModel
+    client_ids: tuple[ClientId, ...]
+    client_fn: DatasetClients
+    test: Dataset
+    partition: PartitionSummary
+    dataset: str
+
+    def evaluate(self, params: Params) -> dict[str, float]:
+        """Centralised evaluation on the held-out test set."""
+        metrics = self.model.evaluate(params, self.test.x, self.test.y)
+        return {k: float(v) for k, v in metrics.items() if k != "num_examples"}
+
+    @property
+    def max_examples(self) -> int:
+        """The largest ``num_examples`` any client can honestly claim."""
+        return max(self.partition.num_samples)
+
+
+def build_federation(config: ExperimentConfig) -> Federation:
+    """Load the data, partition it and build the model, as ``config`` says.
+
+    Raises
+    ------
+    ConfigError
+        If the partition does not fit the data set (e.g. ``natural`` on a
+        data set without natural clients, or the wrong number of clients).
+    DataUnavailableError
+        If the data set is not installed.
+    PartitionError
+        If a client would get fewer than ``min_samples`` examples.
+    """
+    from fedshield.models import TorchModel, build_module
+
+    data, seed = config.data, config.run.seed
+    dataset = load_dataset(data.dataset)
+    train, test = split_test(
+        dataset, test_fraction=data.test_fraction, rng=derive_rng(seed, "test-split")
+    )
+    groups = train.groups
+    if data.partition == "natural":
+        if groups is None:
+            raise ConfigError(
+                f"data.partition = 'natural' needs a data set with natural clients; "
+                f"{data.dataset!r} has none. Use 'heart' or another partition"
+            )
+        names = natural_client_names(groups)
+        if data.num_clients != len(names):
+            raise ConfigError(
+                f"data.num_clients must be {len(names)} for the natural partition "
+                f"of {data.dataset!r} ({', '.join(names)}); got {data.num_clients}"
+            )
+        client_ids: Sequence[str] = names
+    else:
+        client_ids = [str(i) for i in range(data.num_clients)]
+    parts = partition(
+        train.y,
+        data.num_clients,
+        method=data.partition,
+        rng=derive_rng(seed, "partition"),
+        alpha=data.alpha,
+        shards_per_client=data.shards,
+        sigma=data.sigma,
+        groups=groups,
+        min_samples=data.min_samples,
+    )
+    summary = summarize_partition(
+        parts,
+        train.y,
+        num_classes=dataset.num_classes,
+        client_ids=client_ids,
+        method=data.partition,
+    )
+    module_fn = functools.partial(
+        build_module,
+        config.model.kind,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        hidden=tuple(config.model.hidden),
+    )
+    model = TorchModel(module_fn, input_shape=dataset.input_shape)
+    clients = DatasetClients(
+        model,
+        train,
+        dict(zip(client_ids, parts, strict=True)),
+        client_test_fraction=data.client_test_fraction,
+        seed=seed,
+    )
+    return Federation(
+        model=model,
+        client_ids=tuple(client_ids),
+        client_fn=clients,
+        test=test,
+        partition=summary,
+        dataset=data.dataset,
+    )
+
+
+def build_strategy(config: ExperimentConfig) -> FedAvg:
+    """The strategy ``[strategy]`` and ``[client]`` describe."""
+    s, c = config.strategy, config.client
+    sampler: Any = (
+        CountSampler(s.clients_per_round)
+        if s.clients_per_round is not None
+        else FractionSampler(s.fraction if s.fraction is not None else 1.0)
+    )
+    return FedAvg(
+        sampler=sampler,
+        server_opt=ServerSgd(s.server_lr),
+        local=FitConfig(
+            round_idx=0,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+        ),
+        min_clients=s.min_clients,
+        weighted=s.weighted,
+    )

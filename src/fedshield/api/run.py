@@ -1,0 +1,181 @@
+"""Run a configured simulation end to end and write its run folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedshield.api.config import ExperimentConfig
+from fedshield.api.experiment import Federation, build_federation, build_strategy
+from fedshield.core import ServerState
+from fedshield.errors import CheckpointError, FedShieldError
+from fedshield.simulation import RunDirectory, SequentialBackend, run_rounds
+from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
+
+__all__ = ["config_fingerprint", "simulate"]
+
+logger = logging.getLogger(__name__)
+
+StartCallback = Callable[[Federation, ServerState], None]
+RoundCallback = Callable[[ServerState, Mapping[str, Any]], None]
+
+
+def config_fingerprint(config: ExperimentConfig) -> str:
+    """Hash of everything that determines the training (``run.rounds`` aside).
+
+    A checkpoint records it; ``--resume`` refuses a checkpoint whose
+    fingerprint differs, since the result would match neither run.
+    """
+    data = config.to_dict()
+    data["run"].pop("rounds", None)
+    text = json.dumps(data, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _summary(
+    config: ExperimentConfig,
+    federation: Federation | None,
+    state: ServerState | None,
+    records: list[dict[str, Any]],
+    *,
+    status: str,
+    wall_seconds: float,
+    error: str | None = None,
+) -> dict[str, Any]:
+    last_eval: dict[str, Any] = next(
+        (r for r in reversed(records) if r.get("accuracy") is not None), {}
+    )
+    summary: dict[str, Any] = {
+        "name": config.run.name,
+        "status": status,
+        "rounds": state.round_idx if state is not None else 0,
+        "planned_rounds": config.run.rounds,
+        "accuracy": last_eval.get("accuracy"),
+        "loss": last_eval.get("loss"),
+        "wall_seconds": round(wall_seconds, 3),
+        "dataset": config.data.dataset,
+        "partition": config.data.partition,
+        "strategy": config.strategy.name,
+        "model": config.model.kind,
+        "num_clients": config.data.num_clients,
+        "seed": config.run.seed,
+    }
+    if "roc_auc" in last_eval:
+        summary["roc_auc"] = last_eval["roc_auc"]
+    if federation is not None:
+        summary["num_parameters"] = federation.model.spec.size
+    if error:
+        summary["error"] = error
+    return summary
+
+
+def simulate(
+    config: ExperimentConfig,
+    *,
+    out: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_start: StartCallback | None = None,
+    on_round: RoundCallback | None = None,
+    write_report: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Run ``config`` and write its folder; return the summary and the folder.
+
+    The folder (default ``runs/<run.name>``) receives ``config.toml``,
+    ``partition.json``, ``metrics.jsonl``, ``checkpoint.npz``,
+    ``summary.json`` and ``report.html``. A failed or interrupted run still
+    writes its summary (``status`` says how it ended) and keeps its last
+    checkpoint, so ``resume=True`` continues it.
+
+    Raises
+    ------
+    FedShieldError
+        Any configuration, data, checkpoint or round failure (after the
+        summary is written when the run had started).
+    """
+    started = time.perf_counter()
+    run_dir = RunDirectory(out if out is not None else Path("runs") / config.run.name)
+    # Build (and so validate) everything before touching the folder.
+    federation = build_federation(config)
+    strategy = build_strategy(config)
+    fingerprint = config_fingerprint(config)
+    run_dir.prepare(resume=resume, overwrite=overwrite)
+    if resume:
+        state = run_dir.load_checkpoint()
+        found = state.metadata.get("fingerprint")
+        if found != fingerprint:
+            raise CheckpointError(
+                f"the checkpoint in {run_dir.path} was written by a different "
+                f"configuration (fingerprint {found}, this one {fingerprint}); only "
+                "run.rounds may change on resume"
+            )
+        run_dir.truncate_metrics(state.round_idx)
+        logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
+    else:
+        params = federation.model.init_params(config.run.seed)
+        state = strategy.init(params)
+        state = state.evolve(metadata={"fingerprint": fingerprint})
+        run_dir.write_json(PARTITION, federation.partition.to_json())
+        run_dir.save_checkpoint(state)
+    run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
+    if on_start is not None:
+        on_start(federation, state)
+
+    status, error = "completed", None
+    final_state = state
+
+    def remember(new_state: ServerState, record: Mapping[str, Any]) -> None:
+        nonlocal final_state
+        final_state = new_state
+        if on_round is not None:
+            on_round(new_state, record)
+
+    try:
+        final_state = run_rounds(
+            strategy,
+            state,
+            rounds=config.run.rounds,
+            client_fn=federation.client_fn,
+            client_ids=federation.client_ids,
+            seed=config.run.seed,
+            backend=SequentialBackend(),
+            evaluate_fn=federation.evaluate,
+            eval_every=config.run.eval_every,
+            federated_eval=config.run.federated_eval,
+            timeout_s=config.run.timeout_s,
+            max_examples=federation.max_examples,
+            run_dir=run_dir,
+            on_round=remember,
+        )
+    except FedShieldError as err:
+        status, error = "failed", str(err)
+        raise
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted by the user"
+        raise
+    finally:
+        summary = _summary(
+            config,
+            federation,
+            final_state,
+            run_dir.read_metrics(),
+            status=status,
+            wall_seconds=time.perf_counter() - started,
+            error=error,
+        )
+        run_dir.write_json(SUMMARY, summary)
+        if write_report:
+            from fedshield.report import write_report as render
+
+            try:
+                render(run_dir.path)
+            except Exception:  # the report must never hide the run's outcome
+                logger.exception("could not write the report for %s", run_dir.path)
+    return summary, run_dir.path

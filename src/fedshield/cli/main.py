@@ -1,0 +1,131 @@
+"""The ``fedshield`` command: parses, loads config, calls the library, renders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedshield.errors import FedShieldError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fedshield",
+    help="Federated learning that protects privacy and proves it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _fail(err: FedShieldError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+    return typer.Exit(code=err.exit_code)
+
+
+@app.command()
+def simulate(
+    config: Annotated[
+        Path,
+        typer.Argument(help="Experiment configuration (TOML).", show_default=False),
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a key: section.key=VALUE (VALUE is parsed as TOML). "
+            "Repeatable.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder (default: runs/<run.name>).", show_default=False),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in the run folder.")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace a previous run in the run folder."),
+    ] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="Override run.seed.", show_default=False)
+    ] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="text: progress and summary; json: summary JSON on stdout."
+        ),
+    ] = "text",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log details to stderr.")
+    ] = False,
+) -> None:
+    """Run a simulated federation from a TOML configuration."""
+    from fedshield.cli.simulate import run_simulate
+
+    if output_format not in ("text", "json"):
+        err_console.print(
+            "[bold red]error:[/] --format must be 'text' or 'json'; "
+            f"got {output_format!r}"
+        )
+        raise typer.Exit(code=2)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    overrides = list(set_ or [])
+    if seed is not None:
+        overrides.append(f"run.seed={seed}")
+    try:
+        summary = run_simulate(
+            config,
+            overrides=overrides,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            as_json=output_format == "json",
+            console=err_console,
+        )
+    except FedShieldError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]; resume with --resume")
+        raise typer.Exit(code=130) from None
+    if output_format == "json":
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>).")],
+) -> None:
+    """Rebuild report.html of a finished or stopped run."""
+    from fedshield.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except FedShieldError as err:
+        raise _fail(err) from None
+    typer.echo(str(path))
+
+
+@app.command()
+def version() -> None:
+    """Print the fedshield version."""
+    from fedshield import __version__
+
+    typer.echo(__version__)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point."""
+    return app(args=argv, prog_name="fedshield")

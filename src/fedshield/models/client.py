@@ -1,0 +1,173 @@
+"""A federated client that trains a :class:`TorchModel` on its own data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedshield.core import ClientId, ClientUpdate, EvalConfig, FitConfig, Params
+from fedshield.errors import ConfigError
+from fedshield.models.torch_model import TorchModel
+
+__all__ = ["TorchClient"]
+
+
+class TorchClient:
+    """A :class:`~fedshield.core.Client` holding local data and a shared model.
+
+    Parameters
+    ----------
+    client_id
+        The client's identifier.
+    model
+        The model adapter; clients in one process may share it (it holds no
+        parameters), but not across threads.
+    x_train, y_train
+        Local training inputs and integer labels. Converted once to
+        C-contiguous ``float32`` / ``int64`` so every round uses them without
+        copying. May be empty; :meth:`fit` then raises.
+    x_test, y_test
+        Optional local test split (both or neither).
+
+    Raises
+    ------
+    ConfigError
+        If only one of ``x_test`` and ``y_test`` is given, or inputs and labels
+        have different numbers of rows.
+
+    Examples
+    --------
+    >>> import functools, numpy as np
+    >>> from fedshield.core import FitConfig
+    >>> from fedshield.models import TorchModel, build_module
+    >>> model = TorchModel(functools.partial(
+    ...     build_module, "logistic", input_shape=(2,), num_classes=2))
+    >>> x = np.array([[0.0, 1.0], [1.0, 0.0]]); y = np.array([0, 1])
+    >>> client = TorchClient("a", model, x_train=x, y_train=y)
+    >>> update = client.fit(model.init_params(0), FitConfig(round_idx=0),
+    ...                     np.random.default_rng(0))
+    >>> update.num_examples, sorted(update.metrics)
+    (2, ['accuracy', 'loss'])
+    """
+
+    __slots__ = ("_model", "_x_test", "_x_train", "_y_test", "_y_train", "client_id")
+
+    def __init__(
+        self,
+        client_id: ClientId,
+        model: TorchModel,
+        *,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray | None = None,
+        y_test: np.ndarray | None = None,
+    ) -> None:
+        if (x_test is None) != (y_test is None):
+            raise ConfigError(
+                f"`x_test` and `y_test` of client {client_id!r} must be given "
+                "together or not at all."
+            )
+        self.client_id = client_id
+        self._model = model
+        self._x_train = _as_inputs(x_train)
+        self._y_train = _as_labels(y_train)
+        self._x_test = None if x_test is None else _as_inputs(x_test)
+        self._y_test = None if y_test is None else _as_labels(y_test)
+        problems = [
+            f"`x_{split}` has {len(x)} rows but `y_{split}` has {len(y)}"
+            for split, x, y in (
+                ("train", self._x_train, self._y_train),
+                ("test", self._x_test, self._y_test),
+            )
+            if x is not None and y is not None and len(x) != len(y)
+        ]
+        if problems:
+            raise ConfigError(
+                f"data of client {client_id!r} is inconsistent: "
+                + "; ".join(problems)
+                + "."
+            )
+
+    @property
+    def num_train_examples(self) -> int:
+        """Number of local training examples."""
+        return int(self._y_train.shape[0])
+
+    def fit(
+        self, params: Params, config: FitConfig, rng: np.random.Generator
+    ) -> ClientUpdate:
+        """Train locally from ``params`` and return the update.
+
+        Parameters
+        ----------
+        params
+            The global parameters.
+        config
+            Local training settings (see :meth:`TorchModel.train`).
+        rng
+            Source of all randomness of this round's local training.
+
+        Returns
+        -------
+        ClientUpdate
+            ``delta = new - params``, ``num_examples`` = local training set
+            size, and the training ``"loss"`` and ``"accuracy"``.
+
+        Raises
+        ------
+        ValueError
+            If the client has no training examples.
+        """
+        if self.num_train_examples == 0:
+            raise ValueError(
+                f"client {self.client_id!r} has no training examples; it cannot fit"
+            )
+        new, metrics = self._model.train(
+            params, self._x_train, self._y_train, config, rng=rng
+        )
+        return ClientUpdate(
+            self.client_id,
+            delta=new - params,
+            num_examples=self.num_train_examples,
+            metrics=metrics,
+        )
+
+    def evaluate(self, params: Params, config: EvalConfig) -> dict[str, float]:
+        """Evaluate ``params`` on the local test split.
+
+        Parameters
+        ----------
+        params
+            Parameters to evaluate.
+        config
+            ``batch_size`` is used for the forward passes.
+
+        Returns
+        -------
+        dict
+            The metrics of :meth:`TorchModel.evaluate`; ``{"num_examples":
+            0.0}`` when the client has no test split.
+        """
+        if self._x_test is None or self._y_test is None:
+            return {"num_examples": 0.0}
+        return self._model.evaluate(
+            params, self._x_test, self._y_test, batch_size=config.batch_size
+        )
+
+    def __repr__(self) -> str:
+        n_test = 0 if self._y_test is None else int(self._y_test.shape[0])
+        return (
+            f"TorchClient({self.client_id!r}, train={self.num_train_examples}, "
+            f"test={n_test})"
+        )
+
+
+def _as_inputs(x: np.ndarray) -> np.ndarray:
+    return np.require(x, dtype=np.float32, requirements=["C", "W"])
+
+
+def _as_labels(y: np.ndarray) -> np.ndarray:
+    labels = np.asarray(y)
+    kind = labels.dtype.kind
+    if kind in "iu" or (kind == "f" and bool(np.all(np.mod(labels, 1) == 0))):
+        return np.require(labels, dtype=np.int64, requirements=["C", "W"])
+    return labels  # TorchModel rejects it on first use, naming the dtype

@@ -1,0 +1,50 @@
+"""The round loop, protocol stages, backends, run folders and checkpoints."""
+
+from fedshield.simulation.backends import (
+    Backend,
+    ClientFn,
+    SequentialBackend,
+    run_client_stage,
+)
+from fedshield.simulation.protocol import (
+    ClientFailure,
+    EvaluateIns,
+    FailureKind,
+    FitIns,
+    RoundProtocol,
+    StageReply,
+    StageRequest,
+    execute_stage,
+)
+from fedshield.simulation.rounds import FitRound, RoundResult
+from fedshield.simulation.rundir import RunDirectory
+from fedshield.simulation.runner import (
+    EvaluateFn,
+    RoundCallback,
+    drive_round,
+    run_round,
+    run_rounds,
+)
+
+__all__ = [
+    "Backend",
+    "ClientFailure",
+    "ClientFn",
+    "EvaluateFn",
+    "EvaluateIns",
+    "FailureKind",
+    "FitIns",
+    "FitRound",
+    "RoundCallback",
+    "RoundProtocol",
+    "RoundResult",
+    "RunDirectory",
+    "SequentialBackend",
+    "StageReply",
+    "StageRequest",
+    "drive_round",
+    "execute_stage",
+    "run_client_stage",
+    "run_round",
+    "run_rounds",
+]

@@ -1,0 +1,242 @@
+"""The FedAvg-family round as a two-stage protocol: fit, then evaluate.
+
+Stage ``fit`` sends the global model to the sampled clients and streams every
+valid update into the strategy's aggregator as it arrives (O(d) memory with a
+streaming rule). Malformed updates are refused and recorded; the round goes
+on. Stage ``evaluate`` (optional) asks the same clients to evaluate the new
+model on their local test splits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedshield.core import EvalConfig, ServerState, validate_update
+from fedshield.errors import InvalidUpdateError
+from fedshield.simulation.protocol import (
+    ClientFailure,
+    EvaluateIns,
+    FailureKind,
+    FitIns,
+    StageReply,
+    StageRequest,
+)
+from fedshield.strategies import RoundPlan, Strategy
+
+__all__ = ["FitRound", "RoundResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """How a round ended.
+
+    Parameters
+    ----------
+    state
+        The new server state (the old one when the round failed).
+    completed
+        Whether enough clients succeeded for the update to be applied.
+    metrics
+        Round metrics (``num_clients``, ``failed_clients``, ``train_loss``...).
+    failures
+        Every client that contributed nothing, and why.
+    message
+        Why the round failed (empty when it completed).
+    """
+
+    state: ServerState
+    completed: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    failures: tuple[ClientFailure, ...] = ()
+    message: str = ""
+
+
+def _weighted_means(
+    rows: list[tuple[float, dict[str, float]]], keys: Iterable[str], prefix: str
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in keys:
+        pairs = [(w, m[key]) for w, m in rows if key in m and w > 0]
+        total = sum(w for w, _ in pairs)
+        if total > 0:
+            out[f"{prefix}{key}"] = float(sum(w * v for w, v in pairs) / total)
+    return out
+
+
+class FitRound:
+    """Server side of one FedAvg-family round (sans-I/O).
+
+    Parameters
+    ----------
+    strategy
+        Sampler, aggregator and server optimizer.
+    state
+        The state at the start of the round.
+    plan
+        The strategy's plan for this round (clients, config).
+    rng
+        Randomness for aggregation and the server step.
+    federated_eval
+        Whether to run stage ``evaluate`` after the update.
+    timeout_s
+        Per-stage deadline in seconds (``None``: wait for all).
+    max_examples
+        Largest ``num_examples`` a client may claim (``None``: unbounded).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        state: ServerState,
+        plan: RoundPlan,
+        *,
+        rng: np.random.Generator,
+        federated_eval: bool = False,
+        timeout_s: float | None = None,
+        max_examples: int | None = None,
+    ) -> None:
+        self._strategy = strategy
+        self._state = state
+        self._plan = plan
+        self._rng = rng
+        self._federated_eval = federated_eval
+        self._timeout_s = timeout_s
+        self._max_examples = max_examples
+        self._failures: list[ClientFailure] = []
+        self._metrics: dict[str, Any] = {}
+        self._new_state: ServerState | None = None
+        self._stage = "init"
+
+    def start(self) -> StageRequest:
+        """Stage ``fit`` to every sampled client."""
+        self._stage = "fit"
+        message = FitIns(self._state.params, self._plan.fit_config)
+        return StageRequest(
+            stage="fit",
+            round_idx=self._plan.round_idx,
+            messages=dict.fromkeys(self._plan.clients, message),
+            timeout_s=self._timeout_s,
+        )
+
+    def receive(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
+        """Consume the current stage's replies."""
+        if self._stage == "fit":
+            return self._receive_fit(replies)
+        if self._stage == "evaluate":
+            return self._receive_evaluate(replies)
+        raise RuntimeError(f"receive() called in stage {self._stage!r}")
+
+    def _receive_fit(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
+        spec = self._state.params.spec
+        accumulator = self._strategy.aggregator.begin(spec, rng=self._rng)
+        train_rows: list[tuple[float, dict[str, float]]] = []
+        asked = set(self._plan.clients)
+        seen: set[str] = set()
+        rejected = 0
+        for reply in replies:
+            if reply.client_id not in asked or reply.client_id in seen:
+                logger.warning("ignoring unexpected reply from %r", reply.client_id)
+                continue
+            seen.add(reply.client_id)
+            if reply.failure is not None:
+                self._failures.append(reply.failure)
+                continue
+            try:
+                update = validate_update(
+                    reply.value, spec, max_examples=self._max_examples
+                )
+                if update.client_id != reply.client_id:
+                    raise InvalidUpdateError(
+                        f"update claims to come from {update.client_id!r} but was "
+                        f"sent by {reply.client_id!r}"
+                    )
+                accumulator.add(update, self._strategy.weight(update))
+            except InvalidUpdateError as err:
+                rejected += 1
+                logger.warning("round %d: %s", self._plan.round_idx, err)
+                self._failures.append(
+                    ClientFailure(
+                        reply.client_id, "fit", FailureKind.REJECTED, str(err)
+                    )
+                )
+                continue
+            metrics = {
+                k: float(v)
+                for k, v in update.metrics.items()
+                if isinstance(v, int | float) and np.isfinite(v)
+            }
+            train_rows.append((float(update.num_examples), metrics))
+        for client_id in self._plan.clients:
+            if client_id not in seen:
+                self._failures.append(
+                    ClientFailure(client_id, "fit", FailureKind.DROPPED, "no reply")
+                )
+        succeeded = len(train_rows)
+        self._metrics.update(
+            {
+                "num_clients": succeeded,
+                "sampled_clients": len(self._plan.clients),
+                "failed_clients": len(self._plan.clients) - succeeded - rejected,
+                "rejected_updates": rejected,
+            }
+        )
+        if succeeded < self._plan.min_clients:
+            message = (
+                f"round {self._plan.round_idx + 1}: only {succeeded} of "
+                f"{len(self._plan.clients)} clients returned a valid update; "
+                f"min_clients is {self._plan.min_clients}"
+            )
+            return self._finish(completed=False, message=message)
+        aggregate = accumulator.result()
+        self._metrics.update(aggregate.measurements)
+        self._metrics["update_norm"] = aggregate.delta.norm()
+        self._metrics.update(
+            _weighted_means(train_rows, ("loss", "accuracy"), prefix="train_")
+        )
+        self._new_state = self._strategy.apply(self._state, aggregate, rng=self._rng)
+        if not self._federated_eval:
+            return self._finish(completed=True)
+        self._stage = "evaluate"
+        message_eval = EvaluateIns(
+            self._new_state.params, EvalConfig(round_idx=self._plan.round_idx)
+        )
+        return StageRequest(
+            stage="evaluate",
+            round_idx=self._plan.round_idx,
+            messages=dict.fromkeys(self._plan.clients, message_eval),
+            timeout_s=self._timeout_s,
+        )
+
+    def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
+        rows: list[tuple[float, dict[str, float]]] = []
+        for reply in replies:
+            if reply.failure is not None or not isinstance(reply.value, dict):
+                continue  # evaluation failures never fail a round
+            values = {
+                k: float(v)
+                for k, v in reply.value.items()
+                if isinstance(v, int | float) and np.isfinite(v)
+            }
+            rows.append((values.get("num_examples", 0.0), values))
+        self._metrics.update(
+            _weighted_means(rows, ("accuracy", "loss"), prefix="federated_")
+        )
+        return self._finish(completed=True)
+
+    def _finish(self, *, completed: bool, message: str = "") -> RoundResult:
+        self._stage = "done"
+        state = self._new_state if completed and self._new_state else self._state
+        return RoundResult(
+            state=state,
+            completed=completed,
+            metrics=self._metrics,
+            failures=tuple(self._failures),
+            message=message,
+        )

@@ -1,0 +1,157 @@
+"""The files of a run, written so that nothing is ever half-written.
+
+Every file is written to a temporary name in the same directory and moved
+into place with :func:`os.replace`, so a crash leaves the previous version.
+``metrics.jsonl`` is appended one flushed line per round; on resume it is cut
+back to the rounds the checkpoint covers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedshield.core import ServerState
+from fedshield.errors import CheckpointError, ConfigError
+
+__all__ = ["RunDirectory"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PARTITION = "partition.json"
+CHECKPOINT = "checkpoint.npz"
+FAILURES = "failures.jsonl"
+REPORT = "report.html"
+_RUN_FILES = (CONFIG, METRICS, SUMMARY, PARTITION, CHECKPOINT, FAILURES, REPORT)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """The output folder of one run.
+
+    Parameters
+    ----------
+    path
+        The folder (created when first written).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        """Path of one of the run's files."""
+        return self.path / name
+
+    def has_run(self) -> bool:
+        """Whether the folder already holds (part of) a run."""
+        return any((self.path / name).exists() for name in (CHECKPOINT, METRICS))
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        """Make the folder ready for a new or resumed run.
+
+        Raises
+        ------
+        ConfigError
+            If it holds a run and neither ``resume`` nor ``overwrite`` is set,
+            or ``resume`` is set and there is no checkpoint.
+        """
+        if resume:
+            if not self.file(CHECKPOINT).exists():
+                raise CheckpointError(
+                    f"cannot resume: no checkpoint in {self.path}; run without "
+                    "--resume to start a new run"
+                )
+            return
+        if self.has_run():
+            if not overwrite:
+                raise ConfigError(
+                    f"{self.path} already holds a run; pass --resume to continue it, "
+                    "--overwrite to replace it, or --out DIR to write elsewhere"
+                )
+            for name in _RUN_FILES:
+                self.file(name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a text file atomically."""
+        path = self.file(name)
+        _atomic_write(path, text.encode("utf-8"))
+        return path
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
+        """Write a JSON file atomically."""
+        return self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        """Read a JSON file of the run."""
+        data: dict[str, Any] = json.loads(self.file(name).read_text("utf-8"))
+        return data
+
+    def append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
+        """Append one JSON line, flushed to disk."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.file(name).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The per-round records written so far (unparsable lines skipped)."""
+        path = self.file(METRICS)
+        if not path.exists():
+            return []
+        records: list[dict[str, Any]] = []
+        for line in path.read_text("utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("skipping unreadable line in %s", path)
+        return records
+
+    def truncate_metrics(self, rounds: int) -> None:
+        """Keep only the records of rounds ``1..rounds`` (atomically)."""
+        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= rounds]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        self.write_text(METRICS, text)
+
+    def save_checkpoint(self, state: ServerState) -> Path:
+        """Write the server state atomically."""
+        path = self.file(CHECKPOINT)
+        _atomic_write(path, state.to_bytes())
+        return path
+
+    def load_checkpoint(self) -> ServerState:
+        """Read the server state.
+
+        Raises
+        ------
+        CheckpointError
+            If it is missing or corrupt.
+        """
+        path = self.file(CHECKPOINT)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        return ServerState.from_bytes(data)

@@ -1,0 +1,167 @@
+"""The one round loop, shared by every backend and by the Python API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedshield.core import ClientId, Params, ServerState, derive_rng
+from fedshield.errors import ConfigError, RoundFailedError
+from fedshield.simulation.backends import Backend, ClientFn, SequentialBackend
+from fedshield.simulation.protocol import RoundProtocol, StageRequest
+from fedshield.simulation.rounds import FitRound, RoundResult
+from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
+from fedshield.strategies import Strategy
+
+__all__ = ["EvaluateFn", "RoundCallback", "drive_round", "run_round", "run_rounds"]
+
+logger = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[Params], Mapping[str, float]]
+"""Centralised evaluation of the global model on the server's test set."""
+
+RoundCallback = Callable[[ServerState, Mapping[str, Any]], None]
+"""Called after each completed round with the new state and its record."""
+
+
+def drive_round(
+    protocol: RoundProtocol, backend: Backend, *, client_fn: ClientFn, seed: int
+) -> RoundResult:
+    """Carry a round's stages between its protocol and a backend until it ends."""
+    step: object = protocol.start()
+    while isinstance(step, StageRequest):
+        replies = backend.run_stage(step, client_fn=client_fn, seed=seed)
+        step = protocol.receive(replies)
+    if not isinstance(step, RoundResult):
+        raise TypeError(f"round protocol ended with {type(step).__name__}")
+    return step
+
+
+@dataclass(frozen=True, slots=True)
+class _RoundSettings:
+    seed: int
+    federated_eval: bool
+    timeout_s: float | None
+    max_examples: int | None
+
+
+def run_round(
+    strategy: Strategy,
+    state: ServerState,
+    *,
+    client_fn: ClientFn,
+    client_ids: Sequence[ClientId],
+    seed: int,
+    backend: Backend | None = None,
+    federated_eval: bool = False,
+    timeout_s: float | None = None,
+    max_examples: int | None = None,
+) -> RoundResult:
+    """Plan and run round ``state.round_idx``; return how it ended.
+
+    Randomness comes from ``seed`` and the round index only, so the same
+    round gives the same result whether it runs after round ``r − 1`` in one
+    process or after a resume.
+    """
+    backend = backend if backend is not None else SequentialBackend()
+    round_idx = state.round_idx
+    plan = strategy.configure(
+        state, client_ids, rng=derive_rng(seed, "configure", round_idx)
+    )
+    protocol = FitRound(
+        strategy,
+        state,
+        plan,
+        rng=derive_rng(seed, "aggregate", round_idx),
+        federated_eval=federated_eval,
+        timeout_s=timeout_s,
+        max_examples=max_examples,
+    )
+    try:
+        return drive_round(protocol, backend, client_fn=client_fn, seed=seed)
+    finally:
+        backend.end_round()
+
+
+def run_rounds(
+    strategy: Strategy,
+    state: ServerState,
+    *,
+    rounds: int,
+    client_fn: ClientFn,
+    client_ids: Sequence[ClientId],
+    seed: int,
+    backend: Backend | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    eval_every: int = 1,
+    federated_eval: bool = False,
+    timeout_s: float | None = None,
+    max_examples: int | None = None,
+    run_dir: RunDirectory | None = None,
+    on_round: RoundCallback | None = None,
+) -> ServerState:
+    """Run rounds ``state.round_idx .. rounds − 1``.
+
+    After each round the record (``round`` 1-based, ``accuracy``, ``loss``,
+    ``num_clients``, ``seconds``, ...) is appended to ``metrics.jsonl`` and
+    the state checkpointed atomically, in that order, when ``run_dir`` is
+    given; then ``on_round`` is called.
+
+    Raises
+    ------
+    RoundFailedError
+        When fewer than ``min_clients`` clients succeed in a round. The last
+        checkpoint is that of the previous round, so the run can be resumed.
+    """
+    if rounds < 1:
+        raise ConfigError(f"`rounds` must be >= 1; got {rounds}")
+    if eval_every < 1:
+        raise ConfigError(f"`eval_every` must be >= 1; got {eval_every}")
+    backend = backend if backend is not None else SequentialBackend()
+    while state.round_idx < rounds:
+        started = time.perf_counter()
+        result = run_round(
+            strategy,
+            state,
+            client_fn=client_fn,
+            client_ids=client_ids,
+            seed=seed,
+            backend=backend,
+            federated_eval=federated_eval,
+            timeout_s=timeout_s,
+            max_examples=max_examples,
+        )
+        round_number = state.round_idx + 1
+        if run_dir is not None and result.failures:
+            for failure in result.failures:
+                run_dir.append_jsonl(
+                    FAILURES, {"round": round_number, **failure.to_json()}
+                )
+        if not result.completed:
+            raise RoundFailedError(
+                result.message
+                + ". Failures: "
+                + "; ".join(
+                    f"{f.client_id} ({f.kind}): {f.message}"
+                    for f in result.failures[:5]
+                )
+            )
+        state = result.state
+        record: dict[str, Any] = {"round": round_number}
+        if evaluate_fn is not None and (
+            round_number % eval_every == 0 or round_number == rounds
+        ):
+            record.update({k: float(v) for k, v in evaluate_fn(state.params).items()})
+        else:
+            record.update({"accuracy": None, "loss": None})
+        record.update(result.metrics)
+        record["seconds"] = time.perf_counter() - started
+        if run_dir is not None:
+            run_dir.append_jsonl(METRICS, record)
+            run_dir.save_checkpoint(state)
+        if on_round is not None:
+            on_round(state, record)
+    return state

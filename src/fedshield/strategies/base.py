@@ -1,0 +1,75 @@
+"""The strategy interface: what the server decides in each round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fedshield.core import (
+    Aggregate,
+    Aggregator,
+    ClientId,
+    ClientUpdate,
+    FitConfig,
+    Params,
+    ServerState,
+)
+
+__all__ = ["RoundPlan", "Strategy"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPlan:
+    """Who trains in a round and how.
+
+    Parameters
+    ----------
+    round_idx
+        The round (0-based).
+    clients
+        The sampled clients.
+    fit_config
+        Local-training instructions sent to every sampled client.
+    min_clients
+        Fewest successful updates for the round to count.
+    """
+
+    round_idx: int
+    clients: tuple[ClientId, ...]
+    fit_config: FitConfig
+    min_clients: int
+
+
+class Strategy(Protocol):
+    """Sampler + aggregator + server optimizer, assembled.
+
+    The round loop calls :meth:`configure`, streams each validated update
+    into ``aggregator`` with :meth:`weight`, then calls :meth:`apply`.
+    """
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """How updates are combined."""
+
+    def init(self, params: Params) -> ServerState:
+        """State before round 0."""
+
+    def configure(
+        self,
+        state: ServerState,
+        available: Sequence[ClientId],
+        *,
+        rng: np.random.Generator,
+    ) -> RoundPlan:
+        """Plan round ``state.round_idx`` over the ``available`` clients."""
+
+    def weight(self, update: ClientUpdate) -> float:
+        """Aggregation weight of a (validated) update."""
+
+    def apply(
+        self, state: ServerState, aggregate: Aggregate, *, rng: np.random.Generator
+    ) -> ServerState:
+        """Return the state after the round (``round_idx`` advanced by one)."""
