@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedshield.errors import FedShieldError
 
@@ -26,7 +27,9 @@ err_console = Console(stderr=True)
 
 
 def _fail(err: FedShieldError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+    err_console.print(
+        f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(code=err.exit_code)
 
 

@@ -234,4 +234,11 @@ class Params(Mapping[str, np.ndarray]):
         return f"Params({len(self)} arrays, {size} values, norm={self.norm():.4g})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Params.from_flat, (np.array(self._flat), self._spec, False))
+        # ``from_flat``'s ``copy`` is keyword-only, so unpickling goes through
+        # a module-level helper that passes it by name.
+        return (_params_from_flat, (np.array(self._flat), self._spec))
+
+
+def _params_from_flat(flat: FloatVector, spec: ParamSpec) -> Params:
+    """Rebuild pickled :class:`Params` (``flat`` is already a private copy)."""
+    return Params.from_flat(flat, spec, copy=False)

@@ -287,6 +287,7 @@ def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
 
 
 def _split_by_counts(indices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    assert int(counts.sum()) == len(indices), "counts must cover every index"
     return np.split(indices, np.cumsum(counts)[:-1])
 
 

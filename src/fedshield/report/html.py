@@ -203,8 +203,8 @@ def _format_accuracy(value: object) -> str:
 
     Examples
     --------
-    >>> _format_accuracy(0.93125), _format_accuracy(87.5)
-    ('93.13 %', '87.5000')
+    >>> _format_accuracy(0.9312), _format_accuracy(87.5)
+    ('93.12 %', '87.5000')
     """
     if isinstance(value, float) and 0.0 <= value <= 1.0:
         return f"{100 * value:.2f} %"

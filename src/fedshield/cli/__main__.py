@@ -1,0 +1,5 @@
+"""``python -m fedshield.cli``."""
+
+from fedshield.cli.main import main
+
+main()

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedshield.cli.main import app
+
+ROOT = Path(__file__).parents[2]
+TINY_TOML = """
+[run]
+name = "cli-tiny"
+rounds = 3
+seed = 1
+
+[data]
+dataset = "digits"
+partition = "dirichlet"
+alpha = 0.5
+num_clients = 6
+
+[model]
+kind = "mlp"
+hidden = [16]
+
+[client]
+lr = 0.1
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+def test_simulate_end_to_end_as_a_user_runs_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedshield.cli",
+            "simulate",
+            str(tiny),
+            "--out",
+            str(out),
+            "--format",
+            "json",
+            "--set",
+            "model.hidden=[32,16]",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    for key in ("accuracy", "loss", "rounds", "wall_seconds", "status"):
+        assert key in summary
+    assert summary["seed"] == 3
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "partition.json",
+        "checkpoint.npz",
+        "report.html",
+    } <= files
+    records = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    for key in ("round", "accuracy", "loss", "num_clients", "seconds"):
+        assert key in records[-1]
+    assert (
+        "hidden = [\n    32,\n    16,\n]" in (out / "config.toml").read_text()
+        or "32" in (out / "config.toml").read_text()
+    )
+    partition = json.loads((out / "partition.json").read_text())
+    assert sum(c["num_samples"] for c in partition["clients"]) > 1000
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def test_misspelt_key_exits_10_naming_key_and_suggestion(tiny, tmp_path):
+    result = invoke(
+        "simulate",
+        str(tiny),
+        "--set",
+        "client.learning_rate=0.1",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.exit_code == 10
+    assert "client.learning_rate: unknown key" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config_exits_11(tmp_path):
+    result = invoke("simulate", str(tmp_path / "missing.toml"))
+    assert result.exit_code == 11 and "not found" in result.output
+
+
+def test_missing_dataset_exits_12_and_says_how_to_install(tiny, tmp_path):
+    result = invoke(
+        "simulate",
+        str(tiny),
+        "--set",
+        "data.dataset=fashion_mnist",
+        "--out",
+        str(tmp_path / "o"),
+        env={**os.environ, "FEDSHIELD_FASHION_MNIST_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 12
+    assert "dataset-fashion-mnist" in result.output
+
+
+def test_impossible_partition_exits_13_and_names_the_fix(tiny, tmp_path):
+    result = invoke(
+        "simulate",
+        str(tiny),
+        "--set",
+        "data.alpha=0.01",
+        "--set",
+        "data.num_clients=200",
+        "--set",
+        "data.min_samples=5",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.exit_code == 13, result.output
+    assert "min_samples" in result.output
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny, tmp_path):
+    out = str(tmp_path / "o")
+    assert (
+        invoke(
+            "simulate",
+            str(tiny),
+            "--set",
+            "run.rounds=1",
+            "--out",
+            out,
+            "--format",
+            "json",
+        ).exit_code
+        == 0
+    )
+    again = invoke("simulate", str(tiny), "--set", "run.rounds=1", "--out", out)
+    assert again.exit_code == 10 and "--resume" in again.output
+    resumed = invoke(
+        "simulate",
+        str(tiny),
+        "--set",
+        "run.rounds=2",
+        "--out",
+        out,
+        "--resume",
+        "--format",
+        "json",
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["rounds"] == 2
+
+
+def test_bad_format_is_a_usage_error(tiny):
+    assert invoke("simulate", str(tiny), "--format", "yaml").exit_code == 2
