@@ -5,8 +5,8 @@ import json
 import pytest
 
 from fedshield.api import parse_config, simulate
-from fedshield.simulation import RunDirectory
 from fedshield.errors import CheckpointError
+from fedshield.simulation import RunDirectory
 
 TINY = {
     "run": {"name": "tiny", "rounds": 4, "seed": 7},

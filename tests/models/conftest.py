@@ -1,12 +1,24 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from fedshield.models import TorchModel, build_module
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # These models are tiny: intra-op threads only add synchronisation, and on a
+    # busy 2-core runner they make training 10-20x slower. Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
+from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError
 from fedshield.simulation import RunDirectory
 
 from .fakes import SPEC_PARAMS
-from fedshield.core import ServerState
 
 
 def test_prepare_refuses_to_clobber_a_previous_run(tmp_path):

@@ -44,6 +44,7 @@ class RunSection(_Section):
     federated_eval: bool = True
     backend: Literal["sequential"] = "sequential"
     timeout_s: float | None = Field(None, gt=0)
+    torch_threads: int = Field(1, ge=1, le=256)
 
 
 class DataSection(_Section):

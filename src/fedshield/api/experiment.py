@@ -51,27 +51,37 @@ class DatasetClients:
         self.client_test_fraction = client_test_fraction
         self.seed = seed
 
-    def __call__(self, client_id: ClientId) -> TorchClient:
-        """The client ``client_id``."""
-        from fedshield.models import TorchClient
+    def local_split(self, client_id: ClientId) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices of the client's local train and test splits.
 
+        Raises
+        ------
+        KeyError
+            If there is no such client.
+        """
         try:
             indices = self.parts[client_id]
         except KeyError:
             raise KeyError(f"no client {client_id!r} in this federation") from None
         n_test = round(self.client_test_fraction * len(indices))
-        if n_test >= len(indices):
-            n_test = len(indices) - 1
+        n_test = min(n_test, len(indices) - 1)
         order = derive_rng(self.seed, "local-split", client_id).permutation(indices)
-        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+        return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+    def __call__(self, client_id: ClientId) -> TorchClient:
+        """The client ``client_id``."""
+        from fedshield.models import TorchClient
+
+        train_idx, test_idx = self.local_split(client_id)
         x, y = self.train.x, self.train.y
+        has_test = len(test_idx) > 0
         return TorchClient(
             client_id,
             self.model,
             x_train=x[train_idx],
             y_train=y[train_idx],
-            x_test=x[test_idx] if n_test else None,
-            y_test=y[test_idx] if n_test else None,
+            x_test=x[test_idx] if has_test else None,
+            y_test=y[test_idx] if has_test else None,
         )
 
 
@@ -89,6 +99,8 @@ class Federation:
         Builds a client from its id (lazily).
     test
         The server's held-out test set (centralised evaluation).
+    train
+        The pooled training rows the clients' slices index into.
     partition
         Per-client sample counts and label histograms.
     dataset
@@ -101,6 +113,7 @@ class Federation:
     test: Dataset
     partition: PartitionSummary
     dataset: str
+    train: Dataset
 
     def evaluate(self, params: Params) -> dict[str, float]:
         """Centralised evaluation on the held-out test set."""
@@ -189,6 +202,7 @@ def build_federation(config: ExperimentConfig) -> Federation:
         test=test,
         partition=summary,
         dataset=data.dataset,
+        train=train,
     )
 
 

@@ -137,6 +137,12 @@ def simulate(
         if on_round is not None:
             on_round(new_state, record)
 
+    import torch
+
+    # Small models train fastest single-threaded; more threads mostly add
+    # synchronisation (see BENCHMARKS.md). Restored when the run ends.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.run.torch_threads)
     try:
         final_state = run_rounds(
             strategy,
@@ -161,6 +167,7 @@ def simulate(
         status, error = "interrupted", "interrupted by the user"
         raise
     finally:
+        torch.set_num_threads(threads_before)
         summary = _summary(
             config,
             federation,

@@ -124,7 +124,7 @@ def report(
 @app.command()
 def version() -> None:
     """Print the fedshield version."""
-    from fedshield import __version__
+    from fedshield._version import __version__
 
     typer.echo(__version__)
 

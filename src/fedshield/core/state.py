@@ -98,13 +98,19 @@ class ServerState:
                         archive[f"opt_{i}"],
                         ParamSpec.from_json(header["optimizer_specs"][key]),
                     )
+            metadata = header["metadata"]
+            if not isinstance(metadata, dict):
+                raise TypeError(f"metadata must be an object; got {metadata!r}")
+            # Built inside the ``try``: a missing or invalid ``round_idx`` is
+            # corruption too, not a KeyError or ValueError for the caller.
+            state = cls(
+                round_idx=int(header["round_idx"]),
+                params=params,
+                optimizer_state=opt,
+                metadata=metadata,
+            )
         except CheckpointError:
             raise
         except Exception as err:  # corrupt zip, missing key, bad JSON, ...
             raise CheckpointError(f"server state is corrupt: {err}") from err
-        return cls(
-            round_idx=int(header["round_idx"]),
-            params=params,
-            optimizer_state=opt,
-            metadata=header["metadata"],
-        )
+        return state

@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from fedshield import __version__
+from fedshield._version import __version__
 from fedshield.errors import ConfigFileError
 from fedshield.report.plots import (
     metric_series,
