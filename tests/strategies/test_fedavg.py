@@ -44,9 +44,7 @@ def _run_round(
     strategy: FedAvg, state: ServerState, models: Sequence[tuple[str, Params, int]]
 ) -> ServerState:
     rng = np.random.default_rng(0)
-    updates = [
-        ClientUpdate(cid, theta - state.params, n) for cid, theta, n in models
-    ]
+    updates = [ClientUpdate(cid, theta - state.params, n) for cid, theta, n in models]
     agg = aggregate(
         strategy.aggregator,
         ((u, strategy.weight(u)) for u in updates),

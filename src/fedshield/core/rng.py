@@ -14,13 +14,18 @@ import numpy as np
 __all__ = ["derive_rng", "derive_seed"]
 
 
-def _key_to_int(key: int | str) -> int:
-    if isinstance(key, int):
-        if key < 0:
-            raise ValueError(f"rng keys must be non-negative; got {key}")
-        return key
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+def _encode(key: int | str) -> bytes:
+    if isinstance(key, np.integer):
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        raise TypeError(f"rng keys must be int or str; got {type(key).__name__}")
+    if isinstance(key, int) and key < 0:
+        raise ValueError(f"rng keys must be non-negative; got {key}")
+    tag = b"i" if isinstance(key, int) else b"s"
+    data = str(key).encode("utf-8")
+    # Type tag and length make the encoding of a key tuple unambiguous, so
+    # (7,) and (7, 0), or ("a", "bc") and ("ab", "c"), never share a stream.
+    return tag + len(data).to_bytes(8, "little") + data
 
 
 def derive_seed(seed: int, *keys: int | str) -> np.random.SeedSequence:
@@ -33,7 +38,10 @@ def derive_seed(seed: int, *keys: int | str) -> np.random.SeedSequence:
     >>> bool((a == b).all())
     True
     """
-    return np.random.SeedSequence([_key_to_int(seed), *(_key_to_int(k) for k in keys)])
+    digest = hashlib.blake2b(digest_size=32)
+    for key in (seed, *keys):
+        digest.update(_encode(key))
+    return np.random.SeedSequence(int.from_bytes(digest.digest(), "little"))
 
 
 def derive_rng(seed: int, *keys: int | str) -> np.random.Generator:
