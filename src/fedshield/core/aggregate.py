@@ -95,20 +95,41 @@ def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
 def _load_axpy() -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
     # BLAS saxpy updates y in place in one pass over memory; numpy's
     # ``y += a * x`` makes a temporary and runs at about half the throughput
-    # (BENCHMARKS.md, "WeightedMean").
+    # (BENCHMARKS.md, "WeightedMean"). OpenBLAS splits a long axpy across its
+    # threads, which is no faster for a memory-bound loop and collapses (8 ms
+    # instead of 0.1 ms per million values, measured) when the cores are busy
+    # with client training, so each call is pinned to one BLAS thread.
     try:
         from scipy.linalg.blas import saxpy
     except ImportError:  # pragma: no cover - scipy ships with scikit-learn
         return _numpy_axpy
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl ships with sklearn
+        controller = None
+    else:
+        controller = ThreadpoolController().select(user_api="blas")
 
     def blas_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
-        out: np.ndarray = saxpy(x, y, a=a)
+        if controller is None:  # pragma: no cover
+            out: np.ndarray = saxpy(x, y, a=a)
+            return out
+        with controller.limit(limits=1):
+            out = saxpy(x, y, a=a)
         return out
 
     return blas_axpy
 
 
-_axpy = _load_axpy()
+_axpy: Callable[[np.ndarray, np.ndarray, float], np.ndarray] | None = None
+
+
+def _get_axpy() -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
+    global _axpy
+    if _axpy is None:
+        _axpy = _load_axpy()
+    return _axpy
+
 
 
 class WeightedMean:
@@ -161,7 +182,7 @@ class _MeanAccumulator:
                 f"update from client {update.client_id!r} does not match the model: "
                 + "; ".join(self._spec.mismatches(update.delta.spec))
             )
-        self._sum = _axpy(update.delta.flat, self._sum, float(weight))
+        self._sum = _get_axpy()(update.delta.flat, self._sum, float(weight))
         self._total += float(weight)
         self._count += 1
 
