@@ -20,7 +20,7 @@ from fedshield.core import ClientUpdate, Params, ParamSpec, WeightedMean
 
 K = 100  # client updates
 D = 1_000_000  # values per update
-REPEATS = 5  # best of N
+REPEATS = 10  # best of N
 MIN_RATIO = 0.70  # throughput(stream) / throughput(gemv), the bar
 
 

@@ -84,3 +84,14 @@ def test_shipped_examples_are_valid():
             / "examples"
             / f"{name}.toml"
         )
+
+
+def test_min_clients_above_sampled_per_round_is_refused_before_round_1(tmp_path):
+    from fedshield.api import simulate
+
+    config = parse_config(
+        {"data": {"num_clients": 10}, "strategy": {"fraction": 0.1, "min_clients": 3}}
+    )
+    with pytest.raises(ConfigError, match="samples only 1 of 10"):
+        simulate(config, out=tmp_path / "run", write_report=False)
+    assert not (tmp_path / "run").exists()

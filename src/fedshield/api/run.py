@@ -105,6 +105,7 @@ def simulate(
     # Build (and so validate) everything before touching the folder.
     federation = build_federation(config)
     strategy = build_strategy(config)
+    strategy.check(len(federation.client_ids))
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     if resume:

@@ -69,6 +69,28 @@ class FedAvg:
             optimizer_state=dict(self.server_opt.init(params)),
         )
 
+    def check(self, num_available: int) -> None:
+        """Refuse a setup whose rounds could never reach ``min_clients``.
+
+        Raises
+        ------
+        ConfigError
+            If fewer clients are available, or sampled per round, than
+            ``min_clients``.
+        """
+        if num_available < self.min_clients:
+            raise ConfigError(
+                f"`min_clients` is {self.min_clients} but only {num_available} "
+                "clients are available; lower min_clients or add clients"
+            )
+        sampled = self.sampler.expected_count(num_available)
+        if sampled < self.min_clients:
+            raise ConfigError(
+                f"`min_clients` is {self.min_clients} but each round samples only "
+                f"{sampled} of {num_available} clients; raise the fraction or "
+                "clients_per_round, or lower min_clients"
+            )
+
     def configure(
         self,
         state: ServerState,
@@ -83,11 +105,7 @@ class FedAvg:
         ConfigError
             If fewer clients are available than ``min_clients``.
         """
-        if len(available) < self.min_clients:
-            raise ConfigError(
-                f"`min_clients` is {self.min_clients} but only {len(available)} "
-                "clients are available; lower min_clients or add clients"
-            )
+        self.check(len(available))
         clients = self.sampler.sample(available, round_idx=state.round_idx, rng=rng)
         return RoundPlan(
             round_idx=state.round_idx,
