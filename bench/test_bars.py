@@ -47,9 +47,9 @@ def test_quickstart_bar(tmp_path: Path) -> None:
     ]
     per_round = sorted(r["seconds"] for r in records)[len(records) // 2]
     print(
-        f"\nquickstart: accuracy {summary['accuracy']:.4f}, whole command {wall:.2f} s "
-        f"(in-run {summary['wall_seconds']:.2f} s, median round {per_round * 1000:.0f} ms); "
-        f"`import torch` alone {floor:.2f} s"
+        f"\nquickstart: accuracy {summary['accuracy']:.4f}, "
+        f"whole command {wall:.2f} s (in-run {summary['wall_seconds']:.2f} s, "
+        f"median round {per_round * 1000:.0f} ms); `import torch` alone {floor:.2f} s"
     )
     assert summary["accuracy"] >= 0.90
     assert wall < 60.0

@@ -40,14 +40,22 @@ def _blas_threads() -> str:
 def _best_of_interleaved(
     funcs: dict[str, Callable[[], np.ndarray]], repeats: int
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    # Runs alternate, so both sides see the same machine load over time.
+    # Blocks alternate, so both sides see the same machine load over time.
+    # After a multi-threaded call, an OpenBLAS pool's threads keep spinning
+    # for a while (OpenBLAS's THREAD_TIMEOUT, about 2**28 cycles) and take
+    # the cores from whatever runs next -- numpy and SciPy each load their own
+    # OpenBLAS -- so each block waits for that to pass and starts with an
+    # untimed call.
     outs = {name: func() for name, func in funcs.items()}  # warm-up
     best = dict.fromkeys(funcs, float("inf"))
     for _ in range(repeats):
         for name, func in funcs.items():
-            start = time.perf_counter()
-            outs[name] = func()
-            best[name] = min(best[name], time.perf_counter() - start)
+            time.sleep(0.3)
+            outs[name] = func()  # settle
+            for _ in range(2):
+                start = time.perf_counter()
+                outs[name] = func()
+                best[name] = min(best[name], time.perf_counter() - start)
     return best, outs
 
 

@@ -10,6 +10,7 @@ need every update at once (Krum, median) keep them and say so with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -92,31 +93,72 @@ def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
     return y
 
 
+class _AdaptiveAxpy:
+    """``y += a * x`` in place with BLAS ``saxpy``, threaded or single-threaded.
+
+    OpenBLAS splits a long axpy across its threads: on idle cores that is
+    what lets one stream of updates keep up with a multi-threaded ``w @ M``;
+    on busy cores (clients training in other processes) the threads' hand-off
+    collapses, measured at 8 ms instead of 0.1 ms per million values. So each
+    call runs in the mode whose last measured cost per value was lower, and
+    the other mode is tried again after 4 calls, then 8, ... up to 256 while
+    it keeps losing (back to 4 when it wins).
+    """
+
+    def __init__(self, saxpy: Callable[..., np.ndarray], libs: list[Any]) -> None:
+        self._saxpy = saxpy
+        self._libs = libs
+        self._cost: dict[bool, float] = {}  # single-threaded? -> seconds/value
+        self._calls = 0
+        self._explore_every = 4
+        self._exploring: bool | None = None
+
+    def _pick(self) -> bool:
+        if not self._libs:
+            return False
+        for single in (False, True):
+            if single not in self._cost:
+                return single
+        best = min(self._cost, key=self._cost.__getitem__)
+        self._calls += 1
+        if self._calls >= self._explore_every:
+            self._calls = 0
+            self._exploring = not best
+            return not best
+        return best
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
+        single = self._pick() if x.size > 65_536 else False
+        started = time.perf_counter()
+        if single:
+            before = [lib.get_num_threads() for lib in self._libs]
+            for lib in self._libs:
+                lib.set_num_threads(1)
+            try:
+                out = self._saxpy(x, y, a=a)
+            finally:
+                for lib, n in zip(self._libs, before, strict=True):
+                    lib.set_num_threads(n)
+        else:
+            out = self._saxpy(x, y, a=a)
+        if x.size > 65_536:
+            self._cost[single] = (time.perf_counter() - started) / x.size
+            if self._exploring is not None and len(self._cost) == 2:
+                won = self._cost[single] < self._cost[not single]
+                self._explore_every = 4 if won else min(2 * self._explore_every, 256)
+                self._exploring = None
+        return out
+
+
 def _load_axpy() -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
     # BLAS saxpy updates y in place in one pass over memory; numpy's
     # ``y += a * x`` makes a temporary and runs at about half the throughput
-    # (BENCHMARKS.md, "WeightedMean"). OpenBLAS splits a long axpy across its
-    # threads, which is no faster for a memory-bound loop and collapses (8 ms
-    # instead of 0.1 ms per million values, measured) when the cores are busy
-    # with client training, so each call is pinned to one BLAS thread.
+    # (BENCHMARKS.md, "WeightedMean").
     try:
         from scipy.linalg.blas import saxpy
     except ImportError:  # pragma: no cover - scipy ships with scikit-learn
         return _numpy_axpy
-    libs = _scipy_blas_libraries()
-
-    def blas_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
-        before = [lib.get_num_threads() for lib in libs]
-        for lib in libs:
-            lib.set_num_threads(1)
-        try:
-            out: np.ndarray = saxpy(x, y, a=a)
-        finally:
-            for lib, n in zip(libs, before, strict=True):
-                lib.set_num_threads(n)
-        return out
-
-    return blas_axpy
+    return _AdaptiveAxpy(saxpy, _scipy_blas_libraries())
 
 
 def _scipy_blas_libraries() -> list[Any]:
