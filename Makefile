@@ -29,7 +29,7 @@ data:
 	fi
 
 run: $(STAMP)
-	$(BIN)/fedshield simulate examples/quickstart.toml
+	$(BIN)/fedshield simulate examples/quickstart.toml --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

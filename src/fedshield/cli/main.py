@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,10 +79,12 @@ def simulate(
             f"got {output_format!r}"
         )
         raise typer.Exit(code=2)
+    from rich.logging import RichHandler
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
     )
     overrides = list(set_ or [])
     if seed is not None:

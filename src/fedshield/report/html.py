@@ -112,6 +112,7 @@ thead th { overflow-wrap: normal; vertical-align: bottom; }
 table.kv th { width: 14rem; }
 table.kv { min-width: 28rem; max-width: 100%; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { overflow-wrap: normal; white-space: nowrap; }
 td.missing { color: #8c959f; text-align: center; }
 .scroll { max-height: 34rem; overflow: auto; border: 1px solid #d8dee4; }
 .scroll table { border: 0; width: 100%; }
