@@ -10,7 +10,7 @@ model on their local test splits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,14 @@ class RoundResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     failures: tuple[ClientFailure, ...] = ()
     message: str = ""
+
+
+def _finite_numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+    }
 
 
 def _weighted_means(
@@ -167,12 +175,9 @@ class FitRound:
                     )
                 )
                 continue
-            metrics = {
-                k: float(v)
-                for k, v in update.metrics.items()
-                if isinstance(v, int | float) and np.isfinite(v)
-            }
-            train_rows.append((float(update.num_examples), metrics))
+            train_rows.append(
+                (float(update.num_examples), _finite_numbers(update.metrics))
+            )
         for client_id in self._plan.clients:
             if client_id not in seen:
                 self._failures.append(
@@ -219,11 +224,7 @@ class FitRound:
         for reply in replies:
             if reply.failure is not None or not isinstance(reply.value, dict):
                 continue  # evaluation failures never fail a round
-            values = {
-                k: float(v)
-                for k, v in reply.value.items()
-                if isinstance(v, int | float) and np.isfinite(v)
-            }
+            values = _finite_numbers(reply.value)
             rows.append((values.get("num_examples", 0.0), values))
         self._metrics.update(
             _weighted_means(rows, ("accuracy", "loss"), prefix="federated_")
