@@ -84,15 +84,33 @@ class ClientSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+_STRATEGY_KEYS: dict[str, frozenset[str]] = {
+    "fedavg": frozenset(),
+    "fedprox": frozenset({"mu"}),
+    "fedavgm": frozenset({"server_momentum"}),
+    "fedadam": frozenset({"beta1", "beta2", "tau"}),
+    "fedyogi": frozenset({"beta1", "beta2", "tau"}),
+    "fedadagrad": frozenset({"beta1", "tau"}),
+}
+"""Which optional ``[strategy]`` keys each strategy takes."""
+
+
 class StrategySection(_Section):
     """``[strategy]``: sampling, aggregation and the server step."""
 
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal[
+        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
+    ] = "fedavg"
     fraction: float | None = Field(None, gt=0, le=1)
     clients_per_round: int | None = Field(None, ge=1)
-    server_lr: float = Field(1.0, gt=0)
+    server_lr: float | None = Field(None, gt=0)
     min_clients: int = Field(1, ge=1)
     weighted: bool = True
+    mu: float | None = Field(None, ge=0)
+    server_momentum: float | None = Field(None, ge=0, lt=1)
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> StrategySection:
@@ -102,6 +120,14 @@ class StrategySection(_Section):
                 f"got fraction={self.fraction}, "
                 f"clients_per_round={self.clients_per_round}"
             )
+        allowed = _STRATEGY_KEYS[self.name]
+        for key in ("mu", "server_momentum", "beta1", "beta2", "tau"):
+            if getattr(self, key) is not None and key not in allowed:
+                users = sorted(n for n, keys in _STRATEGY_KEYS.items() if key in keys)
+                raise ValueError(
+                    f"{key} does not apply to strategy {self.name!r} "
+                    f"(it is a parameter of {', '.join(users)})"
+                )
         return self
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from fedshield.api.config import ExperimentConfig
+from fedshield.api.config import ExperimentConfig, StrategySection
 from fedshield.core import ClientId, FitConfig, Params, derive_rng
 from fedshield.data import (
     Dataset,
@@ -21,7 +21,17 @@ from fedshield.data import (
     summarize_partition,
 )
 from fedshield.errors import ConfigError
-from fedshield.strategies import CountSampler, FedAvg, FractionSampler, ServerSgd
+from fedshield.strategies import (
+    CountSampler,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedYogi,
+    FractionSampler,
+    ServerOptimizer,
+    ServerSgd,
+)
 
 if TYPE_CHECKING:
     from fedshield.models import TorchClient, TorchModel
@@ -206,17 +216,49 @@ def build_federation(config: ExperimentConfig) -> Federation:
     )
 
 
+def _server_optimizer(s: StrategySection) -> ServerOptimizer:
+    """The server optimizer ``[strategy]`` names, with its defaults where unset."""
+    given = {
+        key: value
+        for key, value in (
+            ("server_lr", s.server_lr),
+            ("momentum", s.server_momentum),
+            ("beta1", s.beta1),
+            ("beta2", s.beta2),
+            ("tau", s.tau),
+        )
+        if value is not None
+    }
+    factory: Any = {
+        "fedavgm": FedAvgM,
+        "fedadam": FedAdam,
+        "fedyogi": FedYogi,
+        "fedadagrad": FedAdagrad,
+    }.get(s.name, ServerSgd)
+    return cast(ServerOptimizer, factory(**given))
+
+
 def build_strategy(config: ExperimentConfig) -> FedAvg:
-    """The strategy ``[strategy]`` and ``[client]`` describe."""
+    """The strategy ``[strategy]`` and ``[client]`` describe.
+
+    Every strategy is FedAvg's round (sample, train locally, weighted mean of
+    the updates) with its own parts: ``fedprox`` adds the proximal term
+    ``mu/2 ||w - w_global||^2`` to each client's local objective;
+    ``fedavgm``, ``fedadam``, ``fedyogi`` and ``fedadagrad`` replace the
+    server step (Reddi et al., ICLR 2021).
+    """
     s, c = config.strategy, config.client
     sampler: Any = (
         CountSampler(s.clients_per_round)
         if s.clients_per_round is not None
         else FractionSampler(s.fraction if s.fraction is not None else 1.0)
     )
+    options: dict[str, float | int | str | bool] = {}
+    if s.name == "fedprox":
+        options["proximal_mu"] = s.mu if s.mu is not None else 0.01
     return FedAvg(
         sampler=sampler,
-        server_opt=ServerSgd(s.server_lr),
+        server_opt=_server_optimizer(s),
         local=FitConfig(
             round_idx=0,
             epochs=c.epochs,
@@ -224,6 +266,7 @@ def build_strategy(config: ExperimentConfig) -> FedAvg:
             lr=c.lr,
             momentum=c.momentum,
             weight_decay=c.weight_decay,
+            options=options,
         ),
         min_clients=s.min_clients,
         weighted=s.weighted,

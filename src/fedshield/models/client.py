@@ -88,6 +88,19 @@ class TorchClient:
             )
 
     @property
+    def model(self) -> TorchModel:
+        """The model adapter this client trains (shared, not copied)."""
+        return self._model
+
+    @property
+    def train_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The local training inputs and labels, as :meth:`fit` uses them.
+
+        The arrays themselves, not copies: callers must not write to them.
+        """
+        return self._x_train, self._y_train
+
+    @property
     def num_train_examples(self) -> int:
         """Number of local training examples."""
         return int(self._y_train.shape[0])

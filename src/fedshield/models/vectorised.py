@@ -1,0 +1,556 @@
+"""Train many clients of one :class:`TorchModel` in lockstep, vectorised.
+
+:func:`train_many` runs the local training of ``K`` clients that share one
+model as one computation over stacked parameters ``(K, ...)``: each step
+evaluates every client's gradient with ``torch.func.vmap(torch.func.grad(...))``
+over :func:`torch.func.functional_call` of the one cached module, then applies
+``K`` SGD updates with a few whole-tensor operations. It computes the same
+thing as calling :meth:`TorchModel.train` once per client with the same
+generators, up to floating-point rounding (batched kernels sum in a different
+order), which is what makes many small clients cheap to simulate on one
+machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.nn import functional
+
+from fedshield.core import FitConfig, Params
+from fedshield.errors import ConfigError
+from fedshield.models.torch_model import (
+    _SEED_BOUND,
+    LossFn,
+    TorchModel,
+    _proximal_mu,
+)
+
+__all__ = ["check_vectorisable", "train_many"]
+
+_FALLBACK = "use backend = 'sequential' or 'process' instead"
+
+# Layers that draw from torch's generator while training: vmap cannot replay
+# the draws a sequential run makes (and refuses random ops by default).
+_RANDOM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.RReLU,
+)
+# Layers whose output for one example depends on the other examples of the
+# batch: padding a client's batch would change their statistics.
+_BATCH_MIXING_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+
+_StepFn = Callable[
+    [dict[str, Tensor], Tensor, Tensor, Tensor],
+    tuple[dict[str, Tensor], tuple[Tensor, Tensor]],
+]
+
+
+def check_vectorisable(model: TorchModel) -> None:
+    """Raise unless :func:`train_many` can train ``model``.
+
+    Checks every layer of the module (all problems in one error): no buffers,
+    no random layers (``Dropout`` and its kin, ``RReLU``) and no layers that
+    mix examples of a batch (``BatchNorm``). When the model knows its
+    ``input_shape`` it also runs one vectorised gradient step on a dummy
+    batch, so that a layer ``torch.func.vmap`` cannot batch (data-dependent
+    control flow, ``.item()``, an operator without a batching rule that
+    fails) is found now rather than in round 1.
+
+    Parameters
+    ----------
+    model
+        The model adapter.
+
+    Raises
+    ------
+    ConfigError
+        Naming each offending layer and saying which backend can train the
+        model instead. Problems :class:`TorchModel` itself refuses (such as
+        BatchNorm's running statistics, which :class:`~fedshield.core.Params`
+        cannot carry) are raised with :class:`TorchModel`'s own message: no
+        backend can train such a module.
+
+    Notes
+    -----
+    Without ``input_shape`` only the static checks run; a layer vmap cannot
+    batch is then reported by the first :func:`train_many` call, still as a
+    :class:`ConfigError` naming the layer.
+    """
+    module = model._get_bound().module
+    problems = _static_problems(module)
+    if problems:
+        raise _refusal(module, problems)
+    shape = model._input_shape
+    if shape is None:
+        return
+    stacked = {
+        name: p.detach().unsqueeze(0).expand(2, *p.shape).clone()
+        for name, p in module.named_parameters()
+    }
+    x = torch.zeros((2, 2, *shape), dtype=torch.float32)
+    y = torch.zeros((2, 2), dtype=torch.int64)
+    mask = torch.ones((2, 2), dtype=torch.float32)
+    step = _make_step(module, model._loss_fn)
+    module.train()
+    try:
+        step(stacked, x, y, mask)
+    except Exception as err:
+        refusal = _diagnose(module, model._loss_fn, stacked, x, y, mask, err)
+        if refusal is not None:
+            raise refusal from err
+        # The plain, unbatched step fails too on this dummy batch (a loss that
+        # wants other targets, say): nothing to blame on vmap, so training will
+        # report whatever is really wrong.
+
+
+def train_many(
+    model: TorchModel,
+    params: Params,
+    datasets: Sequence[tuple[np.ndarray, np.ndarray]],
+    config: FitConfig,
+    *,
+    rngs: Sequence[np.random.Generator],
+    max_batch_clients: int = 64,
+) -> list[tuple[Params, dict[str, float]]]:
+    """Train one local copy of ``params`` per data set, vectorised over clients.
+
+    The result for data set ``k`` is what ``model.train(params, *datasets[k],
+    config, rng=rngs[k])`` returns, up to floating-point rounding; the
+    generators are advanced exactly as :meth:`TorchModel.train` advances them.
+
+    Parameters
+    ----------
+    model
+        The model adapter (see :func:`check_vectorisable` for what it must
+        satisfy).
+    params
+        Starting parameters, the same for every client; not modified.
+    datasets
+        ``(x, y)`` of each client, as :meth:`TorchModel.train` takes them.
+        Sizes may differ.
+    config
+        Local training settings, the same for every client (see
+        :meth:`TorchModel.train`, including ``options["proximal_mu"]``).
+    rngs
+        One generator per data set, the source of that client's shuffles.
+    max_batch_clients
+        At most this many clients train together; more are trained in
+        consecutive chunks, bounding memory to about ``max_batch_clients``
+        copies of the parameters, momentum and one batch of activations.
+
+    Returns
+    -------
+    list of (Params, dict)
+        Per data set, in order: the trained parameters and ``{"loss",
+        "accuracy"}`` over the examples of the last epoch.
+
+    Raises
+    ------
+    ConfigError
+        If the model cannot be vectorised (see :func:`check_vectorisable`:
+        the message names the layer and the backend to use instead),
+        ``params`` do not match the model, ``proximal_mu`` is invalid,
+        ``max_batch_clients`` < 1 or ``rngs`` and ``datasets`` differ in
+        length.
+    ValueError
+        If a data set is empty or its ``x`` and ``y`` do not fit together
+        (the message gives its index).
+
+    Notes
+    -----
+    Client ``k`` draws its two seeds from ``rngs[k]`` and shuffles each epoch
+    with a ``torch.Generator`` seeded by the first, exactly as
+    :meth:`TorchModel.train`, so its batch at every step is the same set of
+    examples in the same order. Step ``t`` stacks each client's ``t``-th
+    batch; a shorter batch (the last of an epoch) is padded and the padding
+    masked, with loss ``sum(mask * per-example loss) / count`` so that the
+    gradient is the mean over the real examples, as the sequential mean
+    loss gives. ``loss_fn`` must therefore be a mean of per-example terms
+    (cross-entropy, which is the default, is computed with
+    ``reduction="none"``; another loss is evaluated per example with an
+    inner vmap). A client whose steps have run out takes no part in later
+    steps: its parameters and momentum are left untouched, not updated with a
+    zero learning rate (weight decay and momentum would still move them).
+
+    The update is ``torch.optim.SGD``'s (dampening 0, no Nesterov):
+    ``g = grad + mu (w - w_global) + weight_decay w``; ``buf = g`` on the
+    first step, then ``buf = momentum buf + g``; ``w -= lr buf``. The
+    proximal term ``mu (w - w_global)`` is FedProx's (Li et al., MLSys 2020,
+    Sec. 3), added as :meth:`TorchModel.train` adds it. Parameters with
+    ``requires_grad=False``, and parameters the forward pass does not use
+    when ``mu`` is 0, stay fixed, as the sequential optimizer skips them.
+
+    The second seed drawn from each generator seeds torch's global generator
+    in sequential training, which only random layers read; those are refused
+    here, so it is drawn and not used.
+    """
+    if isinstance(max_batch_clients, bool) or int(max_batch_clients) < 1:
+        raise ConfigError(
+            f"`max_batch_clients` of train_many must be >= 1; got "
+            f"{max_batch_clients!r}."
+        )
+    if len(rngs) != len(datasets):
+        raise ConfigError(
+            f"`rngs` of train_many must have one generator per data set; got "
+            f"{len(rngs)} generators for {len(datasets)} data sets."
+        )
+    bound = model._get_bound()
+    # Only the static checks: a layer vmap cannot batch is diagnosed, and named,
+    # when the first step fails (check_vectorisable's dummy step costs a few ms).
+    problems = _static_problems(bound.module)
+    if problems:
+        raise _refusal(bound.module, problems)
+    mu = _proximal_mu(config)
+    bound.load(params)  # validates params against the model's spec
+    tensors: list[tuple[Tensor, Tensor]] = []
+    for k, (x, y) in enumerate(datasets):
+        try:
+            xt, yt = model._tensors(x, y)
+        except ValueError as err:
+            raise ValueError(f"data set {k}: {err}") from err
+        if int(yt.shape[0]) == 0:
+            raise ValueError(f"data set {k}: cannot train on 0 examples")
+        tensors.append((xt, yt))
+    # Draw every client's seeds up front, in TorchModel.train's order.
+    seeds = [int(rng.integers(_SEED_BOUND, size=2)[0]) for rng in rngs]
+    trainer = _Trainer(model, params, config, mu=mu)
+    results: list[tuple[Params, dict[str, float]]] = []
+    chunk = int(max_batch_clients)
+    for start in range(0, len(tensors), chunk):
+        results.extend(
+            trainer.run(tensors[start : start + chunk], seeds[start : start + chunk])
+        )
+    return results
+
+
+class _Trainer:
+    """Lockstep SGD of one chunk of clients (the body of :func:`train_many`)."""
+
+    def __init__(
+        self, model: TorchModel, params: Params, config: FitConfig, *, mu: float
+    ) -> None:
+        bound = model._get_bound()
+        self.module = bound.module
+        self.loss_fn = model._loss_fn
+        self.config = config
+        self.mu = mu
+        self.spec = params.spec
+        named = list(self.module.named_parameters())
+        self.names = [name for name, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.start = torch.from_numpy(np.array(params.flat, dtype=np.float32))
+        self.step_fn = _make_step(self.module, self.loss_fn)
+        self._frozen = [not p.requires_grad for _, p in named]
+        # Elements the optimizer never moves; found on the first chunk.
+        self.fixed: Tensor | None = None
+        self._fixed_known = False
+
+    def _fixed_mask(self, x: Tensor, y: Tensor) -> Tensor | None:
+        # Sequential SGD skips a parameter whose .grad is None: frozen ones,
+        # and (without the proximal term, which would give it a gradient)
+        # ones the forward pass does not reach. func.grad returns zeros for
+        # those, so find them once with autograd on one example.
+        skip = list(self._frozen)
+        if self.mu == 0:
+            params = {
+                name: p.detach().clone().requires_grad_(True)
+                for name, p in self.module.named_parameters()
+            }
+            out = functional_call(self.module, params, (x[:1],))
+            loss = self.loss_fn(out, y[:1])
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            skip = [s or g is None for s, g in zip(skip, grads, strict=True)]
+        if not any(skip):
+            return None
+        return torch.cat(
+            [
+                torch.full((n,), s, dtype=torch.bool)
+                for n, s in zip(self.sizes, skip, strict=True)
+            ]
+        )
+
+    def _views(self, flat: Tensor) -> dict[str, Tensor]:
+        k = flat.shape[0]
+        views: dict[str, Tensor] = {}
+        offset = 0
+        for name, shape, n in zip(self.names, self.shapes, self.sizes, strict=True):
+            views[name] = flat[:, offset : offset + n].view(k, *shape)
+            offset += n
+        return views
+
+    def run(
+        self, tensors: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int]
+    ) -> list[tuple[Params, dict[str, float]]]:
+        config = self.config
+        k_all = len(tensors)
+        batch = config.batch_size
+        epochs = config.epochs
+        counts_n = [int(y.shape[0]) for _, y in tensors]
+        steps = [math.ceil(n / batch) for n in counts_n]
+        total = epochs * max(steps)
+        x_all = torch.cat([x for x, _ in tensors])
+        y_all = torch.cat([y for _, y in tensors])
+        offsets = torch.tensor(
+            np.concatenate([[0], np.cumsum(counts_n)[:-1]]), dtype=torch.int64
+        )
+        # table[k, t] = client k's local row indices at step t (-1: padding)
+        table = torch.full((k_all, total, batch), -1, dtype=torch.int64)
+        for k, (n, s, seed) in enumerate(zip(counts_n, steps, seeds, strict=True)):
+            generator = torch.Generator().manual_seed(seed)
+            padded = torch.full((epochs, s * batch), -1, dtype=torch.int64)
+            for e in range(epochs):
+                padded[e, :n] = torch.randperm(n, generator=generator)
+            table[k, : epochs * s] = padded.view(epochs * s, batch)
+        mask = table >= 0
+        rows = torch.where(mask, table + offsets.view(-1, 1, 1), offsets.view(-1, 1, 1))
+        del table
+        counts = mask.sum(dim=2)  # (K, T)
+        step_idx = torch.arange(total)
+        steps_t = torch.tensor(steps, dtype=torch.int64).view(-1, 1)
+        last_epoch = (step_idx >= (epochs - 1) * steps_t) & (
+            step_idx < epochs * steps_t
+        )
+        if not self._fixed_known:
+            self.fixed = self._fixed_mask(x_all, y_all)
+            self._fixed_known = True
+
+        flat = self.start.unsqueeze(0).expand(k_all, -1).clone()
+        momentum_buf: Tensor | None = None
+        loss_sum = torch.zeros(k_all, dtype=torch.float64)
+        correct = torch.zeros(k_all, dtype=torch.int64)
+        anchor = self.start
+        lr, momentum, wd, mu = config.lr, config.momentum, config.weight_decay, self.mu
+        example_shape = tuple(x_all.shape[1:])
+        for t in range(total):
+            counts_t = counts[:, t]
+            is_active = counts_t > 0
+            all_active = bool(is_active.all())
+            who = None if all_active else torch.nonzero(is_active).view(-1)
+            k = k_all if who is None else int(who.numel())
+            width = int(counts_t.max())  # real rows come first in every row
+            rows_t = rows[:, t, :width] if who is None else rows[who, t, :width]
+            mask_t = mask[:, t, :width] if who is None else mask[who, t, :width]
+            xb = x_all.index_select(0, rows_t.reshape(-1)).view(
+                k, width, *example_shape
+            )
+            yb = y_all.index_select(0, rows_t.reshape(-1)).view(k, width)
+            mb = mask_t.to(torch.float32)
+            w = flat if who is None else flat.index_select(0, who)
+            try:
+                grads, (loss, out) = self.step_fn(self._views(w), xb, yb, mb)
+            except Exception as err:
+                refusal = _diagnose(
+                    self.module, self.loss_fn, self._views(w), xb, yb, mb, err
+                )
+                if refusal is not None:
+                    raise refusal from err
+                raise
+            g = torch.cat([grads[name].reshape(k, -1) for name in self.names], dim=1)
+            if mu > 0:
+                # d/dw [mu/2 ||w - w_global||^2] = mu (w - w_global), in
+                # TorchModel's order of operations.
+                g = g.add(w, alpha=mu).sub(anchor, alpha=mu)
+            if wd != 0:
+                g = g.add(w, alpha=wd)
+            if momentum != 0:
+                if momentum_buf is None:
+                    # Step 0: every client is active (each has >= 1 example).
+                    momentum_buf = g.clone()
+                    g = momentum_buf
+                else:
+                    buf = momentum_buf if who is None else momentum_buf[who]
+                    g = buf.mul(momentum).add(g)
+                    if who is None:
+                        momentum_buf = g
+                    else:
+                        momentum_buf.index_copy_(0, who, g)
+            w_new = w.add(g, alpha=-lr)
+            if self.fixed is not None:
+                w_new = torch.where(self.fixed, w, w_new)
+            if who is None:
+                flat = w_new
+            else:
+                flat.index_copy_(0, who, w_new)
+            # Metrics of the last epoch, as TorchModel.train accumulates them.
+            in_last = last_epoch[:, t] if who is None else last_epoch[who, t]
+            real = counts_t if who is None else counts_t[who]
+            batch_loss = (loss.detach() * real.to(torch.float32)).to(torch.float64)
+            batch_correct = (_predictions(out.detach()) == yb).logical_and(mask_t)
+            batch_correct_n = batch_correct.sum(dim=1)
+            zero64 = torch.zeros((), dtype=torch.float64)
+            zero_i = torch.zeros((), dtype=torch.int64)
+            if who is None:
+                loss_sum += torch.where(in_last, batch_loss, zero64)
+                correct += torch.where(in_last, batch_correct_n, zero_i)
+            else:
+                loss_sum.index_add_(0, who, torch.where(in_last, batch_loss, zero64))
+                correct.index_add_(
+                    0, who, torch.where(in_last, batch_correct_n, zero_i)
+                )
+
+        trained = flat.numpy()
+        results: list[tuple[Params, dict[str, float]]] = []
+        for k, n in enumerate(counts_n):
+            new = Params.from_flat(trained[k].copy(), self.spec, copy=False)
+            metrics = {
+                "loss": float(loss_sum[k]) / n,
+                "accuracy": float(correct[k]) / n,
+            }
+            results.append((new, metrics))
+        return results
+
+
+def _predictions(out: Tensor) -> Tensor:
+    # TorchModel's _num_correct, with a leading client dimension.
+    if out.ndim == 3 and out.shape[2] > 1:
+        return out.argmax(dim=2)
+    return (out.reshape(out.shape[0], -1) > 0).to(torch.int64)
+
+
+def _per_example_loss(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+    if loss_fn is functional.cross_entropy:
+
+        def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+            return functional.cross_entropy(out, y, reduction="none")
+
+        return cross_entropy
+
+    def one(out: Tensor, y: Tensor) -> Tensor:
+        # The mean loss of a batch of one example is that example's loss.
+        return loss_fn(out.unsqueeze(0), y.unsqueeze(0))
+
+    batched: Callable[[Tensor, Tensor], Tensor] = vmap(one)
+    return batched
+
+
+def _make_step(module: nn.Module, loss_fn: LossFn) -> _StepFn:
+    per_example = _per_example_loss(loss_fn)
+
+    def client_loss(
+        params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        out = functional_call(module, params, (x,))
+        # sum(mask * loss) / count: the mean over the real examples only.
+        loss = (per_example(out, y) * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, (loss.detach(), out.detach())
+
+    step: _StepFn = vmap(grad(client_loss, has_aux=True))
+    return step
+
+
+def _diagnose(
+    module: nn.Module,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    err: Exception,
+) -> ConfigError | None:
+    """Blame ``err`` of a vectorised step on a layer, or return None.
+
+    ``None`` when the same step fails without vmap too: then the fault is in
+    the data or the model, and ``err`` itself says more.
+    """
+    per_example = _per_example_loss_plain(loss_fn)
+
+    def client_loss(p: dict[str, Tensor]) -> Tensor:
+        out = functional_call(module, p, (x[0],))
+        return (per_example(out, y[0]) * mask[0]).sum() / mask[0].sum().clamp(min=1)
+
+    try:
+        grad_and_value(client_loss)({n: v[0] for n, v in params.items()})
+    except Exception:
+        return None
+    with _layer_trace(module) as entered:
+        try:
+            vmap(lambda p, xb: functional_call(module, p, (xb,)))(dict(params), x)
+        except Exception:
+            pass
+        else:
+            entered.clear()
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if entered:
+        name = entered[-1]
+        layer = module.get_submodule(name) if name else module
+        where = f"layer {name or '(root)'!r} ({type(layer).__name__})"
+        what = f"torch.func.vmap cannot batch {where} over clients ({reason})"
+    else:
+        what = (
+            "torch.func.vmap cannot batch the loss or the backward pass over "
+            f"clients ({reason})"
+        )
+    return _refusal(module, [what])
+
+
+def _per_example_loss_plain(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+    if loss_fn is functional.cross_entropy:
+        return _per_example_loss(loss_fn)
+
+    def loop(out: Tensor, y: Tensor) -> Tensor:
+        return torch.stack(
+            [loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])]
+        )
+
+    return loop
+
+
+@contextmanager
+def _layer_trace(module: nn.Module) -> Iterator[list[str]]:
+    """Record the stack of layers entered and not yet left in a forward pass."""
+    entered: list[str] = []
+    handles = []
+    for name, sub in module.named_modules():
+
+        def pre(_m: nn.Module, _args: Any, name: str = name) -> None:
+            entered.append(name)
+
+        def post(_m: nn.Module, _args: Any, _out: Any) -> None:
+            entered.pop()
+
+        handles.append(sub.register_forward_pre_hook(pre))
+        handles.append(sub.register_forward_hook(post))
+    try:
+        yield entered
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _static_problems(module: nn.Module) -> list[str]:
+    problems: list[str] = []
+    for name, sub in module.named_modules():
+        where = f"layer {name or '(root)'!r} ({type(sub).__name__})"
+        if isinstance(sub, _RANDOM_LAYERS):
+            problems.append(
+                f"{where} draws random numbers in training, and vmap cannot "
+                "replay the draws of sequential training"
+            )
+        if isinstance(sub, _BATCH_MIXING_LAYERS):
+            problems.append(
+                f"{where} normalises with statistics of the whole batch, which "
+                "padding clients' batches to one size would change"
+            )
+        buffers = [b for b, _ in sub.named_buffers(recurse=False)]
+        if buffers:
+            problems.append(
+                f"{where} has buffers {buffers}, which are not parameters and "
+                "would not be stacked per client"
+            )
+    return problems
+
+
+def _refusal(module: nn.Module, problems: list[str]) -> ConfigError:
+    return ConfigError(
+        f"module {type(module).__name__} cannot be trained by the vectorised "
+        "backend: " + "; ".join(problems) + f"; {_FALLBACK}."
+    )

@@ -1,0 +1,725 @@
+"""The process-pool backend: clients run in parallel in worker processes.
+
+Each worker is a separate Python process fed through a pipe. It receives the
+``client_fn`` once (when it starts, and again only when ``run_stage`` is given
+a different ``client_fn`` object), then batches of clients to run. Inside the
+worker every client runs through :func:`run_client_stage`, the sequential
+backend's own code, so randomness, errors and deadlines are handled exactly
+as there.
+
+Design
+------
+Context
+    Workers start with ``"spawn"`` by default (``"forkserver"`` is accepted
+    and starts restarted workers faster on POSIX). ``"fork"`` is refused: a
+    forked child inherits torch's and BLAS's thread pools in whatever state
+    the parent's threads left them, and can deadlock.
+Routing
+    Within a round a client always runs on the same worker, which keeps the
+    client object built in the round's first stage until :meth:`end_round`;
+    so a multi-stage protocol talks to one client object per round, as with
+    the sequential backend. A client first asked in a round goes to the
+    worker with the fewest clients in that stage (lowest index on a tie), so
+    stage one is dealt round-robin in request order.
+Ordering
+    With ``ordered=True`` (the default) replies are yielded in request order:
+    aggregation then adds floating-point updates in the same order as the
+    sequential backend and the results are bitwise identical. Round-robin
+    dealing keeps out-of-order replies waiting in a buffer of roughly one per
+    worker when clients take similar time. ``ordered=False`` yields each
+    reply as it arrives (results may then differ from the sequential backend
+    in the last bits).
+Failures
+    A worker that dies (``os._exit``, a segfault, the OOM killer) costs only
+    the client it was running: that client gets a failure of kind ``error``
+    naming the dead worker; the worker is restarted and runs the rest of its
+    batch. With a deadline ``timeout_s``, a client with no reply after
+    ``timeout_s + grace_s`` seconds of its own running time gets a failure of
+    kind ``timeout``, and its worker is stopped and restarted the same way.
+    Clients whose objects lived in a worker that died keep no state: in later
+    stages of that round they get a failure of kind ``error`` rather than a
+    silently rebuilt client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from fedshield.core import Client, ClientId
+from fedshield.errors import ConfigError
+from fedshield.simulation.backends.base import ClientFn
+from fedshield.simulation.backends.sequential import run_client_stage
+from fedshield.simulation.protocol import (
+    ClientFailure,
+    FailureKind,
+    StageReply,
+    StageRequest,
+)
+
+__all__ = ["ProcessPoolBackend"]
+
+logger = logging.getLogger(__name__)
+
+MpContext = Literal["spawn", "forkserver"]
+
+_STOP_WAIT_S = 2.0
+"""How long a worker asked to stop may take before it is killed."""
+
+
+# ---------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------
+
+
+def _pin_torch_threads(num_threads: int) -> None:
+    # Only when the client code has loaded torch: importing torch (1-2 s) in
+    # every worker would tax torch-free clients for nothing, and this module
+    # must not import torch (see the import-linter contract).
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def _failing_client_fn(message: str) -> ClientFn:
+    def client_fn(client_id: ClientId) -> Client:
+        raise RuntimeError(message)
+
+    return client_fn
+
+
+def _send_reply(conn: Connection, seq: int, reply: StageReply) -> None:
+    try:
+        data = pickle.dumps(("reply", seq, reply), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:  # an unpicklable reply fails its client only
+        failure = ClientFailure(
+            reply.client_id,
+            reply.failure.stage if reply.failure else "",
+            FailureKind.ERROR,
+            f"the reply could not be sent from the worker process: "
+            f"{type(err).__name__}: {err}",
+        )
+        data = pickle.dumps(
+            ("reply", seq, StageReply(reply.client_id, failure=failure)),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+    conn.send_bytes(data)
+
+
+def _worker_main(conn: Connection, torch_threads: int) -> None:
+    """Serve ``init``, ``stage``, ``end_round`` and ``stop`` messages."""
+    # Ctrl-C reaches the whole process group; the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    client_fn: ClientFn = _failing_client_fn("no client_fn was sent to the worker")
+    cache: dict[ClientId, Client] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent has gone
+            return
+        kind = message[0]
+        if kind == "init":
+            payload = conn.recv_bytes()
+            error: str | None = None
+            try:
+                client_fn = pickle.loads(payload)
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+                client_fn = _failing_client_fn(
+                    f"the worker process could not load client_fn: {error}"
+                )
+            del payload
+            _pin_torch_threads(torch_threads)
+            conn.send(("ready", message[1], error))
+        elif kind == "stage":
+            _, seq, request, seed = message
+            for client_id in request.messages:
+                _pin_torch_threads(torch_threads)
+                reply = run_client_stage(
+                    client_fn, client_id, request, seed=seed, cache=cache
+                )
+                if reply.failure is not None and not reply.failure.stage:
+                    reply = StageReply(client_id, failure=reply.failure)
+                _send_reply(conn, seq, _with_stage(reply, request.stage))
+        elif kind == "end_round":
+            cache.clear()
+        elif kind == "stop":
+            return
+
+
+def _with_stage(reply: StageReply, stage: str) -> StageReply:
+    return reply
+
+
+# ---------------------------------------------------------------------------
+# Parent side
+# ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    index: int
+    process: BaseProcess
+    conn: Connection
+    started_at: float
+    generation: int | None = None
+    """Which ``client_fn`` the worker holds (``None``: none sent yet)."""
+    is_ready: bool = False
+    """Whether the worker has loaded its ``client_fn``."""
+    pending: deque[ClientId] = field(default_factory=deque)
+    """Clients of the open stage sent to it and not yet answered, in order."""
+    clock: float = 0.0
+    """When the first pending client started running (as seen from here)."""
+    built: set[ClientId] = field(default_factory=set)
+    """Clients whose objects this process holds in the current round."""
+
+    @property
+    def is_busy(self) -> bool:
+        return bool(self.pending)
+
+
+def _default_num_workers() -> int:
+    count: int | None
+    if hasattr(os, "process_cpu_count"):  # Python >= 3.13
+        count = os.process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0))
+    else:
+        count = os.cpu_count()
+    return max(1, count or 1)
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class ProcessPoolBackend:
+    """Runs clients in parallel in a pool of worker processes.
+
+    Gives the same replies as :class:`SequentialBackend` for the same seed:
+    each worker runs its clients with :func:`run_client_stage`, so a client's
+    randomness comes from ``(seed, stage, round_idx, client_id)`` and errors
+    and deadlines are handled identically. See the module docstring for how
+    clients are routed, ordered and recovered when a worker dies or hangs.
+
+    Parameters
+    ----------
+    num_workers
+        Worker processes (default: the CPUs this process may use). Workers
+        start on first use, only as many as a stage needs.
+    torch_threads
+        Intra-op threads torch uses in each worker, set as soon as the
+        client code has loaded torch (workers never import it themselves).
+    mp_context
+        How workers start: ``"spawn"`` (default, portable) or
+        ``"forkserver"`` (POSIX; restarts are cheaper).
+    ordered
+        Yield replies in request order, so results are bitwise identical to
+        the sequential backend's (default); ``False`` yields them as they
+        arrive.
+    grace_s
+        With a deadline, seconds beyond ``timeout_s`` a client may run before
+        its worker is stopped as hung.
+    start_timeout_s
+        Seconds a new worker may take to start and load ``client_fn``.
+
+    Raises
+    ------
+    ConfigError
+        If a parameter is out of range or ``mp_context`` is not allowed.
+
+    Examples
+    --------
+    >>> with ProcessPoolBackend(num_workers=2) as backend:  # doctest: +SKIP
+    ...     run_rounds(strategy, state, backend=backend, ...)
+    """
+
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        *,
+        torch_threads: int = 1,
+        mp_context: MpContext = "spawn",
+        ordered: bool = True,
+        grace_s: float = 5.0,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        if num_workers is None:
+            num_workers = _default_num_workers()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int):
+            raise ConfigError(
+                f"`num_workers` must be an int; got {type(num_workers).__name__}"
+            )
+        if num_workers < 1:
+            raise ConfigError(f"`num_workers` must be >= 1; got {num_workers}")
+        if torch_threads < 1:
+            raise ConfigError(f"`torch_threads` must be >= 1; got {torch_threads}")
+        if mp_context not in ("spawn", "forkserver"):
+            raise ConfigError(
+                f"`mp_context` must be 'spawn' or 'forkserver'; got {mp_context!r}"
+                + (
+                    " (a forked worker inherits torch's and BLAS's thread pools "
+                    "and can deadlock)"
+                    if mp_context == "fork"
+                    else ""
+                )
+            )
+        if not grace_s >= 0:
+            raise ConfigError(f"`grace_s` must be >= 0; got {grace_s}")
+        if not start_timeout_s > 0:
+            raise ConfigError(f"`start_timeout_s` must be > 0; got {start_timeout_s}")
+        self.num_workers = num_workers
+        self.torch_threads = torch_threads
+        self.mp_context = mp_context
+        self.ordered = ordered
+        self.grace_s = float(grace_s)
+        self.start_timeout_s = float(start_timeout_s)
+        self._ctx = get_context(mp_context)
+        self._workers: list[_Worker | None] = [None] * num_workers
+        self._client_fn: ClientFn | None = None
+        self._generation = 0
+        self._round: int | None = None
+        self._assignment: dict[ClientId, int] = {}
+        self._lost: dict[ClientId, str] = {}
+        """Clients of this round whose objects died with their worker, and why."""
+        self._seq = 0
+        self._open_seq: int | None = None
+        self._closed = False
+
+    # -- the Backend protocol ------------------------------------------------
+
+    def run_stage(
+        self, request: StageRequest, *, client_fn: ClientFn, seed: int
+    ) -> Iterator[StageReply]:
+        """Send ``request`` to the workers now; yield one reply per client.
+
+        Raises
+        ------
+        ConfigError
+            If ``client_fn`` cannot be pickled (workers need a copy).
+        RuntimeError
+            If the backend is closed.
+        """
+        if self._closed:
+            raise RuntimeError("this ProcessPoolBackend is closed")
+        self._abandon_stage()
+        if request.round_idx != self._round:
+            self._forget_round()
+            self._round = request.round_idx
+        if client_fn is not self._client_fn:
+            self._set_client_fn(client_fn)
+        self._seq += 1
+        seq = self._seq
+        order = list(request.messages)
+        early: list[StageReply] = []
+        groups: dict[int, list[ClientId]] = {}
+        loads = [0] * self.num_workers
+        for client_id in order:
+            if client_id in self._lost:
+                early.append(self._lost_reply(client_id, request.stage))
+                continue
+            index = self._assignment.get(client_id)
+            if index is None:
+                index = min(range(self.num_workers), key=loads.__getitem__)
+                self._assignment[client_id] = index
+            loads[index] += 1
+            groups.setdefault(index, []).append(client_id)
+        self._open_seq = seq
+        self._dispatch(request, seed, seq, groups)
+        replies = self._collect(request, seed, seq, early)
+        if not self.ordered:
+            return replies
+        return _in_order(order, replies)
+
+    def end_round(self) -> None:
+        """Drop the clients of the round in every worker."""
+        self._abandon_stage()
+        self._forget_round()
+        self._round = None
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        if self._closed:
+            return
+        self._abandon_stage()
+        for index, worker in enumerate(self._workers):
+            if worker is None:
+                continue
+            try:
+                worker.conn.send(("stop",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + _STOP_WAIT_S
+        for index, worker in enumerate(self._workers):
+            if worker is None:
+                continue
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            self._stop_worker(index)
+        self._client_fn = None
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ProcessPoolBackend(num_workers={self.num_workers}, "
+            f"torch_threads={self.torch_threads}, mp_context={self.mp_context!r})"
+        )
+
+    # -- workers -------------------------------------------------------------
+
+    def _set_client_fn(self, client_fn: ClientFn) -> None:
+        try:
+            pickle.dumps(client_fn, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as err:
+            raise ConfigError(
+                "ProcessPoolBackend ships `client_fn` to its worker processes, so "
+                "it must be picklable (a module-level function or class instance, "
+                f"or a functools.partial of one); {client_fn!r} is not: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        self._client_fn = client_fn
+        self._generation += 1
+
+    def _payload(self) -> bytes:
+        return pickle.dumps(self._client_fn, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _start_worker(self, index: int) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker_main,
+            args=(child_conn, self.torch_threads),
+            name=f"fedshield-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        worker = _Worker(index, process, parent_conn, started_at=time.monotonic())
+        self._workers[index] = worker
+        return worker
+
+    def _stop_worker(self, index: int) -> None:
+        worker = self._workers[index]
+        if worker is None:
+            return
+        self._workers[index] = None
+        process = worker.process
+        if process.is_alive():
+            process.terminate()
+            process.join(1.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        worker.conn.close()
+        process.close()
+
+    def _dispatch(
+        self,
+        request: StageRequest,
+        seed: int,
+        seq: int,
+        groups: Mapping[int, list[ClientId]],
+    ) -> None:
+        """Start and initialise the workers ``groups`` needs, then send work."""
+        started = []
+        for index in groups:
+            worker = self._workers[index]
+            if worker is not None and not worker.process.is_alive():
+                self._worker_lost(index, "died while idle")
+                worker = None
+            if worker is None:
+                worker = self._start_worker(index)
+            started.append(worker)
+        payload: bytes | None = None
+        for worker in started:
+            if worker.generation != self._generation:
+                payload = payload if payload is not None else self._payload()
+                self._send_init(worker, payload)
+            self._send_stage(worker, request, seed, seq, groups[worker.index])
+
+    def _send_init(self, worker: _Worker, payload: bytes) -> None:
+        worker.generation = self._generation
+        worker.is_ready = False
+        worker.started_at = time.monotonic()
+        try:
+            worker.conn.send(("init", self._generation))
+            worker.conn.send_bytes(payload)
+        except OSError:
+            pass  # the worker died; _collect sees its sentinel
+
+    def _send_stage(
+        self,
+        worker: _Worker,
+        request: StageRequest,
+        seed: int,
+        seq: int,
+        client_ids: list[ClientId],
+    ) -> None:
+        batch = StageRequest(
+            request.stage,
+            request.round_idx,
+            {client_id: request.messages[client_id] for client_id in client_ids},
+            request.timeout_s,
+        )
+        worker.pending = deque(client_ids)
+        worker.clock = time.monotonic()
+        try:
+            worker.conn.send(("stage", seq, batch, seed))
+        except OSError:
+            pass  # the worker died; _collect sees its sentinel
+
+    def _forget_round(self) -> None:
+        for worker in self._workers:
+            if worker is None:
+                continue
+            worker.built.clear()
+            try:
+                worker.conn.send(("end_round",))
+            except OSError:
+                pass  # a dead worker holds no clients
+        self._assignment.clear()
+        self._lost.clear()
+
+    def _worker_lost(self, index: int, why: str) -> None:
+        """Forget worker ``index`` and mark the clients it held as lost."""
+        worker = self._workers[index]
+        if worker is None:
+            return
+        for client_id in worker.built:
+            self._lost.setdefault(
+                client_id, f"its worker process {why} earlier in this round"
+            )
+        self._stop_worker(index)
+
+    def _abandon_stage(self) -> None:
+        """Stop workers still busy with a stage whose replies nobody reads."""
+        if self._open_seq is None:
+            return
+        self._open_seq = None
+        for index, worker in enumerate(self._workers):
+            if worker is not None and worker.is_busy:
+                worker.built.update(worker.pending)
+                self._worker_lost(index, "was stopped with a stage unfinished")
+
+    def _lost_reply(self, client_id: ClientId, stage: str) -> StageReply:
+        failure = ClientFailure(
+            client_id,
+            stage,
+            FailureKind.ERROR,
+            f"client state lost: {self._lost[client_id]}",
+        )
+        return StageReply(client_id, failure=failure)
+
+    # -- collecting replies ---------------------------------------------------
+
+    def _collect(
+        self,
+        request: StageRequest,
+        seed: int,
+        seq: int,
+        early: list[StageReply],
+    ) -> Iterator[StageReply]:
+        try:
+            yield from early
+            while True:
+                busy = [w for w in self._workers if w is not None and w.is_busy]
+                if not busy:
+                    break
+                now = time.monotonic()
+                deadline = min(self._deadline(w, request) for w in busy)
+                timeout = None if deadline == float("inf") else max(0.0, deadline - now)
+                waitables: list[Any] = [w.conn for w in busy]
+                waitables += [w.process.sentinel for w in busy]
+                wait(waitables, timeout)
+                for worker in busy:
+                    yield from self._drain(worker, request, seq)
+                    if worker.is_busy and not worker.process.is_alive():
+                        yield from self._drain(worker, request, seq)
+                        if worker.is_busy:
+                            yield from self._on_death(worker, request, seed, seq)
+                now = time.monotonic()
+                for worker in busy:
+                    if worker.is_busy and now >= self._deadline(worker, request):
+                        yield from self._on_hang(worker, request, seed, seq)
+        finally:
+            if self._open_seq == seq and not any(
+                w is not None and w.is_busy for w in self._workers
+            ):
+                self._open_seq = None
+
+    def _deadline(self, worker: _Worker, request: StageRequest) -> float:
+        if not worker.is_ready:
+            return worker.started_at + self.start_timeout_s
+        if request.timeout_s is None:
+            return float("inf")
+        return worker.clock + request.timeout_s + self.grace_s
+
+    def _drain(
+        self, worker: _Worker, request: StageRequest, seq: int
+    ) -> Iterator[StageReply]:
+        """Yield every reply ``worker`` has sent so far."""
+        while worker.is_busy:
+            try:
+                if not worker.conn.poll():
+                    return
+                message = pickle.loads(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # the worker died; its sentinel tells
+            if message[0] == "ready":
+                if message[1] == worker.generation:
+                    worker.is_ready = True
+                    worker.clock = time.monotonic()
+                    if message[2] is not None:
+                        logger.warning(
+                            "worker %d could not load client_fn: %s",
+                            worker.index,
+                            message[2],
+                        )
+                continue
+            _, reply_seq, reply = message
+            if reply_seq != seq or reply.client_id != worker.pending[0]:
+                continue  # a stale reply from an abandoned stage
+            worker.pending.popleft()
+            worker.built.add(reply.client_id)
+            worker.clock = time.monotonic()
+            yield reply
+
+    def _on_death(
+        self, worker: _Worker, request: StageRequest, seed: int, seq: int
+    ) -> Iterator[StageReply]:
+        why = _describe_exit(worker.process.exitcode)
+        if not worker.is_ready:
+            # Dying before client_fn was loaded would kill every client in
+            # turn; fail them all and start afresh in the next stage.
+            message = (
+                f"the worker process died while starting ({why}); "
+                "it could not load client_fn"
+            )
+            yield from self._fail_all(worker, request, FailureKind.ERROR, message)
+            self._worker_lost(worker.index, f"died ({why})")
+            return
+        client_id = worker.pending.popleft()
+        worker.built.add(client_id)
+        message = (
+            f"the worker process running this client died ({why}); "
+            "it was restarted for the other clients"
+        )
+        logger.warning(
+            "client %s: worker %d died in stage %r of round %d (%s)",
+            client_id,
+            worker.index,
+            request.stage,
+            request.round_idx,
+            why,
+        )
+        yield _failure(client_id, request.stage, FailureKind.ERROR, message)
+        self._restart(worker, request, seed, seq, f"died ({why})")
+
+    def _on_hang(
+        self, worker: _Worker, request: StageRequest, seed: int, seq: int
+    ) -> Iterator[StageReply]:
+        if not worker.is_ready:
+            message = (
+                f"the worker process did not start and load client_fn within "
+                f"{self.start_timeout_s} s"
+            )
+            yield from self._fail_all(worker, request, FailureKind.ERROR, message)
+            self._worker_lost(worker.index, "did not start")
+            return
+        client_id = worker.pending.popleft()
+        worker.built.add(client_id)
+        limit = (request.timeout_s or 0.0) + self.grace_s
+        message = (
+            f"no reply within {limit:.3f} s (deadline {request.timeout_s} s plus "
+            f"{self.grace_s} s grace); its worker process was stopped"
+        )
+        logger.warning(
+            "client %s: no reply in stage %r of round %d within %.3f s; "
+            "stopping worker %d",
+            client_id,
+            request.stage,
+            request.round_idx,
+            limit,
+            worker.index,
+        )
+        yield _failure(client_id, request.stage, FailureKind.TIMEOUT, message)
+        self._restart(worker, request, seed, seq, "was stopped as hung")
+
+    def _fail_all(
+        self, worker: _Worker, request: StageRequest, kind: FailureKind, message: str
+    ) -> Iterator[StageReply]:
+        while worker.pending:
+            client_id = worker.pending.popleft()
+            worker.built.add(client_id)
+            yield _failure(client_id, request.stage, kind, message)
+
+    def _restart(
+        self, worker: _Worker, request: StageRequest, seed: int, seq: int, why: str
+    ) -> None:
+        """Replace ``worker`` and hand it the clients it had not started."""
+        remaining = list(worker.pending)
+        worker.pending.clear()
+        self._worker_lost(worker.index, why)
+        if not remaining:
+            return
+        for client_id in remaining:
+            self._lost.pop(client_id, None)
+        fresh = self._start_worker(worker.index)
+        self._send_init(fresh, self._payload())
+        self._send_stage(fresh, request, seed, seq, remaining)
+
+
+def _failure(
+    client_id: ClientId, stage: str, kind: FailureKind, message: str
+) -> StageReply:
+    return StageReply(client_id, failure=ClientFailure(client_id, stage, kind, message))
+
+
+def _in_order(
+    order: list[ClientId], replies: Iterator[StageReply]
+) -> Iterator[StageReply]:
+    """Yield ``replies`` in ``order``, holding back those that come early."""
+    waiting: dict[ClientId, StageReply] = {}
+    position = 0
+    try:
+        for reply in replies:
+            waiting[reply.client_id] = reply
+            while position < len(order) and order[position] in waiting:
+                yield waiting.pop(order[position])
+                position += 1
+        # Anything left (a reply for an unexpected id) goes out last.
+        yield from waiting.values()
+    finally:
+        close: Callable[[], None] | None = getattr(replies, "close", None)
+        if close is not None:
+            close()
