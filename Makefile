@@ -6,6 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Where no CPU wheel of torch is kept locally, set TORCH_INDEX to PyTorch's CPU
+# index (https://download.pytorch.org/whl/cpu) to avoid the CUDA build.
+TORCH_INDEX ?=
 
 .PHONY: run test lint typecheck layers pytest bench bench-slow data clean
 
@@ -13,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU wheel first, pinned, so that no CUDA build is ever pulled.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	-@$(MAKE) --no-print-directory data
 	touch $(STAMP)

@@ -15,6 +15,7 @@ code  meaning
 12    data set not installed or unreadable (:class:`DataUnavailableError`)
 13    partition cannot be built as asked (:class:`PartitionError`)
 14    checkpoint missing, corrupt or from another run (:class:`CheckpointError`)
+15    run folder cannot be written (:class:`RunDirectoryError`)
 20    privacy budget exhausted (:class:`PrivacyBudgetExceeded`)
 30    a round could not complete (:class:`RoundFailedError`)
 31    protocol violation (:class:`ProtocolError`)
@@ -36,6 +37,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "ProtocolError",
     "RoundFailedError",
+    "RunDirectoryError",
     "TransportError",
     "UnsupportedEventError",
 ]
@@ -81,6 +83,12 @@ class CheckpointError(FedShieldError):
     """Raised when a checkpoint is missing, corrupt, or belongs to another run."""
 
     exit_code = 14
+
+
+class RunDirectoryError(FedShieldError):
+    """Raised when the run folder or one of its files cannot be written."""
+
+    exit_code = 15
 
 
 class InvalidUpdateError(FedShieldError, ValueError):

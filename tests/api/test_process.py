@@ -71,3 +71,23 @@ def test_process_round_fails_when_no_client_succeeds():
     bad = (np.zeros((3, 5), np.float32), np.zeros(3, np.int64))  # wrong feature count
     with pytest.raises(RoundFailedError, match="only 0 of 1"):
         process.next(process.initialize(), [bad])
+
+
+def test_client_objects_keep_their_own_ids():
+    from fedshield.models import TorchClient
+
+    client_data, _ = _clients(2)
+    process = fs.fedavg(model_fn, lr=0.1)
+    clients = [
+        TorchClient(f"hospital-{i}", process.model, x_train=x, y_train=y)
+        for i, (x, y) in enumerate(client_data)
+    ]
+    state, metrics = process.next(process.initialize(), clients)
+    assert metrics["num_clients"] == 2 and metrics["failures"] == []
+
+
+def test_round_failure_says_why():
+    process = fs.fedavg(model_fn)
+    bad = (np.zeros((3, 5), np.float32), np.zeros(3, np.int64))
+    with pytest.raises(RoundFailedError, match=r"0 \(error\)"):
+        process.next(process.initialize(), [bad])

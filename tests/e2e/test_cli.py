@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 import os
 import subprocess
 import sys
@@ -181,3 +182,73 @@ def test_existing_run_needs_resume_or_overwrite(tiny, tmp_path):
 
 def test_bad_format_is_a_usage_error(tiny):
     assert invoke("simulate", str(tiny), "--format", "yaml").exit_code == 2
+
+
+def test_diverging_run_exits_30_and_still_prints_its_summary(tiny, tmp_path):
+    out = tmp_path / "o"
+    result = invoke(
+        "simulate",
+        str(tiny),
+        "--set",
+        "strategy.server_lr=1e30",
+        "--out",
+        str(out),
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 30
+    assert "NaN or infinite" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds"] < 3
+    assert json.loads(result.stdout)["status"] == "failed"
+
+
+def test_resume_with_changed_training_exits_14(tiny, tmp_path):
+    out = str(tmp_path / "o")
+    assert (
+        invoke(
+            "simulate",
+            str(tiny),
+            "--set",
+            "run.rounds=1",
+            "--out",
+            out,
+            "--format",
+            "json",
+        ).exit_code
+        == 0
+    )
+    changed = invoke(
+        "simulate", str(tiny), "--set", "client.lr=0.2", "--out", out, "--resume"
+    )
+    assert changed.exit_code == 14 and "different configuration" in changed.output
+    fewer = invoke(
+        "simulate", str(tiny), "--set", "run.rounds=0", "--out", out, "--resume"
+    )
+    assert fewer.exit_code == 10
+
+
+def test_resume_cannot_go_back_in_rounds(tiny, tmp_path):
+    out = str(tmp_path / "o")
+    assert (
+        invoke(
+            "simulate",
+            str(tiny),
+            "--set",
+            "run.rounds=2",
+            "--out",
+            out,
+            "--format",
+            "json",
+        ).exit_code
+        == 0
+    )
+    result = invoke(
+        "simulate", str(tiny), "--set", "run.rounds=1", "--out", out, "--resume"
+    )
+    assert result.exit_code == 10 and "already completed 2 rounds" in result.output
+
+
+def test_resume_and_overwrite_together_is_a_usage_error(tiny, tmp_path):
+    result = invoke("simulate", str(tiny), "--resume", "--overwrite")
+    assert result.exit_code == 2

@@ -11,7 +11,7 @@ import difflib
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -31,7 +31,11 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `rounds = true` or `lr = "0.1"` are errors, not coerced;
+    # allow_inf_nan=False: `lr = inf` is refused before round 1.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False
+    )
 
 
 class RunSection(_Section):
@@ -65,13 +69,9 @@ class ModelSection(_Section):
     """``[model]``: the network trained."""
 
     kind: Literal["logistic", "mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [64], max_length=16)
-
-    @model_validator(mode="after")
-    def _positive_hidden(self) -> ModelSection:
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden sizes must all be >= 1; got {self.hidden}")
-        return self
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [64], max_length=16
+    )
 
 
 class ClientSection(_Section):

@@ -70,6 +70,18 @@ class FederatedProcess:
         clients: dict[ClientId, Client] = {}
         for cid, value in items:
             if isinstance(value, Client):
+                # A client object signs its updates with its own id.
+                own = getattr(value, "client_id", None)
+                if own is not None and isinstance(client_data, Mapping):
+                    if str(own) != cid:
+                        raise ConfigError(
+                            f"client_data[{cid!r}] is a client whose client_id is "
+                            f"{own!r}; key it by its own id"
+                        )
+                if own is not None:
+                    cid = str(own)
+                if cid in clients:
+                    raise ConfigError(f"two clients in client_data have id {cid!r}")
                 clients[cid] = value
             elif isinstance(value, tuple) and len(value) == 2:
                 x, y = value
@@ -94,6 +106,9 @@ class FederatedProcess:
             If fewer than ``min_clients`` clients return a valid update.
         """
         clients = self._clients(client_data)
+        # A client may not claim more examples than the largest data set here.
+        sizes = [getattr(c, "num_train_examples", None) for c in clients.values()]
+        known = [n for n in sizes if isinstance(n, int)]
         result = run_round(
             self.strategy,
             state,
@@ -101,9 +116,13 @@ class FederatedProcess:
             client_ids=list(clients),
             seed=self.seed,
             backend=self._backend,
+            max_examples=max(known) if known and len(known) == len(sizes) else None,
         )
         if not result.completed:
-            raise RoundFailedError(result.message)
+            details = "; ".join(
+                f"{f.client_id} ({f.kind}): {f.message}" for f in result.failures[:5]
+            )
+            raise RoundFailedError(f"{result.message}. Failures: {details}")
         metrics = dict(result.metrics)
         metrics["failures"] = [f.to_json() for f in result.failures]
         return result.state, metrics

@@ -15,7 +15,7 @@ import tomli_w
 from fedshield.api.config import ExperimentConfig
 from fedshield.api.experiment import Federation, build_federation, build_strategy
 from fedshield.core import ServerState
-from fedshield.errors import CheckpointError, FedShieldError
+from fedshield.errors import CheckpointError, ConfigError, FedShieldError
 from fedshield.simulation import RunDirectory, SequentialBackend, run_rounds
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
 
@@ -84,6 +84,7 @@ def simulate(
     overwrite: bool = False,
     on_start: StartCallback | None = None,
     on_round: RoundCallback | None = None,
+    on_summary: Callable[[dict[str, Any]], None] | None = None,
     write_report: bool = True,
 ) -> tuple[dict[str, Any], Path]:
     """Run ``config`` and write its folder; return the summary and the folder.
@@ -92,7 +93,8 @@ def simulate(
     ``partition.json``, ``metrics.jsonl``, ``checkpoint.npz``,
     ``summary.json`` and ``report.html``. A failed or interrupted run still
     writes its summary (``status`` says how it ended) and keeps its last
-    checkpoint, so ``resume=True`` continues it.
+    checkpoint, so ``resume=True`` continues it. ``on_summary`` receives the
+    summary however the run ends (also when it raises).
 
     Raises
     ------
@@ -117,7 +119,13 @@ def simulate(
                 f"configuration (fingerprint {found}, this one {fingerprint}); only "
                 "run.rounds may change on resume"
             )
-        run_dir.truncate_metrics(state.round_idx)
+        if config.run.rounds < state.round_idx:
+            raise ConfigError(
+                f"run.rounds is {config.run.rounds} but the checkpoint in "
+                f"{run_dir.path} has already completed {state.round_idx} rounds; "
+                "resume needs run.rounds >= the rounds done"
+            )
+        run_dir.truncate_records(state.round_idx)
         logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
     else:
         params = federation.model.init_params(config.run.seed)
@@ -167,6 +175,9 @@ def simulate(
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user"
         raise
+    except BaseException as err:
+        status, error = "failed", f"internal error: {type(err).__name__}: {err}"
+        raise
     finally:
         torch.set_num_threads(threads_before)
         summary = _summary(
@@ -179,6 +190,8 @@ def simulate(
             error=error,
         )
         run_dir.write_json(SUMMARY, summary)
+        if on_summary is not None:
+            on_summary(summary)
         if write_report:
             from fedshield.report import write_report as render
 

@@ -86,6 +86,12 @@ def simulate(
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
     )
+    if resume and overwrite:
+        err_console.print(
+            "[bold red]error:[/] --resume continues the run in the folder and "
+            "--overwrite replaces it; pass one of them"
+        )
+        raise typer.Exit(code=2)
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -55,6 +57,7 @@ def run_simulate(
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=as_json,
     )
     task = progress.add_task(
         "round", total=config.run.rounds, acc="-", loss="-", start=False
@@ -72,6 +75,7 @@ def run_simulate(
                 highlight=False,
             )
         progress.update(task, completed=state.round_idx)
+        progress.start()
         progress.start_task(task)
 
     def on_round(state: ServerState, record: Mapping[str, Any]) -> None:
@@ -85,7 +89,8 @@ def run_simulate(
             **fields,
         )
 
-    with progress:
+    last: dict[str, Any] = {}
+    try:
         summary, run_dir = simulate(
             config,
             out=out,
@@ -93,7 +98,15 @@ def run_simulate(
             overwrite=overwrite,
             on_start=on_start,
             on_round=on_round,
+            on_summary=last.update,
         )
+    except BaseException:
+        # Scripts reading --format json get the summary of a failed run too.
+        if as_json and last:
+            typer.echo(json.dumps(last, indent=2))
+        raise
+    finally:
+        progress.stop()
     if not as_json:
         table = Table(
             title=f"{summary['name']}: {summary['status']}", show_header=False

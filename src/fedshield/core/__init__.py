@@ -15,7 +15,12 @@ from fedshield.core.client import Client, EvalConfig, FitConfig
 from fedshield.core.params import Params, ParamSpec
 from fedshield.core.rng import derive_rng, derive_seed
 from fedshield.core.state import ServerState
-from fedshield.core.update import ClientId, ClientUpdate, validate_update
+from fedshield.core.update import (
+    ClientId,
+    ClientUpdate,
+    metric_problems,
+    validate_update,
+)
 
 __all__ = [
     "Accumulator",
@@ -31,6 +36,7 @@ __all__ = [
     "ServerState",
     "WeightedMean",
     "aggregate",
+    "metric_problems",
     "derive_rng",
     "derive_seed",
     "validate_update",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -10,7 +12,7 @@ import numpy as np
 from fedshield.core.params import Params, ParamSpec
 from fedshield.errors import InvalidUpdateError
 
-__all__ = ["ClientId", "ClientUpdate", "validate_update"]
+__all__ = ["ClientId", "ClientUpdate", "metric_problems", "validate_update"]
 
 ClientId = str
 
@@ -35,6 +37,42 @@ class ClientUpdate:
     delta: Params
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def metric_problems(metrics: object) -> list[str]:
+    """Describe what is wrong with a client's metrics mapping (empty if fine).
+
+    Metrics must map ``str`` names to finite real numbers (Python or numpy
+    scalars, not booleans).
+
+    Examples
+    --------
+    >>> metric_problems({"loss": 0.5})
+    []
+    >>> metric_problems({"loss": float("nan")})
+    ["metric 'loss' must be a finite number; got nan"]
+    """
+    if not isinstance(metrics, Mapping):
+        return [f"metrics must be a mapping; got {type(metrics).__name__}"]
+    problems: list[str] = []
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            problems.append(f"metric names must be strings; got {key!r}")
+            continue
+        if isinstance(value, bool | np.bool_) or not isinstance(
+            value, numbers.Real | np.number
+        ):
+            problems.append(
+                f"metric {key!r} must be a number; got {type(value).__name__}"
+            )
+            continue
+        try:
+            finite = math.isfinite(float(value))
+        except (OverflowError, TypeError, ValueError):
+            finite = False
+        if not finite:
+            problems.append(f"metric {key!r} must be a finite number; got {value!r}")
+    return problems
 
 
 def validate_update(
@@ -63,7 +101,8 @@ def validate_update(
     ------
     InvalidUpdateError
         If it is not a :class:`ClientUpdate`, its arrays do not match ``spec``,
-        any value is NaN or infinite, or ``num_examples`` is out of range.
+        any value is NaN or infinite, ``num_examples`` is out of range, or its
+        metrics are not finite numbers by name.
     """
     if not isinstance(update, ClientUpdate):
         raise InvalidUpdateError(
@@ -81,6 +120,7 @@ def validate_update(
         if not problems and not update.delta.is_finite():
             bad = int((~np.isfinite(update.delta.flat)).sum())
             problems.append(f"delta has {bad} NaN or infinite values")
+    problems.extend(metric_problems(update.metrics))
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
         problems.append(f"num_examples must be a positive integer; got {n!r}")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional
 
 from fedshield.core import FitConfig, Params
@@ -35,6 +35,7 @@ from fedshield.models.torch_model import (
 
 __all__ = ["check_vectorisable", "train_many"]
 
+_IGNORE_INDEX = -100
 _FALLBACK = "use backend = 'sequential' or 'process' instead"
 
 # Layers that draw from torch's generator while training: vmap cannot replay
@@ -49,7 +50,7 @@ _BATCH_MIXING_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._Batch
 
 _StepFn = Callable[
     [dict[str, Tensor], Tensor, Tensor, Tensor],
-    tuple[dict[str, Tensor], tuple[Tensor, Tensor]],
+    tuple[dict[str, Tensor], Tensor],
 ]
 
 
@@ -97,7 +98,7 @@ def check_vectorisable(model: TorchModel) -> None:
     }
     x = torch.zeros((2, 2, *shape), dtype=torch.float32)
     y = torch.zeros((2, 2), dtype=torch.int64)
-    mask = torch.ones((2, 2), dtype=torch.float32)
+    mask = torch.ones((2, 2), dtype=torch.bool)
     step = _make_step(module, model._loss_fn)
     module.train()
     try:
@@ -171,14 +172,16 @@ def train_many(
     :meth:`TorchModel.train`, so its batch at every step is the same set of
     examples in the same order. Step ``t`` stacks each client's ``t``-th
     batch; a shorter batch (the last of an epoch) is padded and the padding
-    masked, with loss ``sum(mask * per-example loss) / count`` so that the
-    gradient is the mean over the real examples, as the sequential mean
-    loss gives. ``loss_fn`` must therefore be a mean of per-example terms
-    (cross-entropy, which is the default, is computed with
-    ``reduction="none"``; another loss is evaluated per example with an
-    inner vmap). A client whose steps have run out takes no part in later
-    steps: its parameters and momentum are left untouched, not updated with a
-    zero learning rate (weight decay and momentum would still move them).
+    masked, so that the gradient is the mean over the real examples, as the
+    sequential mean loss gives: cross-entropy (the default ``loss_fn``)
+    marks padded targets with ``ignore_index``; any other ``loss_fn`` is
+    evaluated per example (inner vmap over batches of one) and averaged as
+    ``sum(mask * loss) / count``, so it must be a mean of per-example terms.
+    The reported loss is ``loss_fn`` of each client's unpadded batch, as
+    sequential training computes it. A client whose steps have run out takes
+    no part in later steps: they run on the active clients only, and its
+    parameters and momentum are left untouched (a zero learning rate would
+    not do: weight decay and momentum would still move them).
 
     The update is ``torch.optim.SGD``'s (dampening 0, no Nesterov):
     ``g = grad + mu (w - w_global) + weight_decay w``; ``buf = g`` on the
@@ -191,6 +194,22 @@ def train_many(
     The second seed drawn from each generator seeds torch's global generator
     in sequential training, which only random layers read; those are refused
     here, so it is drawn and not used.
+
+    Examples
+    --------
+    >>> import functools
+    >>> from fedshield.models import build_module
+    >>> model = TorchModel(functools.partial(
+    ...     build_module, "logistic", input_shape=(2,), num_classes=2))
+    >>> params = model.init_params(0)
+    >>> data = [(np.eye(2, dtype=np.float32), np.array([0, 1])),
+    ...         (np.ones((3, 2), np.float32), np.array([1, 1, 0]))]
+    >>> config = FitConfig(round_idx=0, batch_size=2, momentum=0.9)
+    >>> many = train_many(model, params, data, config,
+    ...                   rngs=[np.random.default_rng(k) for k in range(2)])
+    >>> one, _ = model.train(params, *data[1], config, rng=np.random.default_rng(1))
+    >>> bool(np.allclose(many[1][0].flat, one.flat, rtol=1e-5, atol=1e-6))
+    True
     """
     if isinstance(max_batch_clients, bool) or int(max_batch_clients) < 1:
         raise ConfigError(
@@ -287,6 +306,35 @@ class _Trainer:
             offset += n
         return views
 
+    def _add_metrics(
+        self,
+        rows: Tensor,
+        who: Tensor | None,
+        out: Tensor,
+        y: Tensor,
+        mask: Tensor,
+        real: Tensor,
+        *,
+        loss_sum: Tensor,
+        correct: Tensor,
+    ) -> None:
+        # Each client's batch loss is loss_fn of its unpadded batch, exactly
+        # as TorchModel.train computes it (the batched loss sums in another
+        # order, so its value would differ in the last bits).
+        sizes = real[rows]
+        losses = torch.stack(
+            [
+                self.loss_fn(out[i, :c], y[i, :c])
+                for i, c in zip(rows.tolist(), sizes.tolist(), strict=True)
+            ]
+        )
+        # float32 loss * count, then float64 accumulation: TorchModel's order.
+        batch_loss = (losses * sizes.to(torch.float32)).to(torch.float64)
+        hits = (_predictions(out[rows]) == y[rows]).logical_and(mask[rows])
+        clients = rows if who is None else who[rows]
+        loss_sum.index_add_(0, clients, batch_loss)
+        correct.index_add_(0, clients, hits.sum(dim=1))
+
     def run(
         self, tensors: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int]
     ) -> list[tuple[Params, dict[str, float]]]:
@@ -343,13 +391,12 @@ class _Trainer:
                 k, width, *example_shape
             )
             yb = y_all.index_select(0, rows_t.reshape(-1)).view(k, width)
-            mb = mask_t.to(torch.float32)
             w = flat if who is None else flat.index_select(0, who)
             try:
-                grads, (loss, out) = self.step_fn(self._views(w), xb, yb, mb)
+                grads, out = self.step_fn(self._views(w), xb, yb, mask_t)
             except Exception as err:
                 refusal = _diagnose(
-                    self.module, self.loss_fn, self._views(w), xb, yb, mb, err
+                    self.module, self.loss_fn, self._views(w), xb, yb, mask_t, err
                 )
                 if refusal is not None:
                     raise refusal from err
@@ -382,19 +429,17 @@ class _Trainer:
                 flat.index_copy_(0, who, w_new)
             # Metrics of the last epoch, as TorchModel.train accumulates them.
             in_last = last_epoch[:, t] if who is None else last_epoch[who, t]
-            real = counts_t if who is None else counts_t[who]
-            batch_loss = (loss.detach() * real.to(torch.float32)).to(torch.float64)
-            batch_correct = (_predictions(out.detach()) == yb).logical_and(mask_t)
-            batch_correct_n = batch_correct.sum(dim=1)
-            zero64 = torch.zeros((), dtype=torch.float64)
-            zero_i = torch.zeros((), dtype=torch.int64)
-            if who is None:
-                loss_sum += torch.where(in_last, batch_loss, zero64)
-                correct += torch.where(in_last, batch_correct_n, zero_i)
-            else:
-                loss_sum.index_add_(0, who, torch.where(in_last, batch_loss, zero64))
-                correct.index_add_(
-                    0, who, torch.where(in_last, batch_correct_n, zero_i)
+            if bool(in_last.any()):
+                real = counts_t if who is None else counts_t[who]
+                self._add_metrics(
+                    torch.nonzero(in_last).view(-1),
+                    who,
+                    out,
+                    yb,
+                    mask_t,
+                    real,
+                    loss_sum=loss_sum,
+                    correct=correct,
                 )
 
         trained = flat.numpy()
@@ -416,32 +461,50 @@ def _predictions(out: Tensor) -> Tensor:
     return (out.reshape(out.shape[0], -1) > 0).to(torch.int64)
 
 
-def _per_example_loss(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+def _masked_mean_loss(
+    loss_fn: LossFn, *, batched: bool
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``loss(out, y, mask)``: the mean of ``loss_fn`` over the real examples.
+
+    Cross-entropy marks padding with ``ignore_index``: its mean then divides
+    the sum over the real examples by their count, and each real example's
+    gradient weight is ``1 / count``, as in the unpadded batch. Another loss
+    is taken per example (a mean over one example is that example's loss)
+    and averaged under the mask; ``batched=False`` loops instead of using
+    vmap (for diagnosing a vmap failure).
+    """
     if loss_fn is functional.cross_entropy:
 
-        def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-            return functional.cross_entropy(out, y, reduction="none")
+        def cross_entropy(out: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+            target = torch.where(mask, y, _IGNORE_INDEX)
+            return functional.cross_entropy(out, target, ignore_index=_IGNORE_INDEX)
 
         return cross_entropy
 
     def one(out: Tensor, y: Tensor) -> Tensor:
-        # The mean loss of a batch of one example is that example's loss.
         return loss_fn(out.unsqueeze(0), y.unsqueeze(0))
 
-    batched: Callable[[Tensor, Tensor], Tensor] = vmap(one)
-    return batched
+    def loop(out: Tensor, y: Tensor) -> Tensor:
+        return torch.stack([one(out[i], y[i]) for i in range(out.shape[0])])
+
+    per_example: Callable[[Tensor, Tensor], Tensor] = vmap(one) if batched else loop
+
+    def masked(out: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+        weights = mask.to(out.dtype)
+        # sum(mask * loss) / count: the mean over the real examples only.
+        return (per_example(out, y) * weights).sum() / weights.sum().clamp(min=1.0)
+
+    return masked
 
 
 def _make_step(module: nn.Module, loss_fn: LossFn) -> _StepFn:
-    per_example = _per_example_loss(loss_fn)
+    masked_loss = _masked_mean_loss(loss_fn, batched=True)
 
     def client_loss(
         params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    ) -> tuple[Tensor, Tensor]:
         out = functional_call(module, params, (x,))
-        # sum(mask * loss) / count: the mean over the real examples only.
-        loss = (per_example(out, y) * mask).sum() / mask.sum().clamp(min=1.0)
-        return loss, (loss.detach(), out.detach())
+        return masked_loss(out, y, mask), out.detach()
 
     step: _StepFn = vmap(grad(client_loss, has_aux=True))
     return step
@@ -461,16 +524,16 @@ def _diagnose(
     ``None`` when the same step fails without vmap too: then the fault is in
     the data or the model, and ``err`` itself says more.
     """
-    per_example = _per_example_loss_plain(loss_fn)
+    masked_loss = _masked_mean_loss(loss_fn, batched=False)
 
-    def client_loss(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(module, p, (x[0],))
-        return (per_example(out, y[0]) * mask[0]).sum() / mask[0].sum().clamp(min=1)
+    def client_loss(p: dict[str, Tensor], k: int) -> Tensor:
+        return masked_loss(functional_call(module, p, (x[k],)), y[k], mask[k])
 
-    try:
-        grad_and_value(client_loss)({n: v[0] for n, v in params.items()})
-    except Exception:
-        return None
+    for k in range(x.shape[0]):
+        try:
+            grad(client_loss)({n: v[k] for n, v in params.items()}, k)
+        except Exception:
+            return None
     with _layer_trace(module) as entered:
         try:
             vmap(lambda p, xb: functional_call(module, p, (xb,)))(dict(params), x)
@@ -490,18 +553,6 @@ def _diagnose(
             f"clients ({reason})"
         )
     return _refusal(module, [what])
-
-
-def _per_example_loss_plain(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    if loss_fn is functional.cross_entropy:
-        return _per_example_loss(loss_fn)
-
-    def loop(out: Tensor, y: Tensor) -> Tensor:
-        return torch.stack(
-            [loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])]
-        )
-
-    return loop
 
 
 @contextmanager

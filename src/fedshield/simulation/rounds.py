@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedshield.core import EvalConfig, ServerState, validate_update
+from fedshield.core import EvalConfig, ServerState, metric_problems, validate_update
 from fedshield.errors import InvalidUpdateError
 from fedshield.simulation.protocol import (
     ClientFailure,
@@ -59,11 +59,8 @@ class RoundResult:
 
 
 def _finite_numbers(values: Mapping[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in values.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
-    }
+    # Only called on metrics that passed ``metric_problems``.
+    return {k: float(v) for k, v in values.items()}
 
 
 def _weighted_means(
@@ -205,7 +202,16 @@ class FitRound:
         self._metrics.update(
             _weighted_means(train_rows, ("loss", "accuracy"), prefix="train_")
         )
-        self._new_state = self._strategy.apply(self._state, aggregate, rng=self._rng)
+        new_state = self._strategy.apply(self._state, aggregate, rng=self._rng)
+        if not new_state.params.is_finite():
+            message = (
+                f"round {self._plan.round_idx + 1}: the server step produced NaN or "
+                "infinite parameters (update norm "
+                f"{self._metrics['update_norm']:.3g}); lower strategy.server_lr or "
+                "client.lr"
+            )
+            return self._finish(completed=False, message=message)
+        self._new_state = new_state
         if not self._federated_eval:
             return self._finish(completed=True)
         self._stage = "evaluate"
@@ -220,12 +226,43 @@ class FitRound:
         )
 
     def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
+        # Evaluation failures never fail a round, but they are recorded.
         rows: list[tuple[float, dict[str, float]]] = []
+        asked = set(self._plan.clients)
+        seen: set[str] = set()
         for reply in replies:
-            if reply.failure is not None or not isinstance(reply.value, dict):
-                continue  # evaluation failures never fail a round
+            if reply.client_id not in asked or reply.client_id in seen:
+                logger.warning("ignoring unexpected reply from %r", reply.client_id)
+                continue
+            seen.add(reply.client_id)
+            if reply.failure is not None:
+                self._failures.append(reply.failure)
+                continue
+            problems = metric_problems(reply.value)
+            if isinstance(reply.value, Mapping) and "num_examples" not in reply.value:
+                problems.append("evaluation metrics lack 'num_examples'")
+            if problems:
+                message = (
+                    f"evaluation from client {reply.client_id!r} rejected: "
+                    + "; ".join(problems)
+                )
+                logger.warning("round %d: %s", self._plan.round_idx, message)
+                self._failures.append(
+                    ClientFailure(
+                        reply.client_id, "evaluate", FailureKind.REJECTED, message
+                    )
+                )
+                continue
             values = _finite_numbers(reply.value)
-            rows.append((values.get("num_examples", 0.0), values))
+            rows.append((values["num_examples"], values))
+        for client_id in self._plan.clients:
+            if client_id not in seen:
+                self._failures.append(
+                    ClientFailure(
+                        client_id, "evaluate", FailureKind.DROPPED, "no reply"
+                    )
+                )
+        self._metrics["federated_eval_clients"] = len(rows)
         self._metrics.update(
             _weighted_means(rows, ("accuracy", "loss"), prefix="federated_")
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fedshield.core import ServerState
-from fedshield.errors import CheckpointError, ConfigError
+from fedshield.errors import CheckpointError, ConfigError, RunDirectoryError
 
-__all__ = ["RunDirectory"]
+__all__ = ["RunDirectory", "dumps"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +34,42 @@ REPORT = "report.html"
 _RUN_FILES = (CONFIG, METRICS, SUMMARY, PARTITION, CHECKPOINT, FAILURES, REPORT)
 
 
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN or Infinity: write them as null rather than emit a file
+    # that strict parsers refuse.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def dumps(data: Any, *, indent: int | None = None) -> str:
+    """Strict JSON (non-finite numbers become ``null``)."""
+    return json.dumps(_json_safe(data), indent=indent, allow_nan=False)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write {path}: {err}") from err
+    try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise RunDirectoryError(f"cannot write {path}: {err}") from err
         raise
 
 
@@ -83,6 +109,11 @@ class RunDirectory:
                     "--resume to start a new run"
                 )
             return
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(
+                f"run folder {self.path} exists and is not a folder; choose "
+                "another --out"
+            )
         if self.has_run():
             if not overwrite:
                 raise ConfigError(
@@ -101,7 +132,7 @@ class RunDirectory:
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
         """Write a JSON file atomically."""
-        return self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+        return self.write_text(name, dumps(data, indent=2) + "\n")
 
     def read_json(self, name: str) -> dict[str, Any]:
         """Read a JSON file of the run."""
@@ -110,15 +141,21 @@ class RunDirectory:
 
     def append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
         """Append one JSON line, flushed to disk."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with self.file(name).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with self.file(name).open("a", encoding="utf-8") as handle:
+                handle.write(dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise RunDirectoryError(f"cannot write {self.file(name)}: {err}") from err
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The per-round records written so far (unparsable lines skipped)."""
-        path = self.file(METRICS)
+        return self._read_jsonl(METRICS)
+
+    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.file(name)
         if not path.exists():
             return []
         records: list[dict[str, Any]] = []
@@ -129,11 +166,19 @@ class RunDirectory:
                 logger.warning("skipping unreadable line in %s", path)
         return records
 
-    def truncate_metrics(self, rounds: int) -> None:
-        """Keep only the records of rounds ``1..rounds`` (atomically)."""
-        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= rounds]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        self.write_text(METRICS, text)
+    def truncate_records(self, rounds: int) -> None:
+        """Keep only the metrics and failures of rounds ``1..rounds`` (atomically).
+
+        Called on resume: rounds after the checkpoint will be run again.
+        """
+        for name in (METRICS, FAILURES):
+            if self.file(name).exists():
+                kept = [
+                    r
+                    for r in self._read_jsonl(name)
+                    if int(r.get("round", 0)) <= rounds
+                ]
+                self.write_text(name, "".join(dumps(r) + "\n" for r in kept))
 
     def save_checkpoint(self, state: ServerState) -> Path:
         """Write the server state atomically."""
@@ -154,4 +199,7 @@ class RunDirectory:
             data = path.read_bytes()
         except OSError as err:
             raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-        return ServerState.from_bytes(data)
+        try:
+            return ServerState.from_bytes(data)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from err

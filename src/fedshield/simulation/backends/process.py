@@ -43,12 +43,14 @@ Failures
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import signal
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -85,12 +87,24 @@ _STOP_WAIT_S = 2.0
 
 
 def _pin_torch_threads(num_threads: int) -> None:
-    # Only when the client code has loaded torch: importing torch (1-2 s) in
-    # every worker would tax torch-free clients for nothing, and this module
-    # must not import torch (see the import-linter contract).
+    # Only once the client code has loaded torch (unpickling a DatasetClients
+    # does; so may building a client): importing it up front would cost every
+    # worker start 1-2 s even for torch-free clients, and this layer must not
+    # import torch (see the import-linter contract).
     torch: Any = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
+
+
+def _pinning(client_fn: ClientFn, num_threads: int) -> ClientFn:
+    """``client_fn`` followed by pinning torch: building a client may load it."""
+
+    def build(client_id: ClientId) -> Client:
+        client = client_fn(client_id)
+        _pin_torch_threads(num_threads)
+        return client
+
+    return build
 
 
 def _failing_client_fn(message: str) -> ClientFn:
@@ -100,21 +114,18 @@ def _failing_client_fn(message: str) -> ClientFn:
     return client_fn
 
 
-def _send_reply(conn: Connection, seq: int, reply: StageReply) -> None:
+def _send_reply(conn: Connection, seq: int, stage: str, reply: StageReply) -> None:
     try:
         data = pickle.dumps(("reply", seq, reply), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as err:  # an unpicklable reply fails its client only
-        failure = ClientFailure(
+        failure = _failure(
             reply.client_id,
-            reply.failure.stage if reply.failure else "",
+            stage,
             FailureKind.ERROR,
-            f"the reply could not be sent from the worker process: "
+            "the reply could not be sent from the worker process: "
             f"{type(err).__name__}: {err}",
         )
-        data = pickle.dumps(
-            ("reply", seq, StageReply(reply.client_id, failure=failure)),
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+        data = pickle.dumps(("reply", seq, failure), protocol=pickle.HIGHEST_PROTOCOL)
     conn.send_bytes(data)
 
 
@@ -145,22 +156,24 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
             conn.send(("ready", message[1], error))
         elif kind == "stage":
             _, seq, request, seed = message
+            build = _pinning(client_fn, torch_threads)
             for client_id in request.messages:
                 _pin_torch_threads(torch_threads)
                 reply = run_client_stage(
-                    client_fn, client_id, request, seed=seed, cache=cache
+                    build, client_id, request, seed=seed, cache=cache
                 )
-                if reply.failure is not None and not reply.failure.stage:
-                    reply = StageReply(client_id, failure=reply.failure)
-                _send_reply(conn, seq, _with_stage(reply, request.stage))
+                _send_reply(conn, seq, request.stage, reply)
         elif kind == "end_round":
             cache.clear()
         elif kind == "stop":
-            return
-
-
-def _with_stage(reply: StageReply, stage: str) -> StageReply:
-    return reply
+            # Skip the interpreter's teardown: with torch loaded it takes
+            # 0.5-2 s per worker, and a worker holds nothing that needs it
+            # (as a forked multiprocessing child, it ends with os._exit).
+            cache.clear()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
 
 
 # ---------------------------------------------------------------------------
@@ -275,13 +288,14 @@ class ProcessPoolBackend:
             raise ConfigError(f"`num_workers` must be >= 1; got {num_workers}")
         if torch_threads < 1:
             raise ConfigError(f"`torch_threads` must be >= 1; got {torch_threads}")
-        if mp_context not in ("spawn", "forkserver"):
+        method: str = mp_context
+        if method not in ("spawn", "forkserver"):
             raise ConfigError(
-                f"`mp_context` must be 'spawn' or 'forkserver'; got {mp_context!r}"
+                f"`mp_context` must be 'spawn' or 'forkserver'; got {method!r}"
                 + (
                     " (a forked worker inherits torch's and BLAS's thread pools "
                     "and can deadlock)"
-                    if mp_context == "fork"
+                    if method == "fork"
                     else ""
                 )
             )
@@ -295,9 +309,12 @@ class ProcessPoolBackend:
         self.ordered = ordered
         self.grace_s = float(grace_s)
         self.start_timeout_s = float(start_timeout_s)
-        self._ctx = get_context(mp_context)
+        # Typed loosely: typeshed gives a method chosen at run time the
+        # BaseContext type, which lacks the Process and Pipe factories.
+        self._ctx: Any = get_context(method)
         self._workers: list[_Worker | None] = [None] * num_workers
         self._client_fn: ClientFn | None = None
+        self._payload_bytes: bytes | None = None
         self._generation = 0
         self._round: int | None = None
         self._assignment: dict[ClientId, int] = {}
@@ -306,6 +323,9 @@ class ProcessPoolBackend:
         self._seq = 0
         self._open_seq: int | None = None
         self._closed = False
+        # Refers to the list, not to self, so a dropped backend is collected
+        # and its workers stopped (at interpreter exit at the latest).
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
     # -- the Backend protocol ------------------------------------------------
 
@@ -359,23 +379,11 @@ class ProcessPoolBackend:
         self._round = None
 
     def close(self) -> None:
-        """Stop every worker (idempotent)."""
+        """Stop every worker (idempotent; also done when garbage-collected)."""
         if self._closed:
             return
         self._abandon_stage()
-        for index, worker in enumerate(self._workers):
-            if worker is None:
-                continue
-            try:
-                worker.conn.send(("stop",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + _STOP_WAIT_S
-        for index, worker in enumerate(self._workers):
-            if worker is None:
-                continue
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-            self._stop_worker(index)
+        self._finalizer()
         self._client_fn = None
         self._closed = True
 
@@ -400,7 +408,7 @@ class ProcessPoolBackend:
 
     def _set_client_fn(self, client_fn: ClientFn) -> None:
         try:
-            pickle.dumps(client_fn, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(client_fn, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:
             raise ConfigError(
                 "ProcessPoolBackend ships `client_fn` to its worker processes, so "
@@ -410,9 +418,15 @@ class ProcessPoolBackend:
             ) from err
         self._client_fn = client_fn
         self._generation += 1
+        self._payload_bytes = payload
 
     def _payload(self) -> bytes:
-        return pickle.dumps(self._client_fn, protocol=pickle.HIGHEST_PROTOCOL)
+        """``client_fn`` pickled (kept only until the next dispatch is sent)."""
+        if self._payload_bytes is None:
+            self._payload_bytes = pickle.dumps(
+                self._client_fn, protocol=pickle.HIGHEST_PROTOCOL
+            )
+        return self._payload_bytes
 
     def _start_worker(self, index: int) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -430,18 +444,9 @@ class ProcessPoolBackend:
 
     def _stop_worker(self, index: int) -> None:
         worker = self._workers[index]
-        if worker is None:
-            return
-        self._workers[index] = None
-        process = worker.process
-        if process.is_alive():
-            process.terminate()
-            process.join(1.0)
-        if process.is_alive():
-            process.kill()
-            process.join()
-        worker.conn.close()
-        process.close()
+        if worker is not None:
+            self._workers[index] = None
+            _stop_process(worker)
 
     def _dispatch(
         self,
@@ -460,22 +465,19 @@ class ProcessPoolBackend:
             if worker is None:
                 worker = self._start_worker(index)
             started.append(worker)
-        payload: bytes | None = None
         for worker in started:
             if worker.generation != self._generation:
-                payload = payload if payload is not None else self._payload()
-                self._send_init(worker, payload)
+                self._send_init(worker, self._payload())
             self._send_stage(worker, request, seed, seq, groups[worker.index])
+        # Workers keep their copy; the parent need not hold a second one.
+        self._payload_bytes = None
 
     def _send_init(self, worker: _Worker, payload: bytes) -> None:
         worker.generation = self._generation
         worker.is_ready = False
         worker.started_at = time.monotonic()
-        try:
-            worker.conn.send(("init", self._generation))
-            worker.conn.send_bytes(payload)
-        except OSError:
-            pass  # the worker died; _collect sees its sentinel
+        if _post(worker.conn, ("init", self._generation)):
+            _post(worker.conn, payload)
 
     def _send_stage(
         self,
@@ -493,20 +495,14 @@ class ProcessPoolBackend:
         )
         worker.pending = deque(client_ids)
         worker.clock = time.monotonic()
-        try:
-            worker.conn.send(("stage", seq, batch, seed))
-        except OSError:
-            pass  # the worker died; _collect sees its sentinel
+        _post(worker.conn, ("stage", seq, batch, seed))
 
     def _forget_round(self) -> None:
         for worker in self._workers:
             if worker is None:
                 continue
             worker.built.clear()
-            try:
-                worker.conn.send(("end_round",))
-            except OSError:
-                pass  # a dead worker holds no clients
+            _post(worker.conn, ("end_round",))
         self._assignment.clear()
         self._lost.clear()
 
@@ -592,9 +588,22 @@ class ProcessPoolBackend:
             try:
                 if not worker.conn.poll():
                     return
-                message = pickle.loads(worker.conn.recv_bytes())
+                data = worker.conn.recv_bytes()
             except (EOFError, OSError):
                 return  # the worker died; its sentinel tells
+            try:
+                message = pickle.loads(data)
+            except Exception as err:  # a reply this process cannot rebuild
+                client_id = worker.pending.popleft()  # replies come in order
+                worker.built.add(client_id)
+                worker.clock = time.monotonic()
+                yield _failure(
+                    client_id,
+                    request.stage,
+                    FailureKind.ERROR,
+                    f"its reply could not be read: {type(err).__name__}: {err}",
+                )
+                continue
             if message[0] == "ready":
                 if message[1] == worker.generation:
                     worker.is_ready = True
@@ -643,7 +652,7 @@ class ProcessPoolBackend:
             why,
         )
         yield _failure(client_id, request.stage, FailureKind.ERROR, message)
-        self._restart(worker, request, seed, seq, f"died ({why})")
+        yield from self._restart(worker, request, seed, seq, f"died ({why})")
 
     def _on_hang(
         self, worker: _Worker, request: StageRequest, seed: int, seq: int
@@ -673,7 +682,7 @@ class ProcessPoolBackend:
             worker.index,
         )
         yield _failure(client_id, request.stage, FailureKind.TIMEOUT, message)
-        self._restart(worker, request, seed, seq, "was stopped as hung")
+        yield from self._restart(worker, request, seed, seq, "was stopped as hung")
 
     def _fail_all(
         self, worker: _Worker, request: StageRequest, kind: FailureKind, message: str
@@ -685,18 +694,67 @@ class ProcessPoolBackend:
 
     def _restart(
         self, worker: _Worker, request: StageRequest, seed: int, seq: int, why: str
-    ) -> None:
-        """Replace ``worker`` and hand it the clients it had not started."""
+    ) -> Iterator[StageReply]:
+        """Replace ``worker`` and hand it the clients it had not started.
+
+        Those among them whose objects (from an earlier stage of this round)
+        died with the worker fail instead: a rebuilt client would lack the
+        state the protocol relies on.
+        """
         remaining = list(worker.pending)
         worker.pending.clear()
         self._worker_lost(worker.index, why)
-        if not remaining:
-            return
+        rerun = [c for c in remaining if c not in self._lost]
         for client_id in remaining:
-            self._lost.pop(client_id, None)
-        fresh = self._start_worker(worker.index)
-        self._send_init(fresh, self._payload())
-        self._send_stage(fresh, request, seed, seq, remaining)
+            if client_id in self._lost:
+                yield self._lost_reply(client_id, request.stage)
+        if rerun:
+            fresh = self._start_worker(worker.index)
+            self._send_init(fresh, self._payload())
+            self._send_stage(fresh, request, seed, seq, rerun)
+            self._payload_bytes = None
+
+
+def _stop_process(worker: _Worker) -> None:
+    """Stop ``worker``'s process now (terminate, then kill) and release it."""
+    process = worker.process
+    if process.is_alive():
+        process.terminate()
+        process.join(1.0)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    worker.conn.close()
+    process.close()
+
+
+def _shutdown(workers: list[_Worker | None]) -> None:
+    """Ask every worker to stop; stop those still running after a while."""
+    for worker in workers:
+        if worker is not None:
+            _post(worker.conn, ("stop",))
+    deadline = time.monotonic() + _STOP_WAIT_S
+    for index, worker in enumerate(workers):
+        if worker is not None:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            _stop_process(worker)
+            workers[index] = None
+
+
+def _post(conn: Connection, message: tuple[Any, ...] | bytes) -> bool:
+    """Send ``message`` (bytes as they are); ``False`` if the worker is gone.
+
+    A dead worker is not an error here: the parent notices it through the
+    process sentinel while collecting replies, and handles it there.
+    """
+    try:
+        if isinstance(message, bytes):
+            conn.send_bytes(message)
+        else:
+            conn.send(message)
+    except OSError:
+        return False
+    return True
 
 
 def _failure(
