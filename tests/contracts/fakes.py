@@ -9,6 +9,7 @@ which spawned workers inherit.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +21,9 @@ from fedshield.core import ClientUpdate, EvalConfig, FitConfig, Params
 
 SPEC_PARAMS = Params({"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)})
 
-KINDS = ("ok", "raise", "exit", "sleep", "hang")
+KINDS = ("ok", "raise", "exit", "segfault", "sleep", "hang")
 """How a fake client behaves in ``fit``: as it should, raise, ``os._exit(1)``,
-sleep ``sleep_s`` seconds first, or hang for an hour."""
+die of SIGSEGV, sleep ``sleep_s`` seconds first, or hang for an hour."""
 
 
 def _append(path: str | None, line: str) -> None:
@@ -64,6 +65,9 @@ class FakeClient:
             raise RuntimeError(f"disk on fire at {self.client_id}")
         if self.kind == "exit":
             os._exit(1)
+        if self.kind == "segfault":
+            os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(60)  # the signal is delivered before this ends
         if self.kind == "sleep":
             time.sleep(self.sleep_s)
         if self.kind == "hang":

@@ -47,14 +47,19 @@ class TestProcessPoolBackend(BackendContract):
         assert len(pids) == 2 and len(set(pids)) == 2
         assert str(os.getpid()) not in pids
 
-    def test_dead_worker_fails_only_its_client_and_is_replaced(self, backend):
-        client_fn = FakeClients(8, {"4": "exit"})
+    @pytest.mark.parametrize(
+        ("kind", "how"), [("exit", "exit code 1"), ("segfault", "signal SIGSEGV")]
+    )
+    def test_dead_worker_fails_only_its_client_and_is_replaced(
+        self, backend, kind, how
+    ):
+        client_fn = FakeClients(8, {"4": kind})
         ids = client_fn.client_ids
         got = collect(backend, fit_request(ids), client_fn)
         failure = got["4"].failure
         assert failure is not None and failure.kind == FailureKind.ERROR
         assert "worker process" in failure.message and "died" in failure.message
-        assert "exit code 1" in failure.message
+        assert how in failure.message
         want = reference(fit_request([c for c in ids if c != "4"]), client_fn)
         for client_id, reply in want.items():
             assert_same_update(got[client_id], reply)

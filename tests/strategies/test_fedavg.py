@@ -51,7 +51,8 @@ def _run_round(
         state.params.spec,
         rng=rng,
     )
-    return strategy.apply(state, agg, rng=rng)
+    plan = strategy.configure(state, [cid for cid, _, _ in models], rng=rng)
+    return strategy.apply(state, agg, plan=plan, rng=rng)
 
 
 # ---------------------------------------------------------------- a round

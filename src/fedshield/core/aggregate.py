@@ -44,12 +44,15 @@ class Aggregate:
         Sum of the weights used (for FedAvg: the total example count).
     measurements
         Rule-specific scalars, namespaced (``"krum/selected"``, ...).
+    extras
+        Unweighted means of the updates' ``extras`` tensors, by name.
     """
 
     delta: Params
     num_updates: int
     total_weight: float
     measurements: Mapping[str, float] = field(default_factory=dict)
+    extras: Mapping[str, Params] = field(default_factory=dict)
 
 
 class Accumulator(Protocol):

@@ -34,6 +34,14 @@ class FitConfig:
         L2 weight decay.
     options
         Strategy-specific values (for example a proximal ``mu``).
+    tensors
+        Strategy-specific tensors broadcast to every client (SCAFFOLD's
+        server control variate ``"scaffold/c"``).
+    state
+        This client's own persistent state from its previous rounds
+        (SCAFFOLD's client control variate ``"scaffold/c_i"``); empty the first
+        time. Simulations keep it in a client state store; a real client keeps
+        it on its own disk.
     """
 
     round_idx: int
@@ -43,6 +51,8 @@ class FitConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     options: Mapping[str, float | int | str | bool] = field(default_factory=dict)
+    tensors: Mapping[str, Params] = field(default_factory=dict)
+    state: Mapping[str, Params] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -31,12 +31,20 @@ class ClientUpdate:
         Training examples behind the update (the FedAvg weight ``n_k``).
     metrics
         Scalar training metrics (``"loss"``, ``"accuracy"``, ...).
+    extras
+        Further tensors for the server, averaged separately (SCAFFOLD's
+        control-variate change ``"scaffold/delta_c"``).
+    state
+        The client's new persistent state, to be kept for its next round
+        (see :attr:`FitConfig.state`); never aggregated.
     """
 
     client_id: ClientId
     delta: Params
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    extras: Mapping[str, Params] = field(default_factory=dict)
+    state: Mapping[str, Params] = field(default_factory=dict)
 
 
 def metric_problems(metrics: object) -> list[str]:
@@ -88,7 +96,8 @@ def validate_update(
     update
         What the client sent.
     spec
-        The parameter layout of the global model.
+        The parameter layout of the global model (also of every tensor in
+        ``extras`` and ``state``).
     max_examples
         Largest plausible ``num_examples`` (``None``: no upper bound).
 
@@ -121,6 +130,20 @@ def validate_update(
             bad = int((~np.isfinite(update.delta.flat)).sum())
             problems.append(f"delta has {bad} NaN or infinite values")
     problems.extend(metric_problems(update.metrics))
+    for kind, tensors in (("extras", update.extras), ("state", update.state)):
+        if not isinstance(tensors, Mapping):
+            problems.append(f"{kind} must be a mapping; got {type(tensors).__name__}")
+            continue
+        for key, value in tensors.items():
+            if not isinstance(value, Params):
+                problems.append(f"{kind}[{key!r}] must be Params")
+            elif value.spec != spec:
+                problems.append(
+                    f"{kind}[{key!r}] does not match the model: "
+                    + "; ".join(spec.mismatches(value.spec))
+                )
+            elif not value.is_finite():
+                problems.append(f"{kind}[{key!r}] has NaN or infinite values")
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
         problems.append(f"num_examples must be a positive integer; got {n!r}")

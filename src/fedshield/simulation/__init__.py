@@ -25,10 +25,12 @@ from fedshield.simulation.runner import (
     run_round,
     run_rounds,
 )
+from fedshield.simulation.state_store import ClientStateStore
 
 __all__ = [
     "Backend",
     "ClientFailure",
+    "ClientStateStore",
     "ClientFn",
     "EvaluateFn",
     "EvaluateIns",

@@ -10,13 +10,22 @@ model on their local test splits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from fedshield.core import EvalConfig, ServerState, metric_problems, validate_update
+from fedshield.core import (
+    Accumulator,
+    ClientUpdate,
+    EvalConfig,
+    Params,
+    ServerState,
+    WeightedMean,
+    metric_problems,
+    validate_update,
+)
 from fedshield.errors import InvalidUpdateError
 from fedshield.simulation.protocol import (
     ClientFailure,
@@ -31,6 +40,9 @@ from fedshield.strategies import RoundPlan, Strategy
 __all__ = ["FitRound", "RoundResult"]
 
 logger = logging.getLogger(__name__)
+
+_EXTRAS_RULE = WeightedMean()
+"""``ClientUpdate.extras`` are averaged with equal weights (SCAFFOLD, Alg. 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +61,9 @@ class RoundResult:
         Every client that contributed nothing, and why.
     message
         Why the round failed (empty when it completed).
+    client_states
+        New persistent state of each client whose update was used (stateful
+        strategies only); the caller stores it when the round completed.
     """
 
     state: ServerState
@@ -56,6 +71,7 @@ class RoundResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     failures: tuple[ClientFailure, ...] = ()
     message: str = ""
+    client_states: Mapping[str, Mapping[str, Params]] = field(default_factory=dict)
 
 
 def _finite_numbers(values: Mapping[str, Any]) -> dict[str, float]:
@@ -94,6 +110,9 @@ class FitRound:
         Per-stage deadline in seconds (``None``: wait for all).
     max_examples
         Largest ``num_examples`` a client may claim (``None``: unbounded).
+    client_states
+        Each client's persistent state, for stateful strategies
+        (``plan.is_stateful``); sent to the client in ``FitConfig.state``.
     """
 
     def __init__(
@@ -106,7 +125,12 @@ class FitRound:
         federated_eval: bool = False,
         timeout_s: float | None = None,
         max_examples: int | None = None,
+        client_states: Callable[[str], Mapping[str, Params]] | None = None,
     ) -> None:
+        if plan.is_stateful and client_states is None:
+            raise ValueError("a stateful round needs client_states")
+        self._client_states = client_states
+        self._new_client_states: dict[str, Mapping[str, Params]] = {}
         self._strategy = strategy
         self._state = state
         self._plan = plan
@@ -122,11 +146,22 @@ class FitRound:
     def start(self) -> StageRequest:
         """Stage ``fit`` to every sampled client."""
         self._stage = "fit"
-        message = FitIns(self._state.params, self._plan.fit_config)
+        config = self._plan.fit_config
+        messages: dict[str, FitIns]
+        if self._client_states is not None and self._plan.is_stateful:
+            get = self._client_states
+            messages = {
+                cid: FitIns(self._state.params, replace(config, state=get(cid)))
+                for cid in self._plan.clients
+            }
+        else:
+            messages = dict.fromkeys(
+                self._plan.clients, FitIns(self._state.params, config)
+            )
         return StageRequest(
             stage="fit",
             round_idx=self._plan.round_idx,
-            messages=dict.fromkeys(self._plan.clients, message),
+            messages=messages,
             timeout_s=self._timeout_s,
         )
 
@@ -141,6 +176,7 @@ class FitRound:
     def _receive_fit(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
         spec = self._state.params.spec
         accumulator = self._strategy.aggregator.begin(spec, rng=self._rng)
+        extras: dict[str, Accumulator] = {}
         train_rows: list[tuple[float, dict[str, float]]] = []
         asked = set(self._plan.clients)
         seen: set[str] = set()
@@ -172,6 +208,14 @@ class FitRound:
                     )
                 )
                 continue
+            for key, tensor in update.extras.items():
+                if key not in extras:
+                    extras[key] = _EXTRAS_RULE.begin(spec, rng=self._rng)
+                extras[key].add(
+                    ClientUpdate(update.client_id, tensor, update.num_examples), 1.0
+                )
+            if self._plan.is_stateful:
+                self._new_client_states[update.client_id] = update.state
             train_rows.append(
                 (float(update.num_examples), _finite_numbers(update.metrics))
             )
@@ -197,12 +241,19 @@ class FitRound:
             )
             return self._finish(completed=False, message=message)
         aggregate = accumulator.result()
+        if extras:
+            aggregate = replace(
+                aggregate,
+                extras={key: acc.result().delta for key, acc in extras.items()},
+            )
         self._metrics.update(aggregate.measurements)
         self._metrics["update_norm"] = aggregate.delta.norm()
         self._metrics.update(
             _weighted_means(train_rows, ("loss", "accuracy"), prefix="train_")
         )
-        new_state = self._strategy.apply(self._state, aggregate, rng=self._rng)
+        new_state = self._strategy.apply(
+            self._state, aggregate, plan=self._plan, rng=self._rng
+        )
         if not new_state.params.is_finite():
             message = (
                 f"round {self._plan.round_idx + 1}: the server step produced NaN or "
@@ -277,4 +328,5 @@ class FitRound:
             metrics=self._metrics,
             failures=tuple(self._failures),
             message=message,
+            client_states=self._new_client_states if completed else {},
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, RunDirectoryError
+from fedshield.simulation.state_store import ClientStateStore
 
 __all__ = ["RunDirectory", "dumps"]
 
@@ -122,6 +123,8 @@ class RunDirectory:
                 )
             for name in _RUN_FILES:
                 self.file(name).unlink(missing_ok=True)
+            for old in self.path.glob("client_states.r*.npz"):
+                old.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_text(self, name: str, text: str) -> Path:
@@ -180,11 +183,48 @@ class RunDirectory:
                 ]
                 self.write_text(name, "".join(dumps(r) + "\n" for r in kept))
 
-    def save_checkpoint(self, state: ServerState) -> Path:
-        """Write the server state atomically."""
+    def save_checkpoint(
+        self, state: ServerState, *, client_states: ClientStateStore | None = None
+    ) -> Path:
+        """Write the server state (and the clients' states) atomically.
+
+        Client states go to ``client_states.r<round>.npz`` first, then the
+        server state; older client-state files are removed only after that,
+        so a crash in between leaves a consistent pair to resume from.
+        """
         path = self.file(CHECKPOINT)
+        if client_states is not None:
+            _atomic_write(
+                self._client_states_file(state.round_idx), client_states.to_bytes()
+            )
         _atomic_write(path, state.to_bytes())
+        for old in self.path.glob("client_states.r*.npz"):
+            if old != self._client_states_file(state.round_idx):
+                old.unlink(missing_ok=True)
         return path
+
+    def _client_states_file(self, round_idx: int) -> Path:
+        return self.file(f"client_states.r{round_idx}.npz")
+
+    def load_client_states(self, round_idx: int) -> ClientStateStore:
+        """The client states saved with the checkpoint of ``round_idx``.
+
+        Raises
+        ------
+        CheckpointError
+            If there is none or it is corrupt.
+        """
+        path = self._client_states_file(round_idx)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot read the client states of round {round_idx} ({path}): {err}"
+            ) from err
+        try:
+            return ClientStateStore.from_bytes(data)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from err
 
     def load_checkpoint(self) -> ServerState:
         """Read the server state.

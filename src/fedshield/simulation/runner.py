@@ -14,6 +14,7 @@ from fedshield.simulation.backends import Backend, ClientFn, SequentialBackend
 from fedshield.simulation.protocol import RoundProtocol, StageRequest
 from fedshield.simulation.rounds import FitRound, RoundResult
 from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
+from fedshield.simulation.state_store import ClientStateStore
 from fedshield.strategies import Strategy
 
 __all__ = ["EvaluateFn", "RoundCallback", "drive_round", "run_round", "run_rounds"]
@@ -59,8 +60,12 @@ def run_round(
     federated_eval: bool = False,
     timeout_s: float | None = None,
     max_examples: int | None = None,
+    client_states: ClientStateStore | None = None,
 ) -> RoundResult:
     """Plan and run round ``state.round_idx``; return how it ended.
+
+    A stateful strategy (SCAFFOLD) needs ``client_states``; the new client
+    states of a completed round are written to it before this returns.
 
     Randomness comes from ``seed`` and the round index only, so the same
     round gives the same result whether it runs after round ``r − 1`` in one
@@ -79,11 +84,15 @@ def run_round(
         federated_eval=federated_eval,
         timeout_s=timeout_s,
         max_examples=max_examples,
+        client_states=client_states.get if client_states is not None else None,
     )
     try:
-        return drive_round(protocol, backend, client_fn=client_fn, seed=seed)
+        result = drive_round(protocol, backend, client_fn=client_fn, seed=seed)
     finally:
         backend.end_round()
+    if client_states is not None and result.completed:
+        client_states.update(result.client_states)
+    return result
 
 
 def run_rounds(
@@ -102,13 +111,15 @@ def run_rounds(
     max_examples: int | None = None,
     run_dir: RunDirectory | None = None,
     on_round: RoundCallback | None = None,
+    client_states: ClientStateStore | None = None,
 ) -> ServerState:
     """Run rounds ``state.round_idx .. rounds − 1``.
 
     After each round the record (``round`` 1-based, ``accuracy``, ``loss``,
     ``num_clients``, ``seconds``, ...) is appended to ``metrics.jsonl`` and
     the state checkpointed atomically, in that order, when ``run_dir`` is
-    given; then ``on_round`` is called.
+    given (with ``client_states``, for stateful strategies); then
+    ``on_round`` is called.
 
     Raises
     ------
@@ -133,6 +144,7 @@ def run_rounds(
             federated_eval=federated_eval,
             timeout_s=timeout_s,
             max_examples=max_examples,
+            client_states=client_states,
         )
         round_number = state.round_idx + 1
         if run_dir is not None and result.failures:
@@ -161,7 +173,7 @@ def run_rounds(
         record["seconds"] = time.perf_counter() - started
         if run_dir is not None:
             run_dir.append_jsonl(METRICS, record)
-            run_dir.save_checkpoint(state)
+            run_dir.save_checkpoint(state, client_states=client_states)
         if on_round is not None:
             on_round(state, record)
     return state

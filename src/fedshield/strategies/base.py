@@ -35,12 +35,19 @@ class RoundPlan:
         Local-training instructions sent to every sampled client.
     min_clients
         Fewest successful updates for the round to count.
+    num_available
+        How many clients were available to sample from.
+    is_stateful
+        Whether clients keep state across rounds (sent in
+        ``FitConfig.state``, returned in ``ClientUpdate.state``).
     """
 
     round_idx: int
     clients: tuple[ClientId, ...]
     fit_config: FitConfig
     min_clients: int
+    num_available: int = 0
+    is_stateful: bool = False
 
 
 class Strategy(Protocol):
@@ -70,6 +77,11 @@ class Strategy(Protocol):
         """Aggregation weight of a (validated) update."""
 
     def apply(
-        self, state: ServerState, aggregate: Aggregate, *, rng: np.random.Generator
+        self,
+        state: ServerState,
+        aggregate: Aggregate,
+        *,
+        plan: RoundPlan,
+        rng: np.random.Generator,
     ) -> ServerState:
         """Return the state after the round (``round_idx`` advanced by one)."""

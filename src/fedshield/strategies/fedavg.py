@@ -112,6 +112,7 @@ class FedAvg:
             clients=tuple(clients),
             fit_config=replace(self.local, round_idx=state.round_idx),
             min_clients=self.min_clients,
+            num_available=len(available),
         )
 
     def weight(self, update: ClientUpdate) -> float:
@@ -119,7 +120,12 @@ class FedAvg:
         return float(update.num_examples) if self.weighted else 1.0
 
     def apply(
-        self, state: ServerState, aggregate: Aggregate, *, rng: np.random.Generator
+        self,
+        state: ServerState,
+        aggregate: Aggregate,
+        *,
+        plan: RoundPlan,
+        rng: np.random.Generator,
     ) -> ServerState:
         """Apply the server optimizer and advance the round."""
         params, opt_state = self.server_opt.step(
