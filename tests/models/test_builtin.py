@@ -29,6 +29,10 @@ def test_all_names_exist() -> None:
         "TorchClient",
         "TorchModel",
         "build_module",
+        "build_update",
+        "check_vectorisable",
+        "local_correction",
+        "train_many",
     }
 
 

@@ -87,6 +87,7 @@ class ClientSection(_Section):
 _STRATEGY_KEYS: dict[str, frozenset[str]] = {
     "fedavg": frozenset(),
     "fedprox": frozenset({"mu"}),
+    "scaffold": frozenset(),
     "fedavgm": frozenset({"server_momentum"}),
     "fedadam": frozenset({"beta1", "beta2", "tau"}),
     "fedyogi": frozenset({"beta1", "beta2", "tau"}),
@@ -99,7 +100,7 @@ class StrategySection(_Section):
     """``[strategy]``: sampling, aggregation and the server step."""
 
     name: Literal[
-        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
+        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
     ] = "fedavg"
     fraction: float | None = Field(None, gt=0, le=1)
     clients_per_round: int | None = Field(None, ge=1)

@@ -29,6 +29,7 @@ from fedshield.strategies import (
     FedAvgM,
     FedYogi,
     FractionSampler,
+    Scaffold,
     ServerOptimizer,
     ServerSgd,
 )
@@ -238,14 +239,15 @@ def _server_optimizer(s: StrategySection) -> ServerOptimizer:
     return cast(ServerOptimizer, factory(**given))
 
 
-def build_strategy(config: ExperimentConfig) -> FedAvg:
+def build_strategy(config: ExperimentConfig) -> FedAvg | Scaffold:
     """The strategy ``[strategy]`` and ``[client]`` describe.
 
     Every strategy is FedAvg's round (sample, train locally, weighted mean of
     the updates) with its own parts: ``fedprox`` adds the proximal term
     ``mu/2 ||w - w_global||^2`` to each client's local objective;
-    ``fedavgm``, ``fedadam``, ``fedyogi`` and ``fedadagrad`` replace the
-    server step (Reddi et al., ICLR 2021).
+    ``scaffold`` corrects local gradients with control variates
+    (Karimireddy et al., ICML 2020); ``fedavgm``, ``fedadam``, ``fedyogi``
+    and ``fedadagrad`` replace the server step (Reddi et al., ICLR 2021).
     """
     s, c = config.strategy, config.client
     sampler: Any = (
@@ -256,7 +258,7 @@ def build_strategy(config: ExperimentConfig) -> FedAvg:
     options: dict[str, float | int | str | bool] = {}
     if s.name == "fedprox":
         options["proximal_mu"] = s.mu if s.mu is not None else 0.01
-    return FedAvg(
+    fedavg = FedAvg(
         sampler=sampler,
         server_opt=_server_optimizer(s),
         local=FitConfig(
@@ -271,3 +273,4 @@ def build_strategy(config: ExperimentConfig) -> FedAvg:
         min_clients=s.min_clients,
         weighted=s.weighted,
     )
+    return Scaffold(fedavg) if s.name == "scaffold" else fedavg

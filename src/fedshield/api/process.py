@@ -9,8 +9,8 @@ import numpy as np
 
 from fedshield.core import Client, ClientId, FitConfig, ServerState
 from fedshield.errors import ConfigError, RoundFailedError
-from fedshield.simulation import SequentialBackend, run_round
-from fedshield.strategies import FedAvg, ServerSgd
+from fedshield.simulation import ClientStateStore, SequentialBackend, run_round
+from fedshield.strategies import FedAvg, Scaffold, ServerSgd
 
 if TYPE_CHECKING:
     import torch
@@ -47,11 +47,16 @@ class FederatedProcess:
         Seeds initialisation and every client's local shuffling.
     """
 
-    def __init__(self, model: TorchModel, strategy: FedAvg, *, seed: int = 0) -> None:
+    def __init__(
+        self, model: TorchModel, strategy: FedAvg | Scaffold, *, seed: int = 0
+    ) -> None:
         self.model = model
         self.strategy = strategy
         self.seed = seed
         self._backend = SequentialBackend()
+        # Stateful strategies (SCAFFOLD): the clients' state between rounds,
+        # kept here as the clients' own disks would keep it.
+        self.client_states = ClientStateStore() if strategy.is_stateful else None
 
     def initialize(self) -> ServerState:
         """The state before round 0 (parameters initialised from ``seed``)."""
@@ -72,12 +77,12 @@ class FederatedProcess:
             if isinstance(value, Client):
                 # A client object signs its updates with its own id.
                 own = getattr(value, "client_id", None)
-                if own is not None and isinstance(client_data, Mapping):
-                    if str(own) != cid:
-                        raise ConfigError(
-                            f"client_data[{cid!r}] is a client whose client_id is "
-                            f"{own!r}; key it by its own id"
-                        )
+                keyed = isinstance(client_data, Mapping)
+                if own is not None and keyed and str(own) != cid:
+                    raise ConfigError(
+                        f"client_data[{cid!r}] is a client whose client_id is "
+                        f"{own!r}; key it by its own id"
+                    )
                 if own is not None:
                     cid = str(own)
                 if cid in clients:
@@ -117,6 +122,7 @@ class FederatedProcess:
             seed=self.seed,
             backend=self._backend,
             max_examples=max(known) if known and len(known) == len(sizes) else None,
+            client_states=self.client_states,
         )
         if not result.completed:
             details = "; ".join(

@@ -16,7 +16,12 @@ from fedshield.api.config import ExperimentConfig
 from fedshield.api.experiment import Federation, build_federation, build_strategy
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, FedShieldError
-from fedshield.simulation import RunDirectory, SequentialBackend, run_rounds
+from fedshield.simulation import (
+    ClientStateStore,
+    RunDirectory,
+    SequentialBackend,
+    run_rounds,
+)
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
 
 __all__ = ["config_fingerprint", "simulate"]
@@ -110,6 +115,7 @@ def simulate(
     strategy.check(len(federation.client_ids))
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
+    client_states = ClientStateStore() if strategy.is_stateful else None
     if resume:
         state = run_dir.load_checkpoint()
         found = state.metadata.get("fingerprint")
@@ -126,13 +132,15 @@ def simulate(
                 "resume needs run.rounds >= the rounds done"
             )
         run_dir.truncate_records(state.round_idx)
+        if strategy.is_stateful:
+            client_states = run_dir.load_client_states(state.round_idx)
         logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
     else:
         params = federation.model.init_params(config.run.seed)
         state = strategy.init(params)
         state = state.evolve(metadata={"fingerprint": fingerprint})
         run_dir.write_json(PARTITION, federation.partition.to_json())
-        run_dir.save_checkpoint(state)
+        run_dir.save_checkpoint(state, client_states=client_states)
     run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
     if on_start is not None:
         on_start(federation, state)
@@ -168,6 +176,7 @@ def simulate(
             max_examples=federation.max_examples,
             run_dir=run_dir,
             on_round=remember,
+            client_states=client_states,
         )
     except FedShieldError as err:
         status, error = "failed", str(err)

@@ -11,7 +11,25 @@ import numpy as np
 from fedshield.core.params import Params
 from fedshield.core.update import ClientUpdate
 
-__all__ = ["Client", "EvalConfig", "FitConfig"]
+__all__ = [
+    "CLIENT_CONTROL",
+    "CONTROL_DELTA",
+    "SCAFFOLD",
+    "SERVER_CONTROL",
+    "Client",
+    "EvalConfig",
+    "FitConfig",
+]
+
+# Names shared by the SCAFFOLD strategy and the clients that run it.
+SCAFFOLD = "scaffold"
+"""``FitConfig.options`` flag: run SCAFFOLD's local algorithm."""
+SERVER_CONTROL = "scaffold/c"
+"""``FitConfig.tensors`` key of the server control variate ``c``."""
+CLIENT_CONTROL = "scaffold/c_i"
+"""``FitConfig.state`` and ``ClientUpdate.state`` key of the client's ``c_i``."""
+CONTROL_DELTA = "scaffold/delta_c"
+"""``ClientUpdate.extras`` key of the client's ``c_i+ - c_i``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,17 @@ does.
 """
 
 from fedshield.models.builtin import MODEL_KINDS, build_module
-from fedshield.models.client import TorchClient
+from fedshield.models.client import TorchClient, build_update, local_correction
 from fedshield.models.torch_model import TorchModel
+from fedshield.models.vectorised import check_vectorisable, train_many
 
-__all__ = ["MODEL_KINDS", "TorchClient", "TorchModel", "build_module"]
+__all__ = [
+    "MODEL_KINDS",
+    "TorchClient",
+    "TorchModel",
+    "build_module",
+    "build_update",
+    "check_vectorisable",
+    "local_correction",
+    "train_many",
+]

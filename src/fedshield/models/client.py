@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedshield.core import ClientId, ClientUpdate, EvalConfig, FitConfig, Params
+from fedshield.core.client import (
+    CLIENT_CONTROL,
+    CONTROL_DELTA,
+    SCAFFOLD,
+    SERVER_CONTROL,
+)
 from fedshield.errors import ConfigError
 from fedshield.models.torch_model import TorchModel
 
-__all__ = ["TorchClient"]
+__all__ = ["TorchClient", "build_update", "local_correction"]
 
 
 class TorchClient:
@@ -135,13 +143,20 @@ class TorchClient:
                 f"client {self.client_id!r} has no training examples; it cannot fit"
             )
         new, metrics = self._model.train(
-            params, self._x_train, self._y_train, config, rng=rng
+            params,
+            self._x_train,
+            self._y_train,
+            config,
+            rng=rng,
+            correction=local_correction(params, config),
         )
-        return ClientUpdate(
+        return build_update(
             self.client_id,
-            delta=new - params,
+            params,
+            new,
+            metrics,
             num_examples=self.num_train_examples,
-            metrics=metrics,
+            config=config,
         )
 
     def evaluate(self, params: Params, config: EvalConfig) -> dict[str, float]:
@@ -184,3 +199,80 @@ def _as_labels(y: np.ndarray) -> np.ndarray:
     if kind in "iu" or (kind == "f" and bool(np.all(np.mod(labels, 1) == 0))):
         return np.require(labels, dtype=np.int64, requirements=["C", "W"])
     return labels  # TorchModel rejects it on first use, naming the dtype
+
+
+def _controls(params: Params, config: FitConfig) -> tuple[Params, Params]:
+    try:
+        c = config.tensors[SERVER_CONTROL]
+    except KeyError:
+        raise ConfigError(
+            f"SCAFFOLD needs the server control variate in "
+            f"FitConfig.tensors[{SERVER_CONTROL!r}]"
+        ) from None
+    c_i = config.state.get(CLIENT_CONTROL)
+    if c_i is None:  # a client's first round: c_i = 0
+        c_i = Params.zeros(params.spec)
+    return c, c_i
+
+
+def local_correction(params: Params, config: FitConfig) -> Params | None:
+    """SCAFFOLD's gradient correction ``c - c_i``; ``None`` for other strategies.
+
+    Parameters
+    ----------
+    params
+        The global parameters (for the layout of a first-round ``c_i = 0``).
+    config
+        This client's fit config (``options["scaffold"]``, ``tensors``,
+        ``state``).
+
+    Returns
+    -------
+    Params or None
+        The vector to add to every local gradient.
+
+    Raises
+    ------
+    ConfigError
+        If SCAFFOLD is asked for but the server control variate is missing.
+    """
+    if not config.options.get(SCAFFOLD):
+        return None
+    c, c_i = _controls(params, config)
+    return c - c_i
+
+
+def build_update(
+    client_id: str,
+    params: Params,
+    new: Params,
+    metrics: dict[str, float],
+    *,
+    num_examples: int,
+    config: FitConfig,
+) -> ClientUpdate:
+    """The update a client sends after training from ``params`` to ``new``.
+
+    For SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, option II) it
+    also computes the new client control variate
+    ``c_i+ = c_i - c + (x - y_i) / (K lr)``, with ``K`` the number of local
+    steps, returns ``c_i+ - c_i`` in ``extras`` and ``c_i+`` as the client's
+    new ``state``. With momentum the option II estimate is approximate (it
+    assumes plain SGD steps).
+    """
+    delta = new - params
+    if not config.options.get(SCAFFOLD):
+        return ClientUpdate(
+            client_id, delta=delta, num_examples=num_examples, metrics=metrics
+        )
+    c, c_i = _controls(params, config)
+    steps = config.epochs * math.ceil(num_examples / config.batch_size)
+    c_i_new = c_i - c - delta * (1.0 / (steps * config.lr))
+    return ClientUpdate(
+        client_id,
+        delta=delta,
+        num_examples=num_examples,
+        metrics=metrics,
+        extras={CONTROL_DELTA: c_i_new - c_i},
+        state={CLIENT_CONTROL: c_i_new},
+    )

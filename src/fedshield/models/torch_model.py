@@ -191,6 +191,7 @@ class TorchModel:
         config: FitConfig,
         *,
         rng: np.random.Generator,
+        correction: Params | None = None,
     ) -> tuple[Params, dict[str, float]]:
         """Run local mini-batch SGD from ``params``.
 
@@ -211,6 +212,10 @@ class TorchModel:
             Source of all randomness: two seeds are drawn from it, one for
             the per-epoch shuffles and one for torch's global generator
             (dropout and the like) during training.
+        correction
+            A fixed vector added to every step's gradient (SCAFFOLD's
+            ``c - c_i``, Karimireddy et al., ICML 2020, Algorithm 1 line 10),
+            after the proximal term and before weight decay and momentum.
 
         Returns
         -------
@@ -248,6 +253,7 @@ class TorchModel:
         shuffle_seed, torch_seed = (int(s) for s in rng.integers(_SEED_BOUND, size=2))
         bound.load(params)
         anchors = _views(bound.flat.clone(), bound.params) if mu > 0 else ()
+        shifts = _correction_views(correction, bound) if correction is not None else ()
         module = bound.module
         module.train()
         optimizer = torch.optim.SGD(
@@ -276,6 +282,8 @@ class TorchModel:
                     torch.autograd.backward(loss)
                     if anchors:
                         _add_proximal_grad(bound.params, anchors, mu)
+                    if shifts:
+                        _add_correction(bound.params, shifts)
                     optimizer.step()
                     with torch.no_grad():
                         loss_sum += loss.detach() * idx.shape[0]
@@ -490,6 +498,29 @@ def _add_proximal_grad(
                 p.grad = (p - anchor).mul_(mu)
             else:
                 p.grad.add_(p, alpha=mu).sub_(anchor, alpha=mu)
+
+
+def _correction_views(correction: Params, bound: _Bound) -> tuple[Tensor, ...]:
+    if correction.spec != bound.spec:
+        raise ConfigError(
+            "`correction` does not match the model: "
+            + "; ".join(bound.spec.mismatches(correction.spec))
+        )
+    flat = torch.from_numpy(np.array(correction.flat, dtype=np.float32))
+    return _views(flat, bound.params)
+
+
+def _add_correction(
+    params: tuple[nn.Parameter, ...], shifts: tuple[Tensor, ...]
+) -> None:
+    with torch.no_grad():
+        for p, shift in zip(params, shifts, strict=True):
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = shift.clone()
+            else:
+                p.grad.add_(shift)
 
 
 def _num_correct(out: Tensor, y: Tensor) -> Tensor:

@@ -120,6 +120,7 @@ def train_many(
     *,
     rngs: Sequence[np.random.Generator],
     max_batch_clients: int = 64,
+    corrections: Sequence[Params | None] | None = None,
 ) -> list[tuple[Params, dict[str, float]]]:
     """Train one local copy of ``params`` per data set, vectorised over clients.
 
@@ -240,12 +241,32 @@ def train_many(
         tensors.append((xt, yt))
     # Draw every client's seeds up front, in TorchModel.train's order.
     seeds = [int(rng.integers(_SEED_BOUND, size=2)[0]) for rng in rngs]
-    trainer = _Trainer(model, params, config, mu=mu)
+    shifts: list[Tensor | None] = [None] * len(tensors)
+    if corrections is not None:
+        if len(corrections) != len(tensors):
+            raise ValueError(
+                f"got {len(corrections)} corrections for {len(tensors)} data sets"
+            )
+        for k, corr in enumerate(corrections):
+            if corr is not None:
+                if corr.spec != params.spec:
+                    raise ConfigError(
+                        f"correction {k} does not match the model: "
+                        + "; ".join(params.spec.mismatches(corr.spec))
+                    )
+                shifts[k] = torch.from_numpy(np.array(corr.flat, dtype=np.float32))
+    trainer = _Trainer(
+        model, params, config, mu=mu, has_shift=any(v is not None for v in shifts)
+    )
     results: list[tuple[Params, dict[str, float]]] = []
     chunk = int(max_batch_clients)
     for start in range(0, len(tensors), chunk):
         results.extend(
-            trainer.run(tensors[start : start + chunk], seeds[start : start + chunk])
+            trainer.run(
+                tensors[start : start + chunk],
+                seeds[start : start + chunk],
+                shifts[start : start + chunk],
+            )
         )
     return results
 
@@ -254,8 +275,15 @@ class _Trainer:
     """Lockstep SGD of one chunk of clients (the body of :func:`train_many`)."""
 
     def __init__(
-        self, model: TorchModel, params: Params, config: FitConfig, *, mu: float
+        self,
+        model: TorchModel,
+        params: Params,
+        config: FitConfig,
+        *,
+        mu: float,
+        has_shift: bool = False,
     ) -> None:
+        self.has_shift = has_shift
         bound = model._get_bound()
         self.module = bound.module
         self.loss_fn = model._loss_fn
@@ -279,7 +307,7 @@ class _Trainer:
         # ones the forward pass does not reach. func.grad returns zeros for
         # those, so find them once with autograd on one example.
         skip = list(self._frozen)
-        if self.mu == 0:
+        if self.mu == 0 and not self.has_shift:
             params = {
                 name: p.detach().clone().requires_grad_(True)
                 for name, p in self.module.named_parameters()
@@ -336,7 +364,10 @@ class _Trainer:
         correct.index_add_(0, clients, hits.sum(dim=1))
 
     def run(
-        self, tensors: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int]
+        self,
+        tensors: Sequence[tuple[Tensor, Tensor]],
+        seeds: Sequence[int],
+        shifts: Sequence[Tensor | None],
     ) -> list[tuple[Params, dict[str, float]]]:
         config = self.config
         k_all = len(tensors)
@@ -372,6 +403,11 @@ class _Trainer:
             self._fixed_known = True
 
         flat = self.start.unsqueeze(0).expand(k_all, -1).clone()
+        shift_all: Tensor | None = None
+        if any(v is not None for v in shifts):
+            shift_all = torch.stack(
+                [torch.zeros_like(self.start) if v is None else v for v in shifts]
+            )
         momentum_buf: Tensor | None = None
         loss_sum = torch.zeros(k_all, dtype=torch.float64)
         correct = torch.zeros(k_all, dtype=torch.int64)
@@ -406,6 +442,9 @@ class _Trainer:
                 # d/dw [mu/2 ||w - w_global||^2] = mu (w - w_global), in
                 # TorchModel's order of operations.
                 g = g.add(w, alpha=mu).sub(anchor, alpha=mu)
+            if shift_all is not None:
+                # SCAFFOLD's c - c_i, after the proximal term as in TorchModel.
+                g = g.add(shift_all if who is None else shift_all.index_select(0, who))
             if wd != 0:
                 g = g.add(w, alpha=wd)
             if momentum != 0:

@@ -3,6 +3,7 @@
 from fedshield.strategies.base import RoundPlan, Strategy
 from fedshield.strategies.fedavg import FedAvg
 from fedshield.strategies.sampling import ClientSampler, CountSampler, FractionSampler
+from fedshield.strategies.scaffold import Scaffold
 from fedshield.strategies.server_opt import (
     FedAdagrad,
     FedAdam,
@@ -22,6 +23,7 @@ __all__ = [
     "FedYogi",
     "FractionSampler",
     "RoundPlan",
+    "Scaffold",
     "ServerOptimizer",
     "ServerSgd",
     "Strategy",

@@ -61,6 +61,10 @@ class Strategy(Protocol):
     def aggregator(self) -> Aggregator:
         """How updates are combined."""
 
+    @property
+    def is_stateful(self) -> bool:
+        """Whether clients keep state between rounds (needs a state store)."""
+
     def init(self, params: Params) -> ServerState:
         """State before round 0."""
 

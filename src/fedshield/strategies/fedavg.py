@@ -57,6 +57,9 @@ class FedAvg:
     min_clients: int = 1
     weighted: bool = True
 
+    is_stateful = False
+    """FedAvg's clients keep no state between rounds."""
+
     def __post_init__(self) -> None:
         if self.min_clients < 1:
             raise ConfigError(f"`min_clients` must be >= 1; got {self.min_clients}")

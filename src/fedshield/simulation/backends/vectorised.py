@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fedshield.core import (
     Client,
     ClientId,
-    ClientUpdate,
     FitConfig,
     Params,
     derive_rng,
@@ -49,7 +48,10 @@ class _Group:
     model: TorchModel
     params: Params
     config: FitConfig
-    members: list[tuple[ClientId, TorchClient, float]] = field(default_factory=list)
+    members: list[tuple[ClientId, TorchClient, float, FitConfig]] = field(
+        default_factory=list
+    )
+    """(client id, client, seconds to build it, its own config with its state)"""
 
 
 class VectorisedBackend:
@@ -186,7 +188,7 @@ class VectorisedBackend:
                 continue  # runs one by one
             built_s = time.perf_counter() - started
             _group_of(groups, client.model, message).members.append(
-                (client_id, client, built_s)
+                (client_id, client, built_s, message.config)
             )
         size = self._max_batch_clients
         for group in groups:
@@ -198,25 +200,28 @@ class VectorisedBackend:
     def _train_chunk(
         self,
         group: _Group,
-        chunk: list[tuple[ClientId, TorchClient, float]],
+        chunk: list[tuple[ClientId, TorchClient, float, FitConfig]],
         request: StageRequest,
         seed: int,
     ) -> dict[ClientId, StageReply]:
-        from fedshield.models.vectorised import train_many
+        from fedshield.models import build_update, local_correction, train_many
 
         rngs = [
             derive_rng(seed, "stage", request.stage, request.round_idx, client_id)
-            for client_id, _, _ in chunk
+            for client_id, _, _, _ in chunk
         ]
         started = time.perf_counter()
         try:
             results = train_many(
                 group.model,
                 group.params,
-                [client.train_data for _, client, _ in chunk],
+                [client.train_data for _, client, _, _ in chunk],
                 group.config,
                 rngs=rngs,
                 max_batch_clients=len(chunk),
+                corrections=[
+                    local_correction(group.params, config) for _, _, _, config in chunk
+                ],
             )
         except Exception as err:
             if isinstance(err, ConfigError):
@@ -233,15 +238,16 @@ class VectorisedBackend:
             return {}
         elapsed = time.perf_counter() - started
         replies: dict[ClientId, StageReply] = {}
-        for (client_id, client, built_s), (new, metrics) in zip(
+        for (client_id, client, built_s, config), (new, metrics) in zip(
             chunk, results, strict=True
         ):
-            # As TorchClient.fit builds its update.
-            update = ClientUpdate(
+            update = build_update(  # as TorchClient.fit builds it
                 client_id,
-                delta=new - group.params,
+                group.params,
+                new,
+                metrics,
                 num_examples=client.num_train_examples,
-                metrics=metrics,
+                config=config,
             )
             running_s = built_s + elapsed
             if request.timeout_s is not None and running_s > request.timeout_s:
@@ -283,14 +289,16 @@ class VectorisedBackend:
 
 
 def _group_of(groups: list[_Group], model: TorchModel, message: FitIns) -> _Group:
+    # Clients train together when everything but their own state matches.
+    config = replace(message.config, state={})
     for group in groups:
         if (
             group.model is model
             and (group.params is message.params or group.params == message.params)
-            and (group.config is message.config or group.config == message.config)
+            and (group.config is config or group.config == config)
         ):
             return group
-    group = _Group(model, message.params, message.config)
+    group = _Group(model, message.params, config)
     groups.append(group)
     return group
 
