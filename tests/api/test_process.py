@@ -82,7 +82,7 @@ def test_client_objects_keep_their_own_ids():
         TorchClient(f"hospital-{i}", process.model, x_train=x, y_train=y)
         for i, (x, y) in enumerate(client_data)
     ]
-    state, metrics = process.next(process.initialize(), clients)
+    _state, metrics = process.next(process.initialize(), clients)
     assert metrics["num_clients"] == 2 and metrics["failures"] == []
 
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 import os
 import subprocess
 import sys
