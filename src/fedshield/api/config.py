@@ -46,7 +46,9 @@ class RunSection(_Section):
     seed: int = Field(0, ge=0, lt=2**63)
     eval_every: int = Field(1, ge=1)
     federated_eval: bool = True
-    backend: Literal["sequential"] = "sequential"
+    backend: Literal["auto", "sequential", "vectorised", "process", "ray"] = "auto"
+    workers: int | None = Field(None, ge=1, le=1024)
+    ray_address: str | None = None
     timeout_s: float | None = Field(None, gt=0)
     torch_threads: int = Field(1, ge=1, le=256)
 

@@ -12,16 +12,12 @@ from typing import Any
 
 import tomli_w
 
+from fedshield.api.backends import make_backend, resolve_backend
 from fedshield.api.config import ExperimentConfig
 from fedshield.api.experiment import Federation, build_federation, build_strategy
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, FedShieldError
-from fedshield.simulation import (
-    ClientStateStore,
-    RunDirectory,
-    SequentialBackend,
-    run_rounds,
-)
+from fedshield.simulation import ClientStateStore, RunDirectory, run_rounds
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
 
 __all__ = ["config_fingerprint", "simulate"]
@@ -113,6 +109,7 @@ def simulate(
     federation = build_federation(config)
     strategy = build_strategy(config)
     strategy.check(len(federation.client_ids))
+    backend_name = resolve_backend(config.run.backend, federation.model)
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     client_states = ClientStateStore() if strategy.is_stateful else None
@@ -154,6 +151,12 @@ def simulate(
         if on_round is not None:
             on_round(new_state, record)
 
+    backend = make_backend(
+        backend_name,
+        workers=config.run.workers,
+        ray_address=config.run.ray_address,
+        torch_threads=config.run.torch_threads,
+    )
     import torch
 
     # Small models train fastest single-threaded; more threads mostly add
@@ -168,7 +171,7 @@ def simulate(
             client_fn=federation.client_fn,
             client_ids=federation.client_ids,
             seed=config.run.seed,
-            backend=SequentialBackend(),
+            backend=backend,
             evaluate_fn=federation.evaluate,
             eval_every=config.run.eval_every,
             federated_eval=config.run.federated_eval,
@@ -188,6 +191,7 @@ def simulate(
         status, error = "failed", f"internal error: {type(err).__name__}: {err}"
         raise
     finally:
+        backend.close()
         torch.set_num_threads(threads_before)
         summary = _summary(
             config,
@@ -198,6 +202,7 @@ def simulate(
             wall_seconds=time.perf_counter() - started,
             error=error,
         )
+        summary["backend"] = backend_name
         run_dir.write_json(SUMMARY, summary)
         if on_summary is not None:
             on_summary(summary)

@@ -60,6 +60,22 @@ def simulate(
     seed: Annotated[
         int | None, typer.Option(help="Override run.seed.", show_default=False)
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="Override run.backend: auto, sequential, vectorised, process, ray.",
+            show_default=False,
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Join this Ray cluster (with --backend ray); default: start a "
+            "local Ray.",
+            show_default=False,
+        ),
+    ] = None,
     output_format: Annotated[
         str,
         typer.Option(
@@ -95,6 +111,10 @@ def simulate(
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
+    if backend is not None:
+        overrides.append(f"run.backend={json.dumps(backend)}")
+    if ray_address is not None:
+        overrides.append(f"run.ray_address={json.dumps(ray_address)}")
     try:
         summary = run_simulate(
             config,

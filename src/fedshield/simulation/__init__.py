@@ -3,7 +3,9 @@
 from fedshield.simulation.backends import (
     Backend,
     ClientFn,
+    ProcessPoolBackend,
     SequentialBackend,
+    VectorisedBackend,
     run_client_stage,
 )
 from fedshield.simulation.protocol import (
@@ -41,7 +43,9 @@ __all__ = [
     "RoundProtocol",
     "RoundResult",
     "RunDirectory",
+    "ProcessPoolBackend",
     "SequentialBackend",
+    "VectorisedBackend",
     "StageReply",
     "StageRequest",
     "drive_round",

@@ -1,0 +1,76 @@
+"""Choosing and building the backend a configuration asks for."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from fedshield.errors import ConfigError
+from fedshield.simulation import (
+    Backend,
+    ProcessPoolBackend,
+    SequentialBackend,
+    VectorisedBackend,
+)
+
+if TYPE_CHECKING:
+    from fedshield.models import TorchModel
+
+__all__ = ["BACKENDS", "make_backend", "resolve_backend"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sequential", "vectorised", "process", "ray")
+"""Values of ``run.backend``; ``auto`` picks the fastest that fits the model."""
+
+
+def resolve_backend(name: str, model: TorchModel) -> str:
+    """The concrete backend for ``name`` (``auto``: vectorised if it can be).
+
+    Raises
+    ------
+    ConfigError
+        If ``vectorised`` is asked for a model it cannot train; the message
+        names the layer and the backend that will work.
+    """
+    if name not in ("auto", "vectorised"):
+        return name
+    from fedshield.models import check_vectorisable
+
+    try:
+        check_vectorisable(model)
+    except ConfigError as err:
+        if name == "vectorised":
+            raise ConfigError(f"run.backend = 'vectorised': {err}") from None
+        logger.info("backend auto: sequential (%s)", err)
+        return "sequential"
+    return "vectorised"
+
+
+def make_backend(
+    name: str,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    torch_threads: int = 1,
+) -> Backend:
+    """Build a concrete backend (see :func:`resolve_backend`).
+
+    Raises
+    ------
+    ImportError
+        For ``ray`` when Ray is not installed (names the extra to install).
+    """
+    if name == "sequential":
+        return SequentialBackend()
+    if name == "vectorised":
+        return VectorisedBackend()
+    if name == "process":
+        return ProcessPoolBackend(workers, torch_threads=torch_threads)
+    if name == "ray":
+        try:
+            from fedshield.simulation.backends.ray import RayBackend
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
+        return RayBackend(ray_address, num_workers=workers, torch_threads=torch_threads)
+    raise ConfigError(f"run.backend must be one of {', '.join(BACKENDS)}; got {name!r}")
