@@ -51,6 +51,7 @@ class RunSection(_Section):
     ray_address: str | None = None
     timeout_s: float | None = Field(None, gt=0)
     torch_threads: int = Field(1, ge=1, le=256)
+    client_state: Literal["memory", "disk"] = "memory"
 
 
 class DataSection(_Section):

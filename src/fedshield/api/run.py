@@ -17,8 +17,9 @@ from fedshield.api.config import ExperimentConfig
 from fedshield.api.experiment import Federation, build_federation, build_strategy
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, FedShieldError
-from fedshield.simulation import ClientStateStore, RunDirectory, run_rounds
+from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
+from fedshield.simulation.state_store import new_client_states
 
 __all__ = ["config_fingerprint", "simulate"]
 
@@ -112,7 +113,11 @@ def simulate(
     backend_name = resolve_backend(config.run.backend, federation.model)
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
-    client_states = ClientStateStore() if strategy.is_stateful else None
+    client_states = (
+        new_client_states(config.run.client_state, run_dir.path)
+        if strategy.is_stateful and not resume
+        else None
+    )
     if resume:
         state = run_dir.load_checkpoint()
         found = state.metadata.get("fingerprint")
@@ -130,7 +135,9 @@ def simulate(
             )
         run_dir.truncate_records(state.round_idx)
         if strategy.is_stateful:
-            client_states = run_dir.load_client_states(state.round_idx)
+            client_states = run_dir.load_client_states(
+                config.run.client_state, state.round_idx
+            )
         logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
     else:
         params = federation.model.init_params(config.run.seed)

@@ -27,12 +27,17 @@ from fedshield.simulation.runner import (
     run_round,
     run_rounds,
 )
-from fedshield.simulation.state_store import ClientStateStore
+from fedshield.simulation.state_store import (
+    ClientStateStore,
+    DiskStateStore,
+    StateStore,
+)
 
 __all__ = [
     "Backend",
     "ClientFailure",
     "ClientStateStore",
+    "DiskStateStore",
     "ClientFn",
     "EvaluateFn",
     "EvaluateIns",
@@ -48,6 +53,7 @@ __all__ = [
     "VectorisedBackend",
     "StageReply",
     "StageRequest",
+    "StateStore",
     "drive_round",
     "execute_stage",
     "run_client_stage",

@@ -12,14 +12,20 @@ import json
 import logging
 import math
 import os
-import tempfile
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, RunDirectoryError
-from fedshield.simulation.state_store import ClientStateStore
+from fedshield.simulation.files import atomic_write as _atomic_write
+from fedshield.simulation.state_store import (
+    ClientStateStore,
+    DiskStateStore,
+    StateStore,
+    load_client_states,
+)
 
 __all__ = ["RunDirectory", "dumps"]
 
@@ -50,28 +56,6 @@ def _json_safe(value: Any) -> Any:
 def dumps(data: Any, *, indent: int | None = None) -> str:
     """Strict JSON (non-finite numbers become ``null``)."""
     return json.dumps(_json_safe(data), indent=indent, allow_nan=False)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-    except OSError as err:
-        raise RunDirectoryError(f"cannot write {path}: {err}") from err
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise RunDirectoryError(f"cannot write {path}: {err}") from err
-        raise
 
 
 class RunDirectory:
@@ -125,6 +109,7 @@ class RunDirectory:
                 self.file(name).unlink(missing_ok=True)
             for old in self.path.glob("client_states.r*.npz"):
                 old.unlink(missing_ok=True)
+            shutil.rmtree(self.file("client_states"), ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_text(self, name: str, text: str) -> Path:
@@ -184,47 +169,33 @@ class RunDirectory:
                 self.write_text(name, "".join(dumps(r) + "\n" for r in kept))
 
     def save_checkpoint(
-        self, state: ServerState, *, client_states: ClientStateStore | None = None
+        self, state: ServerState, *, client_states: StateStore | None = None
     ) -> Path:
         """Write the server state (and the clients' states) atomically.
 
-        Client states go to ``client_states.r<round>.npz`` first, then the
-        server state; older client-state files are removed only after that,
-        so a crash in between leaves a consistent pair to resume from.
+        The client states are made durable first, then the server state is
+        written, and only then are client states the checkpoint no longer
+        needs removed, so a crash at any point leaves a consistent pair.
         """
         path = self.file(CHECKPOINT)
         if client_states is not None:
-            _atomic_write(
-                self._client_states_file(state.round_idx), client_states.to_bytes()
-            )
+            client_states.persist(self.path, state.round_idx)
         _atomic_write(path, state.to_bytes())
-        for old in self.path.glob("client_states.r*.npz"):
-            if old != self._client_states_file(state.round_idx):
-                old.unlink(missing_ok=True)
+        if client_states is not None:
+            client_states.prune(self.path, state.round_idx)
         return path
 
-    def _client_states_file(self, round_idx: int) -> Path:
-        return self.file(f"client_states.r{round_idx}.npz")
-
-    def load_client_states(self, round_idx: int) -> ClientStateStore:
+    def load_client_states(
+        self, kind: str, round_idx: int
+    ) -> ClientStateStore | DiskStateStore:
         """The client states saved with the checkpoint of ``round_idx``.
 
         Raises
         ------
         CheckpointError
-            If there is none or it is corrupt.
+            If they are missing or corrupt.
         """
-        path = self._client_states_file(round_idx)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise CheckpointError(
-                f"cannot read the client states of round {round_idx} ({path}): {err}"
-            ) from err
-        try:
-            return ClientStateStore.from_bytes(data)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err}") from err
+        return load_client_states(kind, self.path, round_idx)
 
     def load_checkpoint(self) -> ServerState:
         """Read the server state.

@@ -14,7 +14,7 @@ from fedshield.simulation.backends import Backend, ClientFn, SequentialBackend
 from fedshield.simulation.protocol import RoundProtocol, StageRequest
 from fedshield.simulation.rounds import FitRound, RoundResult
 from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
-from fedshield.simulation.state_store import ClientStateStore
+from fedshield.simulation.state_store import StateStore
 from fedshield.strategies import Strategy
 
 __all__ = ["EvaluateFn", "RoundCallback", "drive_round", "run_round", "run_rounds"]
@@ -60,7 +60,7 @@ def run_round(
     federated_eval: bool = False,
     timeout_s: float | None = None,
     max_examples: int | None = None,
-    client_states: ClientStateStore | None = None,
+    client_states: StateStore | None = None,
 ) -> RoundResult:
     """Plan and run round ``state.round_idx``; return how it ended.
 
@@ -91,7 +91,7 @@ def run_round(
     finally:
         backend.end_round()
     if client_states is not None and result.completed:
-        client_states.update(result.client_states)
+        client_states.update(result.client_states, round_idx=result.state.round_idx)
     return result
 
 
@@ -111,7 +111,7 @@ def run_rounds(
     max_examples: int | None = None,
     run_dir: RunDirectory | None = None,
     on_round: RoundCallback | None = None,
-    client_states: ClientStateStore | None = None,
+    client_states: StateStore | None = None,
 ) -> ServerState:
     """Run rounds ``state.round_idx .. rounds − 1``.
 
