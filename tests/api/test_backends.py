@@ -78,3 +78,19 @@ def test_every_backend_gives_the_sequential_result(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_ray_backend_without_ray_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from fedshield.api.backends import make_backend\n"
+        "try:\n    make_backend('ray')\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("ConfigError") and "fedshield[ray]" in out

@@ -176,3 +176,18 @@ def torch_threads_client(client_id: str) -> TorchThreadsClient:
     import torch  # noqa: F401
 
     return TorchThreadsClient(client_id)
+
+
+class ExitOnLoad:
+    """A ``client_fn`` whose copy in a worker process exits as it is unpickled."""
+
+    def __init__(self) -> None:
+        self.parent_pid = os.getpid()
+
+    def __call__(self, client_id: str) -> FakeClient:
+        raise AssertionError("never built: the worker dies loading client_fn")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self.parent_pid:
+            os._exit(1)

@@ -58,7 +58,7 @@ def make_backend(
 
     Raises
     ------
-    ImportError
+    ConfigError
         For ``ray`` when Ray is not installed (names the extra to install).
     """
     if name == "sequential":
@@ -70,7 +70,10 @@ def make_backend(
     if name == "ray":
         try:
             from fedshield.simulation.backends.ray import RayBackend
-        except ImportError as err:
-            raise ConfigError(str(err)) from None
-        return RayBackend(ray_address, num_workers=workers, torch_threads=torch_threads)
+
+            return RayBackend(
+                ray_address, num_workers=workers, torch_threads=torch_threads
+            )
+        except ImportError as err:  # Ray not installed: name the extra
+            raise ConfigError(f"run.backend = 'ray': {err}") from None
     raise ConfigError(f"run.backend must be one of {', '.join(BACKENDS)}; got {name!r}")

@@ -3,7 +3,8 @@
 ``SequentialBackend`` is the reference; ``VectorisedBackend`` trains many
 clients of one model in lockstep; ``ProcessPoolBackend`` runs clients in
 worker processes; ``RayBackend`` (``pip install 'fedshield[ray]'``) on a Ray
-cluster. All pass the same contract test suite.
+cluster (imported only when used: ``from fedshield.simulation.backends.ray
+import RayBackend``). All pass the same contract test suite.
 """
 
 from fedshield.simulation.backends.base import Backend, ClientFn
