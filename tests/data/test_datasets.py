@@ -430,3 +430,30 @@ def test_split_test_empty_test_part_raises() -> None:
 
     with pytest.raises(ConfigError, match="leaves 0 test rows"):
         split_test(ds, test_fraction=0.1, rng=np.random.default_rng(0))
+
+
+def test_digits_read_without_importing_sklearn_equal_sklearn_loader() -> None:
+    # Reference: scikit-learn's own loader.
+    from sklearn.datasets import load_digits
+
+    from fedshield.data import load_dataset
+
+    ours = load_dataset("digits")
+    bunch = load_digits()
+    np.testing.assert_array_equal(ours.x, (bunch.data / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(ours.y, bunch.target)
+    assert list(ours.feature_names) == list(bunch.feature_names)
+
+
+def test_loading_digits_does_not_import_sklearn() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom fedshield.data import load_dataset\n"
+        "load_dataset('digits')\nprint('sklearn' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"

@@ -12,6 +12,7 @@ import csv
 import difflib
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -282,18 +283,45 @@ def _stratified_test_mask(
 # scikit-learn bundled sets
 
 
-def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits
+def _sklearn_data_file(name: str) -> Path | None:
+    """Path of a data file scikit-learn bundles, found without importing it.
 
-    bunch = load_digits()
-    x = (np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)).astype(np.float32)
+    Importing ``sklearn.datasets`` costs most of a second of start-up; the
+    bundled files themselves are plain CSV. ``None`` when not found.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "datasets" / "data" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_digits() -> Dataset:
+    path = _sklearn_data_file("digits.csv.gz")
+    if path is not None:
+        # The file load_digits reads: 64 pixel columns (0..16), then the label.
+        with gzip.open(path, "rt") as handle:
+            table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+        pixels, target = table[:, :-1], table[:, -1].astype(np.int64)
+        names = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
+    else:  # pragma: no cover - other layouts of scikit-learn
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        pixels = np.asarray(bunch.data, dtype=np.float32)
+        target = np.asarray(bunch.target, dtype=np.int64)
+        names = tuple(str(f) for f in bunch.feature_names)
+    x = (pixels / np.float32(16.0)).astype(np.float32)
     return Dataset(
         "digits",
         x,
-        np.asarray(bunch.target, dtype=np.int64),
+        target,
         num_classes=10,
         input_shape=(1, 8, 8),
-        feature_names=tuple(str(f) for f in bunch.feature_names),
+        feature_names=names,
     )
 
 

@@ -256,7 +256,7 @@ class TorchModel:
         shifts = _correction_views(correction, bound) if correction is not None else ()
         module = bound.module
         module.train()
-        optimizer = torch.optim.SGD(
+        optimizer = _Sgd(
             bound.params,
             lr=config.lr,
             momentum=config.momentum,
@@ -498,6 +498,52 @@ def _add_proximal_grad(
                 p.grad = (p - anchor).mul_(mu)
             else:
                 p.grad.add_(p, alpha=mu).sub_(anchor, alpha=mu)
+
+
+class _Sgd:
+    """``torch.optim.SGD`` (dampening 0, no Nesterov), step for step.
+
+    The same operations in the same order as torch's single-tensor SGD on the
+    CPU, so results are bitwise those of ``torch.optim.SGD``; written out
+    because ``torch.optim``'s first ``step()`` imports ``torch._dynamo``, about
+    a second of start-up for every run.
+    """
+
+    def __init__(
+        self,
+        params: tuple[nn.Parameter, ...],
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> None:
+        self.params = params
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.buffers: list[Tensor | None] = [None] * len(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d_p = p.grad
+            if self.weight_decay != 0:
+                d_p = d_p.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = torch.clone(d_p).detach()
+                    self.buffers[i] = buf
+                else:
+                    buf.mul_(self.momentum).add_(d_p, alpha=1.0)
+                d_p = buf
+            p.add_(d_p, alpha=-self.lr)
 
 
 def _correction_views(correction: Params, bound: _Bound) -> tuple[Tensor, ...]:
