@@ -52,6 +52,7 @@ class RunSection(_Section):
     timeout_s: float | None = Field(None, gt=0)
     torch_threads: int = Field(1, ge=1, le=256)
     client_state: Literal["memory", "disk"] = "memory"
+    report: bool = True
 
 
 class DataSection(_Section):

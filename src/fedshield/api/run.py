@@ -213,7 +213,7 @@ def simulate(
         run_dir.write_json(SUMMARY, summary)
         if on_summary is not None:
             on_summary(summary)
-        if write_report:
+        if write_report and config.run.report:
             from fedshield.report import write_report as render
 
             try:
