@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # index (https://download.pytorch.org/whl/cpu) to avoid the CUDA build.
 TORCH_INDEX ?=
 
-.PHONY: run test lint typecheck layers pytest bench bench-slow data clean
+.PHONY: run test lint typecheck layers pytest bench bench-peers bench-peers-quick data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ test: lint typecheck layers pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m bench bench -p no:cacheprovider -s
+
+# Side by side with Flower: builds .bench-peers/flower-venv on first use
+# (torch 2.13.0 CPU first, then scikit-learn and flwr[simulation]==1.42.0).
+bench-peers: $(STAMP)
+	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python bench/peers/run_peers.py
+
+bench-peers-quick: $(STAMP)
+	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python bench/peers/run_peers.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -182,6 +182,10 @@ def _scipy_blas_libraries() -> list[Any]:
 
 _axpy: Callable[[np.ndarray, np.ndarray, float], np.ndarray] | None = None
 
+_BLAS_MIN_SIZE = 65_536
+"""Below this many values numpy's ``y += a * x`` is as fast, and importing
+SciPy's BLAS binding (about 0.1 s) is not worth it."""
+
 
 def _get_axpy() -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
     global _axpy
@@ -240,7 +244,8 @@ class _MeanAccumulator:
                 f"update from client {update.client_id!r} does not match the model: "
                 + "; ".join(self._spec.mismatches(update.delta.spec))
             )
-        self._sum = _get_axpy()(update.delta.flat, self._sum, float(weight))
+        axpy = _numpy_axpy if self._spec.size < _BLAS_MIN_SIZE else _get_axpy()
+        self._sum = axpy(update.delta.flat, self._sum, float(weight))
         self._total += float(weight)
         self._count += 1
 
