@@ -111,12 +111,21 @@ def run_simulate(
         table = Table(
             title=f"{summary['name']}: {summary['status']}", show_header=False
         )
-        for key in ("rounds", "accuracy", "loss", "roc_auc", "wall_seconds"):
+        for key in ("rounds", "accuracy", "loss", "roc_auc"):
             if summary.get(key) is not None:
                 value = summary[key]
                 table.add_row(
                     key, _fmt(value) if isinstance(value, float) else str(value)
                 )
+        table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+        table.add_row("backend", str(summary.get("backend", "")))
         console.print(table)
-        console.print(f"report: [bold]{run_dir / 'report.html'}[/]", highlight=False)
+        report = run_dir / "report.html"
+        if config.run.report:
+            console.print(f"report: [bold]{report}[/]", highlight=False)
+        else:
+            console.print(
+                f"run folder: [bold]{run_dir}[/] (report: fedshield report {run_dir})",
+                highlight=False,
+            )
     return summary
