@@ -10,7 +10,7 @@ model on their local test splits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -178,17 +178,8 @@ class FitRound:
         accumulator = self._strategy.aggregator.begin(spec, rng=self._rng)
         extras: dict[str, Accumulator] = {}
         train_rows: list[tuple[float, dict[str, float]]] = []
-        asked = set(self._plan.clients)
-        seen: set[str] = set()
         rejected = 0
-        for reply in replies:
-            if reply.client_id not in asked or reply.client_id in seen:
-                logger.warning("ignoring unexpected reply from %r", reply.client_id)
-                continue
-            seen.add(reply.client_id)
-            if reply.failure is not None:
-                self._failures.append(reply.failure)
-                continue
+        for reply in self._answers(replies, "fit"):
             try:
                 update = validate_update(
                     reply.value, spec, max_examples=self._max_examples
@@ -219,11 +210,6 @@ class FitRound:
             train_rows.append(
                 (float(update.num_examples), _finite_numbers(update.metrics))
             )
-        for client_id in self._plan.clients:
-            if client_id not in seen:
-                self._failures.append(
-                    ClientFailure(client_id, "fit", FailureKind.DROPPED, "no reply")
-                )
         succeeded = len(train_rows)
         self._metrics.update(
             {
@@ -279,16 +265,7 @@ class FitRound:
     def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
         # Evaluation failures never fail a round, but they are recorded.
         rows: list[tuple[float, dict[str, float]]] = []
-        asked = set(self._plan.clients)
-        seen: set[str] = set()
-        for reply in replies:
-            if reply.client_id not in asked or reply.client_id in seen:
-                logger.warning("ignoring unexpected reply from %r", reply.client_id)
-                continue
-            seen.add(reply.client_id)
-            if reply.failure is not None:
-                self._failures.append(reply.failure)
-                continue
+        for reply in self._answers(replies, "evaluate"):
             problems = metric_problems(reply.value)
             if isinstance(reply.value, Mapping) and "num_examples" not in reply.value:
                 problems.append("evaluation metrics lack 'num_examples'")
@@ -306,18 +283,36 @@ class FitRound:
                 continue
             values = _finite_numbers(reply.value)
             rows.append((values["num_examples"], values))
-        for client_id in self._plan.clients:
-            if client_id not in seen:
-                self._failures.append(
-                    ClientFailure(
-                        client_id, "evaluate", FailureKind.DROPPED, "no reply"
-                    )
-                )
         self._metrics["federated_eval_clients"] = len(rows)
         self._metrics.update(
             _weighted_means(rows, ("accuracy", "loss"), prefix="federated_")
         )
         return self._finish(completed=True)
+
+    def _answers(
+        self, replies: Iterable[StageReply], stage: str
+    ) -> Iterator[StageReply]:
+        """The replies that carry a value; records failures and dropouts.
+
+        A reply from a client that was not asked, or a second one, is ignored;
+        a client with no reply at all is recorded as dropped.
+        """
+        asked = set(self._plan.clients)
+        seen: set[str] = set()
+        for reply in replies:
+            if reply.client_id not in asked or reply.client_id in seen:
+                logger.warning("ignoring unexpected reply from %r", reply.client_id)
+                continue
+            seen.add(reply.client_id)
+            if reply.failure is not None:
+                self._failures.append(reply.failure)
+                continue
+            yield reply
+        for client_id in self._plan.clients:
+            if client_id not in seen:
+                self._failures.append(
+                    ClientFailure(client_id, stage, FailureKind.DROPPED, "no reply")
+                )
 
     def _finish(self, *, completed: bool, message: str = "") -> RoundResult:
         self._stage = "done"
