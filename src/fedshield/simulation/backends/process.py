@@ -55,20 +55,30 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from fedshield.core import Client, ClientId
 from fedshield.errors import ConfigError
+from fedshield.simulation.backends._pool import (
+    _check_deadlines,
+    _check_workers,
+    _failing_client_fn,
+    _failure,
+    _load_client_fn,
+    _pin_torch_threads,
+    _pinning,
+    _PoolBackend,
+    _share,
+    _unsent_reply,
+)
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
 from fedshield.simulation.protocol import (
-    ClientFailure,
     FailureKind,
     StageReply,
     StageRequest,
@@ -89,45 +99,11 @@ _STOP_WAIT_S = 2.0
 # ---------------------------------------------------------------------------
 
 
-def _pin_torch_threads(num_threads: int) -> None:
-    # Only once the client code has loaded torch (unpickling a DatasetClients
-    # does; so may building a client): importing it up front would cost every
-    # worker start 1-2 s even for torch-free clients, and this layer must not
-    # import torch (see the import-linter contract).
-    torch: Any = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != num_threads:
-        torch.set_num_threads(num_threads)
-
-
-def _pinning(client_fn: ClientFn, num_threads: int) -> ClientFn:
-    """``client_fn`` followed by pinning torch: building a client may load it."""
-
-    def build(client_id: ClientId) -> Client:
-        client = client_fn(client_id)
-        _pin_torch_threads(num_threads)
-        return client
-
-    return build
-
-
-def _failing_client_fn(message: str) -> ClientFn:
-    def client_fn(client_id: ClientId) -> Client:
-        raise RuntimeError(message)
-
-    return client_fn
-
-
 def _send_reply(conn: Connection, seq: int, stage: str, reply: StageReply) -> None:
     try:
         data = pickle.dumps(("reply", seq, reply), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as err:  # an unpicklable reply fails its client only
-        failure = _failure(
-            reply.client_id,
-            stage,
-            FailureKind.ERROR,
-            "the reply could not be sent from the worker process: "
-            f"{type(err).__name__}: {err}",
-        )
+        failure = _unsent_reply(reply, stage, "the worker process", err)
         data = pickle.dumps(("reply", seq, failure), protocol=pickle.HIGHEST_PROTOCOL)
     conn.send_bytes(data)
 
@@ -146,14 +122,7 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
         kind = message[0]
         if kind == "init":
             payload = conn.recv_bytes()
-            error: str | None = None
-            try:
-                client_fn = pickle.loads(payload)
-            except Exception as err:
-                error = f"{type(err).__name__}: {err}"
-                client_fn = _failing_client_fn(
-                    f"the worker process could not load client_fn: {error}"
-                )
+            client_fn, error = _load_client_fn(payload, "the worker process")
             del payload
             _pin_torch_threads(torch_threads)
             conn.send(("ready", message[1], error))
@@ -207,6 +176,10 @@ class _Worker:
     def is_busy(self) -> bool:
         return bool(self.pending)
 
+    def pending_clients(self) -> list[ClientId]:
+        """Clients of the open stage not yet answered, in order."""
+        return list(self.pending)
+
 
 def _default_num_workers() -> int:
     count: int | None
@@ -230,7 +203,7 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-class ProcessPoolBackend:
+class ProcessPoolBackend(_PoolBackend[_Worker]):
     """Runs clients in parallel in a pool of worker processes.
 
     Gives the same replies as :class:`SequentialBackend` for the same seed:
@@ -276,6 +249,8 @@ class ProcessPoolBackend:
     ...     run_rounds(strategy, state, backend=backend, ...)
     """
 
+    _worker_noun = "worker process"
+
     def __init__(
         self,
         num_workers: int | None = None,
@@ -288,14 +263,7 @@ class ProcessPoolBackend:
     ) -> None:
         if num_workers is None:
             num_workers = _default_num_workers()
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int):
-            raise ConfigError(
-                f"`num_workers` must be an int; got {type(num_workers).__name__}"
-            )
-        if num_workers < 1:
-            raise ConfigError(f"`num_workers` must be >= 1; got {num_workers}")
-        if torch_threads < 1:
-            raise ConfigError(f"`torch_threads` must be >= 1; got {torch_threads}")
+        _check_workers(num_workers, torch_threads)
         method: str = mp_context
         if method not in ("spawn", "forkserver"):
             raise ConfigError(
@@ -307,10 +275,7 @@ class ProcessPoolBackend:
                     else ""
                 )
             )
-        if not grace_s >= 0:
-            raise ConfigError(f"`grace_s` must be >= 0; got {grace_s}")
-        if not start_timeout_s > 0:
-            raise ConfigError(f"`start_timeout_s` must be > 0; got {start_timeout_s}")
+        _check_deadlines(grace_s, start_timeout_s)
         self.num_workers = num_workers
         self.torch_threads = torch_threads
         self.mp_context = mp_context
@@ -326,16 +291,9 @@ class ProcessPoolBackend:
                 f"`mp_context` {method!r} is not available on this platform: {err}"
             ) from err
         self._workers: list[_Worker | None] = [None] * num_workers
-        self._client_fn: ClientFn | None = None
+        self._slots = self._workers
+        self._init_pool()
         self._payload_bytes: bytes | None = None
-        self._generation = 0
-        self._round: int | None = None
-        self._assignment: dict[ClientId, int] = {}
-        self._lost: dict[ClientId, str] = {}
-        """Clients of this round whose objects died with their worker, and why."""
-        self._seq = 0
-        self._open_seq: int | None = None
-        self._closed = False
         # Refers to the list, not to self, so a dropped backend is collected
         # and its workers stopped (at interpreter exit at the latest).
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
@@ -356,60 +314,9 @@ class ProcessPoolBackend:
         """
         if self._closed:
             raise RuntimeError("this ProcessPoolBackend is closed")
-        self._abandon_stage()
-        if request.round_idx != self._round:
-            self._forget_round()
-            self._round = request.round_idx
-        if client_fn is not self._client_fn:
-            self._set_client_fn(client_fn)
-        self._seq += 1
-        seq = self._seq
-        order = list(request.messages)
-        early: list[StageReply] = []
-        groups: dict[int, list[ClientId]] = {}
-        loads = [0] * self.num_workers
-        for client_id in order:
-            if client_id in self._lost:
-                early.append(self._lost_reply(client_id, request.stage))
-                continue
-            index = self._assignment.get(client_id)
-            if index is None:
-                index = min(range(self.num_workers), key=loads.__getitem__)
-                self._assignment[client_id] = index
-            loads[index] += 1
-            groups.setdefault(index, []).append(client_id)
-        self._open_seq = seq
+        seq, order, early, groups = self._open_stage(request, client_fn)
         self._dispatch(request, seed, seq, groups)
-        replies = self._collect(request, seed, seq, early)
-        if not self.ordered:
-            return replies
-        return _in_order(order, replies)
-
-    def end_round(self) -> None:
-        """Drop the clients of the round in every worker."""
-        self._abandon_stage()
-        self._forget_round()
-        self._round = None
-
-    def close(self) -> None:
-        """Stop every worker (idempotent; also done when garbage-collected)."""
-        if self._closed:
-            return
-        self._abandon_stage()
-        self._finalizer()
-        self._client_fn = None
-        self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        return self._arrange(order, self._collect(request, seed, seq, early))
 
     def __repr__(self) -> str:
         return (
@@ -455,7 +362,7 @@ class ProcessPoolBackend:
         self._workers[index] = worker
         return worker
 
-    def _stop_worker(self, index: int) -> None:
+    def _discard(self, index: int) -> None:
         worker = self._workers[index]
         if worker is not None:
             self._workers[index] = None
@@ -473,7 +380,7 @@ class ProcessPoolBackend:
         for index in groups:
             worker = self._workers[index]
             if worker is not None and not worker.process.is_alive():
-                self._worker_lost(index, "died while idle")
+                self._slot_lost(index, "died while idle")
                 worker = None
             if worker is None:
                 worker = self._start_worker(index)
@@ -500,54 +407,18 @@ class ProcessPoolBackend:
         seq: int,
         client_ids: list[ClientId],
     ) -> None:
-        batch = StageRequest(
-            request.stage,
-            request.round_idx,
-            {client_id: request.messages[client_id] for client_id in client_ids},
-            request.timeout_s,
-        )
+        batch = _share(request, client_ids)
         worker.pending = deque(client_ids)
         worker.clock = time.monotonic()
         _post(worker.conn, ("stage", seq, batch, seed))
 
-    def _forget_round(self) -> None:
-        for worker in self._workers:
-            if worker is None:
-                continue
-            worker.built.clear()
-            _post(worker.conn, ("end_round",))
-        self._assignment.clear()
-        self._lost.clear()
+    def _end_round_on(self, slot: _Worker) -> None:
+        _post(slot.conn, ("end_round",))
 
-    def _worker_lost(self, index: int, why: str) -> None:
-        """Forget worker ``index`` and mark the clients it held as lost."""
-        worker = self._workers[index]
-        if worker is None:
-            return
-        for client_id in worker.built:
-            self._lost.setdefault(
-                client_id, f"its worker process {why} earlier in this round"
-            )
-        self._stop_worker(index)
-
-    def _abandon_stage(self) -> None:
-        """Stop workers still busy with a stage whose replies nobody reads."""
-        if self._open_seq is None:
-            return
-        self._open_seq = None
-        for index, worker in enumerate(self._workers):
-            if worker is not None and worker.is_busy:
-                worker.built.update(worker.pending)
-                self._worker_lost(index, "was stopped with a stage unfinished")
-
-    def _lost_reply(self, client_id: ClientId, stage: str) -> StageReply:
-        failure = ClientFailure(
-            client_id,
-            stage,
-            FailureKind.ERROR,
-            f"client state lost: {self._lost[client_id]}",
-        )
-        return StageReply(client_id, failure=failure)
+    def _take_pending(self, slot: _Worker) -> Iterator[ClientId]:
+        # One at a time, as they are asked for.
+        while slot.pending:
+            yield slot.pending.popleft()
 
     # -- collecting replies ---------------------------------------------------
 
@@ -581,17 +452,12 @@ class ProcessPoolBackend:
                     if worker.is_busy and now >= self._deadline(worker, request):
                         yield from self._on_hang(worker, request, seed, seq)
         finally:
-            if self._open_seq == seq and not any(
-                w is not None and w.is_busy for w in self._workers
-            ):
-                self._open_seq = None
+            self._stage_done(seq)
 
     def _deadline(self, worker: _Worker, request: StageRequest) -> float:
         if not worker.is_ready:
             return worker.started_at + self.start_timeout_s
-        if request.timeout_s is None:
-            return float("inf")
-        return worker.clock + request.timeout_s + self.grace_s
+        return self._client_deadline(worker.clock, request)
 
     def _drain(
         self, worker: _Worker, request: StageRequest, seq: int
@@ -647,8 +513,8 @@ class ProcessPoolBackend:
                 f"the worker process died while starting ({why}); "
                 "it could not load client_fn"
             )
-            yield from self._fail_all(worker, request, FailureKind.ERROR, message)
-            self._worker_lost(worker.index, f"died ({why})")
+            yield from self._fail_all(worker, request.stage, message)
+            self._slot_lost(worker.index, f"died ({why})")
             return
         client_id = worker.pending.popleft()
         worker.built.add(client_id)
@@ -675,16 +541,12 @@ class ProcessPoolBackend:
                 f"the worker process did not start and load client_fn within "
                 f"{self.start_timeout_s} s"
             )
-            yield from self._fail_all(worker, request, FailureKind.ERROR, message)
-            self._worker_lost(worker.index, "did not start")
+            yield from self._fail_all(worker, request.stage, message)
+            self._slot_lost(worker.index, "did not start")
             return
         client_id = worker.pending.popleft()
         worker.built.add(client_id)
-        limit = (request.timeout_s or 0.0) + self.grace_s
-        message = (
-            f"no reply within {limit:.3f} s (deadline {request.timeout_s} s plus "
-            f"{self.grace_s} s grace); its worker process was stopped"
-        )
+        limit, message = self._hang_limit(request, "its worker process was stopped")
         logger.warning(
             "client %s: no reply in stage %r of round %d within %.3f s; "
             "stopping worker %d",
@@ -697,30 +559,14 @@ class ProcessPoolBackend:
         yield _failure(client_id, request.stage, FailureKind.TIMEOUT, message)
         yield from self._restart(worker, request, seed, seq, "was stopped as hung")
 
-    def _fail_all(
-        self, worker: _Worker, request: StageRequest, kind: FailureKind, message: str
-    ) -> Iterator[StageReply]:
-        while worker.pending:
-            client_id = worker.pending.popleft()
-            worker.built.add(client_id)
-            yield _failure(client_id, request.stage, kind, message)
-
     def _restart(
         self, worker: _Worker, request: StageRequest, seed: int, seq: int, why: str
     ) -> Iterator[StageReply]:
-        """Replace ``worker`` and hand it the clients it had not started.
-
-        Those among them whose objects (from an earlier stage of this round)
-        died with the worker fail instead: a rebuilt client would lack the
-        state the protocol relies on.
-        """
+        """Replace ``worker`` and hand it the clients it had not started."""
         remaining = list(worker.pending)
         worker.pending.clear()
-        self._worker_lost(worker.index, why)
-        rerun = [c for c in remaining if c not in self._lost]
-        for client_id in remaining:
-            if client_id in self._lost:
-                yield self._lost_reply(client_id, request.stage)
+        failed, rerun = self._replace(worker, remaining, request.stage, why)
+        yield from failed
         if rerun:
             fresh = self._start_worker(worker.index)
             self._send_init(fresh, self._payload())
@@ -768,29 +614,3 @@ def _post(conn: Connection, message: tuple[Any, ...] | bytes) -> bool:
     except OSError:
         return False
     return True
-
-
-def _failure(
-    client_id: ClientId, stage: str, kind: FailureKind, message: str
-) -> StageReply:
-    return StageReply(client_id, failure=ClientFailure(client_id, stage, kind, message))
-
-
-def _in_order(
-    order: list[ClientId], replies: Iterator[StageReply]
-) -> Iterator[StageReply]:
-    """Yield ``replies`` in ``order``, holding back those that come early."""
-    waiting: dict[ClientId, StageReply] = {}
-    position = 0
-    try:
-        for reply in replies:
-            waiting[reply.client_id] = reply
-            while position < len(order) and order[position] in waiting:
-                yield waiting.pop(order[position])
-                position += 1
-        # Anything left (a reply for an unexpected id) goes out last.
-        yield from waiting.values()
-    finally:
-        close: Callable[[], None] | None = getattr(replies, "close", None)
-        if close is not None:
-            close()

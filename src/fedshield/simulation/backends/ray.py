@@ -86,22 +86,25 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from fedshield.core import Client, ClientId
 from fedshield.errors import ConfigError, TransportError
-from fedshield.simulation.backends.base import ClientFn
-from fedshield.simulation.backends.process import (
+from fedshield.simulation.backends._pool import (
+    _check_deadlines,
+    _check_workers,
     _failing_client_fn,
     _failure,
-    _in_order,
+    _load_client_fn,
     _pin_torch_threads,
     _pinning,
+    _PoolBackend,
+    _share,
+    _unsent_reply,
 )
+from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
 from fedshield.simulation.protocol import (
-    ClientFailure,
     FailureKind,
     StageReply,
     StageRequest,
@@ -136,13 +139,7 @@ def _dump_reply(reply: StageReply, stage: str) -> bytes:
         return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as err:  # an unpicklable reply fails its client only
         return pickle.dumps(
-            _failure(
-                reply.client_id,
-                stage,
-                FailureKind.ERROR,
-                "the reply could not be sent from the Ray worker: "
-                f"{type(err).__name__}: {err}",
-            ),
+            _unsent_reply(reply, stage, "the Ray worker", err),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
 
@@ -170,14 +167,7 @@ class _ClientActor:
 
     def load(self, payload: bytes) -> tuple[int, str, str | None]:
         """Unpickle ``client_fn``; return this worker's pid, node and any error."""
-        error: str | None = None
-        try:
-            self.client_fn = pickle.loads(payload)
-        except Exception as err:
-            error = f"{type(err).__name__}: {err}"
-            self.client_fn = _failing_client_fn(
-                f"the Ray worker could not load client_fn: {error}"
-            )
+        self.client_fn, error = _load_client_fn(payload, "the Ray worker")
         del payload
         _pin_torch_threads(self.torch_threads)
         return os.getpid(), _node_address(), error
@@ -311,7 +301,7 @@ def _describe_death(err: BaseException) -> str:
     return lines[-1][:200] if lines else type(err).__name__
 
 
-class RayBackend:
+class RayBackend(_PoolBackend[_Actor]):
     """Runs clients in parallel in a fixed pool of Ray actors.
 
     Gives the same replies as :class:`SequentialBackend` for the same seed:
@@ -374,6 +364,8 @@ class RayBackend:
     ...     run_rounds(strategy, state, backend=backend, ...)
     """
 
+    _worker_noun = "Ray worker"
+
     def __init__(
         self,
         address: str | None = None,
@@ -394,15 +386,7 @@ class RayBackend:
                 f"`address` of RayBackend must be None or a non-empty string; "
                 f"got {address!r}"
             )
-        if num_workers is not None:
-            if isinstance(num_workers, bool) or not isinstance(num_workers, int):
-                raise ConfigError(
-                    f"`num_workers` must be an int; got {type(num_workers).__name__}"
-                )
-            if num_workers < 1:
-                raise ConfigError(f"`num_workers` must be >= 1; got {num_workers}")
-        if torch_threads < 1:
-            raise ConfigError(f"`torch_threads` must be >= 1; got {torch_threads}")
+        _check_workers(num_workers, torch_threads)
         if num_cpus is not None:
             if address is not None:
                 raise ConfigError(
@@ -415,10 +399,7 @@ class RayBackend:
             raise ConfigError(f"`cpus_per_worker` must be >= 0; got {cpus_per_worker}")
         if not gpus_per_worker >= 0:
             raise ConfigError(f"`gpus_per_worker` must be >= 0; got {gpus_per_worker}")
-        if not grace_s >= 0:
-            raise ConfigError(f"`grace_s` must be >= 0; got {grace_s}")
-        if not start_timeout_s > 0:
-            raise ConfigError(f"`start_timeout_s` must be > 0; got {start_timeout_s}")
+        _check_deadlines(grace_s, start_timeout_s)
         # Fail here, not at the first round, when the extra is missing.
         _import_ray()
         self.address = address
@@ -435,18 +416,11 @@ class RayBackend:
         self._session = _Session()
         self._actor_class: Any = None
         self._actors: list[_Actor | None] = []
-        self._client_fn: ClientFn | None = None
+        self._slots = self._actors
+        self._init_pool()
         self._client_fn_ref: Any = None
-        self._generation = 0
-        self._round: int | None = None
-        self._assignment: dict[ClientId, int] = {}
-        self._lost: dict[ClientId, str] = {}
-        """Clients of this round whose objects died with their actor, and why."""
-        self._seq = 0
-        self._open_seq: int | None = None
         self._stage: tuple[StageRequest, int] | None = None
         """The open stage's request and seed (to hand clients to a new actor)."""
-        self._closed = False
         # Refers to the list and the session, not to self, so a dropped
         # backend is collected and its actors stopped.
         self._finalizer = weakref.finalize(self, _shutdown, self._actors, self._session)
@@ -571,67 +545,22 @@ class RayBackend:
         if self._closed:
             raise RuntimeError("this RayBackend is closed")
         self.start()
-        self._abandon_stage()
-        if request.round_idx != self._round:
-            self._forget_round()
-            self._round = request.round_idx
-        if client_fn is not self._client_fn:
-            self._set_client_fn(client_fn)
-        self._seq += 1
-        seq = self._seq
-        order = list(request.messages)
-        early: list[StageReply] = []
-        groups: dict[int, list[ClientId]] = {}
-        loads = [0] * len(self._actors)
-        for client_id in order:
-            if client_id in self._lost:
-                early.append(self._lost_reply(client_id, request.stage))
-                continue
-            index = self._assignment.get(client_id)
-            if index is None:
-                index = min(range(len(self._actors)), key=loads.__getitem__)
-                self._assignment[client_id] = index
-            loads[index] += 1
-            groups.setdefault(index, []).append(client_id)
-        self._open_seq = seq
+        seq, order, early, groups = self._open_stage(request, client_fn)
         self._stage = (request, seed)
         for index, client_ids in groups.items():
             actor = self._actors[index]
             if actor is None:
                 actor = self._start_actor(index)
             self._assign(actor, seq, client_ids)
-        replies = self._collect(request, seq, early)
-        if not self.ordered:
-            return replies
-        return _in_order(order, replies)
-
-    def end_round(self) -> None:
-        """Drop the clients of the round in every actor."""
-        self._abandon_stage()
-        self._forget_round()
-        self._round = None
+        return self._arrange(order, self._collect(request, seq, early))
 
     def close(self) -> None:
         """Stop every actor, and Ray if this backend started it (idempotent)."""
-        if self._closed:
-            return
-        self._abandon_stage()
-        self._finalizer()
-        self._client_fn = None
+        super().close()
+
+    def _release(self) -> None:
         self._client_fn_ref = None
         self._stage = None
-        self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
@@ -664,12 +593,7 @@ class RayBackend:
         """Give ``actor`` its share of the open stage and submit it."""
         assert self._stage is not None
         request, seed = self._stage
-        batch = StageRequest(
-            request.stage,
-            request.round_idx,
-            {client_id: request.messages[client_id] for client_id in client_ids},
-            request.timeout_s,
-        )
+        batch = _share(request, client_ids)
         actor.batch = pickle.dumps((batch, seed), protocol=pickle.HIGHEST_PROTOCOL)
         actor.queue = deque(client_ids)
         self._advance(actor, seq)
@@ -702,7 +626,7 @@ class RayBackend:
             return _Call(ref, "client", client_id)
         return None
 
-    def _kill_actor(self, index: int) -> None:
+    def _discard(self, index: int) -> None:
         actor = self._actors[index]
         if actor is None:
             return
@@ -713,45 +637,17 @@ class RayBackend:
         with contextlib.suppress(Exception):  # already dead is fine
             self._session.ray.kill(actor.handle, no_restart=True)
 
-    def _actor_lost(self, index: int, why: str) -> None:
-        """Forget actor ``index`` and mark the clients it held as lost."""
-        actor = self._actors[index]
-        if actor is None:
-            return
-        for client_id in actor.built:
-            self._lost.setdefault(
-                client_id, f"its Ray worker {why} earlier in this round"
-            )
-        self._kill_actor(index)
+    def _end_round_on(self, slot: _Actor) -> None:
+        with contextlib.suppress(Exception):  # a dead actor shows later
+            slot.handle.end_round.remote()
 
-    def _forget_round(self) -> None:
-        for actor in self._actors:
-            if actor is None:
-                continue
-            actor.built.clear()
-            with contextlib.suppress(Exception):  # a dead actor shows later
-                actor.handle.end_round.remote()
-        self._assignment.clear()
-        self._lost.clear()
-
-    def _abandon_stage(self) -> None:
-        """Kill actors still busy with a stage whose replies nobody reads."""
-        if self._open_seq is None:
-            return
-        self._open_seq = None
-        for index, actor in enumerate(self._actors):
-            if actor is not None and actor.is_busy:
-                actor.built.update(actor.pending_clients())
-                self._actor_lost(index, "was stopped with a stage unfinished")
-
-    def _lost_reply(self, client_id: ClientId, stage: str) -> StageReply:
-        failure = ClientFailure(
-            client_id,
-            stage,
-            FailureKind.ERROR,
-            f"client state lost: {self._lost[client_id]}",
-        )
-        return StageReply(client_id, failure=failure)
+    def _take_pending(self, slot: _Actor) -> list[ClientId]:
+        # All at once: nothing is left to submit.
+        failed = slot.pending_clients()
+        slot.inflight.clear()
+        slot.queue.clear()
+        slot.batch = None
+        return failed
 
     # -- collecting replies ---------------------------------------------------
 
@@ -776,17 +672,12 @@ class RayBackend:
                     if actor.inflight and now >= self._deadline(actor, request):
                         yield from self._on_hang(actor, request, seq)
         finally:
-            if self._open_seq == seq and not any(
-                a is not None and a.is_busy for a in self._actors
-            ):
-                self._open_seq = None
+            self._stage_done(seq)
 
     def _deadline(self, actor: _Actor, request: StageRequest) -> float:
         if actor.inflight[0].kind != "client":
             return actor.clock + self.start_timeout_s
-        if request.timeout_s is None:
-            return math.inf
-        return actor.clock + request.timeout_s + self.grace_s
+        return self._client_deadline(actor.clock, request)
 
     def _drain(
         self, actor: _Actor, request: StageRequest, seq: int
@@ -879,8 +770,8 @@ class RayBackend:
                 f"the {actor.describe()} died while starting ({why}); "
                 "it could not load client_fn or this stage's messages"
             )
-            yield from self._fail_all(actor, request, FailureKind.ERROR, message)
-            self._actor_lost(actor.index, f"died ({why})")
+            yield from self._fail_all(actor, request.stage, message)
+            self._slot_lost(actor.index, f"died ({why})")
             return
         actor.inflight.popleft()
         actor.built.add(call.client_id)
@@ -910,16 +801,12 @@ class RayBackend:
                 f"the {actor.describe()} did not start and load client_fn within "
                 f"{self.start_timeout_s} s"
             )
-            yield from self._fail_all(actor, request, FailureKind.ERROR, message)
-            self._actor_lost(actor.index, "did not start")
+            yield from self._fail_all(actor, request.stage, message)
+            self._slot_lost(actor.index, "did not start")
             return
         actor.inflight.popleft()
         actor.built.add(call.client_id)
-        limit = (request.timeout_s or 0.0) + self.grace_s
-        message = (
-            f"no reply within {limit:.3f} s (deadline {request.timeout_s} s plus "
-            f"{self.grace_s} s grace); its {actor.describe()} was killed"
-        )
+        limit, message = self._hang_limit(request, f"its {actor.describe()} was killed")
         logger.warning(
             "client %s: no reply in stage %r of round %d within %.3f s; killing %s",
             call.client_id,
@@ -931,17 +818,6 @@ class RayBackend:
         yield _failure(call.client_id, request.stage, FailureKind.TIMEOUT, message)
         yield from self._restart(actor, request, seq, "was killed as hung", False)
 
-    def _fail_all(
-        self, actor: _Actor, request: StageRequest, kind: FailureKind, message: str
-    ) -> Iterator[StageReply]:
-        failed = actor.pending_clients()
-        actor.inflight.clear()
-        actor.queue.clear()
-        actor.batch = None
-        for client_id in failed:
-            actor.built.add(client_id)
-            yield _failure(client_id, request.stage, kind, message)
-
     def _restart(
         self,
         actor: _Actor,
@@ -950,18 +826,10 @@ class RayBackend:
         why: str,
         is_careful: bool,
     ) -> Iterator[StageReply]:
-        """Replace ``actor`` and hand it the clients it had not answered.
-
-        Those among them whose objects (from an earlier stage of this round)
-        died with the actor fail instead: a rebuilt client would lack the
-        state the protocol relies on.
-        """
+        """Replace ``actor`` and hand it the clients it had not answered."""
         remaining = actor.pending_clients()
-        self._actor_lost(actor.index, why)
-        rerun = [c for c in remaining if c not in self._lost]
-        for client_id in remaining:
-            if client_id in self._lost:
-                yield self._lost_reply(client_id, request.stage)
+        failed, rerun = self._replace(actor, remaining, request.stage, why)
+        yield from failed
         if rerun:
             fresh = self._start_actor(actor.index, is_careful=is_careful)
             self._assign(fresh, seq, rerun)
