@@ -11,6 +11,8 @@ client_id)``.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -301,3 +303,94 @@ class BackendContract:
             assert got.keys() == want.keys()
             for key in got:
                 assert got[key] == pytest.approx(want[key], rel=rtol, abs=rtol), key
+
+
+class PoolBackendContract(BackendContract):
+    """Cases of backends that run clients in a pool of workers.
+
+    Subclasses set the words their failure messages use: ``worker_noun``
+    (e.g. ``"worker process"``), ``death_details`` (kind of death -> text
+    the message must also hold) and ``hung_words`` (for a hung worker).
+    """
+
+    worker_noun: str = ""
+    death_details: dict[str, str] = {}  # noqa: RUF012 - read-only per class
+    hung_words: tuple[str, ...] = ()
+
+    def test_replies_come_in_request_order(self, backend):
+        # The first client is slow, so the others finish first and must wait.
+        client_fn = FakeClients(6, {"5": "sleep"}, sleep_s=0.3)
+        ids = ["5", "0", "3", "1", "4", "2"]
+        replies = backend.run_stage(fit_request(ids), client_fn=client_fn, seed=SEED)
+        assert [reply.client_id for reply in replies] == ids
+
+    def test_client_fn_is_loaded_once_by_each_worker(self, backend, tmp_path):
+        log = tmp_path / "loads.log"
+        client_fn = FakeClients(6, load_log=log)
+        ids = client_fn.client_ids
+        collect(backend, fit_request(ids, round_idx=0), client_fn)
+        collect(backend, evaluate_request(ids, round_idx=0), client_fn)
+        backend.end_round()
+        collect(backend, fit_request(ids, round_idx=1), client_fn)
+        pids = read_log(log)
+        assert len(pids) == 2 and len(set(pids)) == 2
+        assert str(os.getpid()) not in pids
+
+    @pytest.mark.parametrize("kind", ["exit", "segfault"])
+    def test_dead_worker_fails_only_its_client_and_is_replaced(self, backend, kind):
+        client_fn = FakeClients(8, {"4": kind})
+        ids = client_fn.client_ids
+        got = collect(backend, fit_request(ids), client_fn)
+        failure = got["4"].failure
+        assert failure is not None and failure.kind == FailureKind.ERROR
+        assert self.worker_noun in failure.message and "died" in failure.message
+        assert self.death_details.get(kind, "") in failure.message
+        want = reference(fit_request([c for c in ids if c != "4"]), client_fn)
+        for client_id, reply in want.items():
+            assert_same_update(got[client_id], reply)
+
+        # Worker 0 ran 0, 2, 4 (died) and, replaced, 6. The objects of 0 and
+        # 2 died with it: later stages of the round say so rather than
+        # silently talking to a rebuilt client.
+        evaluated = collect(backend, evaluate_request(ids), client_fn)
+        lost = {c for c, reply in evaluated.items() if not reply.ok}
+        assert lost == {"0", "2", "4"}
+        assert all("client state lost" in evaluated[c].failure.message for c in lost)
+        assert evaluated["6"].value["fits"] == 1.0
+
+        backend.end_round()
+        healthy = FakeClients(8)
+        request = fit_request(ids, round_idx=1)
+        got = collect(backend, request, healthy)
+        want = reference(request, healthy)
+        for client_id in ids:
+            assert_same_update(got[client_id], want[client_id])
+
+    def test_hung_client_times_out_and_its_worker_is_replaced(self, backend):
+        client_fn = FakeClients(6, {"2": "hang"})
+        ids = client_fn.client_ids
+        started = time.monotonic()
+        got = collect(backend, fit_request(ids, timeout_s=0.3), client_fn)
+        assert time.monotonic() - started < 10
+        failure = got["2"].failure
+        assert failure is not None and failure.kind == FailureKind.TIMEOUT
+        assert all(word in failure.message for word in self.hung_words)
+        want = reference(fit_request([c for c in ids if c != "2"]), client_fn)
+        for client_id, reply in want.items():
+            assert_same_update(got[client_id], reply)
+
+        backend.end_round()
+        got = collect(backend, fit_request(ids, round_idx=1), FakeClients(6))
+        assert all(reply.ok for reply in got.values())
+
+    def test_abandoned_stage_does_not_disturb_the_next(self, backend):
+        client_fn = FakeClients(6)
+        ids = client_fn.client_ids
+        replies = backend.run_stage(fit_request(ids), client_fn=client_fn, seed=SEED)
+        assert next(iter(replies)).client_id == "0"
+        del replies  # nobody reads the rest
+        request = fit_request(ids, round_idx=1)
+        got = collect(backend, request, client_fn)
+        want = reference(request, client_fn)
+        for client_id in ids:
+            assert_same_update(got[client_id], want[client_id])
