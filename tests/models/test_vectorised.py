@@ -187,6 +187,107 @@ def test_custom_mean_loss_is_evaluated_per_example(datasets: Datasets) -> None:
     _assert_same(got, _sequential(model, params, datasets, config), params)
 
 
+# --- the hand-differentiated path for plain chains -------------------------
+
+
+def _chain(*layers: nn.Module) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(*layers)
+
+
+CHAINS = {
+    "tanh-sigmoid": _chain(
+        nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 12), nn.Sigmoid(), nn.Linear(12, 10)
+    ),
+    "leaky-identity": _chain(
+        nn.Linear(64, 16), nn.LeakyReLU(0.2), nn.Identity(), nn.Linear(16, 10)
+    ),
+    "no-bias": _chain(
+        nn.Linear(64, 16, bias=False), nn.ReLU(), nn.Linear(16, 10, bias=False)
+    ),
+    # a Linear over the last axis of (batch, 8, 8) inputs, then flattened
+    "rank-3-linear": _chain(
+        nn.Linear(8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(40, 10)
+    ),
+    "flatten-logistic": _chain(nn.Flatten(), nn.Linear(64, 10)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_plain_chains_match_sequential_training(name: str, datasets: Datasets) -> None:
+    model = TorchModel(CHAINS[name])
+    if name == "rank-3-linear":
+        datasets = [(x.reshape(-1, 8, 8), y) for x, y in datasets]
+    params = model.init_params(6)
+    config = _config(0.1)
+
+    got = train_many(model, params, datasets, config, rngs=_rngs(len(datasets)))
+
+    _assert_same(got, _sequential(model, params, datasets, config), params)
+
+
+def test_chain_detection() -> None:
+    from fedshield.models.vectorised import _linear_chain
+
+    assert _linear_chain(build_module("mlp", input_shape=(64,), num_classes=10))
+    assert _linear_chain(build_module("logistic", input_shape=(64,), num_classes=3))
+    assert (
+        _linear_chain(build_module("cnn", input_shape=(1, 8, 8), num_classes=3)) is None
+    )
+    assert _linear_chain(CHAINS["rank-3-linear"]())
+    unflatten = nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Linear(8, 3))
+    assert _linear_chain(unflatten) is None  # not a chain layer: the vmap path
+    hooked = build_module("mlp", input_shape=(64,), num_classes=10)
+    hooked[0].register_forward_hook(lambda *_: None)
+    assert _linear_chain(hooked) is None  # a hook may change the output
+
+    class Doubled(nn.ReLU):
+        def forward(self, x: Tensor) -> Tensor:
+            return 2 * super().forward(x)
+
+    assert _linear_chain(nn.Sequential(nn.Linear(3, 3), Doubled())) is None
+
+
+def test_chain_and_vmap_steps_give_the_same_gradient() -> None:
+    from fedshield.models.vectorised import _chain_step, _linear_chain, _vmap_step
+
+    module = CHAINS["tanh-sigmoid"]()
+    layers = _linear_chain(module)
+    assert layers is not None
+    gen = torch.Generator().manual_seed(0)
+    params = {
+        n: torch.randn((3, *p.shape), generator=gen)
+        for n, p in module.named_parameters()
+    }
+    x = torch.randn((3, 5, 64), generator=gen)
+    y = torch.randint(0, 10, (3, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]).bool()
+
+    g1, out1, loss1 = _chain_step(layers)(params, x, y, mask)
+    g2, out2, loss2 = _vmap_step(module, functional.cross_entropy)(params, x, y, mask)
+
+    torch.testing.assert_close(out1, out2)
+    torch.testing.assert_close(loss1, loss2)
+    for name in params:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-6)
+        assert float(g1[name].abs().max()) > 0
+
+
+def test_gathering_each_step_gives_what_gathering_once_gives(
+    datasets: Datasets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedshield.models.vectorised as vectorised
+
+    model = _builtin("mlp")
+    params = model.init_params(7)
+    config = _config(0.0)
+    once = train_many(model, params, datasets, config, rngs=_rngs(len(datasets)))
+
+    monkeypatch.setattr(vectorised, "_PREGATHER_BYTES", 0)
+    each = train_many(model, params, datasets, config, rngs=_rngs(len(datasets)))
+
+    _assert_same(each, once, params, rtol=0.0, atol=0.0)
+
+
 class _PartlyFrozen(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -45,6 +47,11 @@ class DatasetClients:
 
     Picklable, so process and Ray backends can ship it. A client's local test
     split (for federated evaluation) is drawn from ``(seed, client_id)``.
+
+    Clients built recently are kept for reuse (they hold only their rows, which
+    never change), least recently used first out, up to ``cache_bytes`` of
+    data: a client sampled again skips copying its rows. The cache is not
+    pickled; each process keeps its own.
     """
 
     def __init__(
@@ -55,12 +62,30 @@ class DatasetClients:
         *,
         client_test_fraction: float,
         seed: int,
+        cache_bytes: int = 64 * 2**20,
     ) -> None:
         self.model = model
         self.train = train
         self.parts = dict(parts)
         self.client_test_fraction = client_test_fraction
         self.seed = seed
+        self.cache_bytes = int(cache_bytes)
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._cache: OrderedDict[ClientId, tuple[TorchClient, int]] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_cache", "_cached_bytes", "_lock"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_cache()
 
     def local_split(self, client_id: ClientId) -> tuple[np.ndarray, np.ndarray]:
         """Row indices of the client's local train and test splits.
@@ -76,11 +101,31 @@ class DatasetClients:
             raise KeyError(f"no client {client_id!r} in this federation") from None
         n_test = round(self.client_test_fraction * len(indices))
         n_test = min(n_test, len(indices) - 1)
+        if n_test <= 0:  # every row trains: no shuffle to draw
+            return np.sort(indices), indices[:0]
         order = derive_rng(self.seed, "local-split", client_id).permutation(indices)
         return np.sort(order[n_test:]), np.sort(order[:n_test])
 
     def __call__(self, client_id: ClientId) -> TorchClient:
         """The client ``client_id``."""
+        with self._lock:
+            hit = self._cache.get(client_id)
+            if hit is not None:
+                self._cache.move_to_end(client_id)
+                return hit[0]
+        client = self._build(client_id)
+        size = client.nbytes
+        if size <= self.cache_bytes:
+            with self._lock:
+                if client_id not in self._cache:
+                    self._cache[client_id] = (client, size)
+                    self._cached_bytes += size
+                while self._cached_bytes > self.cache_bytes:
+                    _, (_, old) = self._cache.popitem(last=False)
+                    self._cached_bytes -= old
+        return client
+
+    def _build(self, client_id: ClientId) -> TorchClient:
         from fedshield.models import TorchClient
 
         train_idx, test_idx = self.local_split(client_id)

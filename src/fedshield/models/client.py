@@ -109,6 +109,12 @@ class TorchClient:
         return self._x_train, self._y_train
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of local data the client holds (train and test)."""
+        arrays = (self._x_train, self._y_train, self._x_test, self._y_test)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
     def num_train_examples(self) -> int:
         """Number of local training examples."""
         return int(self._y_train.shape[0])

@@ -3,7 +3,11 @@
 Every file is written to a temporary name in the same directory and moved
 into place with :func:`os.replace`, so a crash leaves the previous version.
 ``metrics.jsonl`` is appended one flushed line per round; on resume it is cut
-back to the rounds the checkpoint covers.
+back to the rounds the checkpoint covers. The per-round files (the metrics
+line and the checkpoint) are written at once and made durable (``fsync``, then
+the checkpoint's rename) on a background thread, in order, while the next
+round trains; :meth:`RunDirectory.flush` waits for them, and every other
+method of :class:`RunDirectory` flushes first.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, RunDirectoryError
+from fedshield.simulation.files import SyncBehind, append_line
 from fedshield.simulation.files import atomic_write as _atomic_write
 from fedshield.simulation.state_store import (
     ClientStateStore,
@@ -69,6 +73,17 @@ class RunDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._syncer = SyncBehind()
+
+    def flush(self) -> None:
+        """Wait until the files of past rounds are on disk under their names.
+
+        Raises
+        ------
+        RunDirectoryError
+            If writing one of them failed.
+        """
+        self._syncer.flush()
 
     def file(self, name: str) -> Path:
         """Path of one of the run's files."""
@@ -87,6 +102,7 @@ class RunDirectory:
             If it holds a run and neither ``resume`` nor ``overwrite`` is set,
             or ``resume`` is set and there is no checkpoint.
         """
+        self.flush()
         if resume:
             if not self.file(CHECKPOINT).exists():
                 raise CheckpointError(
@@ -114,6 +130,7 @@ class RunDirectory:
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a text file atomically."""
+        self.flush()
         path = self.file(name)
         _atomic_write(path, text.encode("utf-8"))
         return path
@@ -124,25 +141,24 @@ class RunDirectory:
 
     def read_json(self, name: str) -> dict[str, Any]:
         """Read a JSON file of the run."""
+        self.flush()
         data: dict[str, Any] = json.loads(self.file(name).read_text("utf-8"))
         return data
 
     def append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
-        """Append one JSON line, flushed to disk."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with self.file(name).open("a", encoding="utf-8") as handle:
-                handle.write(dumps(record) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as err:
-            raise RunDirectoryError(f"cannot write {self.file(name)}: {err}") from err
+        """Append one JSON line; it is written and flushed in the background.
+
+        The line is queued behind the files written before it (see
+        :meth:`flush`); a reader of the file should call :meth:`flush` first.
+        """
+        append_line(self.file(name), dumps(record) + "\n", syncer=self._syncer)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The per-round records written so far (unparsable lines skipped)."""
         return self._read_jsonl(METRICS)
 
     def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        self.flush()
         path = self.file(name)
         if not path.exists():
             return []
@@ -178,11 +194,15 @@ class RunDirectory:
         needs removed, so a crash at any point leaves a consistent pair.
         """
         path = self.file(CHECKPOINT)
-        if client_states is not None:
-            client_states.persist(self.path, state.round_idx)
+        if client_states is None:
+            # Written on the background thread, after this round's metrics
+            # line: a crash leaves the previous checkpoint.
+            _atomic_write(path, state.to_bytes(), syncer=self._syncer)
+            return path
+        self.flush()
+        client_states.persist(self.path, state.round_idx)
         _atomic_write(path, state.to_bytes())
-        if client_states is not None:
-            client_states.prune(self.path, state.round_idx)
+        client_states.prune(self.path, state.round_idx)
         return path
 
     def load_client_states(
@@ -195,6 +215,7 @@ class RunDirectory:
         CheckpointError
             If they are missing or corrupt.
         """
+        self.flush()
         return load_client_states(kind, self.path, round_idx)
 
     def load_checkpoint(self) -> ServerState:
@@ -205,6 +226,7 @@ class RunDirectory:
         CheckpointError
             If it is missing or corrupt.
         """
+        self.flush()
         path = self.file(CHECKPOINT)
         try:
             data = path.read_bytes()

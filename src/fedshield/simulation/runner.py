@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedshield.core import ClientId, Params, ServerState, derive_rng
-from fedshield.errors import ConfigError, RoundFailedError
+from fedshield.errors import ConfigError, RoundFailedError, RunDirectoryError
 from fedshield.simulation.backends import Backend, ClientFn, SequentialBackend
 from fedshield.simulation.protocol import RoundProtocol, StageRequest
 from fedshield.simulation.rounds import FitRound, RoundResult
@@ -119,7 +120,9 @@ def run_rounds(
     ``num_clients``, ``seconds``, ...) is appended to ``metrics.jsonl`` and
     the state checkpointed atomically, in that order, when ``run_dir`` is
     given (with ``client_states``, for stateful strategies); then
-    ``on_round`` is called.
+    ``on_round`` is called. The files reach the disk in the background
+    (:class:`RunDirectory`); before returning or raising, this waits until
+    they have.
 
     Raises
     ------
@@ -132,48 +135,60 @@ def run_rounds(
     if eval_every < 1:
         raise ConfigError(f"`eval_every` must be >= 1; got {eval_every}")
     backend = backend if backend is not None else SequentialBackend()
-    while state.round_idx < rounds:
-        started = time.perf_counter()
-        result = run_round(
-            strategy,
-            state,
-            client_fn=client_fn,
-            client_ids=client_ids,
-            seed=seed,
-            backend=backend,
-            federated_eval=federated_eval,
-            timeout_s=timeout_s,
-            max_examples=max_examples,
-            client_states=client_states,
-        )
-        round_number = state.round_idx + 1
-        if run_dir is not None and result.failures:
-            for failure in result.failures:
-                run_dir.append_jsonl(
-                    FAILURES, {"round": round_number, **failure.to_json()}
-                )
-        if not result.completed:
-            raise RoundFailedError(
-                result.message
-                + ". Failures: "
-                + "; ".join(
-                    f"{f.client_id} ({f.kind}): {f.message}"
-                    for f in result.failures[:5]
-                )
+    try:
+        while state.round_idx < rounds:
+            started = time.perf_counter()
+            result = run_round(
+                strategy,
+                state,
+                client_fn=client_fn,
+                client_ids=client_ids,
+                seed=seed,
+                backend=backend,
+                federated_eval=federated_eval,
+                timeout_s=timeout_s,
+                max_examples=max_examples,
+                client_states=client_states,
             )
-        state = result.state
-        record: dict[str, Any] = {"round": round_number}
-        if evaluate_fn is not None and (
-            round_number % eval_every == 0 or round_number == rounds
-        ):
-            record.update({k: float(v) for k, v in evaluate_fn(state.params).items()})
-        else:
-            record.update({"accuracy": None, "loss": None})
-        record.update(result.metrics)
-        record["seconds"] = time.perf_counter() - started
+            round_number = state.round_idx + 1
+            if run_dir is not None and result.failures:
+                for failure in result.failures:
+                    run_dir.append_jsonl(
+                        FAILURES, {"round": round_number, **failure.to_json()}
+                    )
+            if not result.completed:
+                raise RoundFailedError(
+                    result.message
+                    + ". Failures: "
+                    + "; ".join(
+                        f"{f.client_id} ({f.kind}): {f.message}"
+                        for f in result.failures[:5]
+                    )
+                )
+            state = result.state
+            record: dict[str, Any] = {"round": round_number}
+            if evaluate_fn is not None and (
+                round_number % eval_every == 0 or round_number == rounds
+            ):
+                record.update(
+                    {k: float(v) for k, v in evaluate_fn(state.params).items()}
+                )
+            else:
+                record.update({"accuracy": None, "loss": None})
+            record.update(result.metrics)
+            record["seconds"] = time.perf_counter() - started
+            if run_dir is not None:
+                run_dir.append_jsonl(METRICS, record)
+                run_dir.save_checkpoint(state, client_states=client_states)
+            if on_round is not None:
+                on_round(state, record)
+    except BaseException:
         if run_dir is not None:
-            run_dir.append_jsonl(METRICS, record)
-            run_dir.save_checkpoint(state, client_states=client_states)
-        if on_round is not None:
-            on_round(state, record)
+            # Let the last completed round's files reach the disk, so the
+            # run can be resumed from there; the original error matters more.
+            with contextlib.suppress(RunDirectoryError):
+                run_dir.flush()
+        raise
+    if run_dir is not None:
+        run_dir.flush()  # the last rounds' files may still be on their way
     return state
