@@ -17,6 +17,7 @@ from fedshield.api.config import ExperimentConfig
 from fedshield.api.experiment import Federation, build_federation, build_strategy
 from fedshield.core import ServerState
 from fedshield.errors import CheckpointError, ConfigError, FedShieldError
+from fedshield.report.prefetch import PrefetchError, ReportPrefetch
 from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
 from fedshield.simulation.state_store import new_client_states
@@ -88,6 +89,7 @@ def simulate(
     on_round: RoundCallback | None = None,
     on_summary: Callable[[dict[str, Any]], None] | None = None,
     write_report: bool = True,
+    prefetch_report: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Run ``config`` and write its folder; return the summary and the folder.
 
@@ -103,7 +105,47 @@ def simulate(
     FedShieldError
         Any configuration, data, checkpoint or round failure (after the
         summary is written when the run had started).
+
+    Notes
+    -----
+    With ``prefetch_report`` (what ``fedshield simulate`` does), the report
+    is drawn by a helper process started now, which imports matplotlib on
+    another core while this one imports PyTorch and trains (see
+    :mod:`fedshield.report.prefetch`); if the helper fails, the report is
+    written here as usual.
     """
+    prefetch: ReportPrefetch | None = None
+    if prefetch_report and write_report and config.run.report:
+        prefetch = ReportPrefetch.start()
+    try:
+        return _simulate(
+            config,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            on_start=on_start,
+            on_round=on_round,
+            on_summary=on_summary,
+            write_report=write_report,
+            prefetch=prefetch,
+        )
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+def _simulate(
+    config: ExperimentConfig,
+    *,
+    out: Path | None,
+    resume: bool,
+    overwrite: bool,
+    on_start: StartCallback | None,
+    on_round: RoundCallback | None,
+    on_summary: Callable[[dict[str, Any]], None] | None,
+    write_report: bool,
+    prefetch: ReportPrefetch | None,
+) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     run_dir = RunDirectory(out if out is not None else Path("runs") / config.run.name)
     # Build (and so validate) everything before touching the folder.
@@ -146,6 +188,11 @@ def simulate(
         run_dir.write_json(PARTITION, federation.partition.to_json())
         run_dir.save_checkpoint(state, client_states=client_states)
     run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
+    if prefetch is not None:
+        try:
+            prefetch.partition(run_dir.path)
+        except PrefetchError as err:
+            logger.debug("report helper unavailable: %s", err)
     if on_start is not None:
         on_start(federation, state)
 
@@ -214,10 +261,21 @@ def simulate(
         if on_summary is not None:
             on_summary(summary)
         if write_report and config.run.report:
-            from fedshield.report import write_report as render
-
-            try:
-                render(run_dir.path)
-            except Exception:  # the report must never hide the run's outcome
-                logger.exception("could not write the report for %s", run_dir.path)
+            _write_report(run_dir.path, prefetch)
     return summary, run_dir.path
+
+
+def _write_report(path: Path, prefetch: ReportPrefetch | None) -> None:
+    """Write ``report.html``: by the helper if there is one, else here."""
+    if prefetch is not None:
+        try:
+            prefetch.write(path)
+            return
+        except PrefetchError as err:
+            logger.debug("report helper failed (%s); writing the report here", err)
+    from fedshield.report import write_report
+
+    try:
+        write_report(path)
+    except Exception:  # the report must never hide the run's outcome
+        logger.exception("could not write the report for %s", path)

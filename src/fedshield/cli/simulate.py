@@ -99,6 +99,7 @@ def run_simulate(
             on_start=on_start,
             on_round=on_round,
             on_summary=last.update,
+            prefetch_report=True,
         )
     except BaseException:
         # Scripts reading --format json get the summary of a failed run too.

@@ -623,6 +623,16 @@ def _write_atomic(target: Path, text: str) -> None:
         raise
 
 
+def prerender_partition(run_dir: Path) -> None:
+    """Draw ``run_dir``'s partition figure now; :func:`write_report` reuses it.
+
+    Nothing happens when the folder has no readable ``partition.json``.
+    """
+    partition = _read_partition(Path(run_dir) / "partition.json")
+    if partition is not None:
+        _partition_section(partition)
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` into a run directory.
 

@@ -269,6 +269,30 @@ def plot_partition(
         A PNG ``data:`` URI: a heat map of counts (clients × classes, with a
         colorbar) and, sharing its client axis, a bar chart of samples.
     """
+    key = (
+        tuple(client_ids),
+        label_counts.shape,
+        np.ascontiguousarray(label_counts, dtype=np.int64).tobytes(),
+        np.ascontiguousarray(num_samples, dtype=np.int64).tobytes(),
+    )
+    cached = _PARTITION_PLOTS.get(key)
+    if cached is None:
+        cached = _draw_partition(client_ids, label_counts, num_samples)
+        _PARTITION_PLOTS.clear()  # one partition per process is the use
+        _PARTITION_PLOTS[key] = cached
+    return cached
+
+
+# The last partition drawn: a report helper draws it early (see
+# fedshield.report.prefetch) and the report reuses it.
+_PARTITION_PLOTS: dict[tuple[Any, ...], str] = {}
+
+
+def _draw_partition(
+    client_ids: Sequence[str],
+    label_counts: NDArray[np.int64],
+    num_samples: NDArray[np.int64],
+) -> str:
     from matplotlib.ticker import MaxNLocator
 
     num_clients = label_counts.shape[0]
