@@ -36,10 +36,9 @@ def atomic_write(path: Path, data: bytes, *, syncer: SyncBehind | None = None) -
     # created exclusively, so no two writes ever share a temporary file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(tmp, flags, 0o644)
+            fd = _open_in_folder(tmp, flags)
         except FileExistsError:
             # Left by a crashed process that had our process id: stale.
             tmp.unlink()
@@ -85,8 +84,7 @@ def append_line(path: Path, line: str, *, syncer: SyncBehind | None = None) -> N
         is raised by the syncer's next call).
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = _open_in_folder(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as err:
         raise RunDirectoryError(f"cannot write {path}: {err}") from err
     try:
@@ -110,6 +108,15 @@ def append_line(path: Path, line: str, *, syncer: SyncBehind | None = None) -> N
         finish()
     else:
         syncer.submit(finish)
+
+
+def _open_in_folder(path: Path, flags: int) -> int:
+    """``os.open(path, flags, 0o644)``, making the folder first if missing."""
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o644)
 
 
 def _write_all(fd: int, data: bytes) -> None:
