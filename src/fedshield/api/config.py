@@ -136,6 +136,57 @@ class StrategySection(_Section):
         return self
 
 
+class PrivacySection(_Section):
+    """``[privacy]``: differential privacy and its accountant.
+
+    ``mode``: ``"none"`` (default), ``"central"`` (user-level DP-FedAvg: the
+    server clips each client's update and adds Gaussian noise to the sum),
+    ``"record"`` (DP-SGD inside each client), ``"local"`` (each client noises
+    its own update) or ``"distributed"`` (clients add shares of the noise
+    under secure aggregation; needs ``[secagg]``, not available yet).
+    """
+
+    mode: Literal["none", "central", "record", "local", "distributed"] = "none"
+    clip_norm: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["pld", "rdp"] = "pld"
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    secure_rng: bool = False
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    clipped_count_stddev: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacySection:
+        if self.mode == "none":
+            return self
+        if self.mode == "distributed":
+            raise ValueError(
+                'privacy.mode = "distributed" needs secure aggregation ([secagg]), '
+                'which this version does not have yet; use mode = "central" '
+                '(trusted server) or "local"'
+            )
+        if self.clip_norm is None:
+            raise ValueError(
+                f"privacy.mode = {self.mode!r} needs clip_norm (the L2 bound of "
+                "each client's update, or of each record's gradient in record "
+                "mode), e.g. clip_norm = 1.0"
+            )
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                f"privacy.mode = {self.mode!r} needs noise_multiplier, or "
+                "target_epsilon to calibrate it from"
+            )
+        if self.adaptive_clipping and self.mode != "central":
+            raise ValueError(
+                'privacy.adaptive_clipping applies to mode = "central" only'
+            )
+        return self
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: one TOML file."""
 
@@ -144,9 +195,16 @@ class ExperimentConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     client: ClientSection = Field(default_factory=ClientSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
+        if self.privacy.mode != "none" and self.strategy.name == "scaffold":
+            raise ValueError(
+                "differential privacy does not compose with SCAFFOLD's control "
+                "variates (they would leak unclipped, unnoised information); "
+                "use another strategy, e.g. fedavg or fedadam"
+            )
         sampled = self.strategy.clients_per_round
         if sampled is not None and sampled > self.data.num_clients:
             raise ValueError(

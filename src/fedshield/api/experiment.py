@@ -38,6 +38,7 @@ from fedshield.strategies import (
 
 if TYPE_CHECKING:
     from fedshield.models import TorchClient, TorchModel
+    from fedshield.strategies.dp import DpFedAvg
 
 __all__ = ["Federation", "build_federation", "build_strategy"]
 
@@ -284,7 +285,9 @@ def _server_optimizer(s: StrategySection) -> ServerOptimizer:
     return cast(ServerOptimizer, factory(**given))
 
 
-def build_strategy(config: ExperimentConfig) -> FedAvg | Scaffold:
+def build_strategy(
+    config: ExperimentConfig, *, num_clients: int | None = None
+) -> FedAvg | Scaffold | DpFedAvg:
     """The strategy ``[strategy]`` and ``[client]`` describe.
 
     Every strategy is FedAvg's round (sample, train locally, weighted mean of
@@ -318,4 +321,88 @@ def build_strategy(config: ExperimentConfig) -> FedAvg | Scaffold:
         min_clients=s.min_clients,
         weighted=s.weighted,
     )
+    if config.privacy.mode in ("central", "local"):
+        return _dp_strategy(
+            config, fedavg, num_clients if num_clients else config.data.num_clients
+        )
     return Scaffold(fedavg) if s.name == "scaffold" else fedavg
+
+
+def _dp_strategy(
+    config: ExperimentConfig, fedavg: FedAvg, num_clients: int
+) -> DpFedAvg:
+    """DP-FedAvg (central or local) as ``[privacy]`` describes it.
+
+    Clients are sampled by Poisson sampling at the rate ``clients_per_round
+    / N`` (or ``fraction``) unless ``sampling = "fixed"``, which keeps
+    FedAvg's fixed-size sampling and is accounted as sampling without
+    replacement (RDP only). A missing ``noise_multiplier`` is calibrated
+    from ``target_epsilon``, ``delta`` and ``run.rounds``.
+    """
+    from fedshield.privacy.accounting import calibrate_noise_multiplier
+    from fedshield.strategies.dp import DpFedAvg, PoissonSampler, PrivacySettings
+
+    p, s = config.privacy, config.strategy
+    assert p.mode in ("central", "local") and p.clip_norm is not None
+    if s.clients_per_round is not None:
+        rate = min(1.0, s.clients_per_round / num_clients)
+    else:
+        rate = s.fraction if s.fraction is not None else 1.0
+    sampler: PoissonSampler | CountSampler
+    if p.sampling == "poisson":
+        sampler = PoissonSampler(rate)
+    else:
+        sampler = CountSampler(
+            s.clients_per_round
+            if s.clients_per_round is not None
+            else max(1, round(rate * num_clients))
+        )
+    sigma = p.noise_multiplier
+    if sigma is None:
+        assert p.target_epsilon is not None
+        rounds = config.run.rounds
+        if p.mode == "local":
+            # One release per round a client takes part in, multiplier σ/2.
+            sigma = 2.0 * calibrate_noise_multiplier(
+                p.target_epsilon,
+                p.delta,
+                sampling_rate=None,
+                steps=rounds,
+                accountant=p.accountant,
+                sampling="none",
+            )
+        elif isinstance(sampler, PoissonSampler):
+            sigma = calibrate_noise_multiplier(
+                p.target_epsilon,
+                p.delta,
+                sampling_rate=sampler.rate,
+                steps=rounds,
+                accountant=p.accountant,
+                sampling="poisson",
+            )
+        else:
+            sigma = calibrate_noise_multiplier(
+                p.target_epsilon,
+                p.delta,
+                sampling_rate=None,
+                steps=rounds,
+                accountant=p.accountant,
+                sampling="fixed",
+                population=num_clients,
+                sample_size=min(sampler.count, num_clients),
+            )
+    settings = PrivacySettings(
+        mode=p.mode,
+        clip_norm=p.clip_norm,
+        noise_multiplier=sigma,
+        delta=p.delta,
+        accountant=p.accountant,
+        target_epsilon=p.target_epsilon,
+        secure_rng=p.secure_rng,
+        target_quantile=p.target_quantile if p.adaptive_clipping else None,
+        clip_learning_rate=p.clip_learning_rate,
+        clipped_count_stddev=p.clipped_count_stddev,
+    )
+    return DpFedAvg(
+        base=fedavg, privacy=settings, sampler=sampler, num_clients=num_clients
+    )

@@ -16,7 +16,12 @@ from fedshield.api.backends import make_backend, resolve_backend
 from fedshield.api.config import ExperimentConfig
 from fedshield.api.experiment import Federation, build_federation, build_strategy
 from fedshield.core import ServerState
-from fedshield.errors import CheckpointError, ConfigError, FedShieldError
+from fedshield.errors import (
+    CheckpointError,
+    ConfigError,
+    FedShieldError,
+    PrivacyBudgetExceeded,
+)
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
 from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
@@ -72,11 +77,33 @@ def _summary(
     }
     if "roc_auc" in last_eval:
         summary["roc_auc"] = last_eval["roc_auc"]
+    privacy = state.metadata.get("privacy") if state is not None else None
+    if config.privacy.mode != "none":
+        summary["privacy"] = _privacy_summary(config, privacy)
+        summary["epsilon"] = summary["privacy"]["epsilon"]
+        summary["delta"] = config.privacy.delta
     if federation is not None:
         summary["num_parameters"] = federation.model.spec.size
     if error:
         summary["error"] = error
     return summary
+
+
+def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
+    """What the privacy accountant says at the end of the run."""
+    p = config.privacy
+    record = record if isinstance(record, Mapping) else {}
+    return {
+        "mode": p.mode,
+        "epsilon": float(record.get("epsilon", 0.0)),
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "noise_multiplier": record.get("noise_multiplier", p.noise_multiplier),
+        "clip_norm": record.get("clip_norm", p.clip_norm),
+        "target_epsilon": p.target_epsilon,
+        "sampling": p.sampling,
+        "secure_rng": p.secure_rng,
+    }
 
 
 def simulate(
@@ -150,7 +177,7 @@ def _simulate(
     run_dir = RunDirectory(out if out is not None else Path("runs") / config.run.name)
     # Build (and so validate) everything before touching the folder.
     federation = build_federation(config)
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, num_clients=len(federation.client_ids))
     strategy.check(len(federation.client_ids))
     backend_name = resolve_backend(config.run.backend, federation.model)
     fingerprint = config_fingerprint(config)
@@ -235,6 +262,10 @@ def _simulate(
             on_round=remember,
             client_states=client_states,
         )
+    except PrivacyBudgetExceeded as err:
+        # A planned stop: the budget allows no further round.
+        status, error = "budget_exhausted", str(err)
+        logger.info("%s", err)
     except FedShieldError as err:
         status, error = "failed", str(err)
         raise

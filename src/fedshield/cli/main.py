@@ -150,6 +150,87 @@ def report(
 
 
 @app.command()
+def account(
+    sampling_rate: Annotated[
+        float,
+        typer.Option(
+            "--sampling-rate",
+            help="q in (0, 1]: probability that a record (client) takes part "
+            "in a step.",
+            show_default=False,
+        ),
+    ],
+    steps: Annotated[
+        int,
+        typer.Option(
+            help="Number of steps (rounds) composed, >= 1.", show_default=False
+        ),
+    ],
+    delta: Annotated[
+        float, typer.Option(help="Target delta in (0, 1).", show_default=False)
+    ],
+    noise_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            "--noise-multiplier",
+            help="sigma = noise std / L2 sensitivity: print the epsilon it gives.",
+            show_default=False,
+        ),
+    ] = None,
+    target_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--target-epsilon",
+            help="Print the smallest noise multiplier that stays within this epsilon.",
+            show_default=False,
+        ),
+    ] = None,
+    accountant: Annotated[str, typer.Option(help="pld (tighter) or rdp.")] = "pld",
+    output_format: Annotated[
+        str, typer.Option("--format", help="text: a table; json: one JSON object.")
+    ] = "text",
+) -> None:
+    """Epsilon of a Poisson-subsampled Gaussian mechanism, or sigma for a target."""
+    if output_format not in ("text", "json"):
+        err_console.print(
+            "[bold red]error:[/] --format must be 'text' or 'json'; "
+            f"got {output_format!r}"
+        )
+        raise typer.Exit(code=2)
+    if accountant not in ("pld", "rdp"):
+        err_console.print(
+            "[bold red]error:[/] --accountant must be 'pld' or 'rdp'; "
+            f"got {accountant!r}"
+        )
+        raise typer.Exit(code=2)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        err_console.print(
+            "[bold red]error:[/] pass exactly one of --noise-multiplier (to get "
+            "epsilon) and --target-epsilon (to get the noise multiplier)"
+        )
+        raise typer.Exit(code=2)
+    from rich.console import Console
+
+    from fedshield.cli.account import run_account
+
+    try:
+        summary = run_account(
+            sampling_rate=sampling_rate,
+            steps=steps,
+            delta=delta,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            accountant="rdp" if accountant == "rdp" else "pld",
+            as_json=output_format == "json",
+            console=Console(),
+        )
+    except FedShieldError as err:
+        raise _fail(err) from None
+    if output_format == "json":
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
 def version() -> None:
     """Print the fedshield version."""
     from fedshield._version import __version__

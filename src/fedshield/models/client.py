@@ -15,6 +15,7 @@ from fedshield.core.client import (
 )
 from fedshield.errors import ConfigError
 from fedshield.models.torch_model import TorchModel
+from fedshield.privacy.local import privatize, wants_local_dp
 
 __all__ = ["TorchClient", "build_update", "local_correction"]
 
@@ -163,6 +164,7 @@ class TorchClient:
             metrics,
             num_examples=self.num_train_examples,
             config=config,
+            rng=rng,
         )
 
     def evaluate(self, params: Params, config: EvalConfig) -> dict[str, float]:
@@ -256,8 +258,15 @@ def build_update(
     *,
     num_examples: int,
     config: FitConfig,
+    rng: np.random.Generator | None = None,
 ) -> ClientUpdate:
     """The update a client sends after training from ``params`` to ``new``.
+
+    When the round asks for local differential privacy (its options hold
+    :data:`fedshield.privacy.local.LOCAL_CLIP`), ``delta`` is clipped and
+    noised here, with noise drawn from ``rng`` (the generator training drew
+    from, so every backend draws the same noise) unless the round asks for
+    secure noise.
 
     For SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, option II) it
     also computes the new client control variate
@@ -267,6 +276,11 @@ def build_update(
     assumes plain SGD steps).
     """
     delta = new - params
+    if wants_local_dp(config.options):
+        # Local DP: the update is clipped and noised before it leaves the
+        # client (fedshield.privacy.local); ``rng`` continues the training's.
+        delta, extra = privatize(delta, config.options, rng)
+        metrics = {**metrics, **extra}
     if not config.options.get(SCAFFOLD):
         return ClientUpdate(
             client_id, delta=delta, num_examples=num_examples, metrics=metrics

@@ -413,6 +413,7 @@ class _Trainer:
             and shift_all is None
             and self.fixed is None
         )
+        flat_views: dict[str, Tensor] | None = None
         for t in range(total):
             width = int(widths[t])
             if active_np[:, t].all():
@@ -438,8 +439,15 @@ class _Trainer:
                     rows_t = gather[who, t, :width].reshape(-1)
                     xb = x_cat.index_select(0, rows_t).view(k, width, *x_cat.shape[1:])
                     yb = y_cat.index_select(0, rows_t).view(k, width)
+            # Plain SGD updates ``flat`` in place, so its views stay valid.
+            if plain and who is None:
+                if flat_views is None:
+                    flat_views = self._views(flat)
+                views_w = flat_views
+            else:
+                views_w = self._views(w)
             try:
-                grads, out, losses = self.step_fn(self._views(w), xb, yb, mask_t)
+                grads, out, losses = self.step_fn(views_w, xb, yb, mask_t)
             except Exception as err:
                 refusal = _diagnose(
                     self.module, self.loss_fn, self._views(w), xb, yb, mask_t, err
@@ -450,9 +458,8 @@ class _Trainer:
             if plain and who is None:
                 # Plain SGD, every client active: w -= lr g, in place,
                 # parameter by parameter (no concatenated gradient).
-                views = self._views(flat)
                 for name in self.names:
-                    views[name].add_(grads[name], alpha=-lr)
+                    views_w[name].add_(grads[name], alpha=-lr)
                 hits = (_predictions(out) == yb).logical_and_(mask_t).sum(dim=1)
                 step_loss[:, t] = losses
                 step_correct[:, t] = hits

@@ -298,7 +298,7 @@ def _summary_section(
         else:
             text = None
         rows.append((label, value, text))
-    known = {key for key, _ in _SUMMARY_FIELDS} | _HEADER_FIELDS
+    known = {key for key, _ in _SUMMARY_FIELDS} | _HEADER_FIELDS | {"privacy"}
     for key in sorted(k for k in summary if k not in known):
         rows.append((key, summary[key], None))
     if not rows:
@@ -307,6 +307,41 @@ def _summary_section(
             "</section>"
         )
     return f"<section><h2>Summary</h2>{_kv_table(rows)}</section>"
+
+
+_PRIVACY_FIELDS = (
+    ("mode", "Mode"),
+    ("epsilon", "ε spent"),
+    ("delta", "δ"),
+    ("target_epsilon", "Target ε (budget)"),
+    ("accountant", "Accountant"),
+    ("noise_multiplier", "Noise multiplier σ"),
+    ("clip_norm", "Clip norm (final)"),
+    ("sampling", "Client sampling"),
+)
+
+
+def _privacy_section(privacy: object) -> str:
+    """The accountant's verdict, and where the noise came from."""
+    if not isinstance(privacy, Mapping):
+        return ""
+    rows: list[tuple[str, object, str | None]] = [
+        (label, privacy[key], None)
+        for key, label in _PRIVACY_FIELDS
+        if privacy.get(key) is not None
+    ]
+    secure = bool(privacy.get("secure_rng"))
+    rows.append(
+        (
+            "Noise source",
+            "secure" if secure else "seeded",
+            "the operating system's cryptographic randomness (secure_rng = true)"
+            if secure
+            else "a seeded generator: reproducible, for simulation only; set "
+            "[privacy] secure_rng = true for a real deployment",
+        )
+    )
+    return f"<section><h2>Differential privacy</h2>{_kv_table(rows)}</section>"
 
 
 def _metric_columns(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -500,6 +535,7 @@ def render_report(
         f"<header><h1>{_esc(title)}{badge}</h1>",
         "<p>fedshield federated run report</p></header>",
         _summary_section(summary, metrics),
+        _privacy_section(summary.get("privacy")),
         _training_section(summary, metrics),
         _partition_section(partition),
         _config_section(config_text),

@@ -192,11 +192,15 @@ def plot_training_curves(metrics: Sequence[Mapping[str, Any]]) -> str | None:
     ]
     if not any(rounds for _, series in panels for _, rounds, _ in series):
         return None
+    privacy = [("ε (δ fixed)", *metric_series(metrics, "epsilon"))]
+    if privacy[0][1]:
+        # A DP run: the accountant's ε after each round, beside accuracy.
+        panels.append(("Privacy spent (accountant)", privacy))
 
     from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(10.0, 3.6)
-    axes = fig.subplots(1, 2)
+    fig = _new_figure(5.0 * len(panels), 3.6)
+    axes = fig.subplots(1, len(panels))
     for ax, (title, series) in zip(axes, panels, strict=True):
         plotted = 0
         for label, rounds, values in series:

@@ -48,6 +48,7 @@ class ReportPrefetch:
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self._process = process
+        self._answered = False  # the report is written: nothing to wait for
 
     @classmethod
     def start(cls) -> ReportPrefetch | None:
@@ -96,13 +97,28 @@ class ReportPrefetch:
             if not isinstance(answer, dict) or not answer.get("ok"):
                 error = answer.get("error") if isinstance(answer, dict) else answer
                 raise PrefetchError(f"the helper failed: {error}")
-            return Path(str(answer["path"]))
-        finally:
+        except BaseException:
             self.close()
+            raise
+        # Done: the helper exits at the end of its input; its interpreter's
+        # teardown need not hold up this process.
+        self._answered = True
+        self.close(wait=False)
+        return Path(str(answer["path"]))
 
-    def close(self) -> None:
-        """Stop the helper (it exits at the end of its input)."""
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the helper (it exits at the end of its input).
+
+        With ``wait`` (the default), wait up to 2 s for it to exit and kill
+        it after that; without, only end its input.
+        """
         process = self._process
+        if not wait or self._answered:
+            for stream in (process.stdin, process.stdout):
+                if stream is not None and not stream.closed:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            return
         if process.poll() is None:
             try:
                 if process.stdin is not None:

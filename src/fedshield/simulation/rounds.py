@@ -175,7 +175,8 @@ class FitRound:
 
     def _receive_fit(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
         spec = self._state.params.spec
-        accumulator = self._strategy.aggregator.begin(spec, rng=self._rng)
+        rule = self._plan.aggregator or self._strategy.aggregator
+        accumulator = rule.begin(spec, rng=self._rng)
         extras: dict[str, Accumulator] = {}
         train_rows: list[tuple[float, dict[str, float]]] = []
         rejected = 0

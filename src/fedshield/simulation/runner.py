@@ -176,6 +176,11 @@ def run_rounds(
             else:
                 record.update({"accuracy": None, "loss": None})
             record.update(result.metrics)
+            privacy = state.metadata.get("privacy")
+            if isinstance(privacy, Mapping):
+                # The accountant's epsilon after this round (delta fixed).
+                record["epsilon"] = privacy.get("epsilon")
+                record["delta"] = privacy.get("delta")
             record["seconds"] = time.perf_counter() - started
             if run_dir is not None:
                 run_dir.append_jsonl(METRICS, record)

@@ -1,4 +1,11 @@
-"""Strategies: client sampling, aggregation and the server optimizer, assembled."""
+"""Strategies: client sampling, aggregation and the server optimizer, assembled.
+
+The differentially private strategy (:mod:`fedshield.strategies.dp`) loads on
+first use: it imports the accountant (``dp-accounting``), which a run without
+``[privacy]`` never needs.
+"""
+
+from typing import Any
 
 from fedshield.strategies.base import RoundPlan, Strategy
 from fedshield.strategies.fedavg import FedAvg
@@ -13,15 +20,35 @@ from fedshield.strategies.server_opt import (
     ServerSgd,
 )
 
+_LAZY = {
+    "DpFedAvg": "fedshield.strategies.dp",
+    "DpMean": "fedshield.strategies.dp",
+    "PoissonSampler": "fedshield.strategies.dp",
+    "PrivacySettings": "fedshield.strategies.dp",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ClientSampler",
     "CountSampler",
+    "DpFedAvg",
+    "DpMean",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
     "FedAvgM",
     "FedYogi",
     "FractionSampler",
+    "PoissonSampler",
+    "PrivacySettings",
     "RoundPlan",
     "Scaffold",
     "ServerOptimizer",

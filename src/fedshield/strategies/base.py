@@ -40,6 +40,10 @@ class RoundPlan:
     is_stateful
         Whether clients keep state across rounds (sent in
         ``FitConfig.state``, returned in ``ClientUpdate.state``).
+    aggregator
+        This round's aggregation rule, when the strategy builds one per
+        round (DP-FedAvg's clip norm changes between rounds); None: the
+        strategy's ``aggregator``.
     """
 
     round_idx: int
@@ -48,6 +52,7 @@ class RoundPlan:
     min_clients: int
     num_available: int = 0
     is_stateful: bool = False
+    aggregator: Aggregator | None = None
 
 
 class Strategy(Protocol):

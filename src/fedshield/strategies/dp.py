@@ -1,0 +1,529 @@
+"""Differentially private federated averaging: central (user-level) and local.
+
+Central mode is DP-FedAvg (McMahan et al., "Learning Differentially Private
+Recurrent Language Models", ICLR 2018): clients are sampled by Poisson
+sampling, each sampled client's update is clipped to L2 norm ``C``, and the
+server adds Gaussian noise of std ``σ_Δ·C`` to the *sum* and divides by the
+*expected* number of clients ``qN`` (a fixed denominator, so one client's
+influence is bounded by ``C / qN`` whoever drops out). With adaptive
+clipping (Andrew et al., "Differentially Private Learning with Adaptive
+Clipping", NeurIPS 2021, Algorithm 1) the clip norm follows a target
+quantile of the update norms: the server releases the noised fraction of
+unclipped updates ``b̃ = (Σ_k 1[‖Δ_k‖ ≤ C] + N(0, σ_b²)) / qN`` and sets
+``C ← C·exp(−η (b̃ − γ))``; releasing both sums is, by their Theorem 1, the
+Gaussian mechanism with ``σ = (σ_Δ⁻² + (2σ_b)⁻²)^(−1/2)``, which is the
+``noise_multiplier`` the accountant is given (``σ_Δ`` is derived from it).
+
+Local mode: each client clips its own update to ``C`` and adds ``N(0, σ²C²)``
+before it leaves the client (:func:`fedshield.privacy.local.privatize`, run
+by the client); the server sees only noised updates. Each release is a
+Gaussian mechanism on the client's whole data set with L2 sensitivity ``2C``
+(two clipped updates differ by at most ``2C``), so a client that took part
+in ``m`` rounds has spent the budget of ``m`` Gaussian mechanisms with noise
+multiplier ``σ/2``; there is no amplification by sampling (the server knows
+who took part). The reported ε is that of the client that took part most.
+
+Every round records its exact DP event in a :class:`PrivacyLedger` kept in
+``ServerState.metadata["privacy"]``, so checkpoints carry the accountant and
+a resumed run reports the same ε. With ``target_epsilon``, :meth:`configure`
+raises :class:`~fedshield.errors.PrivacyBudgetExceeded` before a round that
+would take ε above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from fedshield.core import (
+    Aggregate,
+    Aggregator,
+    ClientId,
+    ClientUpdate,
+    Params,
+    ParamSpec,
+    ServerState,
+)
+from fedshield.errors import ConfigError, PrivacyBudgetExceeded
+from fedshield.privacy.accounting import (
+    AccountantKind,
+    DpEventSpec,
+    PrivacyLedger,
+    epsilon,
+)
+from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SECURE, LOCAL_SIGMA
+from fedshield.privacy.noise import GaussianNoise, make_noise
+from fedshield.strategies.base import RoundPlan
+from fedshield.strategies.fedavg import FedAvg
+from fedshield.strategies.sampling import ClientSampler, CountSampler
+
+__all__ = [
+    "DpFedAvg",
+    "DpMean",
+    "PoissonSampler",
+    "PrivacySettings",
+    "adaptive_noise_split",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PoissonSampler:
+    """Each available client takes part independently with probability ``rate``.
+
+    The sampling that privacy amplification by subsampling assumes (the
+    accountant's ``PoissonSampledDpEvent``): the number of clients varies
+    from round to round, ``rate × available`` on average, and may be 0.
+
+    Parameters
+    ----------
+    rate
+        Probability in (0, 1].
+    """
+
+    rate: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rate <= 1.0:
+            raise ConfigError(
+                f"the Poisson sampling rate must be in (0, 1]; got {self.rate}"
+            )
+
+    def expected_count(self, num_available: int) -> int:
+        """``rate × num_available``, rounded down, at least 1 (for min_clients)."""
+        return max(1, math.floor(self.rate * num_available + 1e-9))
+
+    def sample(
+        self, available: Sequence[ClientId], *, round_idx: int, rng: np.random.Generator
+    ) -> list[ClientId]:
+        """The clients whose coin came up (in ``available`` order)."""
+        picked = rng.random(len(available)) < self.rate
+        return [cid for cid, take in zip(available, picked, strict=True) if take]
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """What ``[privacy]`` asks for (validated by the config layer).
+
+    Parameters
+    ----------
+    mode
+        ``"central"`` or ``"local"``.
+    clip_norm
+        L2 clip norm of each client's update (the initial one when adaptive).
+    noise_multiplier
+        ``σ``: noise std over the sensitivity. In central mode with adaptive
+        clipping, the effective ``σ`` of the update and count together.
+    delta
+        The ``δ`` at which ε is reported.
+    accountant
+        ``"pld"`` (tight) or ``"rdp"``.
+    target_epsilon
+        Stop before a round that would exceed it (None: no budget).
+    secure_rng
+        Draw the noise from the OS's cryptographic randomness.
+    target_quantile
+        Adaptive clipping's target fraction of unclipped updates ``γ``
+        (None: fixed clipping).
+    clip_learning_rate
+        Adaptive clipping's geometric step ``η``.
+    clipped_count_stddev
+        ``σ_b``, the noise std of the unclipped count (None: ``qN / 20``, the
+        paper's choice of ``σ_b = m/20``).
+    """
+
+    mode: Literal["central", "local"]
+    clip_norm: float
+    noise_multiplier: float
+    delta: float = 1e-5
+    accountant: AccountantKind = "pld"
+    target_epsilon: float | None = None
+    secure_rng: bool = False
+    target_quantile: float | None = None
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.clip_norm) or self.clip_norm <= 0:
+            raise ConfigError(
+                f"[privacy] clip_norm must be a finite number > 0; got {self.clip_norm}"
+            )
+        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier <= 0:
+            raise ConfigError(
+                "[privacy] noise_multiplier must be a finite number > 0; got "
+                f"{self.noise_multiplier} (leave it out to calibrate it from "
+                "target_epsilon)"
+            )
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"[privacy] delta must be in (0, 1); got {self.delta}")
+        if self.target_quantile is not None and not 0.0 < self.target_quantile < 1.0:
+            raise ConfigError(
+                "[privacy] target_quantile must be in (0, 1); got "
+                f"{self.target_quantile}"
+            )
+
+
+def adaptive_noise_split(noise_multiplier: float, count_stddev: float) -> float:
+    """``σ_Δ`` such that ``(σ_Δ⁻² + (2σ_b)⁻²)^(−1/2) = noise_multiplier``.
+
+    Andrew et al. 2021, Theorem 1: releasing the clipped sum with noise
+    ``σ_Δ·C`` and the unclipped count with noise ``σ_b`` is as private as one
+    Gaussian mechanism with the combined multiplier.
+
+    Raises
+    ------
+    ConfigError
+        If ``2σ_b ≤ noise_multiplier`` (the count alone would spend more
+        than the whole budget).
+
+    Examples
+    --------
+    >>> round(adaptive_noise_split(1.0, 5.0), 4)
+    1.005
+    """
+    if 2.0 * count_stddev <= noise_multiplier:
+        raise ConfigError(
+            f"adaptive clipping needs clipped_count_stddev > noise_multiplier / 2 "
+            f"(got {count_stddev} and {noise_multiplier}): raise "
+            "clipped_count_stddev or sample more clients per round"
+        )
+    return float((noise_multiplier**-2 - (2.0 * count_stddev) ** -2) ** -0.5)
+
+
+@dataclass(frozen=True)
+class DpMean:
+    """Clip each update, sum, add Gaussian noise, divide by a fixed denominator.
+
+    One round's aggregator of central DP-FedAvg (built by
+    :meth:`DpFedAvg.configure` with the round's clip norm). Updates are
+    weighted equally (a weight by example count would let one client's
+    influence exceed ``C / denominator``); the ``weight`` passed in is ignored.
+
+    Parameters
+    ----------
+    clip_norm
+        ``C``.
+    noise_std
+        Std of the Gaussian noise added to each coordinate of the sum.
+    denominator
+        The expected number of clients ``qN``.
+    noise
+        Where the noise comes from (seeded or secure); None: seeded from the
+        ``rng`` passed to :meth:`begin`.
+    count_stddev
+        With adaptive clipping, ``σ_b`` of the noised unclipped count.
+    secure_rng
+        Build a secure noise source in :meth:`begin` when ``noise`` is None.
+    """
+
+    clip_norm: float
+    noise_std: float
+    denominator: float
+    noise: GaussianNoise | None = None
+    count_stddev: float | None = None
+    secure_rng: bool = False
+
+    is_streaming = True
+
+    def begin(self, spec: ParamSpec, *, rng: np.random.Generator) -> _DpAccumulator:
+        """Open the round's accumulator."""
+        noise = self.noise or make_noise(self.secure_rng, rng)
+        return _DpAccumulator(self, spec, noise)
+
+
+class _DpAccumulator:
+    def __init__(self, rule: DpMean, spec: ParamSpec, noise: GaussianNoise) -> None:
+        self._rule = rule
+        self._spec = spec
+        self._noise = noise
+        self._sum = np.zeros(spec.size, dtype=np.float64)
+        self._count = 0
+        self._unclipped = 0
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        norm = update.delta.norm()
+        clip = self._rule.clip_norm
+        factor = 1.0 if norm <= clip else clip / norm
+        self._sum += np.asarray(update.delta.flat, dtype=np.float64) * factor
+        self._count += 1
+        self._unclipped += int(norm <= clip)
+
+    def result(self) -> Aggregate:
+        rule = self._rule
+        noised = self._sum + self._noise.sample(self._spec.size, rule.noise_std)
+        mean = (noised / rule.denominator).astype(np.float32)
+        measurements: dict[str, float] = {
+            "dp/clip_norm": rule.clip_norm,
+            "dp/noise_std": rule.noise_std,
+            "dp/denominator": rule.denominator,
+        }
+        if rule.count_stddev is not None:
+            # Only the noised count is released (it is part of the mechanism).
+            noisy = self._unclipped + float(self._noise.sample(1, rule.count_stddev)[0])
+            measurements["dp/unclipped_fraction"] = noisy / rule.denominator
+        return Aggregate(
+            delta=Params.from_flat(mean, self._spec, copy=False),
+            num_updates=self._count,
+            total_weight=float(self._count),
+            measurements=measurements,
+        )
+
+
+@dataclass(frozen=True)
+class DpFedAvg:
+    """FedAvg with user-level differential privacy (central or local).
+
+    Composed of a :class:`FedAvg` (local training, server optimizer,
+    ``min_clients``), a client sampler (:class:`PoissonSampler` by default,
+    a :class:`CountSampler` for fixed-size sampling, accounted as sampling
+    without replacement) and the mechanism of :class:`PrivacySettings`.
+
+    Parameters
+    ----------
+    base
+        The FedAvg whose round this privatises (its sampler is replaced by
+        ``sampler``).
+    privacy
+        Mode, clipping, noise, accountant and budget.
+    sampler
+        How clients are sampled.
+    num_clients
+        ``N``, the number of clients (the population sampled from).
+    """
+
+    base: FedAvg
+    privacy: PrivacySettings
+    sampler: ClientSampler
+    num_clients: int
+    _expected: float = field(init=False, repr=False)
+
+    is_stateful = False
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"num_clients must be >= 1; got {self.num_clients}")
+        expected = (
+            self.sampler.rate * self.num_clients
+            if isinstance(self.sampler, PoissonSampler)
+            else float(self.sampler.expected_count(self.num_clients))
+        )
+        object.__setattr__(self, "_expected", expected)
+        if self.privacy.delta >= 1.0 / self.num_clients:
+            raise ConfigError(
+                f"[privacy] delta = {self.privacy.delta:g} is not below 1/N = "
+                f"1/{self.num_clients} (N: the clients, the units protected in "
+                f"{self.privacy.mode} mode); choose delta < "
+                f"{1.0 / self.num_clients:.3g}"
+            )
+        if isinstance(self.sampler, CountSampler) and self.privacy.accountant != "rdp":
+            raise ConfigError(
+                'fixed-size client sampling (sampling = "fixed") is accounted only '
+                'by the RDP accountant: set [privacy] accountant = "rdp", or use '
+                'sampling = "poisson"'
+            )
+        self._split()  # validates adaptive clipping's noise split
+
+    # --- the strategy interface ---------------------------------------------
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """The aggregation rule before any round.
+
+        Central mode: a :class:`DpMean` at the initial clip norm (each round
+        builds its own, see :meth:`configure`); local mode: FedAvg's mean.
+        """
+        if self.privacy.mode == "local":
+            return self.base.aggregator
+        return self._dp_mean(self.privacy.clip_norm)
+
+    @property
+    def expected_clients(self) -> float:
+        """``qN``: the fixed denominator of central mode."""
+        return self._expected
+
+    def init(self, params: Params) -> ServerState:
+        """FedAvg's initial state plus an empty privacy ledger."""
+        state = self.base.init(params)
+        return state.evolve(metadata={**state.metadata, "privacy": self._fresh()})
+
+    def check(self, num_available: int) -> None:
+        """FedAvg's checks (``min_clients`` against the expected sample)."""
+        self.base.check(num_available)
+
+    def configure(
+        self,
+        state: ServerState,
+        available: Sequence[ClientId],
+        *,
+        rng: np.random.Generator,
+    ) -> RoundPlan:
+        """Sample the round's clients and build its mechanism.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If this round would take ε above ``target_epsilon``.
+        """
+        record = self._record(state)
+        self._check_budget(record)
+        clients = self.sampler.sample(available, round_idx=state.round_idx, rng=rng)
+        local = replace(self.base.local, round_idx=state.round_idx)
+        aggregator: Aggregator | None = None
+        if self.privacy.mode == "central":
+            aggregator = self._dp_mean(float(record["clip_norm"]))
+        else:
+            options = dict(local.options)
+            options.update(
+                {
+                    LOCAL_CLIP: self.privacy.clip_norm,
+                    LOCAL_SIGMA: self.privacy.noise_multiplier,
+                    LOCAL_SECURE: self.privacy.secure_rng,
+                }
+            )
+            local = replace(local, options=options)
+        return RoundPlan(
+            round_idx=state.round_idx,
+            clients=tuple(clients),
+            fit_config=local,
+            min_clients=self.base.min_clients,
+            num_available=len(available),
+            aggregator=aggregator,
+        )
+
+    def weight(self, update: ClientUpdate) -> float:
+        """An update's aggregation weight.
+
+        Central: 1 (equal weights bound each client's influence); local:
+        FedAvg's weight.
+        """
+        if self.privacy.mode == "central":
+            return 1.0
+        return self.base.weight(update)
+
+    def apply(
+        self,
+        state: ServerState,
+        aggregate: Aggregate,
+        *,
+        plan: RoundPlan,
+        rng: np.random.Generator,
+    ) -> ServerState:
+        """Server step, then record the round's DP event and update ε."""
+        new = self.base.apply(state, aggregate, plan=plan, rng=rng)
+        record = dict(self._record(state))
+        if self.privacy.mode == "central":
+            ledger = PrivacyLedger.from_json(record["ledger"])
+            ledger.record(state.round_idx, self._central_event())
+            record["ledger"] = ledger.to_json()
+            record["epsilon"] = ledger.epsilon()
+            fraction = aggregate.measurements.get("dp/unclipped_fraction")
+            if self.privacy.target_quantile is not None and fraction is not None:
+                step = -self.privacy.clip_learning_rate * (
+                    fraction - self.privacy.target_quantile
+                )
+                record["clip_norm"] = float(record["clip_norm"]) * math.exp(step)
+        else:
+            counts = dict(record["participation"])
+            for cid in plan.clients:
+                counts[cid] = int(counts.get(cid, 0)) + 1
+            record["participation"] = counts
+            record["epsilon"] = self._local_epsilon(max(counts.values(), default=0))
+        record["rounds"] = int(record.get("rounds", 0)) + 1
+        return new.evolve(metadata={**new.metadata, "privacy": record})
+
+    # --- accounting ------------------------------------------------------------
+
+    def epsilon_of(self, state: ServerState) -> float:
+        """ε spent up to ``state`` (0 before the first round)."""
+        return float(self._record(state).get("epsilon", 0.0))
+
+    def _central_event(self) -> DpEventSpec:
+        sigma = self.privacy.noise_multiplier
+        if isinstance(self.sampler, PoissonSampler):
+            return DpEventSpec(
+                noise_multiplier=sigma,
+                sampling="poisson",
+                sampling_rate=self.sampler.rate,
+            )
+        assert isinstance(self.sampler, CountSampler)
+        return DpEventSpec(
+            noise_multiplier=sigma,
+            sampling="fixed",
+            population=self.num_clients,
+            sample_size=min(self.sampler.count, self.num_clients),
+        )
+
+    def _local_epsilon(self, participations: int) -> float:
+        if participations == 0:
+            return 0.0
+        # Sensitivity 2C over noise σC: the multiplier of one release is σ/2.
+        spec = DpEventSpec(
+            noise_multiplier=self.privacy.noise_multiplier / 2.0, count=participations
+        )
+        return epsilon([spec], self.privacy.delta, self.privacy.accountant)
+
+    def _check_budget(self, record: Mapping[str, Any]) -> None:
+        target = self.privacy.target_epsilon
+        if target is None:
+            return
+        if self.privacy.mode == "central":
+            ledger = PrivacyLedger.from_json(record["ledger"])
+            after = ledger.epsilon_if(self._central_event())
+        else:
+            # The worst case: a client that took part most takes part again.
+            most = max(dict(record["participation"]).values(), default=0)
+            after = self._local_epsilon(most + 1)
+        if after > target:
+            raise PrivacyBudgetExceeded(
+                f"the privacy budget is spent: one more round would take epsilon "
+                f"from {float(record.get('epsilon', 0.0)):.4g} to {after:.4g}, above "
+                f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
+            )
+
+    def _fresh(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "mode": self.privacy.mode,
+            "accountant": self.privacy.accountant,
+            "delta": self.privacy.delta,
+            "noise_multiplier": self.privacy.noise_multiplier,
+            "epsilon": 0.0,
+            "rounds": 0,
+        }
+        if self.privacy.mode == "central":
+            record["clip_norm"] = self.privacy.clip_norm
+            record["ledger"] = PrivacyLedger(
+                self.privacy.accountant, self.privacy.delta
+            ).to_json()
+        else:
+            record["clip_norm"] = self.privacy.clip_norm
+            record["participation"] = {}
+        return record
+
+    def _record(self, state: ServerState) -> Mapping[str, Any]:
+        record = state.metadata.get("privacy")
+        if not isinstance(record, Mapping):
+            return self._fresh()
+        return record
+
+    def _split(self) -> tuple[float, float | None]:
+        """(σ_Δ, σ_b): the update's and the count's noise multipliers."""
+        sigma = self.privacy.noise_multiplier
+        if self.privacy.mode != "central" or self.privacy.target_quantile is None:
+            return sigma, None
+        count_std = self.privacy.clipped_count_stddev
+        if count_std is None:
+            count_std = self._expected / 20.0
+        return adaptive_noise_split(sigma, count_std), count_std
+
+    def _dp_mean(self, clip_norm: float) -> DpMean:
+        sigma_delta, count_std = self._split()
+        return DpMean(
+            clip_norm=clip_norm,
+            noise_std=sigma_delta * clip_norm,
+            denominator=self._expected,
+            count_stddev=count_std,
+            secure_rng=self.privacy.secure_rng,
+        )
