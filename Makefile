@@ -60,5 +60,12 @@ bench-peers: $(STAMP)
 bench-peers-quick: $(STAMP)
 	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python bench/peers/run_peers.py --quick
 
+# A DP-SGD step against a plain step, fedshield beside Opacus: builds
+# .bench-dp/opacus-venv on first use (torch 2.13.0 CPU first, then
+# opacus==1.6.0) and writes bench/dp/RESULTS.md.
+.PHONY: bench-dp
+bench-dp: $(STAMP)
+	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python bench/dp/run_opacus.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -26,12 +26,15 @@ def test_all_names_exist() -> None:
             assert hasattr(module, name), f"{module_name}.{name}"
     assert set(fedshield.models.__all__) == {
         "MODEL_KINDS",
+        "DpSgdConfig",
         "TorchClient",
         "TorchModel",
         "build_module",
         "build_update",
+        "check_dp_sgd",
         "check_vectorisable",
         "local_correction",
+        "train_dp_sgd",
         "train_many",
     }
 

@@ -384,3 +384,64 @@ def test_bad_privacy_sections_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=needle):
         _config(privacy)
+
+
+# --- record mode: DP-SGD in every client ------------------------------------
+
+
+def _record_config(**privacy: object) -> object:
+    data = json.loads(json.dumps(BASE))
+    data["data"]["num_clients"] = 5
+    data["strategy"]["clients_per_round"] = 3
+    data["run"]["rounds"] = 3
+    data["privacy"] = {
+        "mode": "record",
+        "clip_norm": 1.0,
+        "noise_multiplier": 1.2,
+        "accountant": "rdp",
+        "delta": 1e-4,
+        **privacy,
+    }
+    return parse_config(data)
+
+
+def test_a_record_run_accounts_each_clients_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _record_config()
+    summary, run_dir = simulate(config, out=tmp_path / "r", write_report=False)
+    assert summary["backend"] == "sequential"  # DP-SGD trains client by client
+    state = RunDirectory(run_dir).load_checkpoint()
+    privacy = state.metadata["privacy"]
+    from fedshield.api.experiment import build_federation
+
+    sizes = build_federation(config).train_sizes()  # type: ignore[arg-type]
+    for cid, rounds in privacy["participation"].items():
+        q = min(1.0, 32 / sizes[cid])
+        steps = max(1, round(1 / q)) * rounds
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.2)),
+            steps,
+        )
+        reference = rdp.RdpAccountant()
+        reference.compose(event)
+        assert privacy["client_epsilon"][cid] == pytest.approx(
+            reference.get_epsilon(1e-4), rel=1e-6
+        )
+    assert summary["epsilon"] == max(privacy["client_epsilon"].values())
+    records = RunDirectory(run_dir).read_metrics()
+    assert [r["epsilon"] for r in records] == sorted(r["epsilon"] for r in records)
+
+
+def test_record_mode_refuses_the_vectorised_backend_and_a_large_delta() -> None:
+    from fedshield.api.backends import resolve_backend
+    from fedshield.api.experiment import build_federation, build_strategy
+
+    config = _record_config()
+    federation = build_federation(config)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        resolve_backend("vectorised", federation.model, privacy_mode="record")
+    with pytest.raises(ConfigError, match="records of the largest client"):
+        build_strategy(
+            _record_config(delta=0.01),  # type: ignore[arg-type]
+            num_clients=5,
+            client_sizes=federation.train_sizes(),
+        )

@@ -24,15 +24,28 @@ BACKENDS = ("auto", "sequential", "vectorised", "process", "ray")
 """Values of ``run.backend``; ``auto`` picks the fastest that fits the model."""
 
 
-def resolve_backend(name: str, model: TorchModel) -> str:
+def resolve_backend(name: str, model: TorchModel, *, privacy_mode: str = "none") -> str:
     """The concrete backend for ``name`` (``auto``: vectorised if it can be).
+
+    Record-level DP-SGD trains each client on its own (per-record clipping
+    and noise), so ``auto`` is ``sequential`` then.
 
     Raises
     ------
     ConfigError
-        If ``vectorised`` is asked for a model it cannot train; the message
-        names the layer and the backend that will work.
+        If ``vectorised`` is asked for a model it cannot train (the message
+        names the layer and the backend that will work), or with record-level
+        DP-SGD.
     """
+    if privacy_mode == "record":
+        if name == "vectorised":
+            raise ConfigError(
+                "run.backend = 'vectorised' cannot run record-level DP-SGD "
+                "(privacy.mode = \"record\"); use backend = 'auto', 'sequential', "
+                "'process' or 'ray'"
+            )
+        if name == "auto":
+            return "sequential"
     if name not in ("auto", "vectorised"):
         return name
     from fedshield.models import check_vectorisable

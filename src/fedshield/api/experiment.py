@@ -182,6 +182,10 @@ class Federation:
         """The largest ``num_examples`` any client can honestly claim."""
         return max(self.partition.num_samples)
 
+    def train_sizes(self) -> dict[ClientId, int]:
+        """Each client's number of local training records."""
+        return {cid: len(self.client_fn.local_split(cid)[0]) for cid in self.client_ids}
+
 
 def build_federation(config: ExperimentConfig) -> Federation:
     """Load the data, partition it and build the model, as ``config`` says.
@@ -286,7 +290,10 @@ def _server_optimizer(s: StrategySection) -> ServerOptimizer:
 
 
 def build_strategy(
-    config: ExperimentConfig, *, num_clients: int | None = None
+    config: ExperimentConfig,
+    *,
+    num_clients: int | None = None,
+    client_sizes: Mapping[ClientId, int] | None = None,
 ) -> FedAvg | Scaffold | DpFedAvg:
     """The strategy ``[strategy]`` and ``[client]`` describe.
 
@@ -321,15 +328,21 @@ def build_strategy(
         min_clients=s.min_clients,
         weighted=s.weighted,
     )
-    if config.privacy.mode in ("central", "local"):
+    if config.privacy.mode in ("central", "local", "record"):
         return _dp_strategy(
-            config, fedavg, num_clients if num_clients else config.data.num_clients
+            config,
+            fedavg,
+            num_clients if num_clients else config.data.num_clients,
+            client_sizes,
         )
     return Scaffold(fedavg) if s.name == "scaffold" else fedavg
 
 
 def _dp_strategy(
-    config: ExperimentConfig, fedavg: FedAvg, num_clients: int
+    config: ExperimentConfig,
+    fedavg: FedAvg,
+    num_clients: int,
+    client_sizes: Mapping[ClientId, int] | None = None,
 ) -> DpFedAvg:
     """DP-FedAvg (central or local) as ``[privacy]`` describes it.
 
@@ -343,7 +356,9 @@ def _dp_strategy(
     from fedshield.strategies.dp import DpFedAvg, PoissonSampler, PrivacySettings
 
     p, s = config.privacy, config.strategy
-    assert p.mode in ("central", "local") and p.clip_norm is not None
+    assert p.mode in ("central", "local", "record") and p.clip_norm is not None
+    if p.mode == "record":
+        return _record_strategy(config, fedavg, num_clients, client_sizes)
     if s.clients_per_round is not None:
         rate = min(1.0, s.clients_per_round / num_clients)
     else:
@@ -405,4 +420,59 @@ def _dp_strategy(
     )
     return DpFedAvg(
         base=fedavg, privacy=settings, sampler=sampler, num_clients=num_clients
+    )
+
+
+def _record_strategy(
+    config: ExperimentConfig,
+    fedavg: FedAvg,
+    num_clients: int,
+    client_sizes: Mapping[ClientId, int] | None,
+) -> DpFedAvg:
+    """Record-level DP-SGD in every client; FedAvg's sampling and mean.
+
+    A missing ``noise_multiplier`` is calibrated so that every client stays
+    within ``target_epsilon`` even if it takes part in every round: one
+    calibration per distinct client size, the largest σ kept.
+    """
+    from fedshield.privacy.accounting import calibrate_noise_multiplier
+    from fedshield.privacy.records import dp_sgd_rate
+    from fedshield.strategies.dp import DpFedAvg, PrivacySettings
+
+    p, c = config.privacy, config.client
+    assert p.clip_norm is not None
+    if not client_sizes:
+        raise ConfigError("record mode needs the clients' sizes (build_federation)")
+    sigma = p.noise_multiplier
+    if sigma is None:
+        assert p.target_epsilon is not None
+        sigmas = []
+        for size in sorted(set(client_sizes.values())):
+            rate, steps = dp_sgd_rate(size, c.batch_size)
+            sigmas.append(
+                calibrate_noise_multiplier(
+                    p.target_epsilon,
+                    p.delta,
+                    sampling_rate=rate,
+                    steps=steps * c.epochs * config.run.rounds,
+                    accountant=p.accountant,
+                    sampling="poisson",
+                )
+            )
+        sigma = max(sigmas)
+    settings = PrivacySettings(
+        mode="record",
+        clip_norm=p.clip_norm,
+        noise_multiplier=sigma,
+        delta=p.delta,
+        accountant=p.accountant,
+        target_epsilon=p.target_epsilon,
+        secure_rng=p.secure_rng,
+    )
+    return DpFedAvg(
+        base=fedavg,
+        privacy=settings,
+        sampler=fedavg.sampler,
+        num_clients=num_clients,
+        client_sizes=dict(client_sizes),
     )

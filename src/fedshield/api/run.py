@@ -177,9 +177,21 @@ def _simulate(
     run_dir = RunDirectory(out if out is not None else Path("runs") / config.run.name)
     # Build (and so validate) everything before touching the folder.
     federation = build_federation(config)
-    strategy = build_strategy(config, num_clients=len(federation.client_ids))
+    strategy = build_strategy(
+        config,
+        num_clients=len(federation.client_ids),
+        client_sizes=(
+            federation.train_sizes() if config.privacy.mode == "record" else None
+        ),
+    )
     strategy.check(len(federation.client_ids))
-    backend_name = resolve_backend(config.run.backend, federation.model)
+    backend_name = resolve_backend(
+        config.run.backend, federation.model, privacy_mode=config.privacy.mode
+    )
+    if config.privacy.mode == "record":
+        from fedshield.models.dp_sgd import check_dp_sgd
+
+        check_dp_sgd(federation.model)  # per-record gradients, before round 1
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     client_states = (

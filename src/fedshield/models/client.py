@@ -16,6 +16,12 @@ from fedshield.core.client import (
 from fedshield.errors import ConfigError
 from fedshield.models.torch_model import TorchModel
 from fedshield.privacy.local import privatize, wants_local_dp
+from fedshield.privacy.records import (
+    DP_SGD_CLIP,
+    DP_SGD_SECURE,
+    DP_SGD_SIGMA,
+    wants_dp_sgd,
+)
 
 __all__ = ["TorchClient", "build_update", "local_correction"]
 
@@ -149,14 +155,17 @@ class TorchClient:
             raise ValueError(
                 f"client {self.client_id!r} has no training examples; it cannot fit"
             )
-        new, metrics = self._model.train(
-            params,
-            self._x_train,
-            self._y_train,
-            config,
-            rng=rng,
-            correction=local_correction(params, config),
-        )
+        if wants_dp_sgd(config.options):
+            new, metrics = self._fit_dp_sgd(params, config, rng)
+        else:
+            new, metrics = self._model.train(
+                params,
+                self._x_train,
+                self._y_train,
+                config,
+                rng=rng,
+                correction=local_correction(params, config),
+            )
         return build_update(
             self.client_id,
             params,
@@ -166,6 +175,37 @@ class TorchClient:
             config=config,
             rng=rng,
         )
+
+    def _fit_dp_sgd(
+        self, params: Params, config: FitConfig, rng: np.random.Generator
+    ) -> tuple[Params, dict[str, float]]:
+        """Record-level DP-SGD on the local data, as the round's options ask."""
+        from fedshield.models.dp_sgd import DpSgdConfig, train_dp_sgd
+        from fedshield.privacy.noise import make_noise
+
+        options = config.options
+        secure = bool(options.get(DP_SGD_SECURE, False))
+        new, metrics, event = train_dp_sgd(
+            self._model,
+            params,
+            self._x_train,
+            self._y_train,
+            config,
+            rng=rng,
+            dp=DpSgdConfig(
+                clip_norm=float(options[DP_SGD_CLIP]),
+                noise_multiplier=float(options[DP_SGD_SIGMA]),
+            ),
+            noise=make_noise(secure, rng),
+        )
+        # The client's own record of what it spent this round (the server
+        # accounts the same event from the client's size).
+        metrics = {
+            **metrics,
+            "dp_sgd/sampling_rate": float(event.sampling_rate or 0.0),
+            "dp_sgd/steps": float(event.count),
+        }
+        return new, metrics
 
     def evaluate(self, params: Params, config: EvalConfig) -> dict[str, float]:
         """Evaluate ``params`` on the local test split.

@@ -23,6 +23,12 @@ in ``m`` rounds has spent the budget of ``m`` Gaussian mechanisms with noise
 multiplier ``σ/2``; there is no amplification by sampling (the server knows
 who took part). The reported ε is that of the client that took part most.
 
+Record mode: each client trains with DP-SGD on its own records (Abadi et
+al., CCS 2016; :mod:`fedshield.models.dp_sgd`), asked through the round's
+options; the server accounts each client's records from the rule the client
+runs (:func:`fedshield.privacy.records.record_level_event`), for every round
+the client was sampled in, and reports the largest ε of any client.
+
 Every round records its exact DP event in a :class:`PrivacyLedger` kept in
 ``ServerState.metadata["privacy"]``, so checkpoints carry the accountant and
 a resumed run reports the same ε. With ``target_epsilon``, :meth:`configure`
@@ -57,6 +63,12 @@ from fedshield.privacy.accounting import (
 )
 from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SECURE, LOCAL_SIGMA
 from fedshield.privacy.noise import GaussianNoise, make_noise
+from fedshield.privacy.records import (
+    DP_SGD_CLIP,
+    DP_SGD_SECURE,
+    DP_SGD_SIGMA,
+    record_level_event,
+)
 from fedshield.strategies.base import RoundPlan
 from fedshield.strategies.fedavg import FedAvg
 from fedshield.strategies.sampling import ClientSampler, CountSampler
@@ -111,7 +123,7 @@ class PrivacySettings:
     Parameters
     ----------
     mode
-        ``"central"`` or ``"local"``.
+        ``"central"``, ``"local"`` or ``"record"``.
     clip_norm
         L2 clip norm of each client's update (the initial one when adaptive).
     noise_multiplier
@@ -135,7 +147,7 @@ class PrivacySettings:
         paper's choice of ``σ_b = m/20``).
     """
 
-    mode: Literal["central", "local"]
+    mode: Literal["central", "local", "record"]
     clip_norm: float
     noise_multiplier: float
     delta: float = 1e-5
@@ -292,13 +304,21 @@ class DpFedAvg:
         How clients are sampled.
     num_clients
         ``N``, the number of clients (the population sampled from).
+    client_sizes
+        Record mode: each client's number of training records (the server
+        accounts each client's DP-SGD from it, by the rule the client runs,
+        :func:`fedshield.privacy.records.record_level_event`).
     """
 
     base: FedAvg
     privacy: PrivacySettings
     sampler: ClientSampler
     num_clients: int
+    client_sizes: Mapping[ClientId, int] | None = None
     _expected: float = field(init=False, repr=False)
+    _cache: dict[str, Any] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     is_stateful = False
 
@@ -311,7 +331,17 @@ class DpFedAvg:
             else float(self.sampler.expected_count(self.num_clients))
         )
         object.__setattr__(self, "_expected", expected)
-        if self.privacy.delta >= 1.0 / self.num_clients:
+        if self.privacy.mode == "record":
+            if not self.client_sizes:
+                raise ConfigError("record mode needs each client's number of records")
+            most = max(self.client_sizes.values())
+            if self.privacy.delta >= 1.0 / most:
+                raise ConfigError(
+                    f"[privacy] delta = {self.privacy.delta:g} is not below 1/n = "
+                    f"1/{most} (n: the records of the largest client, the units "
+                    f"protected in record mode); choose delta < {1.0 / most:.3g}"
+                )
+        elif self.privacy.delta >= 1.0 / self.num_clients:
             raise ConfigError(
                 f"[privacy] delta = {self.privacy.delta:g} is not below 1/N = "
                 f"1/{self.num_clients} (N: the clients, the units protected in "
@@ -333,9 +363,10 @@ class DpFedAvg:
         """The aggregation rule before any round.
 
         Central mode: a :class:`DpMean` at the initial clip norm (each round
-        builds its own, see :meth:`configure`); local mode: FedAvg's mean.
+        builds its own, see :meth:`configure`); local and record mode:
+        FedAvg's mean.
         """
-        if self.privacy.mode == "local":
+        if self.privacy.mode != "central":
             return self.base.aggregator
         return self._dp_mean(self.privacy.clip_norm)
 
@@ -370,10 +401,22 @@ class DpFedAvg:
         record = self._record(state)
         self._check_budget(record)
         clients = self.sampler.sample(available, round_idx=state.round_idx, rng=rng)
+        if self.privacy.mode == "record":
+            self._check_record_budget(record, clients)
         local = replace(self.base.local, round_idx=state.round_idx)
         aggregator: Aggregator | None = None
         if self.privacy.mode == "central":
             aggregator = self._dp_mean(float(record["clip_norm"]))
+        elif self.privacy.mode == "record":
+            options = dict(local.options)
+            options.update(
+                {
+                    DP_SGD_CLIP: self.privacy.clip_norm,
+                    DP_SGD_SIGMA: self.privacy.noise_multiplier,
+                    DP_SGD_SECURE: self.privacy.secure_rng,
+                }
+            )
+            local = replace(local, options=options)
         else:
             options = dict(local.options)
             options.update(
@@ -415,9 +458,10 @@ class DpFedAvg:
         new = self.base.apply(state, aggregate, plan=plan, rng=rng)
         record = dict(self._record(state))
         if self.privacy.mode == "central":
-            ledger = PrivacyLedger.from_json(record["ledger"])
+            ledger = self._ledger(record["ledger"])
             ledger.record(state.round_idx, self._central_event())
             record["ledger"] = ledger.to_json()
+            self._cache["json"], self._cache["ledger"] = record["ledger"], ledger
             record["epsilon"] = ledger.epsilon()
             fraction = aggregate.measurements.get("dp/unclipped_fraction")
             if self.privacy.target_quantile is not None and fraction is not None:
@@ -425,6 +469,17 @@ class DpFedAvg:
                     fraction - self.privacy.target_quantile
                 )
                 record["clip_norm"] = float(record["clip_norm"]) * math.exp(step)
+        elif self.privacy.mode == "record":
+            # Every sampled client is accounted, whether or not its update
+            # arrived: it may have trained (and spent) before dropping out.
+            counts = dict(record["participation"])
+            spent = dict(record["client_epsilon"])
+            for cid in plan.clients:
+                counts[cid] = int(counts.get(cid, 0)) + 1
+                spent[cid] = self._record_epsilon(cid, counts[cid])
+            record["participation"] = counts
+            record["client_epsilon"] = spent
+            record["epsilon"] = max(spent.values(), default=0.0)
         else:
             counts = dict(record["participation"])
             for cid in plan.clients:
@@ -465,12 +520,54 @@ class DpFedAvg:
         )
         return epsilon([spec], self.privacy.delta, self.privacy.accountant)
 
-    def _check_budget(self, record: Mapping[str, Any]) -> None:
+    def _ledger(self, data: Mapping[str, Any]) -> PrivacyLedger:
+        # The ledger this strategy wrote last round, unless the state came
+        # from elsewhere (a checkpoint): then rebuilt from its JSON.
+        if self._cache.get("json") is data:
+            ledger: PrivacyLedger = self._cache["ledger"]
+            return ledger
+        return PrivacyLedger.from_json(data)
+
+    def _record_epsilon(self, client_id: ClientId, rounds: int) -> float:
+        """ε of one client's records after ``rounds`` rounds of DP-SGD."""
+        assert self.client_sizes is not None
+        local = self.base.local
+        spec = record_level_event(
+            int(self.client_sizes[client_id]),
+            batch_size=local.batch_size,
+            epochs=local.epochs,
+            noise_multiplier=self.privacy.noise_multiplier,
+            rounds=rounds,
+        )
+        key = repr(spec)
+        cached = self._cache.setdefault("record", {}).get(key)
+        if cached is None:
+            cached = epsilon([spec], self.privacy.delta, self.privacy.accountant)
+            self._cache["record"][key] = cached
+        return float(cached)
+
+    def _check_record_budget(
+        self, record: Mapping[str, Any], clients: Sequence[ClientId]
+    ) -> None:
         target = self.privacy.target_epsilon
         if target is None:
             return
+        counts = record["participation"]
+        for cid in clients:
+            after = self._record_epsilon(cid, int(counts.get(cid, 0)) + 1)
+            if after > target:
+                raise PrivacyBudgetExceeded(
+                    f"the privacy budget is spent: one more round would take "
+                    f"client {cid!r}'s epsilon to {after:.4g}, above "
+                    f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
+                )
+
+    def _check_budget(self, record: Mapping[str, Any]) -> None:
+        target = self.privacy.target_epsilon
+        if target is None or self.privacy.mode == "record":
+            return
         if self.privacy.mode == "central":
-            ledger = PrivacyLedger.from_json(record["ledger"])
+            ledger = self._ledger(record["ledger"])
             after = ledger.epsilon_if(self._central_event())
         else:
             # The worst case: a client that took part most takes part again.
@@ -500,6 +597,8 @@ class DpFedAvg:
         else:
             record["clip_norm"] = self.privacy.clip_norm
             record["participation"] = {}
+        if self.privacy.mode == "record":
+            record["client_epsilon"] = {}
         return record
 
     def _record(self, state: ServerState) -> Mapping[str, Any]:

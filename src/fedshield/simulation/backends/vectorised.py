@@ -23,6 +23,7 @@ from fedshield.core import (
     derive_rng,
 )
 from fedshield.errors import ConfigError
+from fedshield.privacy.records import wants_dp_sgd
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
 from fedshield.simulation.protocol import (
@@ -183,6 +184,7 @@ class VectorisedBackend:
                 type(client) is TorchClient
                 and isinstance(message, FitIns)
                 and client.num_train_examples > 0
+                and not wants_dp_sgd(message.config.options)  # per-record DP-SGD
                 and self._can_vectorise(client.model)
             ):
                 continue  # runs one by one
