@@ -26,7 +26,7 @@ import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -51,9 +51,11 @@ from fedshield.models.vectorised import (
     _ChainLayer,
     _linear_chain,
 )
-from fedshield.privacy.accounting import DpEventSpec
-from fedshield.privacy.noise import GaussianNoise
 from fedshield.privacy.records import dp_sgd_rate
+
+if TYPE_CHECKING:  # dp-accounting (a second of import) loads only when used
+    from fedshield.privacy.accounting import DpEventSpec
+    from fedshield.privacy.noise import GaussianNoise
 
 __all__ = ["DpSgdConfig", "check_dp_sgd", "train_dp_sgd"]
 
@@ -391,6 +393,8 @@ def _train(
     }
     event = None
     if dp.noise_multiplier > 0:
+        from fedshield.privacy.accounting import DpEventSpec
+
         event = DpEventSpec(
             noise_multiplier=float(dp.noise_multiplier),
             sampling="poisson",

@@ -11,9 +11,12 @@ steps per epoch, the Gaussian mechanism with multiplier ``σ`` at each step.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from fedshield.errors import ConfigError
-from fedshield.privacy.accounting import DpEventSpec
+
+if TYPE_CHECKING:  # the accountant (dp-accounting) loads only when used
+    from fedshield.privacy.accounting import DpEventSpec
 
 __all__ = [
     "DP_SGD_CLIP",
@@ -77,6 +80,8 @@ def record_level_event(
     >>> e.sampling, e.sampling_rate, e.count
     ('poisson', 0.032, 62)
     """
+    from fedshield.privacy.accounting import DpEventSpec
+
     rate, steps = dp_sgd_rate(num_records, batch_size)
     return DpEventSpec(
         noise_multiplier=noise_multiplier,
