@@ -187,6 +187,25 @@ class PrivacySection(_Section):
         return self
 
 
+class SecAggSection(_Section):
+    """``[secagg]``: secure aggregation (the server learns only the sum)."""
+
+    protocol: Literal["none", "secagg", "secagg+"] = "none"
+    threshold: float = Field(2.0 / 3.0, gt=0)
+    clip: float = Field(1.0, gt=0)
+    precision_bits: int = Field(24, ge=8, le=40)
+    neighbours: int | None = Field(None, ge=2)
+    malicious: bool = False
+    security_parameter: int = Field(40, ge=16, le=128)
+    expected_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class FaultsSection(_Section):
+    """``[faults]``: injected failures, to watch a run recover."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: one TOML file."""
 
@@ -196,9 +215,26 @@ class ExperimentConfig(_Section):
     client: ClientSection = Field(default_factory=ClientSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    secagg: SecAggSection = Field(default_factory=SecAggSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
+        if self.secagg.protocol != "none":
+            if self.strategy.name == "scaffold":
+                raise ValueError(
+                    "secure aggregation hides the individual updates, and "
+                    "SCAFFOLD's control variates need them; use another strategy"
+                )
+            if self.privacy.mode in ("local", "record"):
+                pass  # clients privatise before masking: composes as is
+            elif self.privacy.mode == "central":
+                raise ValueError(
+                    'privacy.mode = "central" with [secagg] is not supported yet '
+                    "(the clients would clip and the server noise the unmasked "
+                    'sum); use privacy.mode = "local" or "record" with secure '
+                    "aggregation, or central DP without it"
+                )
         if self.privacy.mode != "none" and self.strategy.name == "scaffold":
             raise ValueError(
                 "differential privacy does not compose with SCAFFOLD's control "

@@ -25,6 +25,7 @@ from fedshield.errors import (
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
 from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
+from fedshield.simulation.secure import Faults, SecureAggregation
 from fedshield.simulation.state_store import new_client_states
 
 __all__ = ["config_fingerprint", "simulate"]
@@ -273,6 +274,8 @@ def _simulate(
             run_dir=run_dir,
             on_round=remember,
             client_states=client_states,
+            secure=_secure_settings(config),
+            faults=Faults(config.faults.dropout) if config.faults.dropout else None,
         )
     except PrivacyBudgetExceeded as err:
         # A planned stop: the budget allows no further round.
@@ -322,3 +325,20 @@ def _write_report(path: Path, prefetch: ReportPrefetch | None) -> None:
         write_report(path)
     except Exception:  # the report must never hide the run's outcome
         logger.exception("could not write the report for %s", path)
+
+
+def _secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
+    """``[secagg]`` as the round takes it (None: aggregate in the clear)."""
+    sa = config.secagg
+    if sa.protocol == "none":
+        return None
+    return SecureAggregation(
+        protocol=sa.protocol,
+        threshold=sa.threshold,
+        clip=sa.clip,
+        precision_bits=sa.precision_bits,
+        neighbours=sa.neighbours,
+        malicious=sa.malicious,
+        security_parameter=sa.security_parameter,
+        expected_dropout=sa.expected_dropout,
+    )

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedshield.core import (
     Accumulator,
+    Aggregate,
     ClientUpdate,
     EvalConfig,
     Params,
@@ -35,6 +36,7 @@ from fedshield.simulation.protocol import (
     StageReply,
     StageRequest,
 )
+from fedshield.simulation.secure import SecureAggregation
 from fedshield.strategies import RoundPlan, Strategy
 
 __all__ = ["FitRound", "RoundResult"]
@@ -113,6 +115,14 @@ class FitRound:
     client_states
         Each client's persistent state, for stateful strategies
         (``plan.is_stateful``); sent to the client in ``FitConfig.state``.
+    secure
+        Aggregate with secure aggregation (:func:`~fedshield.simulation.
+        secure.secure_sum`): the updates are masked and only their sum is
+        learned. A round whose protocol aborts below its threshold releases
+        nothing and leaves the model as it was (``secagg/aborted`` = 1).
+    drop_at
+        Injected faults: the stage (``"fit"`` or a protocol stage) at which
+        each of these clients drops out.
     """
 
     def __init__(
@@ -126,6 +136,8 @@ class FitRound:
         timeout_s: float | None = None,
         max_examples: int | None = None,
         client_states: Callable[[str], Mapping[str, Params]] | None = None,
+        secure: SecureAggregation | None = None,
+        drop_at: Mapping[str, str] | None = None,
     ) -> None:
         if plan.is_stateful and client_states is None:
             raise ValueError("a stateful round needs client_states")
@@ -142,6 +154,8 @@ class FitRound:
         self._metrics: dict[str, Any] = {}
         self._new_state: ServerState | None = None
         self._stage = "init"
+        self._secure = secure
+        self._drop_at = dict(drop_at or {})
 
     def start(self) -> StageRequest:
         """Stage ``fit`` to every sampled client."""
@@ -179,8 +193,9 @@ class FitRound:
         accumulator = rule.begin(spec, rng=self._rng)
         extras: dict[str, Accumulator] = {}
         train_rows: list[tuple[float, dict[str, float]]] = []
+        held: dict[str, ClientUpdate] = {}  # secure aggregation: the clients' own
         rejected = 0
-        for reply in self._answers(replies, "fit"):
+        for reply in self._answers(self._without_dropped(replies, "fit"), "fit"):
             try:
                 update = validate_update(
                     reply.value, spec, max_examples=self._max_examples
@@ -190,7 +205,12 @@ class FitRound:
                         f"update claims to come from {update.client_id!r} but was "
                         f"sent by {reply.client_id!r}"
                     )
-                accumulator.add(update, self._strategy.weight(update))
+                if self._secure is not None:
+                    # Each client's secure-aggregation half holds its update;
+                    # nothing is added in the clear.
+                    held[update.client_id] = update
+                else:
+                    accumulator.add(update, self._strategy.weight(update))
             except InvalidUpdateError as err:
                 rejected += 1
                 logger.warning("round %d: %s", self._plan.round_idx, err)
@@ -212,6 +232,9 @@ class FitRound:
                 (float(update.num_examples), _finite_numbers(update.metrics))
             )
         succeeded = len(train_rows)
+        fit_drops = sum(1 for stage in self._drop_at.values() if stage == "fit")
+        if self._drop_at:
+            self._metrics["dropped/fit"] = float(fit_drops)
         self._metrics.update(
             {
                 "num_clients": succeeded,
@@ -227,7 +250,13 @@ class FitRound:
                 f"min_clients is {self._plan.min_clients}"
             )
             return self._finish(completed=False, message=message)
-        aggregate = accumulator.result()
+        if self._secure is not None:
+            outcome = self._secure_aggregate(held)
+            if outcome is None:
+                return self._finish(completed=True)
+            aggregate = outcome
+        else:
+            aggregate = accumulator.result()
         if extras:
             aggregate = replace(
                 aggregate,
@@ -262,6 +291,48 @@ class FitRound:
             messages=dict.fromkeys(self._plan.clients, message_eval),
             timeout_s=self._timeout_s,
         )
+
+    def _without_dropped(
+        self, replies: Iterable[StageReply], stage: str
+    ) -> Iterator[StageReply]:
+        """The replies of clients that did not drop (injected) at ``stage``."""
+        for reply in replies:
+            if self._drop_at.get(reply.client_id) == stage:
+                continue  # never delivered: _answers records it as dropped
+            yield reply
+
+    def _secure_aggregate(self, held: Mapping[str, ClientUpdate]) -> Aggregate | None:
+        """Secure aggregation of ``held``; None (state kept) when it aborts."""
+        from fedshield.simulation.secure import secure_sum
+
+        assert self._secure is not None
+        result = secure_sum(
+            held,
+            settings=self._secure,
+            spec=self._state.params.spec,
+            round_idx=self._plan.round_idx,
+            max_examples=self._max_examples
+            or max((u.num_examples for u in held.values()), default=1),
+            drop_at=self._drop_at,
+            rng=self._rng,
+        )
+        self._metrics.update(result.metrics)
+        for cid, stage in result.dropped.items():
+            self._failures.append(
+                ClientFailure(
+                    cid, stage, FailureKind.DROPPED, f"dropped out at stage {stage}"
+                )
+            )
+        if result.aggregate is None:
+            logger.warning(
+                "round %d: secure aggregation aborted, nothing released: %s",
+                self._plan.round_idx + 1,
+                result.message,
+            )
+            self._metrics["secagg/abort_reason"] = result.message
+            self._new_state = self._state.evolve(round_idx=self._state.round_idx + 1)
+            return None
+        return result.aggregate
 
     def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
         # Evaluation failures never fail a round, but they are recorded.

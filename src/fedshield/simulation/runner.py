@@ -15,6 +15,7 @@ from fedshield.simulation.backends import Backend, ClientFn, SequentialBackend
 from fedshield.simulation.protocol import RoundProtocol, StageRequest
 from fedshield.simulation.rounds import FitRound, RoundResult
 from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
+from fedshield.simulation.secure import Faults, SecureAggregation
 from fedshield.simulation.state_store import StateStore
 from fedshield.strategies import Strategy
 
@@ -62,8 +63,14 @@ def run_round(
     timeout_s: float | None = None,
     max_examples: int | None = None,
     client_states: StateStore | None = None,
+    secure: SecureAggregation | None = None,
+    faults: Faults | None = None,
 ) -> RoundResult:
     """Plan and run round ``state.round_idx``; return how it ended.
+
+    With ``secure``, the round's updates are combined by secure aggregation
+    (only their sum is learned); with ``faults``, sampled clients drop out at
+    a random stage of the round, drawn from ``seed`` and the round.
 
     A stateful strategy (SCAFFOLD) needs ``client_states``; the new client
     states of a completed round are written to it before this returns.
@@ -77,6 +84,12 @@ def run_round(
     plan = strategy.configure(
         state, client_ids, rng=derive_rng(seed, "configure", round_idx)
     )
+    drop_at: dict[ClientId, str] = {}
+    if faults is not None:
+        stages = ("fit", *(secure.stages() if secure is not None else ()))
+        drop_at = faults.draw(
+            plan.clients, stages, derive_rng(seed, "faults", round_idx)
+        )
     protocol = FitRound(
         strategy,
         state,
@@ -86,6 +99,8 @@ def run_round(
         timeout_s=timeout_s,
         max_examples=max_examples,
         client_states=client_states.get if client_states is not None else None,
+        secure=secure,
+        drop_at=drop_at,
     )
     try:
         result = drive_round(protocol, backend, client_fn=client_fn, seed=seed)
@@ -113,6 +128,8 @@ def run_rounds(
     run_dir: RunDirectory | None = None,
     on_round: RoundCallback | None = None,
     client_states: StateStore | None = None,
+    secure: SecureAggregation | None = None,
+    faults: Faults | None = None,
 ) -> ServerState:
     """Run rounds ``state.round_idx .. rounds − 1``.
 
@@ -149,6 +166,8 @@ def run_rounds(
                 timeout_s=timeout_s,
                 max_examples=max_examples,
                 client_states=client_states,
+                secure=secure,
+                faults=faults,
             )
             round_number = state.round_idx + 1
             if run_dir is not None and result.failures:

@@ -1,0 +1,322 @@
+"""Cryptographic primitives of secure aggregation, all from ``cryptography``.
+
+=====================  ======================================================
+:func:`agree`          X25519 Diffie-Hellman, then HKDF-SHA256 to a 32-byte key
+:func:`encrypt`        AES-256-GCM with a random 96-bit nonce (share transport)
+:func:`expand_mask`    AES-256-CTR keystream from a 32-byte seed -> mask words
+:func:`sign`           Ed25519 (the malicious-server variant of the protocol)
+=====================  ======================================================
+
+Nothing here is home-made and nothing draws from a statistical generator:
+keys, nonces and seeds come from the operating system (:func:`os.urandom`
+through ``cryptography`` or :mod:`secrets`).
+
+Key agreement is symmetric only if both sides pass the same ``info``: build it
+from the context and the two client ids in a canonical order (for instance
+``b"fedshield/secagg/v1/mask" + round + min(u, v) + max(u, v)``), so that a key
+agreed for one round, purpose or pair is useless for any other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedshield.errors import ProtocolError
+
+__all__ = [
+    "KEY_BYTES",
+    "NONCE_BYTES",
+    "SEED_BYTES",
+    "TAG_BYTES",
+    "KeyPair",
+    "SigningKey",
+    "agree",
+    "decrypt",
+    "encrypt",
+    "expand_mask",
+    "export_private",
+    "generate_keypair",
+    "generate_signing_key",
+    "import_private",
+    "random_seed",
+    "sign",
+    "verify",
+]
+
+KEY_BYTES = 32
+"""Length of agreed keys, AES keys and raw X25519/Ed25519 public keys."""
+SEED_BYTES = 32
+"""Length of a mask seed."""
+NONCE_BYTES = 12
+"""AES-GCM nonce length; the nonce is prepended to every ciphertext."""
+TAG_BYTES = 16
+"""AES-GCM authentication tag length."""
+
+_RAW = serialization.Encoding.Raw
+_RAW_PUBLIC = serialization.PublicFormat.Raw
+_RAW_PRIVATE = serialization.PrivateFormat.Raw
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair.
+
+    Attributes
+    ----------
+    private
+        The private key; never leaves the client except as Shamir shares.
+    public
+        The raw 32-byte public key, as sent to the server and the peers.
+    """
+
+    private: X25519PrivateKey
+    public: bytes
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An Ed25519 signing key pair.
+
+    Attributes
+    ----------
+    private
+        The private signing key.
+    public
+        The raw 32-byte verification key.
+    """
+
+    private: Ed25519PrivateKey
+    public: bytes
+
+
+def generate_keypair() -> KeyPair:
+    """A fresh X25519 key pair from the operating system's randomness."""
+    private = X25519PrivateKey.generate()
+    return KeyPair(
+        private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
+    )
+
+
+def export_private(private: X25519PrivateKey) -> bytes:
+    """The raw 32 bytes of an X25519 private key (to Shamir-share it)."""
+    return private.private_bytes(_RAW, _RAW_PRIVATE, serialization.NoEncryption())
+
+
+def import_private(data: bytes) -> X25519PrivateKey:
+    """Rebuild an X25519 private key from :func:`export_private`'s 32 bytes.
+
+    Raises
+    ------
+    ProtocolError
+        If ``data`` is not 32 bytes.
+    """
+    if len(data) != KEY_BYTES:
+        raise ProtocolError(
+            f"an X25519 private key is {KEY_BYTES} bytes, got {len(data)}"
+        )
+    return X25519PrivateKey.from_private_bytes(bytes(data))
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> bytes:
+    """Agree on a 32-byte key with a peer: X25519, then HKDF-SHA256.
+
+    ``agree(a.private, b.public, info=i) == agree(b.private, a.public, info=i)``.
+
+    Parameters
+    ----------
+    private
+        This side's private key.
+    peer_public
+        The peer's raw 32-byte public key.
+    info
+        Context bound into the key (HKDF ``info``): protocol version,
+        purpose, round and the pair of ids in canonical order. Different
+        ``info`` gives an independent key.
+
+    Returns
+    -------
+    bytes
+        32 bytes of key material.
+
+    Raises
+    ------
+    ProtocolError
+        If the peer key is not 32 bytes or is a low-order point (the shared
+        secret would be all zeros).
+    """
+    if len(peer_public) != KEY_BYTES:
+        raise ProtocolError(
+            f"an X25519 public key is {KEY_BYTES} bytes, got {len(peer_public)}"
+        )
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+    except ValueError as exc:  # low-order point: all-zero shared secret
+        raise ProtocolError(f"key agreement failed: {exc}") from exc
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info)
+    return hkdf.derive(shared)
+
+
+def encrypt(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:
+    """Encrypt and authenticate with AES-256-GCM.
+
+    Parameters
+    ----------
+    key
+        A 32-byte key (from :func:`agree`). The random 96-bit nonce makes
+        reuse of the key for up to about ``2**32`` messages safe.
+    plaintext
+        The message.
+    associated_data
+        Authenticated but not encrypted (sender, recipient, round, stage):
+        :func:`decrypt` fails unless it is given the same bytes.
+
+    Returns
+    -------
+    bytes
+        ``nonce (12 bytes) || ciphertext || tag (16 bytes)``.
+    """
+    _check_key(key)
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(bytes(key)).encrypt(nonce, plaintext, associated_data)
+
+
+def decrypt(key: bytes, ciphertext: bytes, *, associated_data: bytes) -> bytes:
+    """Check and decrypt a message made by :func:`encrypt`.
+
+    Raises
+    ------
+    ProtocolError
+        If the message is too short, was tampered with, or the key or the
+        associated data differ from those used to encrypt it.
+    """
+    _check_key(key)
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise ProtocolError(
+            f"ciphertext of {len(ciphertext)} bytes is shorter than nonce and tag "
+            f"({NONCE_BYTES + TAG_BYTES} bytes)"
+        )
+    nonce, body = ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:]
+    try:
+        return AESGCM(bytes(key)).decrypt(nonce, body, associated_data)
+    except InvalidTag as exc:
+        raise ProtocolError(
+            "decryption failed: ciphertext tampered with, or wrong key or "
+            "associated data"
+        ) from exc
+
+
+def random_seed() -> bytes:
+    """32 bytes from the operating system's randomness (a mask seed)."""
+    return os.urandom(SEED_BYTES)
+
+
+def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
+    """Expand a 32-byte seed into ``length`` words uniform in ``[0, 2**modulus_bits)``.
+
+    The generator is AES-256 in counter mode keyed by the seed (counter block
+    starting at zero): a cryptographic PRG, so the mask is indistinguishable
+    from uniform to anyone without the seed. Each output word is 8 keystream
+    bytes read little-endian and masked to its low ``modulus_bits`` bits,
+    which keeps it exactly uniform because ``2**modulus_bits`` divides
+    ``2**64``. The same seed always gives the same mask: use a seed for one
+    mask only (the protocol derives a fresh one per round and pair).
+
+    Parameters
+    ----------
+    seed
+        32 bytes (from :func:`random_seed` or :func:`agree`).
+    length
+        Number of words, ``>= 0``.
+    modulus_bits
+        ``b`` in ``[1, 64]``; the mask lives in the integers mod ``2**b``.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new, writable ``uint64`` array of shape ``(length,)``.
+
+    Raises
+    ------
+    ValueError
+        If the seed is not 32 bytes, ``length < 0`` or ``modulus_bits`` is
+        outside ``[1, 64]``.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if not 1 <= modulus_bits <= 64:
+        raise ValueError(f"modulus_bits must be in [1, 64], got {modulus_bits}")
+    encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(bytes(16))).encryptor()
+    stream = encryptor.update(bytes(8 * length))
+    encryptor.finalize()  # CTR mode: nothing buffered, returns b""
+    words = np.frombuffer(stream, dtype="<u8")
+    if modulus_bits == 64:
+        return words.astype(np.uint64)
+    mask: np.ndarray = np.bitwise_and(
+        words, np.uint64((1 << modulus_bits) - 1), dtype=np.uint64
+    )
+    return mask
+
+
+def generate_signing_key() -> SigningKey:
+    """A fresh Ed25519 signing key pair."""
+    private = Ed25519PrivateKey.generate()
+    return SigningKey(
+        private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
+    )
+
+
+def sign(key: SigningKey | Ed25519PrivateKey, message: bytes) -> bytes:
+    """Sign a message with Ed25519; returns the 64-byte signature."""
+    private = key.private if isinstance(key, SigningKey) else key
+    return private.sign(message)
+
+
+def verify(public: bytes | Ed25519PublicKey, message: bytes, signature: bytes) -> None:
+    """Check an Ed25519 signature.
+
+    Parameters
+    ----------
+    public
+        The signer's raw 32-byte verification key (or the key object).
+    message
+        The signed message.
+    signature
+        The 64-byte signature.
+
+    Raises
+    ------
+    ProtocolError
+        If the signature does not verify or the key is malformed.
+    """
+    try:
+        key = (
+            public
+            if isinstance(public, Ed25519PublicKey)
+            else Ed25519PublicKey.from_public_bytes(bytes(public))
+        )
+        key.verify(bytes(signature), message)
+    except (InvalidSignature, ValueError) as exc:
+        raise ProtocolError("signature verification failed") from exc
+
+
+def _check_key(key: bytes) -> None:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"an AES-256-GCM key is {KEY_BYTES} bytes, got {len(key)}")

@@ -1,0 +1,297 @@
+"""Secure aggregation and injected dropouts inside a simulated round.
+
+:func:`secure_sum` runs one round of SecAgg or SecAgg+ (the sans-I/O state
+machines of :mod:`fedshield.secagg.protocol`) over the updates the round's
+clients trained. Each client's half is a :class:`~fedshield.secagg.protocol.
+SecAggClient` that encodes the client's weighted update into integers mod
+``2^b`` (:mod:`fedshield.secagg.encoding`) and masks it; the
+:class:`~fedshield.secagg.protocol.SecAggServer` sees only the serialized
+protocol messages and outputs the sum. In a simulation both halves run in
+this process and the messages are handed over here; over a network the
+client halves run on the clients and a transport carries the same bytes.
+
+Every client contributes ``[w_k Δ_k, w_k, o_k]``: its update weighted by
+``w_k = n_k / max_examples`` (FedAvg's weight, scaled to at most 1 so that
+the encoding's range bounds it), the weight itself and the count ``o_k`` of
+its values that fell outside the encoding's range (clipped to it, never
+silently: the sum of the counts is reported). The server divides the summed
+update by the summed weight: the weighted FedAvg mean, learned only in sum.
+
+:class:`Faults` draws, for each sampled client, whether it drops out and at
+which stage (``[faults] dropout = p``), so that a user can watch the
+protocol recover: a client that drops at a stage sends nothing from that
+stage on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from fedshield.core import Aggregate, ClientId, ClientUpdate, Params, ParamSpec
+from fedshield.errors import ConfigError, ProtocolError
+
+__all__ = ["Faults", "SecureAggregation", "SecureSumResult", "secure_sum"]
+
+logger = logging.getLogger(__name__)
+
+FIT = "fit"
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Injected dropouts: each sampled client drops with ``dropout`` probability.
+
+    Parameters
+    ----------
+    dropout
+        Probability in [0, 1) that a sampled client drops out in a round.
+    """
+
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"[faults] dropout must be in [0, 1); got {self.dropout}")
+
+    def draw(
+        self,
+        clients: Sequence[ClientId],
+        stages: Sequence[str],
+        rng: np.random.Generator,
+    ) -> dict[ClientId, str]:
+        """The stage at which each dropping client drops (uniform over ``stages``)."""
+        if self.dropout == 0.0 or not stages:
+            return {}
+        drops = rng.random(len(clients)) < self.dropout
+        where = rng.integers(len(stages), size=len(clients))
+        return {
+            cid: stages[int(k)]
+            for cid, drop, k in zip(clients, drops, where, strict=True)
+            if drop
+        }
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """What ``[secagg]`` asks for.
+
+    Parameters
+    ----------
+    protocol
+        ``"secagg"`` (Bonawitz et al. 2017, every pair of clients) or
+        ``"secagg+"`` (Bell et al. 2020, a sparse random graph).
+    threshold
+        Fewest clients needed at every stage: a fraction of the round's
+        clients in (0.5, 1] or, when > 1, a number of clients.
+    clip
+        Range of each encoded value (``w_k Δ_k``): values outside
+        ``[-clip, clip]`` are clipped and counted.
+    precision_bits
+        Fixed-point precision: ``2^precision_bits`` steps per ``clip``.
+    neighbours
+        SecAgg+'s ``k`` (None: chosen from the security parameter and the
+        expected dropout).
+    malicious
+        Signed key advertisements and the consistency check (Bonawitz §6).
+    security_parameter
+        SecAgg+'s statistical security parameter ``σ`` (bits).
+    expected_dropout
+        SecAgg+'s expected dropout rate, for choosing ``k``.
+    """
+
+    protocol: Literal["secagg", "secagg+"] = "secagg"
+    threshold: float = 2.0 / 3.0
+    clip: float = 1.0
+    precision_bits: int = 24
+    neighbours: int | None = None
+    malicious: bool = False
+    security_parameter: int = 40
+    expected_dropout: float = 0.1
+
+    def threshold_for(self, num_clients: int) -> int:
+        """The threshold ``t`` for a round of ``num_clients`` clients.
+
+        Raises
+        ------
+        ConfigError
+            If ``t`` would exceed the clients, or be at most half of them
+            (two disjoint halves could then each pass for the survivors).
+        """
+        if self.threshold <= 1.0:
+            t = math.ceil(self.threshold * num_clients - 1e-9)
+        else:
+            t = int(self.threshold)
+        if t > num_clients:
+            raise ConfigError(
+                f"[secagg] threshold {t} is above the {num_clients} clients of the "
+                "round; lower the threshold or sample more clients"
+            )
+        if 2 * t <= num_clients or t < 2:
+            raise ConfigError(
+                f"[secagg] threshold {t} of {num_clients} clients is weak: it must "
+                "exceed half the clients (and be >= 2), or two disjoint groups could "
+                "each pass for the survivors; raise it"
+            )
+        return t
+
+    def stages(self) -> tuple[str, ...]:
+        """The protocol's stages in order (for fault injection)."""
+        stages = ["advertise_keys", "share_keys", "masked_input"]
+        if self.malicious:
+            stages.append("consistency_check")
+        stages.append("unmask")
+        return tuple(stages)
+
+
+@dataclass(frozen=True)
+class SecureSumResult:
+    """The outcome of one secure aggregation."""
+
+    aggregate: Aggregate | None
+    metrics: dict[str, float]
+    dropped: dict[ClientId, str]
+    message: str = ""
+
+
+def secure_sum(
+    updates: Mapping[ClientId, ClientUpdate],
+    *,
+    settings: SecureAggregation,
+    spec: ParamSpec,
+    round_idx: int,
+    max_examples: int,
+    drop_at: Mapping[ClientId, str],
+    rng: np.random.Generator,
+) -> SecureSumResult:
+    """Aggregate ``updates`` with secure aggregation; the server sees only sums.
+
+    Parameters
+    ----------
+    updates
+        Each client's validated update (its own; only its SecAgg half reads it).
+    settings
+        The protocol and the encoding.
+    spec
+        Layout of the updates.
+    round_idx
+        The round (bound into every protocol message).
+    max_examples
+        The largest honest ``num_examples``; weights are ``n_k / max_examples``.
+    drop_at
+        Injected faults: the stage at which a client drops.
+    rng
+        The clients' stochastic rounding.
+
+    Returns
+    -------
+    SecureSumResult
+        The aggregate (None when the protocol aborted below its threshold,
+        with the reason in ``message``), the round's ``secagg/*`` metrics
+        and the clients that dropped, by stage.
+    """
+    from fedshield.secagg.encoding import choose_encoding, decode_sum, encode
+    from fedshield.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer
+
+    clients = sorted(updates)
+    metrics: dict[str, float] = {"secagg/clients": float(len(clients))}
+    if len(clients) < 2:
+        return SecureSumResult(
+            None,
+            {**metrics, "secagg/aborted": 1.0},
+            {},
+            f"secure aggregation needs at least 2 clients; {len(clients)} trained",
+        )
+    try:
+        threshold = settings.threshold_for(len(clients))
+    except ConfigError as err:
+        return SecureSumResult(None, {**metrics, "secagg/aborted": 1.0}, {}, str(err))
+    enc = choose_encoding(
+        len(clients), settings.clip, precision_bits=settings.precision_bits
+    )
+    length = spec.size + 2
+    config = SecAggConfig(
+        protocol=settings.protocol,
+        threshold=threshold,
+        modulus_bits=enc.modulus_bits,
+        vector_length=length,
+        neighbours=settings.neighbours,
+        malicious=settings.malicious,
+        security_parameter=settings.security_parameter,
+        expected_dropout=settings.expected_dropout,
+    )
+    server = SecAggServer(config, round_idx, clients)
+    halves: dict[ClientId, SecAggClient] = {}
+    for cid in clients:
+        update = updates[cid]
+        weight = update.num_examples / max(1, max_examples)
+        values = np.empty(length, dtype=np.float64)
+        values[: spec.size] = np.asarray(update.delta.flat, dtype=np.float64) * weight
+        values[spec.size] = weight
+        values[spec.size + 1] = 0.0
+        encoded, count = encode(values, enc, rng)
+        # The count rides along in the secure sum (one unit per value; it is
+        # encoded exactly: a small integer times 1/scale).
+        encoded_count, _ = encode(np.array([count / enc.scale]), enc, rng)
+        encoded[spec.size + 1] = encoded_count[0]
+        half = SecAggClient(config, round_idx, cid)
+        half.set_input(encoded)
+        halves[cid] = half
+    dropped: dict[ClientId, str] = {}
+
+    def count_drops() -> None:
+        for stage in dropped.values():
+            key = f"dropped/{stage}"
+            metrics[key] = metrics.get(key, 0.0) + 1.0
+
+    try:
+        while server.stage not in ("done", "aborted"):
+            stage = server.stage
+            replies: dict[ClientId, bytes] = {}
+            for cid, message in server.requests().items():
+                if cid in drop_at and cid not in dropped and drop_at[cid] == stage:
+                    dropped[cid] = stage
+                if cid in dropped:
+                    continue
+                try:
+                    replies[cid] = halves[cid].handle(message)
+                except ProtocolError as err:
+                    logger.warning(
+                        "round %d: client %s refused: %s", round_idx + 1, cid, err
+                    )
+            server.receive(replies)
+    except ProtocolError as err:
+        count_drops()
+        metrics["secagg/aborted"] = 1.0
+        return SecureSumResult(None, metrics, dropped, str(err))
+    total = decode_sum(server.result(), enc, len(server.survivors))
+    weight_sum = float(total[spec.size])
+    out_of_range = round(float(total[spec.size + 1]) * enc.scale)
+    count_drops()
+    metrics.update(
+        {
+            "secagg/aborted": 0.0,
+            "secagg/survivors": float(len(server.survivors)),
+            "secagg/threshold": float(threshold),
+            "secagg/modulus_bits": float(enc.modulus_bits),
+            "secagg/out_of_range": float(out_of_range),
+        }
+    )
+    if weight_sum <= 0:
+        metrics["secagg/aborted"] = 1.0
+        return SecureSumResult(
+            None, metrics, dropped, "the survivors' weights sum to 0"
+        )
+    mean = (total[: spec.size] / weight_sum).astype(np.float32)
+    aggregate = Aggregate(
+        delta=Params.from_flat(mean, spec, copy=False),
+        num_updates=len(server.survivors),
+        total_weight=weight_sum * max_examples,
+        measurements=metrics,
+    )
+    return SecureSumResult(aggregate, metrics, dropped)
