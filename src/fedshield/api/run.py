@@ -193,6 +193,12 @@ def _simulate(
         from fedshield.models.dp_sgd import check_dp_sgd
 
         check_dp_sgd(federation.model)  # per-record gradients, before round 1
+    secure = _secure_settings(config)
+    if secure is not None:
+        # The round's clients: the expected sample (the threshold is a
+        # fraction of whoever trained, so this checks the usual round).
+        expected = _expected_clients(config, len(federation.client_ids))
+        secure.check(expected, federation.model.spec.size + 2)
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     client_states = (
@@ -274,7 +280,7 @@ def _simulate(
             run_dir=run_dir,
             on_round=remember,
             client_states=client_states,
-            secure=_secure_settings(config),
+            secure=secure,
             faults=Faults(config.faults.dropout) if config.faults.dropout else None,
         )
     except PrivacyBudgetExceeded as err:
@@ -342,3 +348,12 @@ def _secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
         security_parameter=sa.security_parameter,
         expected_dropout=sa.expected_dropout,
     )
+
+
+def _expected_clients(config: ExperimentConfig, num_clients: int) -> int:
+    """How many clients a round samples, as ``[strategy]`` says."""
+    s = config.strategy
+    if s.clients_per_round is not None:
+        return min(s.clients_per_round, num_clients)
+    fraction = s.fraction if s.fraction is not None else 1.0
+    return max(1, round(fraction * num_clients))

@@ -29,12 +29,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from fedshield.core import Aggregate, ClientId, ClientUpdate, Params, ParamSpec
 from fedshield.errors import ConfigError, ProtocolError
+
+if TYPE_CHECKING:
+    from fedshield.secagg.protocol import SecAggConfig
 
 __all__ = ["Faults", "SecureAggregation", "SecureSumResult", "secure_sum"]
 
@@ -140,6 +143,42 @@ class SecureAggregation:
             )
         return t
 
+    def protocol_config(
+        self, num_clients: int, modulus_bits: int, vector_length: int
+    ) -> SecAggConfig:
+        """The protocol's configuration for a round of ``num_clients``."""
+        from fedshield.secagg.protocol import SecAggConfig
+
+        return SecAggConfig(
+            protocol=self.protocol,
+            threshold=self.threshold_for(num_clients),
+            modulus_bits=modulus_bits,
+            vector_length=vector_length,
+            neighbours=self.neighbours,
+            malicious=self.malicious,
+            security_parameter=self.security_parameter,
+            expected_dropout=self.expected_dropout,
+        )
+
+    def check(self, num_clients: int, vector_length: int) -> None:
+        """Refuse, before round 1, a setup no round of ``num_clients`` can run.
+
+        Raises
+        ------
+        ConfigError
+            If the threshold is too high or weak for ``num_clients``, the
+            modulus cannot hold ``num_clients`` sums, or SecAgg+ finds no
+            neighbour count that meets its bounds.
+        """
+        from fedshield.secagg.encoding import choose_encoding
+
+        enc = choose_encoding(
+            num_clients, self.clip, precision_bits=self.precision_bits
+        )
+        config = self.protocol_config(num_clients, enc.modulus_bits, vector_length)
+        config.check_clients(num_clients)
+        config.neighbour_count(num_clients)
+
     def stages(self) -> tuple[str, ...]:
         """The protocol's stages in order (for fault injection)."""
         stages = ["advertise_keys", "share_keys", "masked_input"]
@@ -195,8 +234,9 @@ def secure_sum(
         with the reason in ``message``), the round's ``secagg/*`` metrics
         and the clients that dropped, by stage.
     """
+    from fedshield.secagg import crypto
     from fedshield.secagg.encoding import choose_encoding, decode_sum, encode
-    from fedshield.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer
+    from fedshield.secagg.protocol import SecAggClient, SecAggServer
 
     clients = sorted(updates)
     metrics: dict[str, float] = {"secagg/clients": float(len(clients))}
@@ -215,17 +255,21 @@ def secure_sum(
         len(clients), settings.clip, precision_bits=settings.precision_bits
     )
     length = spec.size + 2
-    config = SecAggConfig(
-        protocol=settings.protocol,
-        threshold=threshold,
-        modulus_bits=enc.modulus_bits,
-        vector_length=length,
-        neighbours=settings.neighbours,
-        malicious=settings.malicious,
-        security_parameter=settings.security_parameter,
-        expected_dropout=settings.expected_dropout,
+    try:
+        config = settings.protocol_config(len(clients), enc.modulus_bits, length)
+        config.neighbour_count(len(clients))
+    except ConfigError as err:  # e.g. SecAgg+ finds no k for this many
+        metrics["secagg/aborted"] = 1.0
+        return SecureSumResult(None, metrics, {}, str(err))
+    # The simulation is its own PKI: each client's signature key, and the
+    # table of verification keys every party knows (malicious mode).
+    signing = (
+        {cid: crypto.generate_signing_key() for cid in clients}
+        if settings.malicious
+        else {}
     )
-    server = SecAggServer(config, round_idx, clients)
+    verify = {cid: key.public for cid, key in signing.items()} or None
+    server = SecAggServer(config, round_idx, clients, verify_keys=verify)
     halves: dict[ClientId, SecAggClient] = {}
     for cid in clients:
         update = updates[cid]
@@ -239,7 +283,13 @@ def secure_sum(
         # encoded exactly: a small integer times 1/scale).
         encoded_count, _ = encode(np.array([count / enc.scale]), enc, rng)
         encoded[spec.size + 1] = encoded_count[0]
-        half = SecAggClient(config, round_idx, cid)
+        half = SecAggClient(
+            config,
+            round_idx,
+            cid,
+            signing_key=signing.get(cid),
+            verify_keys=verify,
+        )
         half.set_input(encoded)
         halves[cid] = half
     dropped: dict[ClientId, str] = {}

@@ -1,0 +1,1426 @@
+"""SecAgg and SecAgg+ as sans-I/O state machines: the server learns only a sum.
+
+:class:`SecAggServer` and :class:`SecAggClient` compute and check protocol
+messages; they open no sockets, start no threads and keep no global state.
+Whoever runs them (a simulation driver, a gRPC service) carries the bytes:
+``server.requests()`` gives one message per client, each client answers with
+``client.handle(message)``, and ``server.receive(replies)`` takes the replies
+that arrived before the deadline. A client absent from ``replies`` has
+dropped. Nothing assumes the parties share a process.
+
+The protocol (Bonawitz et al., "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS 2017, Fig. 4 and §6)
+----------------------------------------------------------------------------
+Let ``t`` be the threshold, ``b`` the modulus bits, ``N(u)`` the neighbours
+of client ``u`` (every other client for SecAgg, a random graph for SecAgg+,
+see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
+
+0. ``advertise_keys``: the server sends the sorted client list, the graph
+   seed and a digest of its configuration. Each client derives the graph
+   itself, draws two X25519 key pairs (``c`` to encrypt shares, ``s`` to agree
+   mask seeds) and sends both public keys, signed with its Ed25519 key when
+   ``malicious``. ``U1``: the clients that answered; at least ``t`` needed.
+1. ``share_keys``: the server forwards to each client the keys of its
+   neighbours in ``U1``. The client checks them (all distinct; signatures when
+   ``malicious``; at least ``t_u`` holders), draws a self-mask seed ``b_u``,
+   Shamir-shares ``b_u`` and ``s_sk_u`` among ``N[u] ∩ U1`` with threshold
+   ``t_u`` (``t`` on the complete graph; see
+   :func:`~fedshield.secagg.graph.local_threshold`), and encrypts each
+   neighbour's pair of shares with AES-GCM under ``agree(c_sk_u, c_pk_v)``;
+   the associated data binds session, round, sender and recipient. ``U2``:
+   the clients that sent a ciphertext to every neighbour in ``U1``.
+2. ``masked_input``: the server forwards each client the ciphertexts
+   addressed to it. The client decrypts them and sends::
+
+       y_u = x_u + PRG(b_u) + sum_{v in N(u) ∩ U2} ±PRG(agree(s_sk_u, s_pk_v))  mod 2**b
+
+   with ``+`` when ``u < v`` and ``-`` when ``u > v``, so pairwise masks
+   cancel between survivors. ``U3``: the clients whose ``y_u`` arrived.
+   For SecAgg+ the server aborts if ``U3`` is not connected in the graph.
+3. ``consistency_check`` (``malicious`` only, §6): the server sends ``U3``
+   to its members; each checks it and signs it. ``U4``: the signers.
+4. ``unmask``: the server sends ``U3`` (and, when ``malicious``, at least
+   ``t`` signatures of it) and asks each client for its share of ``b_v`` for
+   every neighbour ``v`` in ``U3`` and of ``s_sk_v`` for every neighbour ``v``
+   in ``U2 - U3``. A client answers once, and only if no client is asked for
+   under both headings, the survivors are a connected set of at least ``t``
+   that matches what it saw (and signed), and every name is a neighbour that
+   shared with it. The server rebuilds ``b_u`` for ``u in U3`` and ``s_sk_v``
+   for ``v in U2 - U3``, removes the self masks and the masks between
+   survivors and dropped clients, and outputs ``sum_{u in U3} x_u mod 2**b``.
+
+At every stage the server needs ``t`` answers, else it raises
+:class:`~fedshield.errors.ProtocolError` ("stage X needed t clients, only m
+answered"), moves to ``aborted`` and never releases anything.
+
+Why the server cannot unmask one client
+---------------------------------------
+``y_u`` hides ``x_u`` under ``PRG(b_u)`` and under one pairwise mask per
+neighbour. To remove all of them the server needs ``b_u`` *and* either
+``s_sk_u`` or ``s_sk_v`` for every neighbour ``v``. Honest clients reveal
+shares of ``b_u`` only for survivors and of ``s_sk_u`` only for non-survivors,
+never both for one client, and ``t_u`` is a strict majority of ``u``'s
+holders, so the server reaches the threshold for at most one of the two
+secrets of any client (even a malicious server, because every honest client
+answers once and, with ``malicious``, only for the survivor list that at
+least ``t > n / 2`` clients signed: two different lists cannot both collect
+``t`` honest signatures). A survivor's pairwise masks with surviving
+neighbours therefore stay on; they cancel only in the sum over a connected
+set of survivors, which clients check before revealing anything.
+
+Threat model and deployment notes
+---------------------------------
+- Semi-honest server (default) or malicious server (``malicious=True``,
+  Bonawitz §6: signed key advertisements and the consistency-check round).
+  Clients follow the protocol; corrupted clients colluding with the server
+  are not modelled beyond what the thresholds give.
+- With ``malicious=True`` every client holds an Ed25519 signing key and
+  knows every client's verification key. The simulation passes them in
+  (``verify_keys``); in deployment a PKI provides them (for instance client
+  certificates checked by the transport), never the server itself.
+- The graph seed must come from randomness the server cannot bias (see
+  :mod:`fedshield.secagg.graph`); the default is the operating system's.
+- Secrets (X25519 private keys, self-mask seeds, held shares) live only
+  inside :class:`SecAggClient`; the client drops its references to its seed
+  and masking key once its masked input is sent.
+- A client raises on anything invalid and is then aborted for the round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedshield.errors import ConfigError, InvalidUpdateError, ProtocolError
+from fedshield.secagg import crypto, shamir
+from fedshield.secagg.encoding import add_mod, sub_mod
+from fedshield.secagg.graph import NeighbourGraph, build_graph, choose_neighbours
+from fedshield.secagg.messages import (
+    SECRET_BYTES,
+    SERVER_ID,
+    SESSION_BYTES,
+    VERSION,
+    Advertisement,
+    AdvertiseReply,
+    AdvertiseRequest,
+    ConsistencyReply,
+    ConsistencyRequest,
+    MaskedInputReply,
+    MaskedInputRequest,
+    Message,
+    Share,
+    ShareKeysReply,
+    ShareKeysRequest,
+    SharePayload,
+    Stage,
+    UnmaskReply,
+    UnmaskRequest,
+    check_client_id,
+    decode,
+)
+
+__all__ = [
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggServer",
+    "Stage",
+    "choose_neighbours",
+]
+
+_LOG = logging.getLogger(__name__)
+
+_REPLY_TYPES: dict[Stage, type[Message]] = {
+    Stage.ADVERTISE_KEYS: AdvertiseReply,
+    Stage.SHARE_KEYS: ShareKeysReply,
+    Stage.MASKED_INPUT: MaskedInputReply,
+    Stage.CONSISTENCY_CHECK: ConsistencyReply,
+    Stage.UNMASK: UnmaskReply,
+}
+
+
+class _Head(TypedDict):
+    session: bytes
+    round_idx: int
+    sender: str
+    recipient: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggConfig:
+    """Parameters of one secure aggregation, shared by the server and every client.
+
+    Attributes
+    ----------
+    protocol
+        ``"secagg"`` (every client pairs with every other, Bonawitz et al.
+        2017) or ``"secagg+"`` (each client pairs with about ``neighbours``
+        others in a random graph, Bell et al. 2020).
+    threshold
+        ``t``: the fewest clients that must answer at every stage, and the
+        Shamir threshold (per neighbourhood for SecAgg+, see
+        :func:`~fedshield.secagg.graph.local_threshold`). ``t >= 2`` and,
+        for ``n`` clients, ``n / 2 < t <= n`` (checked when ``n`` is known).
+    modulus_bits
+        ``b`` in ``[1, 64]``: inputs and masks are ``uint64`` words mod ``2**b``.
+    vector_length
+        ``d >= 1``: words per input.
+    neighbours
+        SecAgg+ only: ``k``, the expected degree of the graph. ``None``
+        chooses it with :func:`~fedshield.secagg.graph.choose_neighbours`
+        from ``security_parameter``, ``expected_dropout`` and ``t / n``.
+    malicious
+        Defend against a malicious server (Bonawitz §6): signed key
+        advertisements and a consistency-check round. Needs signing keys.
+    security_parameter
+        σ for the choice of ``k`` (SecAgg+).
+    expected_dropout
+        δ in ``[0, 1)`` for the choice of ``k`` (SecAgg+).
+
+    Raises
+    ------
+    ConfigError
+        If a field is out of range, or ``neighbours`` is given for SecAgg.
+    """
+
+    protocol: Literal["secagg", "secagg+"] = "secagg"
+    threshold: int
+    modulus_bits: int
+    vector_length: int
+    neighbours: int | None = None
+    malicious: bool = False
+    security_parameter: int = 40
+    expected_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("secagg", "secagg+"):
+            raise ConfigError(
+                "SecAggConfig.protocol must be 'secagg' or 'secagg+', got "
+                f"{self.protocol!r}"
+            )
+        _require_int("threshold", self.threshold, low=2)
+        _require_int("modulus_bits", self.modulus_bits, low=1, high=64)
+        _require_int("vector_length", self.vector_length, low=1)
+        _require_int("security_parameter", self.security_parameter, low=1)
+        if self.neighbours is not None:
+            if self.protocol == "secagg":
+                raise ConfigError(
+                    "SecAggConfig.neighbours applies to protocol='secagg+' only: "
+                    "secagg pairs every client with every other"
+                )
+            _require_int("neighbours", self.neighbours, low=1)
+        if not isinstance(self.malicious, bool):
+            raise ConfigError(
+                f"SecAggConfig.malicious must be a bool, got {self.malicious!r}"
+            )
+        dropout = self.expected_dropout
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, int | float)
+            or not 0 <= dropout < 1
+        ):
+            raise ConfigError(
+                f"SecAggConfig.expected_dropout must be in [0, 1), got {dropout!r}"
+            )
+
+    def check_clients(self, num_clients: int) -> None:
+        """Check that ``n / 2 < threshold <= n``.
+
+        Raises
+        ------
+        ConfigError
+            If not: a threshold at or below half would let two disjoint
+            halves of the clients each reach it, so a malicious server could
+            get the self-mask shares of a client from one half and its
+            masking-key shares from the other and unmask it (Bonawitz et al.
+            §4 and §6).
+        """
+        n, t = num_clients, self.threshold
+        if n < 2:
+            raise ConfigError(f"secure aggregation needs at least 2 clients, got {n}")
+        if t > n:
+            raise ConfigError(
+                f"threshold={t} exceeds the number of clients n={n}: the protocol "
+                "could never complete"
+            )
+        if 2 * t <= n:
+            raise ConfigError(
+                f"threshold={t} is not above half of n={n}: two disjoint halves of "
+                "the clients could each reach it, so a server could collect one "
+                "client's self-mask shares from one half and its masking-key shares "
+                f"from the other and unmask it (Bonawitz et al. §4, §6); use "
+                f"threshold >= {n // 2 + 1}"
+            )
+
+    def neighbour_count(self, num_clients: int) -> int:
+        """``k`` for ``n`` clients: ``n - 1`` for SecAgg; chosen or given for SecAgg+.
+
+        Raises
+        ------
+        ConfigError
+            If :meth:`check_clients` fails, ``neighbours > n - 1``, or no ``k``
+            meets the bounds of :func:`~fedshield.secagg.graph.choose_neighbours`.
+        """
+        self.check_clients(num_clients)
+        n = num_clients
+        if self.protocol == "secagg":
+            return n - 1
+        if self.neighbours is not None:
+            if self.neighbours > n - 1:
+                raise ConfigError(
+                    f"neighbours={self.neighbours} exceeds n - 1 = {n - 1} for "
+                    f"n={n} clients"
+                )
+            return self.neighbours
+        return choose_neighbours(
+            n,
+            security_parameter=self.security_parameter,
+            expected_dropout=float(self.expected_dropout),
+            threshold_fraction=self.threshold / n,
+        )
+
+
+# --------------------------------------------------------------------------
+# Context strings: every key, mask, ciphertext and signature is bound to its
+# protocol, purpose, session, round and the ids involved.
+
+
+def _context(purpose: str, session: bytes, round_idx: int, *ids: str) -> bytes:
+    parts = [b"fedshield/secagg/v1/", purpose.encode("ascii"), b"\x00", session]
+    parts.append(round_idx.to_bytes(8, "big"))
+    for cid in ids:
+        data = cid.encode("utf-8")
+        parts.append(len(data).to_bytes(4, "big") + data)
+    return b"".join(parts)
+
+
+def _pair(purpose: str, session: bytes, round_idx: int, u: str, v: str) -> bytes:
+    """Context of a symmetric pair key: the two ids in canonical order."""
+    return _context(purpose, session, round_idx, *sorted((u, v)))
+
+
+def _advertisement_message(
+    session: bytes,
+    round_idx: int,
+    client_id: str,
+    digest: bytes,
+    c_pk: bytes,
+    s_pk: bytes,
+) -> bytes:
+    return _context("advertise", session, round_idx, client_id) + digest + c_pk + s_pk
+
+
+def _consistency_message(
+    session: bytes, round_idx: int, survivors: Sequence[str]
+) -> bytes:
+    return _context("consistency", session, round_idx, *survivors)
+
+
+def _config_digest(config: SecAggConfig, num_clients: int, neighbours: int) -> bytes:
+    document = {
+        "version": VERSION,
+        "protocol": config.protocol,
+        "threshold": config.threshold,
+        "modulus_bits": config.modulus_bits,
+        "vector_length": config.vector_length,
+        "malicious": config.malicious,
+        "num_clients": num_clients,
+        "neighbours": neighbours,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).digest()
+
+
+def _public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def _pairwise_mask(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    *,
+    session: bytes,
+    round_idx: int,
+    u: str,
+    v: str,
+    config: SecAggConfig,
+) -> npt.NDArray[np.uint64]:
+    """``PRG(agree(s_sk, s_pk))`` for the pair ``{u, v}`` (same from both sides)."""
+    seed = crypto.agree(
+        private, peer_public, info=_pair("mask", session, round_idx, u, v)
+    )
+    return crypto.expand_mask(seed, config.vector_length, config.modulus_bits)
+
+
+# --------------------------------------------------------------------------
+# Client
+
+
+class SecAggClient:
+    """One client's side of a SecAgg / SecAgg+ round.
+
+    Parameters
+    ----------
+    config
+        The round's configuration (the same as the server's: the advertise
+        request carries a digest that is checked).
+    round_idx
+        The training round, 0-based; requests of other rounds are refused.
+    client_id
+        This client's id, as the server lists it.
+    signing_key
+        Ed25519 key that signs this client's key advertisement and the
+        survivor list (``malicious`` only).
+    verify_keys
+        Every client's raw 32-byte Ed25519 verification key, by id
+        (``malicious`` only; a PKI provides them in deployment).
+
+    Raises
+    ------
+    ConfigError
+        If an argument is invalid, or ``malicious`` lacks the keys.
+
+    Notes
+    -----
+    All secrets of the round (private keys, the self-mask seed, the shares
+    this client holds) stay inside this object. After any error the client
+    is ``aborted`` and answers nothing more.
+    """
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        round_idx: int,
+        client_id: str,
+        *,
+        signing_key: crypto.SigningKey | None = None,
+        verify_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
+        _require_int("round_idx", round_idx, low=0)
+        _check_participant_id(client_id)
+        if config.malicious and (signing_key is None or verify_keys is None):
+            raise ConfigError(
+                "malicious=True needs signing_key and verify_keys: the client signs "
+                "its keys and checks everyone's signatures (a PKI provides them)"
+            )
+        if config.malicious and signing_key is not None and verify_keys is not None:
+            own = verify_keys.get(client_id)
+            if own is not None and own != signing_key.public:
+                raise ConfigError(
+                    f"verify_keys[{client_id!r}] is not the public half of signing_key"
+                )
+        self.config = config
+        self.round_idx = round_idx
+        self.client_id = client_id
+        self._signing_key = signing_key
+        self._verify_keys = dict(verify_keys or {})
+        self._stage = Stage.ADVERTISE_KEYS
+        self._session: bytes | None = None
+        self._graph: NeighbourGraph | None = None
+        self._local_threshold = 0
+        self._digest = b""
+        self._encryption: crypto.KeyPair | None = None
+        self._masking: crypto.KeyPair | None = None
+        self._self_seed: bytes | None = None
+        self._input: npt.NDArray[np.uint64] | None = None
+        self._peers: dict[str, Advertisement] = {}
+        self._channel_keys: dict[str, bytes] = {}
+        self._held: dict[str, tuple[Share, Share]] = {}
+        self._share_senders: frozenset[str] = frozenset()
+        self._signed_survivors: tuple[str, ...] | None = None
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of the next request this client accepts, or done/aborted."""
+        return self._stage
+
+    def set_input(self, vector: npt.NDArray[np.uint64]) -> None:
+        """Set this round's input ``x_u``: ``d`` ``uint64`` words, each ``< 2**b``.
+
+        Raises
+        ------
+        InvalidUpdateError
+            If the vector has the wrong dtype, shape or an unreduced word.
+        ProtocolError
+            If the masked input has already been sent (or the client aborted).
+        """
+        if self._stage not in (
+            Stage.ADVERTISE_KEYS,
+            Stage.SHARE_KEYS,
+            Stage.MASKED_INPUT,
+        ):
+            raise ProtocolError(
+                f"client {self.client_id!r} is in stage {self._stage}: the input must "
+                "be set before the masked-input stage"
+            )
+        array = np.asarray(vector)
+        d, b = self.config.vector_length, self.config.modulus_bits
+        if array.dtype != np.uint64 or array.shape != (d,):
+            raise InvalidUpdateError(
+                f"input must be a uint64 vector of length {d}, got dtype {array.dtype} "
+                f"and shape {array.shape}"
+            )
+        if b < 64 and array.size and int(array.max()) >> b:
+            raise InvalidUpdateError(f"input has a word that is not reduced mod 2**{b}")
+        self._input = array.copy()
+
+    def handle(self, message: bytes) -> bytes:
+        """Answer one server request.
+
+        Parameters
+        ----------
+        message
+            A serialised request of the stage this client expects.
+
+        Returns
+        -------
+        bytes
+            The serialised reply.
+
+        Raises
+        ------
+        ProtocolError
+            If the request is malformed, of another round, session or stage
+            (replayed or out of order), not addressed to this client, or asks
+            for something an honest client must refuse: shares of both
+            secrets of one client, a survivor list that is too small,
+            disconnected, inconsistent with what this client saw or signed,
+            too few signatures, forged key advertisements. The client is then
+            aborted.
+        """
+        if self._stage in (Stage.DONE, Stage.ABORTED):
+            raise ProtocolError(
+                f"client {self.client_id!r} is {self._stage}; it answers no more "
+                "requests"
+            )
+        try:
+            reply = self._dispatch(message)
+        except Exception:
+            self._abort()
+            raise
+        return reply.to_bytes()
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _dispatch(self, data: bytes) -> Message:
+        msg = decode(
+            data,
+            vector_length=self.config.vector_length,
+            modulus_bits=self.config.modulus_bits,
+        )
+        if msg.sender != SERVER_ID or msg.recipient != self.client_id:
+            raise ProtocolError(
+                f"a message from {msg.sender!r} to {msg.recipient!r} is not a server "
+                f"request for client {self.client_id!r}"
+            )
+        if msg.round_idx != self.round_idx:
+            raise ProtocolError(
+                f"request of round {msg.round_idx} refused: this client is in round "
+                f"{self.round_idx}"
+            )
+        if msg.stage != self._stage:
+            raise ProtocolError(
+                f"expected a {self._stage} request, got a {msg.stage} one (replayed or "
+                "out of order)"
+            )
+        if self._session is None:
+            self._session = msg.session
+        elif msg.session != self._session:
+            raise ProtocolError(
+                "request of another protocol session (replayed) refused"
+            )
+        reply: Message
+        if isinstance(msg, AdvertiseRequest):
+            reply = self._advertise(msg)
+            self._stage = Stage.SHARE_KEYS
+        elif isinstance(msg, ShareKeysRequest):
+            reply = self._share_keys(msg)
+            self._stage = Stage.MASKED_INPUT
+        elif isinstance(msg, MaskedInputRequest):
+            reply = self._masked_input(msg)
+            self._stage = (
+                Stage.CONSISTENCY_CHECK if self.config.malicious else Stage.UNMASK
+            )
+        elif isinstance(msg, ConsistencyRequest):
+            reply = self._consistency(msg)
+            self._stage = Stage.UNMASK
+        elif isinstance(msg, UnmaskRequest):
+            reply = self._unmask(msg)
+            self._stage = Stage.DONE
+        else:
+            raise ProtocolError(f"a {msg.TYPE} is not a request")
+        return reply
+
+    def _abort(self) -> None:
+        self._stage = Stage.ABORTED
+        self._encryption = self._masking = None
+        self._self_seed = None
+        self._input = None
+        self._held.clear()
+        self._channel_keys.clear()
+
+    def _reply_head(self) -> _Head:
+        assert self._session is not None
+        return {
+            "session": self._session,
+            "round_idx": self.round_idx,
+            "sender": self.client_id,
+            "recipient": SERVER_ID,
+        }
+
+    # -- stage 0 --------------------------------------------------------------
+
+    def _advertise(self, msg: AdvertiseRequest) -> AdvertiseReply:
+        clients = msg.clients
+        if list(clients) != sorted(clients):
+            raise ProtocolError("the client list is not sorted")
+        if self.client_id not in clients:
+            raise ProtocolError(f"client {self.client_id!r} is not in the client list")
+        if SERVER_ID in clients:
+            raise ProtocolError(f"the client list names the reserved id {SERVER_ID!r}")
+        n = len(clients)
+        try:
+            k = self.config.neighbour_count(n)
+        except ConfigError as exc:
+            raise ProtocolError(
+                f"the server's client list does not fit: {exc}"
+            ) from exc
+        self._digest = _config_digest(self.config, n, k)
+        if msg.config_digest != self._digest:
+            raise ProtocolError(
+                "the server runs a different SecAgg configuration (the config "
+                "digest differs)"
+            )
+        graph = build_graph(clients, k, msg.graph_seed)
+        if graph.degree(self.client_id) == 0:
+            raise ProtocolError(
+                f"client {self.client_id!r} has no neighbour in the graph"
+            )
+        self._graph = graph
+        self._local_threshold = graph.threshold_of(
+            self.client_id, self.config.threshold
+        )
+        self._encryption = crypto.generate_keypair()
+        self._masking = crypto.generate_keypair()
+        signature = None
+        if self.config.malicious:
+            assert self._signing_key is not None and self._session is not None
+            signature = crypto.sign(
+                self._signing_key,
+                _advertisement_message(
+                    self._session,
+                    self.round_idx,
+                    self.client_id,
+                    self._digest,
+                    self._encryption.public,
+                    self._masking.public,
+                ),
+            )
+        return AdvertiseReply(
+            **self._reply_head(),
+            encryption_key=self._encryption.public,
+            masking_key=self._masking.public,
+            signature=signature,
+        )
+
+    # -- stage 1 --------------------------------------------------------------
+
+    def _share_keys(self, msg: ShareKeysRequest) -> ShareKeysReply:
+        graph, me = self._require_graph(), self.client_id
+        assert self._encryption is not None and self._masking is not None
+        assert self._session is not None
+        neighbours = set(graph.neighbours_of(me))
+        seen = {self._encryption.public, self._masking.public}
+        peers: dict[str, Advertisement] = {}
+        for ad in msg.advertisements:
+            v = ad.client_id
+            if v not in neighbours:
+                raise ProtocolError(
+                    f"the server forwarded the keys of {v!r}, which is not a neighbour "
+                    f"of {me!r}"
+                )
+            if (
+                ad.encryption_key in seen
+                or ad.masking_key in seen
+                or (ad.encryption_key == ad.masking_key)
+            ):
+                raise ProtocolError(
+                    f"the public keys of {v!r} repeat keys already seen"
+                )
+            seen.update((ad.encryption_key, ad.masking_key))
+            if self.config.malicious:
+                self._check_advertisement(ad)
+            peers[v] = ad
+        holders = sorted([me, *peers])
+        t_u = self._local_threshold
+        if len(holders) < t_u:
+            raise ProtocolError(
+                f"stage share_keys needed {t_u} clients in the neighbourhood of "
+                f"{me!r}, only {len(holders)} answered"
+            )
+        self._peers = peers
+        positions = {h: graph.index(h) + 1 for h in holders}
+        self._self_seed = crypto.random_seed()
+        seed_shares = shamir.share_bytes(self._self_seed, t_u, list(positions.values()))
+        key_shares = shamir.share_bytes(
+            crypto.export_private(self._masking.private), t_u, list(positions.values())
+        )
+        mine = positions[me]
+        self._held[me] = (tuple(seed_shares[mine]), tuple(key_shares[mine]))
+        ciphertexts: dict[str, bytes] = {}
+        for v in sorted(peers):
+            payload = SharePayload(
+                sender=me,
+                recipient=v,
+                self_mask_share=tuple(seed_shares[positions[v]]),
+                key_share=tuple(key_shares[positions[v]]),
+            )
+            ciphertexts[v] = crypto.encrypt(
+                self._channel_key(v),
+                payload.to_bytes(),
+                associated_data=_context("share", self._session, self.round_idx, me, v),
+            )
+        return ShareKeysReply(**self._reply_head(), ciphertexts=ciphertexts)
+
+    def _check_advertisement(self, ad: Advertisement) -> None:
+        assert self._session is not None
+        key = self._verify_keys.get(ad.client_id)
+        if key is None:
+            raise ProtocolError(f"no verification key for client {ad.client_id!r}")
+        if ad.signature is None:
+            raise ProtocolError(
+                f"the key advertisement of {ad.client_id!r} is not signed"
+            )
+        message = _advertisement_message(
+            self._session,
+            self.round_idx,
+            ad.client_id,
+            self._digest,
+            ad.encryption_key,
+            ad.masking_key,
+        )
+        try:
+            crypto.verify(key, message, ad.signature)
+        except ProtocolError as exc:
+            raise ProtocolError(
+                f"the key advertisement of {ad.client_id!r} has a bad signature "
+                "(forged)"
+            ) from exc
+
+    def _channel_key(self, peer: str) -> bytes:
+        key = self._channel_keys.get(peer)
+        if key is None:
+            assert self._encryption is not None and self._session is not None
+            key = crypto.agree(
+                self._encryption.private,
+                self._peers[peer].encryption_key,
+                info=_pair(
+                    "channel", self._session, self.round_idx, self.client_id, peer
+                ),
+            )
+            self._channel_keys[peer] = key
+        return key
+
+    # -- stage 2 --------------------------------------------------------------
+
+    def _masked_input(self, msg: MaskedInputRequest) -> MaskedInputReply:
+        me = self.client_id
+        assert self._session is not None and self._masking is not None
+        assert self._self_seed is not None
+        for v, ciphertext in msg.ciphertexts.items():
+            if v not in self._peers:
+                raise ProtocolError(
+                    f"a ciphertext from {v!r}, which did not advertise as a "
+                    f"neighbour of {me!r}"
+                )
+            plaintext = crypto.decrypt(
+                self._channel_key(v),
+                ciphertext,
+                associated_data=_context("share", self._session, self.round_idx, v, me),
+            )
+            payload = SharePayload.from_bytes(plaintext)
+            if payload.sender != v or payload.recipient != me:
+                raise ProtocolError(f"the share payload from {v!r} names other parties")
+            self._held[v] = (payload.self_mask_share, payload.key_share)
+        senders = frozenset(msg.ciphertexts)
+        t_u = self._local_threshold
+        if len(senders) + 1 < t_u:
+            raise ProtocolError(
+                f"stage masked_input needed {t_u} clients in the neighbourhood of "
+                f"{me!r} to hold its shares, only {len(senders) + 1} answered"
+            )
+        if self._input is None:
+            raise ProtocolError(f"client {me!r} has no input: call set_input() first")
+        b = self.config.modulus_bits
+        masked = add_mod(
+            self._input,
+            crypto.expand_mask(self._self_seed, self.config.vector_length, b),
+            b,
+        )
+        for v in sorted(senders):
+            mask = _pairwise_mask(
+                self._masking.private,
+                self._peers[v].masking_key,
+                session=self._session,
+                round_idx=self.round_idx,
+                u=me,
+                v=v,
+                config=self.config,
+            )
+            masked = add_mod(masked, mask, b) if me < v else sub_mod(masked, mask, b)
+        self._share_senders = senders
+        # The seed and the masking key are shared; this object needs them no more.
+        self._self_seed = None
+        self._masking = None
+        self._input = None
+        return MaskedInputReply(**self._reply_head(), masked_input=masked)
+
+    # -- stage 3 --------------------------------------------------------------
+
+    def _check_survivors(self, survivors: tuple[str, ...]) -> None:
+        graph, me = self._require_graph(), self.client_id
+        if list(survivors) != sorted(survivors):
+            raise ProtocolError("the survivor list is not sorted")
+        if me not in survivors:
+            raise ProtocolError(
+                f"the survivor list leaves out {me!r}, which sent its input"
+            )
+        everyone = set(graph.clients)
+        unknown = [c for c in survivors if c not in everyone]
+        if unknown:
+            raise ProtocolError(
+                f"the survivor list names unknown clients {unknown[:5]}"
+            )
+        t = self.config.threshold
+        if len(survivors) < t:
+            raise ProtocolError(
+                f"the survivor list has {len(survivors)} clients, fewer than the "
+                f"threshold {t}"
+            )
+        strangers = sorted(
+            (set(survivors) & set(graph.neighbours_of(me))) - self._share_senders
+        )
+        if strangers:
+            raise ProtocolError(
+                f"the survivor list names neighbours {strangers[:5]} that never shared "
+                f"keys with {me!r}"
+            )
+        if not graph.is_connected(survivors):
+            raise ProtocolError(
+                "the survivors are not connected in the neighbour graph: unmasking "
+                "would reveal the sum of a subset of them"
+            )
+
+    def _consistency(self, msg: ConsistencyRequest) -> ConsistencyReply:
+        assert self._signing_key is not None and self._session is not None
+        self._check_survivors(msg.survivors)
+        self._signed_survivors = msg.survivors
+        signature = crypto.sign(
+            self._signing_key,
+            _consistency_message(self._session, self.round_idx, msg.survivors),
+        )
+        return ConsistencyReply(**self._reply_head(), signature=signature)
+
+    # -- stage 4 --------------------------------------------------------------
+
+    def _unmask(self, msg: UnmaskRequest) -> UnmaskReply:
+        me = self.client_id
+        assert self._session is not None
+        survivors = msg.survivors
+        if self.config.malicious:
+            if survivors != self._signed_survivors:
+                raise ProtocolError(
+                    "the survivor list differs from the one this client signed in the "
+                    "consistency check"
+                )
+            self._check_signatures(msg)
+        else:
+            if msg.signatures:
+                raise ProtocolError("survivor signatures sent without malicious=True")
+            self._check_survivors(survivors)
+        both = sorted(set(msg.self_mask_requests) & set(msg.key_requests))
+        if both:
+            raise ProtocolError(
+                f"the server asked for both the self-mask share and the masking-key "
+                f"share of client {both[0]!r}: together they would expose its input"
+            )
+        members = set(survivors)
+        held = self._share_senders | {me}
+        for v in msg.self_mask_requests:
+            if v not in members:
+                raise ProtocolError(
+                    f"asked for the self-mask share of {v!r}, which is not a survivor"
+                )
+            if v not in held:
+                raise ProtocolError(
+                    f"asked for the self-mask share of {v!r}; {me!r} holds none"
+                )
+        for v in msg.key_requests:
+            if v in members:
+                raise ProtocolError(
+                    f"asked for the masking-key share of survivor {v!r}: with its "
+                    "self-mask share that would expose its input"
+                )
+            if v not in self._share_senders:
+                raise ProtocolError(
+                    f"asked for the masking-key share of {v!r}; {me!r} holds none"
+                )
+        return UnmaskReply(
+            **self._reply_head(),
+            self_mask_shares={v: self._held[v][0] for v in msg.self_mask_requests},
+            key_shares={v: self._held[v][1] for v in msg.key_requests},
+        )
+
+    def _check_signatures(self, msg: UnmaskRequest) -> None:
+        assert self._session is not None
+        t = self.config.threshold
+        signers = msg.signatures
+        outsiders = sorted(set(signers) - set(msg.survivors))
+        if outsiders:
+            raise ProtocolError(
+                f"survivor signatures from non-survivors {outsiders[:5]}"
+            )
+        if len(signers) < t:
+            raise ProtocolError(
+                f"the consistency check needed {t} signatures of the survivor list, "
+                f"got {len(signers)}"
+            )
+        message = _consistency_message(self._session, self.round_idx, msg.survivors)
+        for v, signature in signers.items():
+            key = self._verify_keys.get(v)
+            if key is None:
+                raise ProtocolError(f"no verification key for client {v!r}")
+            try:
+                crypto.verify(key, message, signature)
+            except ProtocolError as exc:
+                raise ProtocolError(
+                    f"the signature of {v!r} on the survivor list does not verify"
+                ) from exc
+
+    def _require_graph(self) -> NeighbourGraph:
+        assert self._graph is not None
+        return self._graph
+
+
+# --------------------------------------------------------------------------
+# Server
+
+
+class SecAggServer:
+    """The server's side of a SecAgg / SecAgg+ round.
+
+    Parameters
+    ----------
+    config
+        The round's configuration.
+    round_idx
+        The training round, 0-based.
+    clients
+        The ids of the clients asked to take part (distinct; any order).
+    graph_seed
+        32 public bytes that fix the SecAgg+ graph (default: fresh from the
+        operating system). See :mod:`fedshield.secagg.graph` on why it must
+        not be chosen by the server in deployment.
+    verify_keys
+        Every client's Ed25519 verification key (required when
+        ``malicious``): the server refuses unsigned or forged advertisements
+        and survivor-list signatures early; the clients check them again.
+
+    Raises
+    ------
+    ConfigError
+        If the clients do not fit the configuration (``n / 2 < t <= n``),
+        an id is invalid or repeated, keys are missing, or the graph leaves a
+        client without neighbours.
+
+    Attributes
+    ----------
+    config, round_idx
+        As given.
+    """
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        round_idx: int,
+        clients: Sequence[str],
+        *,
+        graph_seed: bytes | None = None,
+        verify_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
+        _require_int("round_idx", round_idx, low=0)
+        ids = tuple(clients)
+        for cid in ids:
+            _check_participant_id(cid)
+        if len(set(ids)) != len(ids):
+            raise ConfigError("client ids must be distinct")
+        self.config = config
+        self.round_idx = round_idx
+        self._clients = tuple(sorted(ids))
+        n = len(ids)
+        self._neighbours = config.neighbour_count(n)
+        seed = crypto.random_seed() if graph_seed is None else bytes(graph_seed)
+        if len(seed) != 32:
+            raise ConfigError(f"graph_seed must be 32 bytes, got {len(seed)}")
+        self._graph_seed = seed
+        self._graph = build_graph(self._clients, self._neighbours, seed)
+        isolated = [c for c in self._clients if self._graph.degree(c) == 0]
+        if isolated:
+            raise ConfigError(
+                f"the graph leaves clients {isolated[:5]} without neighbours: use more "
+                "neighbours or another graph_seed"
+            )
+        if config.malicious:
+            missing = [c for c in self._clients if c not in (verify_keys or {})]
+            if missing:
+                raise ConfigError(
+                    f"malicious=True needs a verification key for every client; "
+                    f"missing {missing[:5]}"
+                )
+        self._verify_keys = dict(verify_keys or {})
+        self._session = os.urandom(SESSION_BYTES)
+        self._digest = _config_digest(config, n, self._neighbours)
+        self._stage = Stage.ADVERTISE_KEYS
+        self._active: tuple[str, ...] = self._clients
+        self._outbox: dict[str, bytes] | None = None
+        self._dropped: dict[str, str] = {}
+        self._refused: dict[str, str] = {}
+        self._ads: dict[str, AdvertiseReply] = {}
+        self._ciphertexts: dict[str, Mapping[str, bytes]] = {}
+        self._masked: dict[str, npt.NDArray[np.uint64]] = {}
+        self._survivors: tuple[str, ...] | None = None
+        self._signatures: dict[str, bytes] = {}
+        self._requested: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        self._result: npt.NDArray[np.uint64] | None = None
+        self._failure: str | None = None
+
+    # -- public state -------------------------------------------------------
+
+    @property
+    def stage(self) -> Stage:
+        """Current stage: ``advertise_keys`` ... ``unmask``, ``done`` or ``aborted``."""
+        return self._stage
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        """Clients still in the protocol; from unmasking on, those summed (``U3``).
+
+        Once the masked inputs are in, this is ``U3`` and stays so: a survivor
+        that stops answering during unmasking is still summed (and also
+        appears in :attr:`dropped`).
+        """
+        return self._survivors if self._survivors is not None else self._active
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        """Client -> the stage at which it stopped answering (or was refused)."""
+        return dict(self._dropped)
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Client -> why its reply was refused (it also appears in :attr:`dropped`)."""
+        return dict(self._refused)
+
+    @property
+    def neighbours(self) -> int:
+        """``k``: the graph's expected degree (``n - 1`` for SecAgg)."""
+        return self._neighbours
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        """The round's neighbour graph (public: every client derives it too)."""
+        return self._graph
+
+    # -- driving --------------------------------------------------------------
+
+    def requests(self) -> dict[str, bytes]:
+        """The serialised request of the current stage for each client still in.
+
+        Returns
+        -------
+        dict[str, bytes]
+            Client id -> message; empty once ``done`` or ``aborted``.
+        """
+        if self._stage in (Stage.DONE, Stage.ABORTED):
+            return {}
+        if self._outbox is None:
+            self._outbox = {c: self._request(c).to_bytes() for c in self._active}
+        return dict(self._outbox)
+
+    def receive(self, replies: Mapping[str, bytes]) -> None:
+        """Take the replies of the current stage and move on.
+
+        A client asked in this stage but absent from ``replies`` has dropped.
+        A reply that is malformed, of another round, session or stage
+        (replayed), sent under another client's id, badly signed, or names the
+        wrong parties is refused (logged, recorded in :attr:`refused`) and its
+        sender counted as dropped.
+
+        Raises
+        ------
+        ProtocolError
+            If fewer than ``threshold`` clients remain ("stage X needed t
+            clients, only m answered"), the survivors are disconnected
+            (SecAgg+), or unmasking lacks shares; the server is then
+            ``aborted`` and :meth:`result` stays unavailable. Also if called
+            once the protocol is over.
+        """
+        if self._stage in (Stage.DONE, Stage.ABORTED):
+            raise ProtocolError(
+                f"receive() called in stage {self._stage}: the round is over"
+            )
+        stage = self._stage
+        expected = set(self._active)
+        accepted: dict[str, Message] = {}
+        for cid, data in replies.items():
+            if cid not in expected:
+                _LOG.warning(
+                    "secagg round %d, stage %s: ignored a reply from %r, which was not "
+                    "asked in this stage",
+                    self.round_idx,
+                    stage,
+                    cid,
+                )
+                continue
+            try:
+                accepted[cid] = self._validate(cid, data)
+            except ProtocolError as exc:
+                self._refuse(cid, str(exc))
+        if stage is Stage.ADVERTISE_KEYS:
+            self._refuse_repeated_keys(accepted)
+        for cid in self._active:
+            if cid not in accepted:
+                self._dropped.setdefault(cid, str(stage))
+        try:
+            self._require(len(accepted), f"stage {stage}")
+            self._advance(stage, accepted)
+        except ProtocolError as exc:
+            self._abort(str(exc))
+            raise
+
+    def result(self) -> npt.NDArray[np.uint64]:
+        """``sum_{u in survivors} x_u mod 2**b`` (a copy), once the stage is ``done``.
+
+        Raises
+        ------
+        ProtocolError
+            If the protocol has not completed (or aborted): no partial sum
+            is ever released.
+        """
+        if self._stage is not Stage.DONE or self._result is None:
+            why = f" ({self._failure})" if self._failure else ""
+            raise ProtocolError(
+                f"no result: the protocol is in stage {self._stage}{why}"
+            )
+        return self._result.copy()
+
+    # -- internals ------------------------------------------------------------
+
+    def _require(self, answered: int, what: str) -> None:
+        t = self.config.threshold
+        if answered < t:
+            raise ProtocolError(f"{what} needed {t} clients, only {answered} answered")
+
+    def _abort(self, reason: str) -> None:
+        self._stage = Stage.ABORTED
+        self._failure = reason
+        self._outbox = None
+        self._masked.clear()
+        _LOG.warning("secagg round %d aborted: %s", self.round_idx, reason)
+
+    def _refuse(self, cid: str, reason: str) -> None:
+        _LOG.warning(
+            "secagg round %d, stage %s: refused the reply of %r: %s",
+            self.round_idx,
+            self._stage,
+            cid,
+            reason,
+        )
+        self._refused[cid] = reason
+        self._dropped[cid] = str(self._stage)
+
+    def _head(self, recipient: str) -> _Head:
+        return {
+            "session": self._session,
+            "round_idx": self.round_idx,
+            "sender": SERVER_ID,
+            "recipient": recipient,
+        }
+
+    def _request(self, cid: str) -> Message:
+        head = self._head(cid)
+        stage = self._stage
+        if stage is Stage.ADVERTISE_KEYS:
+            return AdvertiseRequest(
+                **head,
+                clients=self._clients,
+                graph_seed=self._graph_seed,
+                config_digest=self._digest,
+            )
+        neighbours = self._graph.neighbours_of(cid)
+        if stage is Stage.SHARE_KEYS:
+            ads = tuple(
+                Advertisement(
+                    client_id=v,
+                    encryption_key=self._ads[v].encryption_key,
+                    masking_key=self._ads[v].masking_key,
+                    signature=self._ads[v].signature,
+                )
+                for v in neighbours
+                if v in self._ads
+            )
+            return ShareKeysRequest(**head, advertisements=ads)
+        if stage is Stage.MASKED_INPUT:
+            forwarded = {
+                v: self._ciphertexts[v][cid]
+                for v in neighbours
+                if v in self._ciphertexts
+            }
+            return MaskedInputRequest(**head, ciphertexts=forwarded)
+        survivors = self._survivors
+        assert survivors is not None
+        if stage is Stage.CONSISTENCY_CHECK:
+            return ConsistencyRequest(**head, survivors=survivors)
+        self_masks, keys = self._requested[cid]
+        return UnmaskRequest(
+            **head,
+            survivors=survivors,
+            signatures=dict(self._signatures),
+            self_mask_requests=tuple(sorted(self_masks)),
+            key_requests=tuple(sorted(keys)),
+        )
+
+    def _validate(self, cid: str, data: bytes) -> Message:
+        stage = self._stage
+        msg = decode(
+            data,
+            vector_length=self.config.vector_length,
+            modulus_bits=self.config.modulus_bits,
+        )
+        if msg.stage != stage:
+            raise ProtocolError(
+                f"a {msg.stage} message in stage {stage} (replayed or out of order)"
+            )
+        if not isinstance(msg, _REPLY_TYPES[stage]):
+            raise ProtocolError(
+                f"expected a {_REPLY_TYPES[stage].TYPE}, got a {msg.TYPE}"
+            )
+        if msg.round_idx != self.round_idx:
+            raise ProtocolError(
+                f"a reply of round {msg.round_idx} in round {self.round_idx} (replayed)"
+            )
+        if msg.session != self._session:
+            raise ProtocolError("a reply of another protocol session (replayed)")
+        if msg.sender != cid or msg.recipient != SERVER_ID:
+            raise ProtocolError(
+                f"a reply from {msg.sender!r} to {msg.recipient!r} arrived as {cid!r}'s"
+            )
+        if isinstance(msg, AdvertiseReply) and self.config.malicious:
+            signature = msg.signature
+            if signature is None:
+                raise ProtocolError("unsigned key advertisement (malicious=True)")
+            crypto.verify(
+                self._verify_keys[cid],
+                _advertisement_message(
+                    self._session,
+                    self.round_idx,
+                    cid,
+                    self._digest,
+                    msg.encryption_key,
+                    msg.masking_key,
+                ),
+                signature,
+            )
+        elif isinstance(msg, ShareKeysReply):
+            wanted = {v for v in self._graph.neighbours_of(cid) if v in self._ads}
+            if set(msg.ciphertexts) != wanted:
+                raise ProtocolError(
+                    "the ciphertexts are not addressed to exactly the client's "
+                    "neighbours that advertised keys"
+                )
+        elif isinstance(msg, ConsistencyReply):
+            assert self._survivors is not None
+            crypto.verify(
+                self._verify_keys[cid],
+                _consistency_message(self._session, self.round_idx, self._survivors),
+                msg.signature,
+            )
+        elif isinstance(msg, UnmaskReply):
+            self_masks, keys = self._requested[cid]
+            if set(msg.self_mask_shares) != self_masks or set(msg.key_shares) != keys:
+                raise ProtocolError("the shares returned are not the ones asked for")
+        return msg
+
+    def _refuse_repeated_keys(self, accepted: dict[str, Message]) -> None:
+        # Every client whose key appears twice is refused: copying another
+        # client's public key is never honest, and which copy came first is
+        # not knowable.
+        count: dict[bytes, int] = {}
+        for msg in accepted.values():
+            assert isinstance(msg, AdvertiseReply)
+            for key in (msg.encryption_key, msg.masking_key):
+                count[key] = count.get(key, 0) + 1
+        for cid in sorted(accepted):
+            msg = accepted[cid]
+            assert isinstance(msg, AdvertiseReply)
+            if count[msg.encryption_key] > 1 or count[msg.masking_key] > 1:
+                del accepted[cid]
+                self._refuse(
+                    cid, "its public keys repeat keys another client advertised"
+                )
+
+    def _advance(self, stage: Stage, accepted: Mapping[str, Message]) -> None:
+        members = tuple(sorted(accepted))
+        self._outbox = None
+        if stage is Stage.ADVERTISE_KEYS:
+            self._ads = {
+                c: m for c, m in accepted.items() if isinstance(m, AdvertiseReply)
+            }
+            self._set_stage(Stage.SHARE_KEYS, members)
+        elif stage is Stage.SHARE_KEYS:
+            self._ciphertexts = {
+                c: m.ciphertexts
+                for c, m in accepted.items()
+                if isinstance(m, ShareKeysReply)
+            }
+            self._set_stage(Stage.MASKED_INPUT, members)
+        elif stage is Stage.MASKED_INPUT:
+            self._masked = {
+                c: m.masked_input
+                for c, m in accepted.items()
+                if isinstance(m, MaskedInputReply)
+            }
+            self._survivors = members
+            if not self._graph.is_connected(members):
+                raise ProtocolError(
+                    "the survivors are not connected in the neighbour graph: unmasking "
+                    "would reveal partial sums, so the round stops"
+                )
+            if self.config.malicious:
+                self._set_stage(Stage.CONSISTENCY_CHECK, members)
+            else:
+                self._enter_unmask(members)
+        elif stage is Stage.CONSISTENCY_CHECK:
+            self._signatures = {
+                c: m.signature
+                for c, m in accepted.items()
+                if isinstance(m, ConsistencyReply)
+            }
+            self._enter_unmask(members)
+        else:
+            replies = {c: m for c, m in accepted.items() if isinstance(m, UnmaskReply)}
+            self._result = self._unmask(replies)
+            self._masked.clear()
+            self._set_stage(Stage.DONE, members)
+
+    def _set_stage(self, stage: Stage, active: tuple[str, ...]) -> None:
+        self._stage = stage
+        self._active = active
+
+    def _enter_unmask(self, active: tuple[str, ...]) -> None:
+        survivors = set(self._survivors or ())
+        shared = set(self._ciphertexts)
+        self._requested = {}
+        for cid in active:
+            neighbours = self._graph.neighbours_of(cid)
+            self_masks = frozenset([cid, *(v for v in neighbours if v in survivors)])
+            keys = frozenset(
+                v for v in neighbours if v in shared and v not in survivors
+            )
+            self._requested[cid] = (self_masks, keys)
+        self._set_stage(Stage.UNMASK, active)
+
+    def _unmask(self, replies: Mapping[str, UnmaskReply]) -> npt.NDArray[np.uint64]:
+        config, graph = self.config, self._graph
+        b, d = config.modulus_bits, config.vector_length
+        survivors = self._survivors
+        assert survivors is not None
+        holders = sorted(replies, key=graph.index)
+        coefficients: dict[tuple[int, ...], dict[int, int]] = {}
+
+        def rebuild(owner: str, *, key_share: bool) -> bytes:
+            t_owner = graph.threshold_of(owner, config.threshold)
+            shares: dict[int, Share] = {}
+            for holder in holders:
+                reply = replies[holder]
+                held = reply.key_shares if key_share else reply.self_mask_shares
+                if owner in held:
+                    shares[graph.index(holder) + 1] = held[owner]
+                    if len(shares) == t_owner:
+                        break
+            if len(shares) < t_owner:
+                what = "masking key" if key_share else "self-mask seed"
+                raise ProtocolError(
+                    f"stage unmask needed {t_owner} shares of the {what} of {owner!r}, "
+                    f"only {len(shares)} answered"
+                )
+            positions = tuple(shares)
+            if positions not in coefficients:
+                coefficients[positions] = shamir.lagrange_at_zero(positions)
+            return shamir.reconstruct_bytes(
+                shares, t_owner, SECRET_BYTES, coefficients[positions]
+            )
+
+        total = np.zeros(d, dtype=np.uint64)
+        for u in survivors:
+            total = add_mod(total, self._masked[u], b)
+        for u in survivors:
+            total = sub_mod(
+                total, crypto.expand_mask(rebuild(u, key_share=False), d, b), b
+            )
+        members = set(survivors)
+        for v in sorted(set(self._ciphertexts) - members):
+            partners = [u for u in graph.neighbours_of(v) if u in members]
+            if not partners:
+                continue
+            private = crypto.import_private(rebuild(v, key_share=True))
+            if _public_bytes(private) != self._ads[v].masking_key:
+                raise ProtocolError(
+                    f"the masking key rebuilt for {v!r} does not match its advertised "
+                    "public key (corrupt shares)"
+                )
+            for u in partners:
+                mask = _pairwise_mask(
+                    private,
+                    self._ads[u].masking_key,
+                    session=self._session,
+                    round_idx=self.round_idx,
+                    u=u,
+                    v=v,
+                    config=config,
+                )
+                # y_u carries +mask if u < v and -mask if u > v: take it off.
+                total = sub_mod(total, mask, b) if u < v else add_mod(total, mask, b)
+        return total
+
+
+def _require_int(
+    name: str, value: object, *, low: int, high: int | None = None
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def _check_participant_id(client_id: object) -> None:
+    try:
+        check_client_id(client_id)
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from exc
+    if client_id == SERVER_ID:
+        raise ConfigError(f"client id {SERVER_ID!r} is reserved for the server")

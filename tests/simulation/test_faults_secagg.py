@@ -1,0 +1,149 @@
+"""Injected dropouts, and secure aggregation inside a simulated round."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedshield.api import parse_config, simulate
+from fedshield.errors import ConfigError
+from fedshield.simulation import RunDirectory
+from fedshield.simulation.secure import Faults, SecureAggregation
+
+BASE = {
+    "run": {"name": "sa", "rounds": 3, "seed": 5, "federated_eval": False},
+    "data": {"dataset": "digits", "num_clients": 12},
+    "model": {"kind": "logistic"},
+    "client": {"lr": 0.1},
+    "strategy": {"clients_per_round": 10},
+}
+
+
+def _config(**sections: dict[str, object]) -> object:
+    data = json.loads(json.dumps(BASE))
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data)
+
+
+def test_faults_draw_each_client_with_its_probability() -> None:
+    faults = Faults(0.3)
+    rng = np.random.default_rng(0)
+    clients = [str(i) for i in range(20_000)]
+    drops = faults.draw(clients, ("a", "b", "c"), rng)
+    assert abs(len(drops) / 20_000 - 0.3) < 5 * (0.21 / 20_000) ** 0.5
+    counts = [sum(1 for s in drops.values() if s == x) for x in "abc"]
+    assert max(counts) - min(counts) < 0.1 * len(drops)
+    assert Faults(0.0).draw(clients, ("a",), rng) == {}
+    with pytest.raises(ConfigError, match="dropout"):
+        Faults(1.0)
+
+
+def test_dropouts_without_secure_aggregation_are_recorded_and_survived(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    summary, run_dir = simulate(
+        _config(faults={"dropout": 0.3}), out=tmp_path / "f", write_report=False
+    )
+    assert summary["status"] == "completed"
+    records = RunDirectory(run_dir).read_metrics()
+    dropped = [int(r["dropped/fit"]) for r in records]
+    assert sum(dropped) > 0
+    assert [r["num_clients"] for r in records] == [10 - d for d in dropped]
+    failures = RunDirectory(run_dir)._read_jsonl("failures.jsonl")
+    assert sum(1 for f in failures if f["kind"] == "dropped") == sum(dropped)
+
+
+def test_thresholds_that_are_weak_or_too_high_are_refused() -> None:
+    settings = SecureAggregation(threshold=0.5)
+    with pytest.raises(ConfigError, match="exceed half"):
+        settings.threshold_for(10)
+    with pytest.raises(ConfigError, match="above the 10 clients"):
+        SecureAggregation(threshold=11).threshold_for(10)
+    assert SecureAggregation(threshold=2 / 3).threshold_for(10) == 7
+
+
+def test_secure_aggregation_reaches_the_plain_runs_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    plain, plain_dir = simulate(_config(), out=tmp_path / "plain", write_report=False)
+    secure, secure_dir = simulate(
+        _config(secagg={"protocol": "secagg"}), out=tmp_path / "sa", write_report=False
+    )
+    a = RunDirectory(plain_dir).load_checkpoint().params
+    b = RunDirectory(secure_dir).load_checkpoint().params
+    # Only the fixed-point quantisation separates them (2^-24 per unit).
+    np.testing.assert_allclose(b.flat, a.flat, atol=1e-5)
+    assert abs(secure["accuracy"] - plain["accuracy"]) <= 0.01
+    record = RunDirectory(secure_dir).read_metrics()[-1]
+    assert record["secagg/aborted"] == 0.0
+    assert record["secagg/survivors"] == 10.0
+    assert record["secagg/out_of_range"] == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["secagg", "secagg+"])
+def test_secure_aggregation_survives_dropouts_at_every_stage(
+    protocol: str,
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    config = _config(
+        secagg={"protocol": protocol, "threshold": 0.6},
+        faults={"dropout": 0.25},
+        run={"rounds": 6},
+    )
+    summary, run_dir = simulate(config, out=tmp_path / protocol, write_report=False)
+    assert summary["status"] == "completed"
+    records = RunDirectory(run_dir).read_metrics()
+    stages = {k for r in records for k in r if k.startswith("dropped/")}
+    assert len(stages) >= 2  # drops happened at several stages
+    for r in records:
+        if r["secagg/aborted"] == 0.0:
+            assert r["secagg/survivors"] >= r["secagg/threshold"]
+
+
+def test_below_the_threshold_the_round_releases_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _config(
+        secagg={"protocol": "secagg", "threshold": 1.0},  # every client needed
+        faults={"dropout": 0.5},
+        run={"rounds": 2},
+    )
+    summary, run_dir = simulate(config, out=tmp_path / "abort", write_report=False)
+    directory = RunDirectory(run_dir)
+    records = directory.read_metrics()
+    assert all(r["secagg/aborted"] == 1.0 for r in records)
+    assert all("needed" in r["secagg/abort_reason"] for r in records)
+    # nothing was released: the model is still the initial one
+    from fedshield.api.experiment import build_federation
+
+    start = build_federation(config).model.init_params(5)  # type: ignore[arg-type]
+    assert directory.load_checkpoint().params == start
+    assert summary["rounds"] == 2
+
+
+def test_secagg_with_an_incompatible_setup_is_refused() -> None:
+    with pytest.raises(ConfigError, match="SCAFFOLD"):
+        _config(secagg={"protocol": "secagg"}, strategy={"name": "scaffold"})
+    with pytest.raises(ConfigError, match="central"):
+        _config(
+            secagg={"protocol": "secagg"},
+            privacy={"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0},
+        )
+
+
+def test_the_malicious_server_variant_runs_with_signed_messages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _config(
+        secagg={"protocol": "secagg", "malicious": True},
+        faults={"dropout": 0.1},
+        run={"rounds": 2},
+    )
+    summary, run_dir = simulate(config, out=tmp_path / "m", write_report=False)
+    assert summary["status"] == "completed"
+    records = RunDirectory(run_dir).read_metrics()
+    assert any(r["secagg/aborted"] == 0.0 for r in records)
+
+
+def test_a_weak_threshold_is_refused_before_round_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _config(secagg={"protocol": "secagg", "threshold": 0.5})
+    with pytest.raises(ConfigError, match="half"):
+        simulate(config, out=tmp_path / "w", write_report=False)
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
