@@ -123,11 +123,6 @@ def test_below_the_threshold_the_round_releases_nothing(tmp_path) -> None:  # ty
 def test_secagg_with_an_incompatible_setup_is_refused() -> None:
     with pytest.raises(ConfigError, match="SCAFFOLD"):
         _config(secagg={"protocol": "secagg"}, strategy={"name": "scaffold"})
-    with pytest.raises(ConfigError, match="central"):
-        _config(
-            secagg={"protocol": "secagg"},
-            privacy={"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0},
-        )
 
 
 def test_the_malicious_server_variant_runs_with_signed_messages(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -147,3 +142,29 @@ def test_a_weak_threshold_is_refused_before_round_one(tmp_path) -> None:  # type
     with pytest.raises(ConfigError, match="half"):
         simulate(config, out=tmp_path / "w", write_report=False)
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_central_dp_on_top_of_secure_aggregation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Clients clip, the protocol sums, the server noises the unmasked sum:
+    # with noise ~0 it equals central DP without secure aggregation.
+    privacy = {
+        "mode": "central",
+        "clip_norm": 0.05,
+        "noise_multiplier": 1e-3,
+        "accountant": "rdp",
+        "delta": 1e-3,
+    }
+    plain, plain_dir = simulate(
+        _config(privacy=privacy), out=tmp_path / "dp", write_report=False
+    )
+    secure, secure_dir = simulate(
+        _config(privacy=privacy, secagg={"protocol": "secagg"}),
+        out=tmp_path / "dp-sa",
+        write_report=False,
+    )
+    a = RunDirectory(plain_dir).load_checkpoint().params
+    b = RunDirectory(secure_dir).load_checkpoint().params
+    assert secure["epsilon"] == plain["epsilon"] > 0
+    np.testing.assert_allclose(b.flat, a.flat, atol=2e-4)
+    record = RunDirectory(secure_dir).read_metrics()[-1]
+    assert record["secagg/aborted"] == 0.0 and record["dp/noise_std"] > 0

@@ -220,21 +220,11 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        if self.secagg.protocol != "none":
-            if self.strategy.name == "scaffold":
-                raise ValueError(
-                    "secure aggregation hides the individual updates, and "
-                    "SCAFFOLD's control variates need them; use another strategy"
-                )
-            if self.privacy.mode in ("local", "record"):
-                pass  # clients privatise before masking: composes as is
-            elif self.privacy.mode == "central":
-                raise ValueError(
-                    'privacy.mode = "central" with [secagg] is not supported yet '
-                    "(the clients would clip and the server noise the unmasked "
-                    'sum); use privacy.mode = "local" or "record" with secure '
-                    "aggregation, or central DP without it"
-                )
+        if self.secagg.protocol != "none" and self.strategy.name == "scaffold":
+            raise ValueError(
+                "secure aggregation hides the individual updates, and "
+                "SCAFFOLD's control variates need them; use another strategy"
+            )
         if self.privacy.mode != "none" and self.strategy.name == "scaffold":
             raise ValueError(
                 "differential privacy does not compose with SCAFFOLD's control "

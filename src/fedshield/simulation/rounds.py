@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from fedshield.core import (
     ClientUpdate,
     EvalConfig,
     Params,
+    ParamSpec,
     ServerState,
     WeightedMean,
     metric_problems,
@@ -91,6 +92,28 @@ def _weighted_means(
         if total > 0:
             out[f"{prefix}{key}"] = float(sum(w * v for w, v in pairs) / total)
     return out
+
+
+@runtime_checkable
+class ClippedSumRelease(Protocol):
+    """A rule that releases a sum of updates the clients clipped themselves.
+
+    Central DP on top of secure aggregation (DP-FedAvg's ``DpMean``).
+    """
+
+    clip_norm: float
+
+    def release(
+        self,
+        total: np.ndarray,
+        *,
+        unclipped: float,
+        count: int,
+        spec: ParamSpec,
+        rng: np.random.Generator,
+        measurements: Mapping[str, float] | None = None,
+    ) -> Aggregate:
+        """The released aggregate of ``total`` (``Σ_k clip(Δ_k)``)."""
 
 
 class FitRound:
@@ -302,10 +325,18 @@ class FitRound:
             yield reply
 
     def _secure_aggregate(self, held: Mapping[str, ClientUpdate]) -> Aggregate | None:
-        """Secure aggregation of ``held``; None (state kept) when it aborts."""
+        """Secure aggregation of ``held``; None (state kept) when it aborts.
+
+        With central DP (the round's rule is a :class:`~fedshield.strategies.
+        dp.DpMean`), the clients clip their own updates, the protocol sums
+        them, and the noise is added here to the unmasked sum, which is then
+        divided by the rule's fixed denominator: the server never holds an
+        individual update, and the release is DP-FedAvg's.
+        """
         from fedshield.simulation.secure import secure_sum
 
         assert self._secure is not None
+        dp_rule = self._dp_rule()
         result = secure_sum(
             held,
             settings=self._secure,
@@ -315,6 +346,7 @@ class FitRound:
             or max((u.num_examples for u in held.values()), default=1),
             drop_at=self._drop_at,
             rng=self._rng,
+            clip_norm=dp_rule.clip_norm if dp_rule is not None else None,
         )
         self._metrics.update(result.metrics)
         for cid, stage in result.dropped.items():
@@ -322,6 +354,15 @@ class FitRound:
                 ClientFailure(
                     cid, stage, FailureKind.DROPPED, f"dropped out at stage {stage}"
                 )
+            )
+        if dp_rule is not None and result.total is not None:
+            return dp_rule.release(
+                result.total,
+                unclipped=result.unclipped,
+                count=int(result.metrics.get("secagg/survivors", 0)),
+                spec=self._state.params.spec,
+                rng=self._rng,
+                measurements=result.metrics,
             )
         if result.aggregate is None:
             logger.warning(
@@ -333,6 +374,11 @@ class FitRound:
             self._new_state = self._state.evolve(round_idx=self._state.round_idx + 1)
             return None
         return result.aggregate
+
+    def _dp_rule(self) -> ClippedSumRelease | None:
+        """The round's central-DP rule (DP-FedAvg's ``DpMean``), or None."""
+        rule = self._plan.aggregator
+        return rule if isinstance(rule, ClippedSumRelease) else None
 
     def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
         # Evaluation failures never fail a round, but they are recorded.

@@ -196,6 +196,10 @@ class SecureSumResult:
     metrics: dict[str, float]
     dropped: dict[ClientId, str]
     message: str = ""
+    total: np.ndarray | None = None
+    """The unmasked sum of the (weighted or clipped) updates, float64."""
+    unclipped: float = 0.0
+    """With client-side clipping: how many updates were within the clip norm."""
 
 
 def secure_sum(
@@ -207,6 +211,7 @@ def secure_sum(
     max_examples: int,
     drop_at: Mapping[ClientId, str],
     rng: np.random.Generator,
+    clip_norm: float | None = None,
 ) -> SecureSumResult:
     """Aggregate ``updates`` with secure aggregation; the server sees only sums.
 
@@ -226,6 +231,12 @@ def secure_sum(
         Injected faults: the stage at which a client drops.
     rng
         The clients' stochastic rounding.
+    clip_norm
+        Central DP on top of secure aggregation: each client clips its own
+        update to this L2 norm and weighs it 1 (the server adds the noise to
+        the unmasked sum); the encoding's range is the clip norm, so nothing
+        falls outside it. The third extra coordinate then carries the
+        indicator ``1[‖Δ_k‖ ≤ C]`` (adaptive clipping's count).
 
     Returns
     -------
@@ -251,8 +262,9 @@ def secure_sum(
         threshold = settings.threshold_for(len(clients))
     except ConfigError as err:
         return SecureSumResult(None, {**metrics, "secagg/aborted": 1.0}, {}, str(err))
+    clip_range = settings.clip if clip_norm is None else clip_norm
     enc = choose_encoding(
-        len(clients), settings.clip, precision_bits=settings.precision_bits
+        len(clients), clip_range, precision_bits=settings.precision_bits
     )
     length = spec.size + 2
     try:
@@ -273,9 +285,15 @@ def secure_sum(
     halves: dict[ClientId, SecAggClient] = {}
     for cid in clients:
         update = updates[cid]
-        weight = update.num_examples / max(1, max_examples)
+        delta = np.asarray(update.delta.flat, dtype=np.float64)
         values = np.empty(length, dtype=np.float64)
-        values[: spec.size] = np.asarray(update.delta.flat, dtype=np.float64) * weight
+        if clip_norm is None:
+            weight = update.num_examples / max(1, max_examples)
+            values[: spec.size] = delta * weight
+        else:  # the client clips its own update (central DP)
+            norm = float(np.linalg.norm(delta))
+            weight = 1.0 if norm <= clip_norm else 0.0  # here: the indicator
+            values[: spec.size] = delta * min(1.0, clip_norm / max(norm, 1e-300))
         values[spec.size] = weight
         values[spec.size + 1] = 0.0
         encoded, count = encode(values, enc, rng)
@@ -332,6 +350,14 @@ def secure_sum(
             "secagg/out_of_range": float(out_of_range),
         }
     )
+    if clip_norm is not None:
+        return SecureSumResult(
+            None,
+            metrics,
+            dropped,
+            total=total[: spec.size],
+            unclipped=weight_sum,
+        )
     if weight_sum <= 0:
         metrics["secagg/aborted"] = 1.0
         return SecureSumResult(

@@ -245,6 +245,58 @@ class DpMean:
         noise = self.noise or make_noise(self.secure_rng, rng)
         return _DpAccumulator(self, spec, noise)
 
+    def release(
+        self,
+        total: np.ndarray,
+        *,
+        unclipped: float,
+        count: int,
+        spec: ParamSpec,
+        rng: np.random.Generator,
+        measurements: Mapping[str, float] | None = None,
+    ) -> Aggregate:
+        """The DP release of an already clipped sum (from secure aggregation).
+
+        ``total`` is ``Σ_k clip(Δ_k)``, summed without the server seeing the
+        terms; the noise is added here exactly as :meth:`begin`'s accumulator
+        adds it.
+        """
+        noise = self.noise or make_noise(self.secure_rng, rng)
+        return _finish(self, spec, noise, total, unclipped, count, measurements)
+
+
+def _finish(
+    rule: DpMean,
+    spec: ParamSpec,
+    noise: GaussianNoise,
+    total: np.ndarray,
+    unclipped: float,
+    count: int,
+    extra: Mapping[str, float] | None = None,
+) -> Aggregate:
+    noised = np.asarray(total, dtype=np.float64) + noise.sample(
+        spec.size, rule.noise_std
+    )
+    mean = (noised / rule.denominator).astype(np.float32)
+    measurements: dict[str, float] = dict(extra or {})
+    measurements.update(
+        {
+            "dp/clip_norm": rule.clip_norm,
+            "dp/noise_std": rule.noise_std,
+            "dp/denominator": rule.denominator,
+        }
+    )
+    if rule.count_stddev is not None:
+        # Only the noised count is released (it is part of the mechanism).
+        noisy = unclipped + float(noise.sample(1, rule.count_stddev)[0])
+        measurements["dp/unclipped_fraction"] = noisy / rule.denominator
+    return Aggregate(
+        delta=Params.from_flat(mean, spec, copy=False),
+        num_updates=count,
+        total_weight=float(count),
+        measurements=measurements,
+    )
+
 
 class _DpAccumulator:
     def __init__(self, rule: DpMean, spec: ParamSpec, noise: GaussianNoise) -> None:
@@ -264,23 +316,13 @@ class _DpAccumulator:
         self._unclipped += int(norm <= clip)
 
     def result(self) -> Aggregate:
-        rule = self._rule
-        noised = self._sum + self._noise.sample(self._spec.size, rule.noise_std)
-        mean = (noised / rule.denominator).astype(np.float32)
-        measurements: dict[str, float] = {
-            "dp/clip_norm": rule.clip_norm,
-            "dp/noise_std": rule.noise_std,
-            "dp/denominator": rule.denominator,
-        }
-        if rule.count_stddev is not None:
-            # Only the noised count is released (it is part of the mechanism).
-            noisy = self._unclipped + float(self._noise.sample(1, rule.count_stddev)[0])
-            measurements["dp/unclipped_fraction"] = noisy / rule.denominator
-        return Aggregate(
-            delta=Params.from_flat(mean, self._spec, copy=False),
-            num_updates=self._count,
-            total_weight=float(self._count),
-            measurements=measurements,
+        return _finish(
+            self._rule,
+            self._spec,
+            self._noise,
+            self._sum,
+            float(self._unclipped),
+            self._count,
         )
 
 
