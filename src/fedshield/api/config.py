@@ -200,6 +200,26 @@ class SecAggSection(_Section):
     expected_dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class RobustSection(_Section):
+    """``[robust]``: a Byzantine-robust aggregation rule in place of the mean."""
+
+    rule: Literal[
+        "fedavg",
+        "krum",
+        "multi_krum",
+        "median",
+        "trimmed_mean",
+        "bulyan",
+        "geomed",
+        "norm_bound",
+    ] = "fedavg"
+    f: int | None = Field(None, ge=0)
+    m: int | None = Field(None, ge=1)
+    beta: float | None = Field(None, gt=0, lt=0.5)
+    max_norm: float | None = Field(None, gt=0)
+    noise_std: float | None = Field(None, ge=0)
+
+
 class FaultsSection(_Section):
     """``[faults]``: injected failures, to watch a run recover."""
 
@@ -216,10 +236,31 @@ class ExperimentConfig(_Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
+    robust: RobustSection = Field(default_factory=RobustSection)
     faults: FaultsSection = Field(default_factory=FaultsSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
+        if self.secagg.protocol != "none" and self.robust.rule not in (
+            "fedavg",
+            "norm_bound",
+        ):
+            raise ValueError(
+                f"robust.rule = {self.robust.rule!r} needs the individual updates, "
+                "which secure aggregation hides; only norm_bound (each client "
+                "clips its own update) works with [secagg]: use rule = "
+                '"norm_bound", or turn secure aggregation off'
+            )
+        if self.secagg.protocol != "none" and self.robust.noise_std:
+            raise ValueError(
+                "robust.noise_std with [secagg] is not supported: use [privacy] "
+                'mode = "central" for noise on the securely aggregated sum'
+            )
+        if self.robust.rule != "fedavg" and self.privacy.mode == "central":
+            raise ValueError(
+                'privacy.mode = "central" sets its own aggregation (clipping and '
+                'noise); drop [robust] or use privacy.mode = "local" or "record"'
+            )
         if self.secagg.protocol != "none" and self.strategy.name == "scaffold":
             raise ValueError(
                 "secure aggregation hides the individual updates, and "

@@ -315,6 +315,7 @@ def build_strategy(
         options["proximal_mu"] = s.mu if s.mu is not None else 0.01
     fedavg = FedAvg(
         sampler=sampler,
+        aggregator=_aggregator(config),
         server_opt=_server_optimizer(s),
         local=FitConfig(
             round_idx=0,
@@ -336,6 +337,25 @@ def build_strategy(
             client_sizes,
         )
     return Scaffold(fedavg) if s.name == "scaffold" else fedavg
+
+
+def _aggregator(config: ExperimentConfig) -> Any:
+    """``[robust]``'s rule (FedAvg's weighted mean by default)."""
+    from fedshield.core import WeightedMean
+
+    r = config.robust
+    if r.rule == "fedavg":
+        return WeightedMean()
+    from fedshield.strategies.robust import make_robust
+
+    params: dict[str, Any] = {
+        "f": r.f,
+        "m": r.m,
+        "beta": r.beta,
+        "max_norm": r.max_norm,
+        "noise_std": r.noise_std,
+    }
+    return make_robust(r.rule, **{k: v for k, v in params.items() if v is not None})
 
 
 def _dp_strategy(

@@ -347,6 +347,7 @@ class FitRound:
             drop_at=self._drop_at,
             rng=self._rng,
             clip_norm=dp_rule.clip_norm if dp_rule is not None else None,
+            norm_bound=self._norm_bound(),
         )
         self._metrics.update(result.metrics)
         for cid, stage in result.dropped.items():
@@ -374,6 +375,13 @@ class FitRound:
             self._new_state = self._state.evolve(round_idx=self._state.round_idx + 1)
             return None
         return result.aggregate
+
+    def _norm_bound(self) -> float | None:
+        """Norm bounding's ``max_norm``, applied by each client under SecAgg."""
+        from fedshield.strategies.robust import NormBound
+
+        rule = self._plan.aggregator or self._strategy.aggregator
+        return rule.max_norm if isinstance(rule, NormBound) else None
 
     def _dp_rule(self) -> ClippedSumRelease | None:
         """The round's central-DP rule (DP-FedAvg's ``DpMean``), or None."""

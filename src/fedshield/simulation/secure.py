@@ -212,6 +212,7 @@ def secure_sum(
     drop_at: Mapping[ClientId, str],
     rng: np.random.Generator,
     clip_norm: float | None = None,
+    norm_bound: float | None = None,
 ) -> SecureSumResult:
     """Aggregate ``updates`` with secure aggregation; the server sees only sums.
 
@@ -237,6 +238,10 @@ def secure_sum(
         the unmasked sum); the encoding's range is the clip norm, so nothing
         falls outside it. The third extra coordinate then carries the
         indicator ``1[‖Δ_k‖ ≤ C]`` (adaptive clipping's count).
+    norm_bound
+        Norm bounding (Sun et al. 2019) under secure aggregation: each client
+        clips its own update to this L2 norm, then weighs it as FedAvg does
+        (the only robust rule that needs no individual update at the server).
 
     Returns
     -------
@@ -289,6 +294,9 @@ def secure_sum(
         values = np.empty(length, dtype=np.float64)
         if clip_norm is None:
             weight = update.num_examples / max(1, max_examples)
+            if norm_bound is not None:  # the client bounds its own update
+                norm = float(np.linalg.norm(delta))
+                delta = delta * min(1.0, norm_bound / max(norm, 1e-300))
             values[: spec.size] = delta * weight
         else:  # the client clips its own update (central DP)
             norm = float(np.linalg.norm(delta))

@@ -21,6 +21,14 @@ from fedshield.strategies.server_opt import (
 )
 
 _LAZY = {
+    "Bulyan": "fedshield.strategies.robust",
+    "CoordinateMedian": "fedshield.strategies.robust",
+    "FLTrust": "fedshield.strategies.robust",
+    "GeometricMedian": "fedshield.strategies.robust",
+    "Krum": "fedshield.strategies.robust",
+    "NormBound": "fedshield.strategies.robust",
+    "TrimmedMean": "fedshield.strategies.robust",
+    "make_robust": "fedshield.strategies.robust",
     "DpFedAvg": "fedshield.strategies.dp",
     "DpMean": "fedshield.strategies.dp",
     "PoissonSampler": "fedshield.strategies.dp",
@@ -37,7 +45,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Bulyan",
     "ClientSampler",
+    "CoordinateMedian",
     "CountSampler",
     "DpFedAvg",
     "DpMean",
@@ -45,8 +55,12 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FLTrust",
     "FedYogi",
     "FractionSampler",
+    "GeometricMedian",
+    "Krum",
+    "NormBound",
     "PoissonSampler",
     "PrivacySettings",
     "RoundPlan",
@@ -54,4 +68,6 @@ __all__ = [
     "ServerOptimizer",
     "ServerSgd",
     "Strategy",
+    "TrimmedMean",
+    "make_robust",
 ]

@@ -79,7 +79,8 @@ class FedAvg:
         ------
         ConfigError
             If fewer clients are available, or sampled per round, than
-            ``min_clients``.
+            ``min_clients``, or the aggregator's own requirement (a robust
+            rule's n > 2f + 2, ...) fails for the clients sampled per round.
         """
         if num_available < self.min_clients:
             raise ConfigError(
@@ -93,6 +94,11 @@ class FedAvg:
                 f"{sampled} of {num_available} clients; raise the fraction or "
                 "clients_per_round, or lower min_clients"
             )
+        # A robust rule's own requirement (Krum: n > 2f + 2, ...), for the
+        # round's expected number of updates.
+        rule_check = getattr(self.aggregator, "check", None)
+        if callable(rule_check):
+            rule_check(sampled)
 
     def configure(
         self,
