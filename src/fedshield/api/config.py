@@ -220,6 +220,29 @@ class RobustSection(_Section):
     noise_std: float | None = Field(None, ge=0)
 
 
+class AttackSection(_Section):
+    """``[attack]``: malicious clients (see :mod:`fedshield.models.attacks`)."""
+
+    kind: Literal[
+        "none",
+        "label_flip",
+        "sign_flip",
+        "gaussian",
+        "backdoor",
+        "alie",
+        "ipm",
+        "free_rider",
+    ] = "none"
+    fraction: float = Field(0.2, ge=0, lt=0.5)
+    scale: float = Field(4.0, gt=0)
+    std: float = Field(1.0, gt=0)
+    target_label: int = Field(0, ge=0)
+    boost: float | None = Field(None, gt=0)
+    poison_fraction: float = Field(0.5, gt=0, le=1)
+    epsilon: float = Field(0.5, gt=0)
+    z: float | None = Field(None, gt=0)
+
+
 class FaultsSection(_Section):
     """``[faults]``: injected failures, to watch a run recover."""
 
@@ -237,6 +260,7 @@ class ExperimentConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
     robust: RobustSection = Field(default_factory=RobustSection)
+    attack: AttackSection = Field(default_factory=AttackSection)
     faults: FaultsSection = Field(default_factory=FaultsSection)
 
     @model_validator(mode="after")

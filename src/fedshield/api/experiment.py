@@ -38,9 +38,30 @@ from fedshield.strategies import (
 
 if TYPE_CHECKING:
     from fedshield.models import TorchClient, TorchModel
+    from fedshield.models.attacks import AttackSpec
     from fedshield.strategies.dp import DpFedAvg
 
 __all__ = ["Federation", "build_federation", "build_strategy"]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """The run's malicious clients and their attack (``[attack]``)."""
+
+    spec: AttackSpec
+    malicious: tuple[ClientId, ...]
+    num_classes: int
+    boost: float
+    max_examples: int
+
+    def to_json(self) -> dict[str, Any]:
+        """What the run folder records (``attack.json``)."""
+        return {
+            "kind": self.spec.kind,
+            "fraction": self.spec.fraction,
+            "malicious": list(self.malicious),
+            "boost": self.boost if self.spec.kind == "backdoor" else None,
+        }
 
 
 class DatasetClients:
@@ -64,6 +85,7 @@ class DatasetClients:
         client_test_fraction: float,
         seed: int,
         cache_bytes: int = 64 * 2**20,
+        attack: Attack | None = None,
     ) -> None:
         self.model = model
         self.train = train
@@ -71,6 +93,8 @@ class DatasetClients:
         self.client_test_fraction = client_test_fraction
         self.seed = seed
         self.cache_bytes = int(cache_bytes)
+        self.attack = attack
+        self._malicious = frozenset(attack.malicious if attack else ())
         self._init_cache()
 
     def _init_cache(self) -> None:
@@ -116,6 +140,8 @@ class DatasetClients:
                 return hit[0]
         client = self._build(client_id)
         size = client.nbytes
+        if client_id in self._malicious:
+            client = self._corrupt(client)
         if size <= self.cache_bytes:
             with self._lock:
                 if client_id not in self._cache:
@@ -125,6 +151,18 @@ class DatasetClients:
                     _, (_, old) = self._cache.popitem(last=False)
                     self._cached_bytes -= old
         return client
+
+    def _corrupt(self, client: TorchClient) -> Any:
+        from fedshield.models.attacks import MaliciousClient
+
+        assert self.attack is not None
+        return MaliciousClient(
+            client,
+            self.attack.spec,
+            num_classes=self.attack.num_classes,
+            boost=self.attack.boost,
+            max_examples=self.attack.max_examples,
+        )
 
     def _build(self, client_id: ClientId) -> TorchClient:
         from fedshield.models import TorchClient
@@ -171,11 +209,28 @@ class Federation:
     partition: PartitionSummary
     dataset: str
     train: Dataset
+    attack: Attack | None = None
 
     def evaluate(self, params: Params) -> dict[str, float]:
-        """Centralised evaluation on the held-out test set."""
+        """Centralised evaluation on the held-out test set.
+
+        Under a backdoor attack, also ``asr``: the share of the test inputs
+        of other classes that the model assigns to the target class once the
+        trigger is added (Bagdasaryan et al. 2020).
+        """
         metrics = self.model.evaluate(params, self.test.x, self.test.y)
-        return {k: float(v) for k, v in metrics.items() if k != "num_examples"}
+        out = {k: float(v) for k, v in metrics.items() if k != "num_examples"}
+        if self.attack is not None and self.attack.spec.kind == "backdoor":
+            from fedshield.models.attacks import add_trigger
+
+            target = self.attack.spec.target_label
+            keep = self.test.y != target
+            if keep.any():
+                triggered = add_trigger(self.test.x[keep])
+                labels = np.full(int(keep.sum()), target, dtype=self.test.y.dtype)
+                hit = self.model.evaluate(params, triggered, labels)
+                out["asr"] = float(hit["accuracy"])
+        return out
 
     @property
     def max_examples(self) -> int:
@@ -249,12 +304,14 @@ def build_federation(config: ExperimentConfig) -> Federation:
         hidden=tuple(config.model.hidden),
     )
     model = TorchModel(module_fn, input_shape=dataset.input_shape)
+    attack = _attack(config, tuple(client_ids), summary, dataset.num_classes)
     clients = DatasetClients(
         model,
         train,
         dict(zip(client_ids, parts, strict=True)),
         client_test_fraction=data.client_test_fraction,
         seed=seed,
+        attack=attack,
     )
     return Federation(
         model=model,
@@ -264,6 +321,47 @@ def build_federation(config: ExperimentConfig) -> Federation:
         partition=summary,
         dataset=data.dataset,
         train=train,
+        attack=attack,
+    )
+
+
+def _attack(
+    config: ExperimentConfig,
+    client_ids: tuple[ClientId, ...],
+    summary: PartitionSummary,
+    num_classes: int,
+) -> Attack | None:
+    """``[attack]``: which clients are malicious (from the seed) and how."""
+    a = config.attack
+    if a.kind == "none" or a.fraction == 0:
+        return None
+    from fedshield.models.attacks import AttackSpec, choose_malicious
+
+    spec = AttackSpec(
+        kind=a.kind,
+        fraction=a.fraction,
+        scale=a.scale,
+        std=a.std,
+        target_label=a.target_label,
+        boost=a.boost,
+        poison_fraction=a.poison_fraction,
+        epsilon=a.epsilon,
+        z=a.z,
+    )
+    if a.kind == "backdoor" and a.target_label >= num_classes:
+        raise ConfigError(
+            f"attack.target_label {a.target_label} is not a class of the data set "
+            f"(0..{num_classes - 1})"
+        )
+    per_round = config.strategy.clients_per_round or max(
+        1, round((config.strategy.fraction or 1.0) * len(client_ids))
+    )
+    return Attack(
+        spec=spec,
+        malicious=choose_malicious(client_ids, a.fraction, config.run.seed),
+        num_classes=num_classes,
+        boost=a.boost if a.boost is not None else float(per_round),
+        max_examples=max(summary.num_samples),
     )
 
 

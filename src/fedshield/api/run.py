@@ -24,7 +24,7 @@ from fedshield.errors import (
 )
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
 from fedshield.simulation import RunDirectory, run_rounds
-from fedshield.simulation.rundir import CONFIG, PARTITION, SUMMARY
+from fedshield.simulation.rundir import ATTACK, CONFIG, PARTITION, SUMMARY
 from fedshield.simulation.secure import Faults, SecureAggregation
 from fedshield.simulation.state_store import new_client_states
 
@@ -234,6 +234,8 @@ def _simulate(
         run_dir.write_json(PARTITION, federation.partition.to_json())
         run_dir.save_checkpoint(state, client_states=client_states)
     run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
+    if federation.attack is not None:
+        run_dir.write_json(ATTACK, federation.attack.to_json())
     if prefetch is not None:
         try:
             prefetch.partition(run_dir.path)
@@ -282,6 +284,8 @@ def _simulate(
             client_states=client_states,
             secure=secure,
             faults=Faults(config.faults.dropout) if config.faults.dropout else None,
+            colluders=federation.attack.malicious if federation.attack else (),
+            collude=_collusion(federation),
         )
     except PrivacyBudgetExceeded as err:
         # A planned stop: the budget allows no further round.
@@ -309,6 +313,8 @@ def _simulate(
             error=error,
         )
         summary["backend"] = backend_name
+        if federation.attack is not None:
+            summary["attack"] = federation.attack.to_json()
         run_dir.write_json(SUMMARY, summary)
         if on_summary is not None:
             on_summary(summary)
@@ -357,3 +363,18 @@ def _expected_clients(config: ExperimentConfig, num_clients: int) -> int:
         return min(s.clients_per_round, num_clients)
     fraction = s.fraction if s.fraction is not None else 1.0
     return max(1, round(fraction * num_clients))
+
+
+def _collusion(federation: Federation) -> Any:
+    """ALIE's and IPM's rewrite of the colluders' updates (None otherwise)."""
+    attack = federation.attack
+    if attack is None or attack.spec.kind not in ("alie", "ipm"):
+        return None
+    from fedshield.models.attacks import collude
+
+    spec = attack.spec
+
+    def rewrite(updates: list[Any], num_clients: int) -> list[Any]:
+        return collude(updates, spec, num_clients=num_clients)
+
+    return rewrite

@@ -10,7 +10,7 @@ model on their local test splits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -116,6 +116,10 @@ class ClippedSumRelease(Protocol):
         """The released aggregate of ``total`` (``Σ_k clip(Δ_k)``)."""
 
 
+CollusionFn = Callable[[list[ClientUpdate], int], list[ClientUpdate]]
+"""Rewrites colluding clients' updates together (see :class:`FitRound`)."""
+
+
 class FitRound:
     """Server side of one FedAvg-family round (sans-I/O).
 
@@ -146,6 +150,12 @@ class FitRound:
     drop_at
         Injected faults: the stage (``"fit"`` or a protocol stage) at which
         each of these clients drops out.
+    colluders, collude
+        Simulated colluding attackers (ALIE, IPM): the updates of
+        ``colluders`` are held back until every reply is in, then rewritten
+        together by ``collude(updates, n)`` (``n``: the round's valid
+        updates) before they are aggregated, as clients that share their
+        benign updates with each other would send them.
     """
 
     def __init__(
@@ -161,6 +171,8 @@ class FitRound:
         client_states: Callable[[str], Mapping[str, Params]] | None = None,
         secure: SecureAggregation | None = None,
         drop_at: Mapping[str, str] | None = None,
+        colluders: Collection[str] = (),
+        collude: CollusionFn | None = None,
     ) -> None:
         if plan.is_stateful and client_states is None:
             raise ValueError("a stateful round needs client_states")
@@ -179,6 +191,8 @@ class FitRound:
         self._stage = "init"
         self._secure = secure
         self._drop_at = dict(drop_at or {})
+        self._colluders = frozenset(colluders) if collude is not None else frozenset()
+        self._collude = collude
 
     def start(self) -> StageRequest:
         """Stage ``fit`` to every sampled client."""
@@ -217,6 +231,7 @@ class FitRound:
         extras: dict[str, Accumulator] = {}
         train_rows: list[tuple[float, dict[str, float]]] = []
         held: dict[str, ClientUpdate] = {}  # secure aggregation: the clients' own
+        colluding: list[tuple[ClientUpdate, float]] = []
         rejected = 0
         for reply in self._answers(self._without_dropped(replies, "fit"), "fit"):
             try:
@@ -228,7 +243,9 @@ class FitRound:
                         f"update claims to come from {update.client_id!r} but was "
                         f"sent by {reply.client_id!r}"
                     )
-                if self._secure is not None:
+                if update.client_id in self._colluders:
+                    colluding.append((update, self._strategy.weight(update)))
+                elif self._secure is not None:
                     # Each client's secure-aggregation half holds its update;
                     # nothing is added in the clear.
                     held[update.client_id] = update
@@ -254,6 +271,13 @@ class FitRound:
             train_rows.append(
                 (float(update.num_examples), _finite_numbers(update.metrics))
             )
+        if colluding and self._collude is not None:
+            rewritten = self._collude([u for u, _ in colluding], len(train_rows))
+            for update, (_, weight) in zip(rewritten, colluding, strict=True):
+                if self._secure is not None:
+                    held[update.client_id] = update
+                else:
+                    accumulator.add(update, weight)
         succeeded = len(train_rows)
         fit_drops = sum(1 for stage in self._drop_at.values() if stage == "fit")
         if self._drop_at:

@@ -42,7 +42,17 @@ PARTITION = "partition.json"
 CHECKPOINT = "checkpoint.npz"
 FAILURES = "failures.jsonl"
 REPORT = "report.html"
-_RUN_FILES = (CONFIG, METRICS, SUMMARY, PARTITION, CHECKPOINT, FAILURES, REPORT)
+ATTACK = "attack.json"
+_RUN_FILES = (
+    CONFIG,
+    METRICS,
+    SUMMARY,
+    PARTITION,
+    CHECKPOINT,
+    FAILURES,
+    REPORT,
+    ATTACK,
+)
 
 
 def _json_safe(value: Any) -> Any:

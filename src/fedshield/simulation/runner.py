@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from fedshield.core import ClientId, Params, ServerState, derive_rng
 from fedshield.errors import ConfigError, RoundFailedError, RunDirectoryError
 from fedshield.simulation.backends import Backend, ClientFn, SequentialBackend
 from fedshield.simulation.protocol import RoundProtocol, StageRequest
-from fedshield.simulation.rounds import FitRound, RoundResult
+from fedshield.simulation.rounds import CollusionFn, FitRound, RoundResult
 from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
 from fedshield.simulation.secure import Faults, SecureAggregation
 from fedshield.simulation.state_store import StateStore
@@ -65,6 +65,8 @@ def run_round(
     client_states: StateStore | None = None,
     secure: SecureAggregation | None = None,
     faults: Faults | None = None,
+    colluders: Collection[ClientId] = (),
+    collude: CollusionFn | None = None,
 ) -> RoundResult:
     """Plan and run round ``state.round_idx``; return how it ended.
 
@@ -101,6 +103,8 @@ def run_round(
         client_states=client_states.get if client_states is not None else None,
         secure=secure,
         drop_at=drop_at,
+        colluders=colluders,
+        collude=collude,
     )
     try:
         result = drive_round(protocol, backend, client_fn=client_fn, seed=seed)
@@ -130,6 +134,8 @@ def run_rounds(
     client_states: StateStore | None = None,
     secure: SecureAggregation | None = None,
     faults: Faults | None = None,
+    colluders: Collection[ClientId] = (),
+    collude: CollusionFn | None = None,
 ) -> ServerState:
     """Run rounds ``state.round_idx .. rounds − 1``.
 
@@ -168,6 +174,8 @@ def run_rounds(
                 client_states=client_states,
                 secure=secure,
                 faults=faults,
+                colluders=colluders,
+                collude=collude,
             )
             round_number = state.round_idx + 1
             if run_dir is not None and result.failures:
