@@ -81,3 +81,17 @@ def test_robust_with_central_dp_or_unknown_rule_is_refused() -> None:
         )
     with pytest.raises(ConfigError, match="rule"):
         _config(robust={"rule": "mean-ish"})
+
+
+def test_fltrust_scores_updates_against_the_servers_root_update(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _config(
+        robust={"rule": "fltrust", "root_size": 50},
+        attack={"kind": "sign_flip", "fraction": 0.2},
+    )
+    summary, run_dir = simulate(config, out=tmp_path / "flt", write_report=False)
+    assert summary["status"] == "completed"
+    record = RunDirectory(run_dir).read_metrics()[-1]
+    # the sign-flipped updates point away from the root update: no trust
+    assert record["fltrust/trusted"] <= 8 - 2
+    attack = json.loads((run_dir / "attack.json").read_text())
+    assert len(attack["malicious"]) == 2 and attack["kind"] == "sign_flip"

@@ -212,8 +212,10 @@ class RobustSection(_Section):
         "bulyan",
         "geomed",
         "norm_bound",
+        "fltrust",
     ] = "fedavg"
     f: int | None = Field(None, ge=0)
+    root_size: int = Field(100, ge=1)
     m: int | None = Field(None, ge=1)
     beta: float | None = Field(None, gt=0, lt=0.5)
     max_norm: float | None = Field(None, gt=0)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from fedshield.api.config import ExperimentConfig, StrategySection
-from fedshield.core import ClientId, FitConfig, Params, derive_rng
+from fedshield.core import ClientId, FitConfig, Params, ServerState, derive_rng
 from fedshield.data import (
     Dataset,
     PartitionSummary,
@@ -392,6 +392,7 @@ def build_strategy(
     *,
     num_clients: int | None = None,
     client_sizes: Mapping[ClientId, int] | None = None,
+    federation: Federation | None = None,
 ) -> FedAvg | Scaffold | DpFedAvg:
     """The strategy ``[strategy]`` and ``[client]`` describe.
 
@@ -414,6 +415,7 @@ def build_strategy(
     fedavg = FedAvg(
         sampler=sampler,
         aggregator=_aggregator(config),
+        round_aggregator=_fltrust_rounds(config, federation),
         server_opt=_server_optimizer(s),
         local=FitConfig(
             round_idx=0,
@@ -437,12 +439,57 @@ def build_strategy(
     return Scaffold(fedavg) if s.name == "scaffold" else fedavg
 
 
+def _fltrust_rounds(config: ExperimentConfig, federation: Federation | None) -> Any:
+    """FLTrust's per-round rule: the server's update on its root data.
+
+    The root data set (``robust.root_size`` rows) is drawn from the training
+    pool with the run's seed, as in Cao et al. (NDSS 2021), who sample it
+    from the same distribution as the clients' data; it may overlap a
+    client's rows. Each round the server trains one local round on it from
+    the global model with the clients' settings, and that update is ``g_0``.
+    """
+    if config.robust.rule != "fltrust":
+        return None
+    if federation is None:
+        raise ConfigError("robust.rule = 'fltrust' needs the federation's data")
+    from fedshield.strategies.robust import FLTrust
+
+    train = federation.train
+    rng = derive_rng(config.run.seed, "fltrust", "root")
+    size = min(config.robust.root_size, len(train.y))
+    rows = np.sort(rng.choice(len(train.y), size=size, replace=False))
+    x_root, y_root = train.x[rows], train.y[rows]
+    c = config.client
+    model = federation.model
+    seed = config.run.seed
+
+    def rule(state: ServerState) -> FLTrust:
+        local = FitConfig(
+            round_idx=state.round_idx,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+        )
+        new, _ = model.train(
+            state.params,
+            x_root,
+            y_root,
+            local,
+            rng=derive_rng(seed, "fltrust", state.round_idx),
+        )
+        return FLTrust(None).with_reference(new - state.params)
+
+    return rule
+
+
 def _aggregator(config: ExperimentConfig) -> Any:
     """``[robust]``'s rule (FedAvg's weighted mean by default)."""
     from fedshield.core import WeightedMean
 
     r = config.robust
-    if r.rule == "fedavg":
+    if r.rule in ("fedavg", "fltrust"):  # FLTrust's rule is built per round
         return WeightedMean()
     from fedshield.strategies.robust import make_robust
 

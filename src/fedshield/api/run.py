@@ -184,6 +184,7 @@ def _simulate(
         client_sizes=(
             federation.train_sizes() if config.privacy.mode == "record" else None
         ),
+        federation=federation,
     )
     strategy.check(len(federation.client_ids))
     backend_name = resolve_backend(

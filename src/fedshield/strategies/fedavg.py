@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -56,6 +56,10 @@ class FedAvg:
     local: FitConfig = field(default_factory=lambda: FitConfig(round_idx=0))
     min_clients: int = 1
     weighted: bool = True
+    round_aggregator: Callable[[ServerState], Aggregator] | None = None
+    """Builds each round's aggregation rule from the state (FLTrust needs the
+    server's own update on its root data at the current model); None: the
+    fixed ``aggregator``."""
 
     is_stateful = False
     """FedAvg's clients keep no state between rounds."""
@@ -122,6 +126,9 @@ class FedAvg:
             fit_config=replace(self.local, round_idx=state.round_idx),
             min_clients=self.min_clients,
             num_available=len(available),
+            aggregator=(
+                self.round_aggregator(state) if self.round_aggregator else None
+            ),
         )
 
     def weight(self, update: ClientUpdate) -> float:
