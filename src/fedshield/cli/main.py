@@ -136,6 +136,114 @@ def simulate(
 
 
 @app.command()
+def analyze(
+    config: Annotated[
+        Path,
+        typer.Argument(help="Experiment configuration (TOML).", show_default=False),
+    ],
+    attacks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated attacks: none, label_flip, sign_flip, gaussian, "
+            "backdoor, alie, ipm, free_rider (a no-attack row is always added).",
+        ),
+    ] = "label_flip,sign_flip,alie,ipm,backdoor",
+    defences: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated defences: fedavg, krum, multi_krum, median, "
+            "trimmed_mean, bulyan, geomed, norm_bound, fltrust.",
+        ),
+    ] = "fedavg,krum,median,trimmed_mean,bulyan,geomed,norm_bound,fltrust",
+    fraction: Annotated[
+        float,
+        typer.Option(
+            help="Share of malicious clients, in (0, 0.5); robust.f = "
+            "floor(fraction x clients per round) for krum, multi_krum, "
+            "trimmed_mean and bulyan."
+        ),
+    ] = 0.2,
+    max_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--max-norm",
+            help="norm_bound's L2 bound on each client's update (default: the "
+            "file's robust.max_norm, else 1.0).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Analysis folder (default: runs/<run.name>-analyze).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Runs at a time, each in its own process with one torch thread "
+            "(1: one after the other, in this process).",
+        ),
+    ] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a key of every run: section.key=VALUE (TOML). Repeatable.",
+        ),
+    ] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="text: progress and the matrix; json: paths and summary on stdout.",
+        ),
+    ] = "text",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log details to stderr.")
+    ] = False,
+) -> None:
+    """Run every attack against every defence; write matrix.csv, .png and .html."""
+    if output_format not in ("text", "json"):
+        err_console.print(
+            "[bold red]error:[/] --format must be 'text' or 'json'; "
+            f"got {output_format!r}"
+        )
+        raise typer.Exit(code=2)
+    from rich.logging import RichHandler
+
+    from fedshield.cli.analyze import run_analyze
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+    try:
+        summary = run_analyze(
+            config,
+            attacks=attacks,
+            defences=defences,
+            fraction=fraction,
+            max_norm=max_norm,
+            out=out,
+            workers=workers,
+            overrides=list(set_ or []),
+            as_json=output_format == "json",
+            console=err_console,
+        )
+    except FedShieldError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(code=130) from None
+    if output_format == "json":
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>).")],
 ) -> None:
