@@ -132,12 +132,13 @@ def test_csv_records_refusals_and_failures_without_numbers(written):
 
 def test_csv_verdicts(written):
     verdicts = {(r["attack"], r["defence"]): r["verdict"] for r in _csv(written)}
-    assert verdicts[("sign_flip", "fedavg")] == "unexpected_failure"
+    # FedAvg is not robust: its failures are known ones
+    assert verdicts[("sign_flip", "fedavg")] == "known_failure"
     assert verdicts[("sign_flip", "krum")] == "held"
     assert verdicts[("alie", "fedavg")] == "held"  # 0.05 is not > 0.05
     assert verdicts[("alie", "krum")] == "known_failure"
     assert verdicts[("alie", "median")] == "held"
-    assert verdicts[("backdoor", "fedavg")] == "unexpected_failure"
+    assert verdicts[("backdoor", "fedavg")] == "known_failure"
     assert verdicts[("backdoor", "krum")] == "held"
 
 
@@ -183,10 +184,10 @@ def test_a_failure_outside_the_literature_is_unexpected():
 
 
 def test_asr_above_half_fails_even_without_accuracy_drop():
-    baseline = _run("none", "fedavg", 0.9)
+    baseline = _run("none", "geomed", 0.9)
 
-    failed = classify(_run("backdoor", "fedavg", 0.9, asr=0.51), baseline)
-    held = classify(_run("backdoor", "fedavg", 0.9, asr=0.5), baseline)
+    failed = classify(_run("backdoor", "geomed", 0.9, asr=0.51), baseline)
+    held = classify(_run("backdoor", "geomed", 0.9, asr=0.5), baseline)
 
     assert failed.outcome == "unexpected_failure"
     assert failed.reasons == ("attack success rate 0.5100 > 0.5",)
@@ -252,14 +253,13 @@ def test_html_says_in_words_which_cells_fail(written):
     words = _verdict_text(written.html.read_text(encoding="utf-8"))
 
     assert "accuracy drop" in words and "0.05" in words and "0.5" in words
-    assert "3 of 8 judged attacked cells fail: 1 known, 2 unexpected" in words
-    known = words.split("Known failures")[1].split(".")[0]
+    assert "3 of 8 judged attacked cells fail: 3 known, 0 unexpected" in words
+    known = words.split("Known failures")[1]
     assert "alie against krum" in known and "Baruch" in words
-    unexpected = words.split("Unexpected failures")[1].split("Known failures")[0]
-    assert "sign_flip against fedavg" in unexpected
-    assert "backdoor against fedavg" in unexpected
-    assert "alie against krum" not in unexpected
-    assert "bulyan" not in unexpected and "bulyan" not in known
+    assert "sign_flip against fedavg" in known
+    assert "backdoor against fedavg" in known
+    assert "Unexpected failures" not in words
+    assert "bulyan against" not in known
     assert "Held here although" in words and "alie against median" in words
 
 

@@ -107,6 +107,21 @@ KNOWN_FAILURES: Final[Mapping[tuple[str, str], str]] = {
     ("ipm", "krum"): _IPM_REASON.format(rule="Krum"),
     ("ipm", "multi_krum"): _IPM_REASON.format(rule="Multi-Krum"),
     ("ipm", "median"): _IPM_REASON.format(rule="the coordinate-wise median"),
+    **{
+        (attack, "fedavg"): (
+            "FedAvg's weighted mean is not a robust rule: one client can move it "
+            "anywhere (breakdown point 0; Blanchard et al., NeurIPS 2017)"
+        )
+        for attack in (
+            "label_flip",
+            "sign_flip",
+            "gaussian",
+            "backdoor",
+            "alie",
+            "ipm",
+            "free_rider",
+        )
+    },
 }
 """(attack, defence) pairs the literature reports as broken, with the reason.
 
