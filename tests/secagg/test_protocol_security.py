@@ -17,7 +17,10 @@ from fedshield.errors import ConfigError, ProtocolError
 from fedshield.secagg import crypto, shamir
 from fedshield.secagg.encoding import add_mod, sub_mod
 from fedshield.secagg.messages import (
+    MAGIC,
+    PREFIX_BYTES,
     SERVER_ID,
+    VERSION,
     AdvertiseReply,
     AdvertiseRequest,
     ConsistencyRequest,
@@ -174,9 +177,21 @@ def test_a_masked_input_alone_looks_uniform():
 
 
 def _replace_json(data: bytes, edit: Callable[[dict], None]) -> bytes:
-    document = json.loads(data)
+    """Edit the JSON header of a binary envelope, keeping its payloads."""
+    size = int.from_bytes(data[len(MAGIC) + 1 : PREFIX_BYTES], "big")
+    document = json.loads(data[PREFIX_BYTES : PREFIX_BYTES + size])
     edit(document)
-    return json.dumps(document).encode()
+    header = json.dumps(document).encode()
+    return (
+        data[: len(MAGIC) + 1]
+        + len(header).to_bytes(4, "big")
+        + header
+        + data[PREFIX_BYTES + size :]
+    )
+
+
+def _with_version(data: bytes, version: int) -> bytes:
+    return data[: len(MAGIC)] + bytes([version]) + data[len(MAGIC) + 1 :]
 
 
 def _longer_vector(data: bytes) -> bytes:
@@ -186,10 +201,14 @@ def _longer_vector(data: bytes) -> bytes:
 
 
 def _unreduced(data: bytes) -> bytes:
+    # A word >= 2**b cannot be packed to b bits: a client must claim b + 1.
     msg = parse(data, CONFIG)
     vector = msg.masked_input.copy()
     vector[3] = 1 << CONFIG.modulus_bits
-    return dataclasses.replace(msg, masked_input=vector).to_bytes()
+    with pytest.raises(ValueError, match="not below"):
+        dataclasses.replace(msg, masked_input=vector).to_bytes()
+    bits = CONFIG.modulus_bits + 1
+    return dataclasses.replace(msg, masked_input=vector, modulus_bits=bits).to_bytes()
 
 
 def _missing_share(data: bytes) -> bytes:
@@ -200,7 +219,7 @@ def _missing_share(data: bytes) -> bytes:
 
 
 BAD_REPLIES: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
-    "garbage": ("advertise_keys", lambda d: b"\x00not json", "not UTF-8 JSON"),
+    "garbage": ("advertise_keys", lambda d: b"\x00not json", "does not start with"),
     "unknown field": (
         "advertise_keys",
         lambda d: _replace_json(d, lambda j: j.update(extra=1)),
@@ -208,7 +227,7 @@ BAD_REPLIES: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
     ),
     "future version": (
         "share_keys",
-        lambda d: _replace_json(d, lambda j: j.update(version=2)),
+        lambda d: _with_version(d, VERSION + 1),
         "version",
     ),
     "short key": (
@@ -226,8 +245,15 @@ BAD_REPLIES: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
         lambda d: modify(CONFIG, d, session=os.urandom(16)),
         "session",
     ),
-    "vector too long": ("masked_input", _longer_vector, "expected 64 bytes"),
+    "vector too long": ("masked_input", _longer_vector, "9 words, expected 8"),
     "unreduced word": ("masked_input", _unreduced, "not reduced"),
+    "truncated vector": ("masked_input", lambda d: d[:-1], "truncated"),
+    "trailing bytes": ("share_keys", lambda d: d + b"\x00", "trailing"),
+    "version 1 json": (
+        "advertise_keys",
+        lambda d: b'{"version":1,"type":"advertise_reply"}',
+        "no longer accepted",
+    ),
     "missing share": ("unmask", _missing_share, "not the ones asked for"),
 }
 

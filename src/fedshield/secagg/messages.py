@@ -1,39 +1,74 @@
-"""Wire messages of the SecAgg / SecAgg+ protocol: typed, versioned, validated.
+r"""Wire messages of the SecAgg / SecAgg+ protocol: typed, versioned, validated.
 
 Every message a party sends is one frozen dataclass below, serialised by
-:meth:`Message.to_bytes` to UTF-8 JSON and parsed back by :func:`decode`.
-Binary fields (keys, signatures, ciphertexts, the session id) travel as
-base64; a masked vector travels as the base64 of its little-endian ``uint64``
-words; Shamir shares as JSON integers (arbitrary precision).
+:meth:`Message.to_bytes` to a binary envelope and parsed back by
+:func:`decode`.
 
-Every message carries the same envelope:
+The envelope (wire format :data:`VERSION` 2)
+--------------------------------------------
+========  =================  ===================================================
+offset    size               content
+========  =================  ===================================================
+0         4                  :data:`MAGIC`, ``b"\x89FSA"``
+4         1                  :data:`VERSION`
+5         4                  ``h``: length of the header, big-endian
+9         ``h``              the header: a UTF-8 JSON object
+9 + h     the rest           the payloads, raw bytes, one after the other
+========  =================  ===================================================
 
-``version``
-    :data:`VERSION` (1). A message of another version is refused.
+The header holds the small typed fields:
+
 ``type`` and ``stage``
     Which message it is and the protocol stage it belongs to; they must agree.
 ``round_idx``
     The training round (0-based).
 ``session``
-    16 random bytes the server draws for one run of the protocol. A reply
-    from an earlier attempt at the same round carries another session and is
-    refused, so replays across attempts are caught as well as across rounds.
+    16 random bytes (base64) the server draws for one run of the protocol. A
+    reply from an earlier attempt at the same round carries another session
+    and is refused, so replays across attempts are caught as well as across
+    rounds.
 ``sender`` and ``recipient``
     Client ids, or :data:`SERVER_ID` for the server.
+``body``
+    The message's own small fields (keys and signatures as base64).
+``payloads``
+    The length of each payload in bytes; together they must account for
+    exactly the bytes after the header.
+
+The large fields travel as payloads: a masked vector as its ``d`` words
+packed to exactly ``b`` bits each (:func:`pack_words`, ``ceil(d b / 8)``
+bytes), each AES-GCM ciphertext of a share pair as its raw bytes, and Shamir
+shares as :data:`FIELD_BYTES`-byte big-endian field elements. The encrypted
+share pair itself (:class:`SharePayload`) is binary too.
 
 :func:`decode` refuses (with :class:`~fedshield.errors.ProtocolError`)
-anything that is not exactly one of these messages: unknown or missing keys,
-wrong JSON types, booleans where integers belong, keys that are not 32 bytes,
-signatures that are not 64, a vector that is not ``vector_length`` words or
-has a word ``>= 2**modulus_bits``, a share outside ``[0, PRIME)``. The
-protocol layer then checks what only it can know (the right sender, stage,
-round, session, and whom a message may name).
+anything that is not exactly one of these messages: another magic (a message
+of the JSON wire format of version 1 is named as such), another version, a
+header that overruns the message or is not a JSON object, payload lengths
+that do not add up to what follows the header (truncated or extended
+messages, trailing bytes), unknown or missing keys, repeated JSON keys, wrong
+JSON types, booleans where integers belong, keys that are not 32 bytes,
+signatures that are not 64, a vector whose word count or bit width is not the
+configured ``d`` and ``b``, whose payload is not ``ceil(d b / 8)`` bytes or
+whose padding bits are not zero, a share outside ``[0, PRIME)``, a payload
+too many or too few. The protocol layer then checks what only it can know
+(the right sender, stage, round, session, and whom a message may name).
 
 Example
 -------
 >>> msg = ConsistencyRequest(session=bytes(16), round_idx=0, sender=SERVER_ID,
 ...                          recipient="a", survivors=("a", "b"))
->>> decode(msg.to_bytes(), vector_length=4, modulus_bits=16) == msg
+>>> data = msg.to_bytes()
+>>> data[:5] == MAGIC + bytes([VERSION])
+True
+>>> decode(data, vector_length=4, modulus_bits=16) == msg
+True
+>>> reply = MaskedInputReply(session=bytes(16), round_idx=0, sender="a",
+...                          recipient=SERVER_ID, modulus_bits=12,
+...                          masked_input=np.arange(4, dtype=np.uint64))
+>>> len(pack_words(reply.masked_input, 12))  # 4 words of 12 bits
+6
+>>> decode(reply.to_bytes(), vector_length=4, modulus_bits=12) == reply
 True
 """
 
@@ -41,7 +76,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,9 +92,12 @@ from fedshield.secagg.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES
 from fedshield.secagg.shamir import CHUNK_BYTES, PRIME
 
 __all__ = [
+    "FIELD_BYTES",
+    "MAGIC",
     "MAX_CIPHERTEXT_BYTES",
     "MAX_CLIENT_ID_CHARS",
     "MAX_MESSAGE_BYTES",
+    "PREFIX_BYTES",
     "SECRET_BYTES",
     "SERVER_ID",
     "SESSION_BYTES",
@@ -80,10 +120,23 @@ __all__ = [
     "UnmaskRequest",
     "check_client_id",
     "decode",
+    "pack_words",
+    "packed_size",
+    "unpack_words",
 ]
 
-VERSION = 1
-"""Wire format version; :func:`decode` refuses any other."""
+VERSION = 2
+"""Wire format version; :func:`decode` refuses any other.
+
+Version 1 was UTF-8 JSON throughout (base64 ``uint64`` words for a masked
+vector); version 2 is the binary envelope of the module docstring.
+"""
+
+MAGIC = b"\x89FSA"
+"""First four bytes of every message (not UTF-8, so never mistaken for text)."""
+
+PREFIX_BYTES = len(MAGIC) + 1 + 4
+"""Bytes before the header: magic, version byte, header length."""
 
 SERVER_ID = "server"
 """The ``sender`` of every request and ``recipient`` of every reply.
@@ -103,16 +156,21 @@ SECRET_BYTES = 32
 SHARE_WORDS = -(-SECRET_BYTES // CHUNK_BYTES)
 """Field elements in one share of a 32-byte secret (one per 16-byte chunk)."""
 
+FIELD_BYTES = -(-PRIME.bit_length() // 8)
+"""Bytes of one field element on the wire (big-endian): 17 for ``2**130 - 5``."""
+
 MAX_CLIENT_ID_CHARS = 256
 """Longest client id accepted."""
 
 MAX_CIPHERTEXT_BYTES = 4096
-"""Largest encrypted share pair accepted (an honest one is about 400 bytes)."""
+"""Largest encrypted share pair accepted (an honest one is about 120 bytes)."""
 
 MAX_MESSAGE_BYTES = 1 << 30
 """Largest serialised message :func:`decode` parses."""
 
 _MIN_CIPHERTEXT_BYTES = NONCE_BYTES + TAG_BYTES + 1
+_SHARE_BYTES = SHARE_WORDS * FIELD_BYTES
+_MAX_ID_BYTES = 4 * MAX_CLIENT_ID_CHARS  # UTF-8 needs at most 4 bytes a character
 
 _Json: TypeAlias = dict[str, Any]
 Share: TypeAlias = tuple[int, ...]
@@ -132,6 +190,169 @@ class Stage(StrEnum):
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"
+
+
+# --------------------------------------------------------------------------
+# Bit packing of uint64 vectors
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(bits: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """How ``bits``-bit values tile 64-bit words.
+
+    Returns ``(values, words, plan)``: every ``values`` consecutive values
+    fill exactly ``words`` little-endian 64-bit words, and value ``j`` of such
+    a group starts in word ``plan[j][0]`` at bit ``plan[j][1]`` (and spills
+    into the next word when that bit plus ``bits`` exceeds 64).
+    """
+    common = math.gcd(bits, 64)
+    values = 64 // common
+    return values, bits // common, tuple(divmod(j * bits, 64) for j in range(values))
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 64:
+        raise ValueError(f"bits must be an integer in [1, 64], got {bits!r}")
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes :func:`pack_words` makes of ``count`` values of ``bits`` bits.
+
+    Parameters
+    ----------
+    count
+        Number of values ``d``.
+    bits
+        Bits per value ``b``, 1 to 64.
+
+    Returns
+    -------
+    int
+        ``ceil(d b / 8)``.
+    """
+    _check_bits(bits)
+    if count < 0:
+        raise ValueError(f"count must be non-negative, got {count}")
+    return -(-count * bits // 8)
+
+
+def pack_words(values: npt.ArrayLike, bits: int) -> bytes:
+    """Pack non-negative integers below ``2**bits`` to exactly ``bits`` bits each.
+
+    Value ``i`` occupies bits ``[i bits, (i + 1) bits)`` of the output, read
+    as one little-endian integer (least significant bit first); the bits
+    after the last value, up to the byte boundary, are zero. Vectorised: one
+    numpy operation per value position in a group of ``64 / gcd(bits, 64)``
+    values, never a Python loop over the values.
+
+    Parameters
+    ----------
+    values
+        A one-dimensional array of unsigned (or non-negative signed) integers.
+    bits
+        Bits per value, 1 to 64.
+
+    Returns
+    -------
+    bytes
+        :func:`packed_size` ``(len(values), bits)`` bytes.
+
+    Raises
+    ------
+    ValueError
+        If ``bits`` is not in ``[1, 64]``, ``values`` is not a one-dimensional
+        integer array, or a value is negative or not below ``2**bits`` (it
+        cannot be expressed in ``bits`` bits).
+
+    Examples
+    --------
+    >>> pack_words(np.array([1, 2, 3], dtype=np.uint64), 4).hex()
+    '2103'
+    """
+    _check_bits(bits)
+    array = np.asarray(values)
+    if array.ndim != 1 or array.dtype.kind not in "ui":
+        raise ValueError(
+            f"expected a one-dimensional integer array, got {array.dtype} of "
+            f"shape {array.shape}"
+        )
+    if array.dtype.kind == "i" and array.size and int(array.min()) < 0:
+        raise ValueError("a value is negative")
+    words = array.astype(np.uint64, copy=False)
+    count = int(words.size)
+    if bits < 64 and count and int(words.max()) >> bits:
+        raise ValueError(f"a value is not below 2**{bits}: it cannot be packed")
+    per_group, width, plan = _layout(bits)
+    groups = -(-count // per_group)
+    if count == groups * per_group:
+        grid = words.reshape(groups, per_group)
+    else:
+        grid = np.zeros((groups, per_group), dtype=np.uint64)
+        grid.reshape(-1)[:count] = words
+    out = np.zeros((groups, width), dtype=np.uint64)
+    for j, (word, offset) in enumerate(plan):
+        column = grid[:, j]
+        out[:, word] |= column << np.uint64(offset)
+        if offset + bits > 64:
+            out[:, word + 1] |= column >> np.uint64(64 - offset)
+    return out.astype("<u8", copy=False).tobytes()[: packed_size(count, bits)]
+
+
+def unpack_words(
+    data: bytes | memoryview, count: int, bits: int, *, where: str = "packed vector"
+) -> npt.NDArray[np.uint64]:
+    """Inverse of :func:`pack_words`, validating strictly.
+
+    Parameters
+    ----------
+    data
+        The packed bytes.
+    count
+        Number of values ``d`` expected.
+    bits
+        Bits per value ``b``, 1 to 64.
+    where
+        Names the field in error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``count`` ``uint64`` values, each below ``2**bits`` (by construction:
+        a value of more bits cannot be expressed).
+
+    Raises
+    ------
+    ProtocolError
+        If ``data`` is not exactly :func:`packed_size` ``(count, bits)`` bytes
+        or the padding bits after the last value are not zero.
+    ValueError
+        If ``bits`` is not in ``[1, 64]`` or ``count`` is negative.
+    """
+    expected = packed_size(count, bits)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size != expected:
+        raise ProtocolError(
+            f"{where}: expected {expected} bytes ({count} words of {bits} bits), "
+            f"got {raw.size}"
+        )
+    spare = count * bits % 8
+    if spare and int(raw[-1]) >> spare:
+        raise ProtocolError(f"{where}: the padding bits after the last word are not 0")
+    per_group, width, plan = _layout(bits)
+    groups = -(-count // per_group)
+    buffer = np.zeros(groups * width * 8, dtype=np.uint8)
+    buffer[:expected] = raw
+    words = buffer.view("<u8").reshape(groups, width)
+    out = np.empty((groups, per_group), dtype=np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for j, (word, offset) in enumerate(plan):
+        column = words[:, word] >> np.uint64(offset)
+        if offset + bits > 64:
+            column |= words[:, word + 1] << np.uint64(64 - offset)
+        if bits < 64:
+            column &= mask
+        out[:, j] = column
+    return out.reshape(-1)[:count]
 
 
 # --------------------------------------------------------------------------
@@ -194,6 +415,31 @@ class _Fields:
         return self._take(key)
 
 
+class _Payloads:
+    """The payloads of a parsed message, taken in order."""
+
+    def __init__(self, chunks: list[memoryview], where: str) -> None:
+        self._chunks = chunks
+        self._next = 0
+        self._where = where
+
+    def take(self, name: str) -> memoryview:
+        if self._next >= len(self._chunks):
+            raise ProtocolError(
+                f"{self._where}: missing payload for {name} (the header lists "
+                f"{len(self._chunks)})"
+            )
+        chunk = self._chunks[self._next]
+        self._next += 1
+        return chunk
+
+    def finish(self) -> None:
+        if self._next != len(self._chunks):
+            raise ProtocolError(
+                f"{self._where}: {len(self._chunks) - self._next} payload(s) too many"
+            )
+
+
 def check_client_id(value: object, where: str = "client id") -> str:
     """Return ``value`` if it is a valid client id, else raise ProtocolError.
 
@@ -232,30 +478,71 @@ def _bytes(value: object, where: str, *, size: int | None = None) -> bytes:
     return data
 
 
-def _ciphertext(value: object, where: str) -> bytes:
-    data = _bytes(value, where)
-    if not _MIN_CIPHERTEXT_BYTES <= len(data) <= MAX_CIPHERTEXT_BYTES:
+def _ciphertext(value: bytes | memoryview, where: str) -> bytes:
+    if not _MIN_CIPHERTEXT_BYTES <= len(value) <= MAX_CIPHERTEXT_BYTES:
         raise ProtocolError(
             f"{where}: a ciphertext is {_MIN_CIPHERTEXT_BYTES} to "
-            f"{MAX_CIPHERTEXT_BYTES} bytes, got {len(data)}"
+            f"{MAX_CIPHERTEXT_BYTES} bytes, got {len(value)}"
         )
-    return data
+    return bytes(value)
 
 
 def _signature(value: object, where: str) -> bytes:
     return _bytes(value, where, size=SIGNATURE_BYTES)
 
 
-def _share(value: object, where: str) -> Share:
-    if not isinstance(value, list) or len(value) != SHARE_WORDS:
-        raise ProtocolError(
-            f"{where}: a share is a list of {SHARE_WORDS} field elements"
-        )
-    return tuple(_integer(item, where, low=0, high=PRIME) for item in value)
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _share_bytes(shares: list[Share]) -> bytes:
+    """Shares as consecutive :data:`FIELD_BYTES`-byte big-endian elements."""
+    out = bytearray()
+    for share in shares:
+        if len(share) != SHARE_WORDS:
+            raise ValueError(f"a share has {SHARE_WORDS} field elements")
+        for element in share:
+            if not 0 <= element < PRIME:
+                raise ValueError("a share element is outside [0, PRIME)")
+            out += element.to_bytes(FIELD_BYTES, "big")
+    return bytes(out)
+
+
+def _shares_from(data: bytes | memoryview, count: int, where: str) -> list[Share]:
+    """Parse ``count`` shares written by :func:`_share_bytes`."""
+    if len(data) != count * _SHARE_BYTES:
+        raise ProtocolError(
+            f"{where}: expected {count * _SHARE_BYTES} bytes ({count} shares of "
+            f"{SHARE_WORDS} {FIELD_BYTES}-byte field elements), got {len(data)}"
+        )
+    raw = bytes(data)
+    elements = [
+        int.from_bytes(raw[i : i + FIELD_BYTES], "big")
+        for i in range(0, len(raw), FIELD_BYTES)
+    ]
+    if any(element >= PRIME for element in elements):
+        raise ProtocolError(f"{where}: a share element is outside [0, PRIME)")
+    return [
+        tuple(elements[i : i + SHARE_WORDS])
+        for i in range(0, len(elements), SHARE_WORDS)
+    ]
+
+
+def _ciphertexts_out(ciphertexts: Mapping[str, bytes]) -> tuple[_Json, list[bytes]]:
+    """Ids in the header, one payload per ciphertext in the same order."""
+    ids = list(ciphertexts)
+    return {"ciphertexts": ids}, [bytes(ciphertexts[cid]) for cid in ids]
+
+
+def _ciphertexts_in(
+    fields: _Fields, payloads: _Payloads, where: str
+) -> dict[str, bytes]:
+    ids = fields.client_ids("ciphertexts")
+    out: dict[str, bytes] = {}
+    for cid in ids:
+        name = f"{where}.ciphertexts[{cid!r}]"
+        out[cid] = _ciphertext(payloads.take(name), name)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -290,25 +577,44 @@ class Message:
         return self.STAGE
 
     def to_bytes(self) -> bytes:
-        """Serialise to UTF-8 JSON (see the module docstring)."""
-        envelope: _Json = {
-            "version": VERSION,
-            "type": self.TYPE,
-            "stage": str(self.STAGE),
-            "round_idx": self.round_idx,
-            "session": _b64(self.session),
-            "sender": self.sender,
-            "recipient": self.recipient,
-        }
-        envelope["body"] = self._body()
-        return json.dumps(envelope, separators=(",", ":")).encode("utf-8")
+        """Serialise to the binary envelope (see the module docstring).
 
-    def _body(self) -> _Json:  # pragma: no cover - every subclass overrides
+        Raises
+        ------
+        ValueError
+            If a field cannot be expressed on the wire (a vector word not
+            below ``2**modulus_bits``, a share element outside the field).
+        """
+        body, payloads = self._encode()
+        header = json.dumps(
+            {
+                "type": self.TYPE,
+                "stage": str(self.STAGE),
+                "round_idx": self.round_idx,
+                "session": _b64(self.session),
+                "sender": self.sender,
+                "recipient": self.recipient,
+                "body": body,
+                "payloads": [len(p) for p in payloads],
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+        prefix = MAGIC + bytes([VERSION]) + len(header).to_bytes(4, "big")
+        return b"".join([prefix, header, *payloads])
+
+    def _encode(self) -> tuple[_Json, list[bytes]]:  # pragma: no cover - overridden
+        """The header's ``body`` and the payloads."""
         raise NotImplementedError
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:  # pragma: no cover
         raise NotImplementedError
 
@@ -337,16 +643,22 @@ class AdvertiseRequest(Message):
     graph_seed: bytes
     config_digest: bytes
 
-    def _body(self) -> _Json:
+    def _encode(self) -> tuple[_Json, list[bytes]]:
         return {
             "clients": list(self.clients),
             "graph_seed": _b64(self.graph_seed),
             "config_digest": _b64(self.config_digest),
-        }
+        }, []
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
         return cls(
             **head,
@@ -378,16 +690,22 @@ class AdvertiseReply(Message):
     masking_key: bytes
     signature: bytes | None = None
 
-    def _body(self) -> _Json:
+    def _encode(self) -> tuple[_Json, list[bytes]]:
         return {
             "encryption_key": _b64(self.encryption_key),
             "masking_key": _b64(self.masking_key),
             "signature": None if self.signature is None else _b64(self.signature),
-        }
+        }, []
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
         return cls(
             **head,
@@ -453,12 +771,18 @@ class ShareKeysRequest(Message):
 
     advertisements: tuple[Advertisement, ...]
 
-    def _body(self) -> _Json:
-        return {"advertisements": [ad._to_json() for ad in self.advertisements]}
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        return {"advertisements": [ad._to_json() for ad in self.advertisements]}, []
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
         value = fields.raw("advertisements")
         if not isinstance(value, list):
@@ -476,6 +800,9 @@ class ShareKeysRequest(Message):
 class ShareKeysReply(Message):
     """Stage 1, client -> server: encrypted share pairs, one per neighbour.
 
+    On the wire the header lists the recipient ids and each ciphertext is one
+    payload, in the same order.
+
     Attributes
     ----------
     ciphertexts
@@ -487,19 +814,28 @@ class ShareKeysReply(Message):
 
     ciphertexts: Mapping[str, bytes]
 
-    def _body(self) -> _Json:
-        return {"ciphertexts": {k: _b64(v) for k, v in self.ciphertexts.items()}}
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        return _ciphertexts_out(self.ciphertexts)
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
-        return cls(**head, ciphertexts=fields.mapping("ciphertexts", _ciphertext))
+        return cls(**head, ciphertexts=_ciphertexts_in(fields, payloads, cls.TYPE))
 
 
 @dataclass(frozen=True, kw_only=True)
 class MaskedInputRequest(Message):
     """Stage 2, server -> client: the share pairs other clients encrypted for it.
+
+    On the wire as :class:`ShareKeysReply`: ids in the header, one payload per
+    ciphertext.
 
     Attributes
     ----------
@@ -512,22 +848,34 @@ class MaskedInputRequest(Message):
 
     ciphertexts: Mapping[str, bytes]
 
-    def _body(self) -> _Json:
-        return {"ciphertexts": {k: _b64(v) for k, v in self.ciphertexts.items()}}
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        return _ciphertexts_out(self.ciphertexts)
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
-        return cls(**head, ciphertexts=fields.mapping("ciphertexts", _ciphertext))
+        return cls(**head, ciphertexts=_ciphertexts_in(fields, payloads, cls.TYPE))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class MaskedInputReply(Message):
     """Stage 2, client -> server: the masked input ``y_u``.
 
+    On the wire the header's body gives ``modulus_bits`` and ``words`` (they
+    must equal the configured ``b`` and ``d``) and the one payload is the
+    vector packed by :func:`pack_words`: ``ceil(d b / 8)`` bytes.
+
     Attributes
     ----------
+    modulus_bits
+        ``b``: the bits each word is packed to.
     masked_input
         ``uint64`` vector of ``vector_length`` words, each ``< 2**modulus_bits``.
     """
@@ -535,32 +883,60 @@ class MaskedInputReply(Message):
     TYPE: ClassVar[str] = "masked_input_reply"
     STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
 
+    modulus_bits: int
     masked_input: npt.NDArray[np.uint64]
 
-    def _body(self) -> _Json:
-        words = np.ascontiguousarray(self.masked_input, dtype="<u8")
-        return {"masked_input": _b64(words.tobytes())}
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        vector = np.asarray(self.masked_input)
+        body = {"modulus_bits": self.modulus_bits, "words": int(vector.size)}
+        return body, [pack_words(vector, self.modulus_bits)]
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
-        data = fields.bytes_("masked_input", size=8 * vector_length)
-        vector = np.frombuffer(data, dtype="<u8").astype(np.uint64)
-        if modulus_bits < 64 and vector.size and int(vector.max()) >> modulus_bits:
+        bits = fields.integer("modulus_bits", low=1)
+        if bits != modulus_bits:
             raise ProtocolError(
-                f"masked_input_reply: a word is not reduced mod 2**{modulus_bits}"
+                f"{cls.TYPE}: words packed to {bits} bits, expected {modulus_bits} "
+                f"(a word is not reduced mod 2**{modulus_bits})"
+                if bits > modulus_bits
+                else f"{cls.TYPE}: words packed to {bits} bits, expected {modulus_bits}"
             )
-        return cls(**head, masked_input=vector)
+        words = fields.integer("words")
+        if words != vector_length:
+            raise ProtocolError(
+                f"{cls.TYPE}: a vector of {words} words, expected {vector_length}"
+            )
+        vector = unpack_words(
+            payloads.take("masked_input"),
+            vector_length,
+            modulus_bits,
+            where=f"{cls.TYPE}.masked_input",
+        )
+        return cls(**head, modulus_bits=bits, masked_input=vector)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MaskedInputReply):
             return NotImplemented
-        return (self.session, self.round_idx, self.sender, self.recipient) == (
+        return (
+            self.session,
+            self.round_idx,
+            self.sender,
+            self.recipient,
+            self.modulus_bits,
+        ) == (
             other.session,
             other.round_idx,
             other.sender,
             other.recipient,
+            other.modulus_bits,
         ) and np.array_equal(self.masked_input, other.masked_input)
 
     __hash__ = None  # type: ignore[assignment]
@@ -581,12 +957,18 @@ class ConsistencyRequest(Message):
 
     survivors: tuple[str, ...]
 
-    def _body(self) -> _Json:
-        return {"survivors": list(self.survivors)}
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        return {"survivors": list(self.survivors)}, []
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
         return cls(**head, survivors=fields.client_ids("survivors"))
 
@@ -606,12 +988,18 @@ class ConsistencyReply(Message):
 
     signature: bytes
 
-    def _body(self) -> _Json:
-        return {"signature": _b64(self.signature)}
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        return {"signature": _b64(self.signature)}, []
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
         return cls(**head, signature=fields.bytes_("signature", size=SIGNATURE_BYTES))
 
@@ -642,17 +1030,23 @@ class UnmaskRequest(Message):
     self_mask_requests: tuple[str, ...]
     key_requests: tuple[str, ...]
 
-    def _body(self) -> _Json:
+    def _encode(self) -> tuple[_Json, list[bytes]]:
         return {
             "survivors": list(self.survivors),
             "signatures": {k: _b64(v) for k, v in self.signatures.items()},
             "self_mask_requests": list(self.self_mask_requests),
             "key_requests": list(self.key_requests),
-        }
+        }, []
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
         return cls(
             **head,
@@ -666,6 +1060,10 @@ class UnmaskRequest(Message):
 @dataclass(frozen=True, kw_only=True)
 class UnmaskReply(Message):
     """Stage 4, client -> server: the shares asked for.
+
+    On the wire the header lists the ids of each mapping and two payloads
+    hold the shares in the same order, :data:`FIELD_BYTES` bytes per field
+    element.
 
     Attributes
     ----------
@@ -681,21 +1079,32 @@ class UnmaskReply(Message):
     self_mask_shares: Mapping[str, Share]
     key_shares: Mapping[str, Share]
 
-    def _body(self) -> _Json:
-        return {
-            "self_mask_shares": {k: list(v) for k, v in self.self_mask_shares.items()},
-            "key_shares": {k: list(v) for k, v in self.key_shares.items()},
+    def _encode(self) -> tuple[_Json, list[bytes]]:
+        body = {
+            "self_mask_shares": list(self.self_mask_shares),
+            "key_shares": list(self.key_shares),
         }
+        return body, [
+            _share_bytes(list(self.self_mask_shares.values())),
+            _share_bytes(list(self.key_shares.values())),
+        ]
 
     @classmethod
     def _parse(
-        cls, fields: _Fields, head: _Json, *, vector_length: int, modulus_bits: int
+        cls,
+        fields: _Fields,
+        payloads: _Payloads,
+        head: _Json,
+        *,
+        vector_length: int,
+        modulus_bits: int,
     ) -> Message:
-        return cls(
-            **head,
-            self_mask_shares=fields.mapping("self_mask_shares", _share),
-            key_shares=fields.mapping("key_shares", _share),
-        )
+        parsed: list[dict[str, Share]] = []
+        for key in ("self_mask_shares", "key_shares"):
+            ids = fields.client_ids(key)
+            shares = _shares_from(payloads.take(key), len(ids), f"{cls.TYPE}.{key}")
+            parsed.append(dict(zip(ids, shares, strict=True)))
+        return cls(**head, self_mask_shares=parsed[0], key_shares=parsed[1])
 
 
 _TYPES: dict[str, type[Message]] = {
@@ -715,7 +1124,23 @@ _TYPES: dict[str, type[Message]] = {
 }
 
 
-def decode(data: bytes, *, vector_length: int, modulus_bits: int) -> Message:
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> _Json:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        raise ProtocolError(f"message header repeats the key(s) {repeated}")
+    return out
+
+
+def _looks_like_json(data: bytes | bytearray | memoryview) -> bool:
+    start = bytes(data[:64]).lstrip(b" \t\r\n")
+    return start.startswith(b"{")
+
+
+def decode(
+    data: bytes | bytearray | memoryview, *, vector_length: int, modulus_bits: int
+) -> Message:
     """Parse and validate a serialised message.
 
     Parameters
@@ -725,7 +1150,7 @@ def decode(data: bytes, *, vector_length: int, modulus_bits: int) -> Message:
     vector_length
         ``d``: a masked input must have exactly this many words.
     modulus_bits
-        ``b``: every word of a masked input must be below ``2**b``.
+        ``b``: a masked input must be packed to exactly this many bits a word.
 
     Returns
     -------
@@ -739,18 +1164,44 @@ def decode(data: bytes, *, vector_length: int, modulus_bits: int) -> Message:
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"a message is bytes, got {type(data).__name__}")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        envelope = json.loads(bytes(data).decode("utf-8"))
+        view = memoryview(data).cast("B")
+    except TypeError:  # a non-contiguous or multi-dimensional view
+        view = memoryview(bytes(data))
+    size = len(view)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if bytes(view[: len(MAGIC)]) != MAGIC:
+        if _looks_like_json(view):
+            raise ProtocolError(
+                "message is JSON (the wire format of version 1), which is no longer "
+                f"accepted: version {VERSION} messages are binary and start with "
+                f"{MAGIC!r}"
+            )
+        raise ProtocolError(
+            f"not a secure aggregation message: it does not start with {MAGIC!r}"
+        )
+    if size < PREFIX_BYTES:
+        raise ProtocolError(f"message of {size} bytes is shorter than its prefix")
+    version = view[len(MAGIC)]
+    if version != VERSION:
+        raise ProtocolError(f"message version {version} is not {VERSION}")
+    header_size = int.from_bytes(view[len(MAGIC) + 1 : PREFIX_BYTES], "big")
+    payload_start = PREFIX_BYTES + header_size
+    if payload_start > size:
+        raise ProtocolError(
+            f"message header of {header_size} bytes overruns the {size}-byte message"
+        )
+    try:
+        header = json.loads(
+            bytes(view[PREFIX_BYTES:payload_start]).decode("utf-8"),
+            object_pairs_hook=_no_repeated_keys,
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"message is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise ProtocolError("message is not a JSON object")
-    fields = _Fields(envelope, "message")
-    version = fields.raw("version")
-    if isinstance(version, bool) or version != VERSION:
-        raise ProtocolError(f"message version {version!r} is not {VERSION}")
+        raise ProtocolError(f"message header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("message header is not a JSON object")
+    fields = _Fields(header, "message")
     type_name = fields.raw("type")
     if not isinstance(type_name, str) or type_name not in _TYPES:
         raise ProtocolError(f"unknown message type {type_name!r:.80}")
@@ -767,14 +1218,35 @@ def decode(data: bytes, *, vector_length: int, modulus_bits: int) -> Message:
         "recipient": fields.client_id("recipient"),
     }
     body = fields.raw("body")
+    lengths = fields.raw("payloads")
     fields.finish()
     if not isinstance(body, dict):
         raise ProtocolError(f"{type_name}: body is not a JSON object")
+    if not isinstance(lengths, list):
+        raise ProtocolError(f"{type_name}: payloads is not a list of lengths")
+    lengths = [_integer(n, f"{type_name}.payloads") for n in lengths]
+    if sum(lengths) != size - payload_start:
+        raise ProtocolError(
+            f"{type_name}: the header declares {sum(lengths)} payload bytes, "
+            f"{size - payload_start} follow it (truncated, extended or trailing "
+            "bytes)"
+        )
+    chunks: list[memoryview] = []
+    offset = payload_start
+    for n in lengths:
+        chunks.append(view[offset : offset + n])
+        offset += n
     body_fields = _Fields(body, type_name)
+    payloads = _Payloads(chunks, type_name)
     message = cls._parse(
-        body_fields, head, vector_length=vector_length, modulus_bits=modulus_bits
+        body_fields,
+        payloads,
+        head,
+        vector_length=vector_length,
+        modulus_bits=modulus_bits,
     )
     body_fields.finish()
+    payloads.finish()
     return message
 
 
@@ -782,9 +1254,32 @@ def decode(data: bytes, *, vector_length: int, modulus_bits: int) -> Message:
 # The encrypted share pair (inside ShareKeysReply / MaskedInputRequest)
 
 
+def _id_bytes(client_id: str) -> bytes:
+    data = client_id.encode("utf-8")
+    return len(data).to_bytes(2, "big") + data
+
+
+def _read_id(data: bytes, offset: int, where: str) -> tuple[str, int]:
+    if offset + 2 > len(data):
+        raise ProtocolError(f"{where}: truncated")
+    length = int.from_bytes(data[offset : offset + 2], "big")
+    offset += 2
+    if length > _MAX_ID_BYTES or offset + length > len(data):
+        raise ProtocolError(f"{where}: a client id of {length} bytes does not fit")
+    try:
+        text = data[offset : offset + length].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"{where}: a client id is not UTF-8") from exc
+    return check_client_id(text, where), offset + length
+
+
 @dataclass(frozen=True)
 class SharePayload:
     """The plaintext a client encrypts for one neighbour in stage 1.
+
+    Binary: the :data:`VERSION` byte, the sender and recipient ids (each a
+    2-byte big-endian length and UTF-8), then the two shares, :data:`FIELD_BYTES`
+    bytes per field element.
 
     Attributes
     ----------
@@ -803,36 +1298,41 @@ class SharePayload:
     key_share: Share
 
     def to_bytes(self) -> bytes:
-        """Serialise to UTF-8 JSON."""
-        return json.dumps(
-            {
-                "version": VERSION,
-                "sender": self.sender,
-                "recipient": self.recipient,
-                "self_mask_share": list(self.self_mask_share),
-                "key_share": list(self.key_share),
-            },
-            separators=(",", ":"),
-        ).encode("utf-8")
+        """Serialise to the binary layout above.
+
+        Raises
+        ------
+        ValueError
+            If a share is not :data:`SHARE_WORDS` elements of ``[0, PRIME)``.
+        """
+        return b"".join(
+            [
+                bytes([VERSION]),
+                _id_bytes(self.sender),
+                _id_bytes(self.recipient),
+                _share_bytes([self.self_mask_share, self.key_share]),
+            ]
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SharePayload:
         """Parse and validate; raises ProtocolError if malformed."""
-        try:
-            value = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError("share payload is not UTF-8 JSON") from exc
-        if not isinstance(value, dict):
-            raise ProtocolError("share payload is not a JSON object")
-        fields = _Fields(value, "share_payload")
-        version = fields.raw("version")
-        if isinstance(version, bool) or version != VERSION:
-            raise ProtocolError(f"share payload version {version!r} is not {VERSION}")
-        out = cls(
-            sender=fields.client_id("sender"),
-            recipient=fields.client_id("recipient"),
-            self_mask_share=_share(fields.raw("self_mask_share"), "share_payload"),
-            key_share=_share(fields.raw("key_share"), "share_payload"),
+        where = "share_payload"
+        raw = bytes(data)
+        if not raw:
+            raise ProtocolError(f"{where}: empty")
+        if raw[0] != VERSION:
+            if raw[:1] == b"{":
+                raise ProtocolError(
+                    f"{where}: JSON (the format of version 1) is no longer accepted"
+                )
+            raise ProtocolError(f"{where}: version {raw[0]} is not {VERSION}")
+        sender, offset = _read_id(raw, 1, f"{where}.sender")
+        recipient, offset = _read_id(raw, offset, f"{where}.recipient")
+        self_mask_share, key_share = _shares_from(raw[offset:], 2, f"{where}.shares")
+        return cls(
+            sender=sender,
+            recipient=recipient,
+            self_mask_share=self_mask_share,
+            key_share=key_share,
         )
-        fields.finish()
-        return out

@@ -783,7 +783,9 @@ class SecAggClient:
         self._self_seed = None
         self._masking = None
         self._input = None
-        return MaskedInputReply(**self._reply_head(), masked_input=masked)
+        return MaskedInputReply(
+            **self._reply_head(), modulus_bits=b, masked_input=masked
+        )
 
     # -- stage 3 --------------------------------------------------------------
 
