@@ -67,5 +67,15 @@ bench-peers-quick: $(STAMP)
 bench-dp: $(STAMP)
 	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python bench/dp/run_opacus.py
 
+# Secure aggregation: what SecAgg / SecAgg+ cost a client and the server
+# (bench/secagg/cost.py), then Flower's SecAgg+ beside fedshield's per round
+# (bench/secagg/flower_secaggplus.py, in .bench-peers/flower-venv, which is
+# built on first use as for bench-peers). Both write bench/secagg/RESULTS.md.
+.PHONY: bench-secagg
+bench-secagg: $(STAMP)
+	$(BIN)/python bench/secagg/cost.py
+	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python -c "import sys; sys.path.insert(0, 'bench/peers'); import run_peers; run_peers.ensure_flower_venv()"
+	.bench-peers/flower-venv/bin/python bench/secagg/flower_secaggplus.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
