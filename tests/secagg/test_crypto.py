@@ -242,3 +242,15 @@ def test_signature_from_another_key_or_malformed_key_fails() -> None:
         verify(key.public[:31], b"m", signature)
     with pytest.raises(ProtocolError):
         verify(key.public, b"m", signature[:63])
+
+
+@pytest.mark.parametrize("bits", [1, 33, 62, 64])
+def test_expanding_into_a_reused_buffer_gives_the_same_mask(bits: int) -> None:
+    seed_a, seed_b = bytes(range(32)), bytes(range(1, 33))
+    out = np.empty(1000, dtype=np.uint64)
+    assert expand_mask(seed_a, 1000, bits, out=out) is out
+    np.testing.assert_array_equal(out, expand_mask(seed_a, 1000, bits))
+    expand_mask(seed_b, 1000, bits, out=out)  # the buffer is reused
+    np.testing.assert_array_equal(out, expand_mask(seed_b, 1000, bits))
+    with pytest.raises(ValueError, match="out must be"):
+        expand_mask(seed_a, 1000, bits, out=np.empty(999, dtype=np.uint64))

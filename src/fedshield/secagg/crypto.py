@@ -20,6 +20,7 @@ agreed for one round, purpose or pair is useless for any other.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,7 +227,13 @@ def random_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
 
-def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
+def expand_mask(
+    seed: bytes,
+    length: int,
+    modulus_bits: int,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Expand a 32-byte seed into ``length`` words uniform in ``[0, 2**modulus_bits)``.
 
     The generator is AES-256 in counter mode keyed by the seed (counter block
@@ -246,10 +253,15 @@ def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
     modulus_bits
         ``b`` in ``[1, 64]``; the mask lives in the integers mod ``2**b``.
 
+    out
+        Write the mask into this ``uint64`` array of shape ``(length,)``
+        instead of a new one (the same values); for callers that expand many
+        masks of one size in a row.
+
     Returns
     -------
     numpy.ndarray
-        A new, writable ``uint64`` array of shape ``(length,)``.
+        A writable ``uint64`` array of shape ``(length,)`` (``out`` if given).
 
     Raises
     ------
@@ -264,6 +276,25 @@ def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
     if not 1 <= modulus_bits <= 64:
         raise ValueError(f"modulus_bits must be in [1, 64], got {modulus_bits}")
     encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(bytes(16))).encryptor()
+    if out is not None:
+        if (
+            out.dtype != np.uint64
+            or out.shape != (length,)
+            or not out.flags.c_contiguous
+        ):
+            raise ValueError(
+                f"out must be a contiguous uint64 array of shape ({length},)"
+            )
+        # Encrypt zeros into a reused scratch buffer and copy: no fresh
+        # pages per mask (allocating 8 MB per neighbour costs more in page
+        # faults than the AES itself).
+        zeros, scratch = _buffers(8 * length)
+        written = encryptor.update_into(zeros, scratch)
+        encryptor.finalize()
+        out[:] = np.frombuffer(scratch, dtype="<u8", count=written // 8)
+        if modulus_bits < 64:
+            np.bitwise_and(out, np.uint64((1 << modulus_bits) - 1), out=out)
+        return out
     stream = encryptor.update(bytes(8 * length))
     encryptor.finalize()  # CTR mode: nothing buffered, returns b""
     words = np.frombuffer(stream, dtype="<u8")
@@ -320,3 +351,17 @@ def verify(public: bytes | Ed25519PublicKey, message: bytes, signature: bytes) -
 def _check_key(key: bytes) -> None:
     if len(key) != KEY_BYTES:
         raise ValueError(f"an AES-256-GCM key is {KEY_BYTES} bytes, got {len(key)}")
+
+
+_LOCAL = threading.local()
+
+
+def _buffers(size: int) -> tuple[bytes, bytearray]:
+    """A zero input and a scratch output of ``size`` bytes, reused per thread."""
+    zeros: bytes | None = getattr(_LOCAL, "zeros", None)
+    if zeros is None or len(zeros) != size:
+        zeros = bytes(size)
+        _LOCAL.zeros = zeros
+        _LOCAL.scratch = bytearray(size + 16)  # update_into wants a block spare
+    scratch: bytearray = _LOCAL.scratch
+    return zeros, scratch

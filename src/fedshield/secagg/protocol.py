@@ -354,12 +354,13 @@ def _pairwise_mask(
     u: str,
     v: str,
     config: SecAggConfig,
+    out: npt.NDArray[np.uint64] | None = None,
 ) -> npt.NDArray[np.uint64]:
     """``PRG(agree(s_sk, s_pk))`` for the pair ``{u, v}`` (same from both sides)."""
     seed = crypto.agree(
         private, peer_public, info=_pair("mask", session, round_idx, u, v)
     )
-    return crypto.expand_mask(seed, config.vector_length, config.modulus_bits)
+    return crypto.expand_mask(seed, config.vector_length, config.modulus_bits, out=out)
 
 
 # --------------------------------------------------------------------------
@@ -762,10 +763,14 @@ class SecAggClient:
         if self._input is None:
             raise ProtocolError(f"client {me!r} has no input: call set_input() first")
         b = self.config.modulus_bits
-        masked = add_mod(
-            self._input,
-            crypto.expand_mask(self._self_seed, self.config.vector_length, b),
-            b,
+        # Accumulate in place mod 2^64 (uint64 wraps), reduce mod 2^b once at
+        # the end: 2^b divides 2^64, so the result is the sum mod 2^b. One
+        # scratch buffer takes every mask in turn (no fresh pages per
+        # neighbour).
+        masked = np.array(self._input, dtype=np.uint64, copy=True)
+        scratch = np.empty_like(masked)
+        masked += crypto.expand_mask(
+            self._self_seed, self.config.vector_length, b, out=scratch
         )
         for v in sorted(senders):
             mask = _pairwise_mask(
@@ -776,8 +781,14 @@ class SecAggClient:
                 u=me,
                 v=v,
                 config=self.config,
+                out=scratch,
             )
-            masked = add_mod(masked, mask, b) if me < v else sub_mod(masked, mask, b)
+            if me < v:
+                masked += mask
+            else:
+                masked -= mask
+        if b < 64:
+            masked &= np.uint64((1 << b) - 1)
         self._share_senders = senders
         # The seed and the masking key are shared; this object needs them no more.
         self._self_seed = None
