@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from fedshield.models.vectorised import (
     _RANDOM_LAYERS,
     _activation_grad,
     _ChainLayer,
+    _layer_trace,
     _linear_chain,
 )
 from fedshield.privacy.records import dp_sgd_rate
@@ -781,28 +781,6 @@ def _run_or_refuse(
                 f"loss ({reason})"
             )
         raise _refusal(module, [what]) from err
-
-
-@contextmanager
-def _layer_trace(module: nn.Module) -> Iterator[list[str]]:
-    """Record the stack of layers entered and not yet left in a forward pass."""
-    entered: list[str] = []
-    handles = []
-    for name, sub in module.named_modules():
-
-        def pre(_m: nn.Module, _args: Any, name: str = name) -> None:
-            entered.append(name)
-
-        def post(_m: nn.Module, _args: Any, _out: Any) -> None:
-            entered.pop()
-
-        handles.append(sub.register_forward_pre_hook(pre))
-        handles.append(sub.register_forward_hook(post))
-    try:
-        yield entered
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _static_problems(module: nn.Module) -> list[str]:
