@@ -353,9 +353,7 @@ def _attack(
             f"attack.target_label {a.target_label} is not a class of the data set "
             f"(0..{num_classes - 1})"
         )
-    per_round = config.strategy.clients_per_round or max(
-        1, round((config.strategy.fraction or 1.0) * len(client_ids))
-    )
+    per_round = client_sampler(config).expected_count(len(client_ids))
     return Attack(
         spec=spec,
         malicious=choose_malicious(client_ids, a.fraction, config.run.seed),
@@ -387,6 +385,14 @@ def _server_optimizer(s: StrategySection) -> ServerOptimizer:
     return cast(ServerOptimizer, factory(**given))
 
 
+def client_sampler(config: ExperimentConfig) -> CountSampler | FractionSampler:
+    """``[strategy]``'s sampler: ``clients_per_round`` clients, or ``fraction``."""
+    s = config.strategy
+    if s.clients_per_round is not None:
+        return CountSampler(s.clients_per_round)
+    return FractionSampler(s.fraction if s.fraction is not None else 1.0)
+
+
 def build_strategy(
     config: ExperimentConfig,
     *,
@@ -404,11 +410,7 @@ def build_strategy(
     and ``fedadagrad`` replace the server step (Reddi et al., ICLR 2021).
     """
     s, c = config.strategy, config.client
-    sampler: Any = (
-        CountSampler(s.clients_per_round)
-        if s.clients_per_round is not None
-        else FractionSampler(s.fraction if s.fraction is not None else 1.0)
-    )
+    sampler = client_sampler(config)
     options: dict[str, float | int | str | bool] = {}
     if s.name == "fedprox":
         options["proximal_mu"] = s.mu if s.mu is not None else 0.01
@@ -540,37 +542,27 @@ def _dp_strategy(
     sigma = p.noise_multiplier
     if sigma is None:
         assert p.target_epsilon is not None
-        rounds = config.run.rounds
-        if p.mode == "local":
-            # One release per round a client takes part in, multiplier σ/2.
-            sigma = 2.0 * calibrate_noise_multiplier(
-                p.target_epsilon,
-                p.delta,
-                sampling_rate=None,
-                steps=rounds,
-                accountant=p.accountant,
-                sampling="none",
-            )
+        sampling: dict[str, Any]
+        if p.mode == "local":  # one release per round taken part in
+            sampling = {"sampling": "none", "sampling_rate": None}
         elif isinstance(sampler, PoissonSampler):
-            sigma = calibrate_noise_multiplier(
-                p.target_epsilon,
-                p.delta,
-                sampling_rate=sampler.rate,
-                steps=rounds,
-                accountant=p.accountant,
-                sampling="poisson",
-            )
+            sampling = {"sampling": "poisson", "sampling_rate": sampler.rate}
         else:
-            sigma = calibrate_noise_multiplier(
-                p.target_epsilon,
-                p.delta,
-                sampling_rate=None,
-                steps=rounds,
-                accountant=p.accountant,
-                sampling="fixed",
-                population=num_clients,
-                sample_size=min(sampler.count, num_clients),
-            )
+            sampling = {
+                "sampling": "fixed",
+                "sampling_rate": None,
+                "population": num_clients,
+                "sample_size": min(sampler.count, num_clients),
+            }
+        sigma = calibrate_noise_multiplier(
+            p.target_epsilon,
+            p.delta,
+            steps=config.run.rounds,
+            accountant=p.accountant,
+            **sampling,
+        )
+        if p.mode == "local":
+            sigma *= 2.0  # sensitivity 2C: the calibrated multiplier is σ/2
     settings = PrivacySettings(
         mode=p.mode,
         clip_norm=p.clip_norm,

@@ -14,7 +14,12 @@ import tomli_w
 
 from fedshield.api.backends import make_backend, resolve_backend
 from fedshield.api.config import ExperimentConfig
-from fedshield.api.experiment import Federation, build_federation, build_strategy
+from fedshield.api.experiment import (
+    Federation,
+    build_federation,
+    build_strategy,
+    client_sampler,
+)
 from fedshield.core import ServerState
 from fedshield.errors import (
     CheckpointError,
@@ -198,7 +203,7 @@ def _simulate(
     if secure is not None:
         # The round's clients: the expected sample (the threshold is a
         # fraction of whoever trained, so this checks the usual round).
-        expected = _expected_clients(config, len(federation.client_ids))
+        expected = client_sampler(config).expected_count(len(federation.client_ids))
         secure.check(expected, federation.model.spec.size + 2)
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
@@ -355,15 +360,6 @@ def _secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
         security_parameter=sa.security_parameter,
         expected_dropout=sa.expected_dropout,
     )
-
-
-def _expected_clients(config: ExperimentConfig, num_clients: int) -> int:
-    """How many clients a round samples, as ``[strategy]`` says."""
-    s = config.strategy
-    if s.clients_per_round is not None:
-        return min(s.clients_per_round, num_clients)
-    fraction = s.fraction if s.fraction is not None else 1.0
-    return max(1, round(fraction * num_clients))
 
 
 def _collusion(federation: Federation) -> Any:

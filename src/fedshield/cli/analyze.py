@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, get_args
 
 from rich.console import Console
 from rich.markup import escape
@@ -52,7 +52,9 @@ from rich.progress import (
 from rich.table import Table
 
 from fedshield.api.config import (
+    AttackSection,
     ExperimentConfig,
+    RobustSection,
     apply_overrides,
     load_config,
     parse_config,
@@ -74,28 +76,13 @@ __all__ = [
     "run_pair",
 ]
 
-ATTACK_NAMES: Final[tuple[str, ...]] = (
-    "none",
-    "label_flip",
-    "sign_flip",
-    "gaussian",
-    "backdoor",
-    "alie",
-    "ipm",
-    "free_rider",
+ATTACK_NAMES: Final[tuple[str, ...]] = get_args(
+    AttackSection.model_fields["kind"].annotation
 )
-"""The names ``--attacks`` accepts (``[attack] kind``)."""
+"""The names ``--attacks`` accepts: ``[attack] kind``'s, read from the config."""
 
-DEFENCE_NAMES: Final[tuple[str, ...]] = (
-    "fedavg",
-    "krum",
-    "multi_krum",
-    "median",
-    "trimmed_mean",
-    "bulyan",
-    "geomed",
-    "norm_bound",
-    "fltrust",
+DEFENCE_NAMES: Final[tuple[str, ...]] = get_args(
+    RobustSection.model_fields["rule"].annotation
 )
 """The names ``--defences`` accepts (``[robust] rule``; ``fedavg``: the mean)."""
 

@@ -54,21 +54,7 @@ def atomic_write(path: Path, data: bytes, *, syncer: SyncBehind | None = None) -
             raise RunDirectoryError(f"cannot write {path}: {err}") from err
         raise
 
-    def finish() -> None:
-        try:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
-            raise RunDirectoryError(f"cannot write {path}: {err}") from err
-
-    if syncer is None:
-        finish()
-    else:
-        syncer.submit(finish)
+    _finish(fd, path, syncer, rename_from=tmp)
 
 
 def append_line(path: Path, line: str, *, syncer: SyncBehind | None = None) -> None:
@@ -95,14 +81,30 @@ def append_line(path: Path, line: str, *, syncer: SyncBehind | None = None) -> N
             raise RunDirectoryError(f"cannot write {path}: {err}") from err
         raise
 
+    _finish(fd, path, syncer)
+
+
+def _finish(
+    fd: int, path: Path, syncer: SyncBehind | None, *, rename_from: Path | None = None
+) -> None:
+    """``fsync`` and close ``fd`` (then rename ``rename_from`` to ``path``).
+
+    Now, or on ``syncer``'s thread when given.
+    """
+
     def finish() -> None:
         try:
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if rename_from is not None:
+                os.replace(rename_from, path)
         except OSError as err:
-            raise RunDirectoryError(f"cannot flush {path} to disk: {err}") from err
+            if rename_from is None:
+                raise RunDirectoryError(f"cannot flush {path} to disk: {err}") from err
+            rename_from.unlink(missing_ok=True)
+            raise RunDirectoryError(f"cannot write {path}: {err}") from err
 
     if syncer is None:
         finish()
