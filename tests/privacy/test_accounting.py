@@ -189,13 +189,9 @@ def test_epsilon_never_decreases_as_rounds_are_recorded(kind, rounds):
 
 def test_json_round_trip_gives_the_same_epsilon():
     ledger = PrivacyLedger("rdp", 1e-6)
-    ddg = DpEventSpec.distributed_discrete_gaussian(
-        num_clients=50, noise_std_per_client=4.0, l2_sensitivity=30.0, dimension=1000
-    )
     for round_idx in range(20):
         ledger.record(round_idx, DpEventSpec(1.3, "poisson", 0.02, count=5))
     ledger.record(20, DpEventSpec(0.9))
-    ledger.record(20, ddg)
     ledger.record(21, DpEventSpec(1.3, "poisson", 0.02, count=5))
 
     restored = PrivacyLedger.from_json(json.loads(json.dumps(ledger.to_json())))
@@ -272,17 +268,13 @@ def test_invalid_spec_names_what_to_change(kwargs, names):
         DpEventSpec(**kwargs)
 
 
-def test_distributed_discrete_gaussian_is_its_gaussian_approximation():
+def test_distributed_discrete_gaussian_reports_its_gaussian_approximation():
     spec = DpEventSpec.distributed_discrete_gaussian(
         num_clients=100, noise_std_per_client=3.0, l2_sensitivity=50.0, dimension=10
     )
-    # sqrt(100) * 3 / 50 = 0.6, worked by hand
-    reference = reference_accountant("rdp").compose(dp_accounting.GaussianDpEvent(0.6))
-
+    # sqrt(100) * 3 / 50 = 0.6, worked by hand (its epsilon: see
+    # tests/privacy/test_distributed_accounting.py)
     assert spec.noise_multiplier == pytest.approx(0.6, rel=1e-12)
-    assert epsilon([spec], DELTA, "rdp") == pytest.approx(
-        reference.get_epsilon(DELTA), rel=REL
-    )
     with pytest.raises(ConfigError, match="sqrt"):
         DpEventSpec(
             1.0,

@@ -3,7 +3,11 @@
 Every number here comes from Google's ``dp-accounting`` library; this module
 only translates a JSON-serialisable description of a round
 (:class:`DpEventSpec`) into a ``dp_accounting.DpEvent`` and picks the
-accountant. It re-derives no privacy math.
+accountant. It re-derives no privacy math, with one exception that
+``dp-accounting`` lacks: the Rényi-DP bound of the distributed discrete
+Gaussian (:func:`ddg_rdp`, Kairouz, Liu and Steinke, ICML 2021), whose
+composition is converted to (ε, δ) by ``dp-accounting``'s
+``rdp_privacy_accountant.compute_epsilon``.
 
 Accountants
 -----------
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, SupportsFloat, SupportsIndex, TypeGuard, get_args
 
 import dp_accounting
+import numpy as np
 from dp_accounting import pld, rdp
 
 from fedshield.errors import ConfigError, UnsupportedEventError
@@ -58,6 +63,8 @@ __all__ = [
     "PrivacyLedger",
     "Sampling",
     "calibrate_noise_multiplier",
+    "ddg_rdp",
+    "ddg_tau",
     "epsilon",
     "epsilon_for",
     "make_accountant",
@@ -84,6 +91,10 @@ _MIXED_RELATIONS = (
     "cannot compose fixed-size sampling (accounted under replace-one "
     "neighbours) with Poisson or no sampling (add-or-remove-one neighbours): "
     "use one sampling scheme for the whole run"
+)
+_MIXED_DDG = (
+    "cannot compose distributed discrete Gaussian rounds with Gaussian events in "
+    "one ledger: account each mode in its own ledger"
 )
 # How far a distributed discrete Gaussian's noise_multiplier may be from
 # sqrt(num_clients) * noise_std_per_client / l2_sensitivity: float rounding only.
@@ -200,17 +211,17 @@ class DpEventSpec:
 
     Notes
     -----
-    The distributed discrete Gaussian is accounted by its **Gaussian
-    approximation**: a ``GaussianDpEvent`` with noise multiplier
-    ``sqrt(num_clients) * noise_std_per_client / l2_sensitivity``, the
-    guarantee of a continuous Gaussian with the aggregate std. The exact
-    guarantee (Kairouz et al. 2021, Theorem 1 and Corollary 1) is that of
-    the continuous Gaussian plus a term τ, which grows with ``dimension`` and
-    ``num_clients`` and shrinks exponentially in ``noise_std_per_client``²;
-    it is negligible once the per-client std is a few integer units, and
-    not otherwise. Adding τ is left to the secure-aggregation work: until
-    then ε reported for such rounds is an approximation, not a bound. The
-    fields are recorded so that a ledger can be re-accounted exactly later.
+    The distributed discrete Gaussian is accounted by its own Rényi-DP
+    bound (:func:`ddg_rdp`: the Gaussian's plus the term τ of Kairouz et
+    al.'s Theorem 1, which accounts for a sum of discrete Gaussians not
+    being a discrete Gaussian), composed by adding RDP curves and converted
+    to (ε, δ) by ``dp-accounting``, whatever the ledger's accountant. It is
+    accounted without sampling (``sampling = "none"``): the server that
+    runs secure aggregation picks the clients, so amplification by
+    sampling, which needs the sample hidden, is not claimed. Its
+    ``noise_multiplier`` (the Gaussian approximation
+    ``sqrt(num_clients) * noise_std_per_client / l2_sensitivity``) is kept
+    for reporting only.
     """
 
     noise_multiplier: float
@@ -310,6 +321,17 @@ class DpEventSpec:
         )
         for name, value in zip(ddg, values, strict=True):
             object.__setattr__(self, name, value)
+        if values[1] < 0.5:
+            raise ConfigError(
+                "noise_std_per_client of a distributed discrete Gaussian must be "
+                f">= 1/2 integer unit (Kairouz et al., Theorem 1); got {values[1]}"
+            )
+        if self.sampling != "none":
+            raise ConfigError(
+                'a distributed discrete Gaussian is accounted with sampling = "none": '
+                "the server that runs secure aggregation knows who took part, so "
+                "amplification by sampling is not claimed"
+            )
         expected = _ddg_noise_multiplier(*values[:3])
         if not math.isclose(self.noise_multiplier, expected, rel_tol=_DDG_REL_TOL):
             raise ConfigError(
@@ -398,7 +420,18 @@ class DpEventSpec:
             ``SampledWithoutReplacementDpEvent(population, sample_size, ...)``
             for fixed-size sampling, and in ``SelfComposedDpEvent(..., count)``
             when ``count > 1``.
+
+        Raises
+        ------
+        UnsupportedEventError
+            For a distributed discrete Gaussian, which ``dp-accounting`` has
+            no event for (:func:`epsilon` accounts it by :func:`ddg_rdp`).
         """
+        if self.mechanism == "distributed_discrete_gaussian":
+            raise UnsupportedEventError(
+                "dp-accounting has no event for the distributed discrete Gaussian; "
+                "account it with fedshield.privacy.accounting.epsilon()"
+            )
         event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(
             self.noise_multiplier
         )
@@ -483,6 +516,73 @@ def _ddg_noise_multiplier(
     return math.sqrt(num_clients) * noise_std_per_client / l2_sensitivity
 
 
+def ddg_tau(num_clients: int, noise_std_per_client: float) -> float:
+    """τ of Kairouz, Liu and Steinke (ICML 2021), Theorem 1.
+
+    ``τ = 10 Σ_{k=1}^{n-1} exp(-2π² σ² k / (k + 1))``: how far the sum of
+    ``n`` independent discrete Gaussians ``N_Z(0, σ²)`` is from a discrete
+    Gaussian. 0 for one client; negligible once ``σ`` is a few units.
+    """
+    k = np.arange(1, num_clients, dtype=np.float64)
+    sigma_sq = noise_std_per_client**2
+    return float(10.0 * np.sum(np.exp(-2.0 * math.pi**2 * sigma_sq * k / (k + 1.0))))
+
+
+def ddg_rdp(
+    orders: np.ndarray | Sequence[float],
+    *,
+    num_clients: int,
+    noise_std_per_client: float,
+    l2_sensitivity: float,
+    dimension: int,
+) -> np.ndarray:
+    """Rényi-DP of one release of the distributed discrete Gaussian, per order.
+
+    The sum over ``n = num_clients`` clients of their integer vectors plus
+    each client's ``N_Z(0, σ²)`` noise per coordinate (``σ =
+    noise_std_per_client``), where one client's vector changes by at most
+    ``Δ = l2_sensitivity`` in L2 norm, in ``d = dimension`` coordinates,
+    satisfies (α, ε(α))-RDP for every α >= 1 with
+
+    ``ε(α) = min(α Δ² / (2 n σ²) + τ d,  (α / 2) (Δ / (sqrt(n) σ) + τ sqrt(d))²)``
+
+    and τ from :func:`ddg_tau`: Kairouz, Liu and Steinke, "The Distributed
+    Discrete Gaussian Mechanism for Federated Learning with Secure
+    Aggregation", ICML 2021 (arXiv:2102.06387), Theorem 1 (the sum of
+    discrete Gaussians is close to one) with Proposition 14 / Eq. 17 (RDP
+    of the multi-dimensional discrete Gaussian); it requires ``σ >= 1/2``.
+    ``tests/privacy/test_distributed_accounting.py`` checks it against the
+    exact Rényi divergence of small sums, computed by convolution.
+    """
+    if noise_std_per_client < 0.5:
+        raise ConfigError(
+            "the distributed discrete Gaussian's bound needs noise_std_per_client "
+            f">= 1/2 (integer units); got {noise_std_per_client}"
+        )
+    alpha = np.asarray(orders, dtype=np.float64)
+    n, sigma, delta, d = (
+        num_clients,
+        noise_std_per_client,
+        l2_sensitivity,
+        dimension,
+    )
+    tau = ddg_tau(n, sigma)
+    scale = delta / (math.sqrt(n) * sigma)
+    first = alpha * scale**2 / 2.0 + tau * d
+    second = alpha / 2.0 * (scale + tau * math.sqrt(d)) ** 2
+    result: np.ndarray = np.minimum(first, second)
+    return result
+
+
+def _ddg_fields(spec: DpEventSpec) -> dict[str, Any]:
+    return {
+        "num_clients": spec.num_clients,
+        "noise_std_per_client": spec.noise_std_per_client,
+        "l2_sensitivity": spec.l2_sensitivity,
+        "dimension": spec.dimension,
+    }
+
+
 def make_accountant(
     kind: AccountantKind, *, replace_one: bool = False
 ) -> dp_accounting.PrivacyAccountant:
@@ -553,6 +653,20 @@ def _epsilon_of_groups(
 ) -> float:
     if not groups:
         return 0.0
+    distributed = [u for u in groups if u.mechanism == "distributed_discrete_gaussian"]
+    if distributed:
+        if len(distributed) != len(groups):
+            raise UnsupportedEventError(_MIXED_DDG)
+        orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+        curve = sum(
+            (
+                total * ddg_rdp(orders, **_ddg_fields(unit))
+                for unit, total in groups.items()
+            ),
+            np.zeros_like(orders),
+        )
+        eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(orders, curve, delta)
+        return float(eps)
     accountant = make_accountant(kind, replace_one=_relation(groups, kind))
     for unit, total in groups.items():
         event = unit.to_dp_event()
@@ -830,6 +944,9 @@ class PrivacyLedger:
     def _check(self, spec: object) -> DpEventSpec:
         if not isinstance(spec, DpEventSpec):
             raise ConfigError(f"spec must be a DpEventSpec; got {spec!r}")
+        mechanisms = {unit.mechanism for unit in self._groups} | {spec.mechanism}
+        if len(mechanisms) > 1:
+            raise UnsupportedEventError(_MIXED_DDG)
         _relation([*self._groups, spec], self._kind)
         return spec
 
