@@ -115,7 +115,7 @@ def _round(dp, deltas, survivors, seed=0, rotation_seed=7):
     mask = np.uint64((1 << params.modulus_bits) - 1)
     total = np.zeros(params.padded, dtype=np.uint64)
     for k in survivors:
-        words, info = ddg.encode(
+        words, _info = ddg.encode(
             deltas[k],
             params,
             clip_norm=dp.clip_norm,
@@ -135,7 +135,7 @@ def test_the_sum_decodes_to_the_clipped_sum_plus_the_noise():
     clipped = sum(d * min(1.0, 1.0 / np.linalg.norm(d)) for d in deltas)
     errors = []
     for seed in range(40):
-        params, decoded, near = _round(dp, deltas, range(5), seed=seed)
+        _, decoded, near = _round(dp, deltas, range(5), seed=seed)
         assert near == 0
         errors.append(decoded - clipped)
     errors = np.asarray(errors)
@@ -161,7 +161,7 @@ def test_identical_updates_at_the_clip_norm_do_not_wrap():
     one[0] = 1.0  # all the norm on one coordinate: the rotation spreads it
     deltas = [one.copy() for _ in range(30)]
     dp = ddg.DistributedDp(clip_norm=1.0, noise_multiplier=0.3, modulus_bits=12)
-    params, decoded, near = _round(dp, deltas, range(30))
+    _, decoded, near = _round(dp, deltas, range(30))
     assert near == 0
     assert decoded[0] == pytest.approx(30.0, abs=6 * 0.3 * math.sqrt(30 / 20) + 0.1)
 
