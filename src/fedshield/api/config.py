@@ -8,6 +8,7 @@ the constraint and the value (and suggests the closest key for a misspelling).
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -142,8 +143,10 @@ class PrivacySection(_Section):
     ``mode``: ``"none"`` (default), ``"central"`` (user-level DP-FedAvg: the
     server clips each client's update and adds Gaussian noise to the sum),
     ``"record"`` (DP-SGD inside each client), ``"local"`` (each client noises
-    its own update) or ``"distributed"`` (clients add shares of the noise
-    under secure aggregation; needs ``[secagg]``, not available yet).
+    its own update) or ``"distributed"`` (each client adds its share of
+    discrete Gaussian noise before secure aggregation masks its update; needs
+    ``[secagg]``). ``distributed_bits`` and ``rounding_beta`` apply to
+    distributed mode only.
     """
 
     mode: Literal["none", "central", "record", "local", "distributed"] = "none"
@@ -158,16 +161,19 @@ class PrivacySection(_Section):
     target_quantile: float = Field(0.5, gt=0, lt=1)
     clip_learning_rate: float = Field(0.2, gt=0)
     clipped_count_stddev: float | None = Field(None, gt=0)
+    distributed_bits: int = Field(20, ge=8, le=62)
+    rounding_beta: float = Field(math.exp(-0.5), gt=0, lt=1)
 
     @model_validator(mode="after")
     def _complete(self) -> PrivacySection:
         if self.mode == "none":
             return self
-        if self.mode == "distributed":
+        if self.mode == "distributed" and self.noise_multiplier is None:
             raise ValueError(
-                'privacy.mode = "distributed" needs secure aggregation ([secagg]), '
-                'which this version does not have yet; use mode = "central" '
-                '(trusted server) or "local"'
+                'privacy.mode = "distributed" needs noise_multiplier (the summed '
+                "noise's std over clip_norm, e.g. 1.0); calibrating it from "
+                "target_epsilon is not supported in distributed mode, where "
+                "target_epsilon only stops the run when the budget is spent"
             )
         if self.clip_norm is None:
             raise ValueError(
@@ -277,6 +283,19 @@ class ExperimentConfig(_Section):
                 "clips its own update) works with [secagg]: use rule = "
                 '"norm_bound", or turn secure aggregation off'
             )
+        if self.privacy.mode == "distributed":
+            if self.secagg.protocol == "none":
+                raise ValueError(
+                    'privacy.mode = "distributed" needs secure aggregation: the '
+                    "clients add their noise shares before masking; add [secagg] "
+                    'protocol = "secagg" or "secagg+"'
+                )
+            if self.robust.rule != "fedavg":
+                raise ValueError(
+                    f"robust.rule = {self.robust.rule!r} with distributed DP: the "
+                    "clients already clip their updates to privacy.clip_norm; drop "
+                    "[robust]"
+                )
         if self.secagg.protocol != "none" and self.robust.noise_std:
             raise ValueError(
                 "robust.noise_std with [secagg] is not supported: use [privacy] "

@@ -23,6 +23,7 @@ from fedshield.data import (
     summarize_partition,
 )
 from fedshield.errors import ConfigError
+from fedshield.simulation.secure import SecureAggregation
 from fedshield.strategies import (
     CountSampler,
     FedAdagrad,
@@ -39,6 +40,7 @@ from fedshield.strategies import (
 if TYPE_CHECKING:
     from fedshield.models import TorchClient, TorchModel
     from fedshield.models.attacks import AttackSpec
+    from fedshield.privacy.distributed import DistributedDp
     from fedshield.strategies.dp import DpFedAvg
 
 __all__ = ["Federation", "build_federation", "build_strategy"]
@@ -431,7 +433,7 @@ def build_strategy(
         min_clients=s.min_clients,
         weighted=s.weighted,
     )
-    if config.privacy.mode in ("central", "local", "record"):
+    if config.privacy.mode != "none":
         return _dp_strategy(
             config,
             fedavg,
@@ -505,6 +507,40 @@ def _aggregator(config: ExperimentConfig) -> Any:
     return make_robust(r.rule, **{k: v for k, v in params.items() if v is not None})
 
 
+def secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
+    """``[secagg]`` as the round takes it (None: aggregate in the clear)."""
+    sa = config.secagg
+    if sa.protocol == "none":
+        return None
+    return SecureAggregation(
+        protocol=sa.protocol,
+        threshold=sa.threshold,
+        clip=sa.clip,
+        precision_bits=sa.precision_bits,
+        neighbours=sa.neighbours,
+        malicious=sa.malicious,
+        security_parameter=sa.security_parameter,
+        expected_dropout=sa.expected_dropout,
+    )
+
+
+def distributed_settings(config: ExperimentConfig) -> DistributedDp | None:
+    """``[privacy] mode = "distributed"``'s mechanism (None in other modes)."""
+    p = config.privacy
+    if p.mode != "distributed":
+        return None
+    from fedshield.privacy.distributed import DistributedDp
+
+    assert p.clip_norm is not None and p.noise_multiplier is not None
+    return DistributedDp(
+        clip_norm=p.clip_norm,
+        noise_multiplier=p.noise_multiplier,
+        modulus_bits=p.distributed_bits,
+        beta=p.rounding_beta,
+        secure_rng=p.secure_rng,
+    )
+
+
 def _dp_strategy(
     config: ExperimentConfig,
     fedavg: FedAvg,
@@ -523,7 +559,7 @@ def _dp_strategy(
     from fedshield.strategies.dp import DpFedAvg, PoissonSampler, PrivacySettings
 
     p, s = config.privacy, config.strategy
-    assert p.mode in ("central", "local", "record") and p.clip_norm is not None
+    assert p.mode != "none" and p.clip_norm is not None
     if p.mode == "record":
         return _record_strategy(config, fedavg, num_clients, client_sizes)
     if s.clients_per_round is not None:
@@ -574,9 +610,16 @@ def _dp_strategy(
         target_quantile=p.target_quantile if p.adaptive_clipping else None,
         clip_learning_rate=p.clip_learning_rate,
         clipped_count_stddev=p.clipped_count_stddev,
+        distributed_bits=p.distributed_bits,
+        rounding_beta=p.rounding_beta,
     )
+    secure = secure_settings(config)
     return DpFedAvg(
-        base=fedavg, privacy=settings, sampler=sampler, num_clients=num_clients
+        base=fedavg,
+        privacy=settings,
+        sampler=sampler,
+        num_clients=num_clients,
+        threshold_for=secure.threshold_for if secure is not None else None,
     )
 
 

@@ -19,6 +19,8 @@ from fedshield.api.experiment import (
     build_federation,
     build_strategy,
     client_sampler,
+    distributed_settings,
+    secure_settings,
 )
 from fedshield.core import ServerState
 from fedshield.errors import (
@@ -30,7 +32,7 @@ from fedshield.errors import (
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
 from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import ATTACK, CONFIG, PARTITION, SUMMARY
-from fedshield.simulation.secure import Faults, SecureAggregation
+from fedshield.simulation.secure import Faults
 from fedshield.simulation.state_store import new_client_states
 
 __all__ = ["config_fingerprint", "simulate"]
@@ -199,12 +201,16 @@ def _simulate(
         from fedshield.models.dp_sgd import check_dp_sgd
 
         check_dp_sgd(federation.model)  # per-record gradients, before round 1
-    secure = _secure_settings(config)
+    secure = secure_settings(config)
     if secure is not None:
         # The round's clients: the expected sample (the threshold is a
         # fraction of whoever trained, so this checks the usual round).
         expected = client_sampler(config).expected_count(len(federation.client_ids))
-        secure.check(expected, federation.model.spec.size + 2)
+        secure.check(
+            expected,
+            federation.model.spec.size + 2,
+            distributed=distributed_settings(config),
+        )
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     client_states = (
@@ -343,23 +349,6 @@ def _write_report(path: Path, prefetch: ReportPrefetch | None) -> None:
         write_report(path)
     except Exception:  # the report must never hide the run's outcome
         logger.exception("could not write the report for %s", path)
-
-
-def _secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
-    """``[secagg]`` as the round takes it (None: aggregate in the clear)."""
-    sa = config.secagg
-    if sa.protocol == "none":
-        return None
-    return SecureAggregation(
-        protocol=sa.protocol,
-        threshold=sa.threshold,
-        clip=sa.clip,
-        precision_bits=sa.precision_bits,
-        neighbours=sa.neighbours,
-        malicious=sa.malicious,
-        security_parameter=sa.security_parameter,
-        expected_dropout=sa.expected_dropout,
-    )
 
 
 def _collusion(federation: Federation) -> Any:

@@ -266,6 +266,11 @@ class DistributedDp:
         Target probability that any coordinate of a round's sum wraps
         around the modulus, for the worst case of identical updates (it
         sets ``γ``).
+    secure_rng
+        Draw the clients' rounding and noise from the OS's cryptographic
+        randomness (``os.urandom``) instead of the simulation's seeded
+        generator. A real deployment must; a seeded simulation is
+        reproducible, and its noise is known to whoever knows the seed.
     """
 
     clip_norm: float
@@ -273,6 +278,7 @@ class DistributedDp:
     modulus_bits: int = 20
     beta: float = math.exp(-0.5)
     wrap_probability: float = 1e-6
+    secure_rng: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.clip_norm) or self.clip_norm <= 0:

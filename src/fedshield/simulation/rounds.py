@@ -227,7 +227,11 @@ class FitRound:
     def _receive_fit(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
         spec = self._state.params.spec
         rule = self._plan.aggregator or self._strategy.aggregator
-        accumulator = rule.begin(spec, rng=self._rng)
+        # Under secure aggregation nothing is added in the clear (and a
+        # distributed-DP rule refuses to open an accumulator).
+        accumulator = (
+            None if self._secure is not None else rule.begin(spec, rng=self._rng)
+        )
         extras: dict[str, Accumulator] = {}
         train_rows: list[tuple[float, dict[str, float]]] = []
         held: dict[str, ClientUpdate] = {}  # secure aggregation: the clients' own
@@ -250,6 +254,7 @@ class FitRound:
                     # nothing is added in the clear.
                     held[update.client_id] = update
                 else:
+                    assert accumulator is not None
                     accumulator.add(update, self._strategy.weight(update))
             except InvalidUpdateError as err:
                 rejected += 1
@@ -277,6 +282,7 @@ class FitRound:
                 if self._secure is not None:
                     held[update.client_id] = update
                 else:
+                    assert accumulator is not None
                     accumulator.add(update, weight)
         succeeded = len(train_rows)
         fit_drops = sum(1 for stage in self._drop_at.values() if stage == "fit")
@@ -303,6 +309,7 @@ class FitRound:
                 return self._finish(completed=True)
             aggregate = outcome
         else:
+            assert accumulator is not None
             aggregate = accumulator.result()
         if extras:
             aggregate = replace(
@@ -355,7 +362,10 @@ class FitRound:
         dp.DpMean`), the clients clip their own updates, the protocol sums
         them, and the noise is added here to the unmasked sum, which is then
         divided by the rule's fixed denominator: the server never holds an
-        individual update, and the release is DP-FedAvg's.
+        individual update, and the release is DP-FedAvg's. With distributed
+        DP (:class:`~fedshield.strategies.dp.DistributedSum`) the clients
+        add the noise themselves before masking, and the unmasked sum is
+        already noised.
         """
         from fedshield.simulation.secure import secure_sum
 
@@ -372,6 +382,8 @@ class FitRound:
             rng=self._rng,
             clip_norm=dp_rule.clip_norm if dp_rule is not None else None,
             norm_bound=self._norm_bound(),
+            # Distributed DP (strategies.dp.DistributedSum): the clients noise.
+            distributed=getattr(dp_rule, "distributed", None),
         )
         self._metrics.update(result.metrics)
         for cid, stage in result.dropped.items():

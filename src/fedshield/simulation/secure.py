@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -37,7 +37,8 @@ from fedshield.core import Aggregate, ClientId, ClientUpdate, Params, ParamSpec
 from fedshield.errors import ConfigError, ProtocolError
 
 if TYPE_CHECKING:
-    from fedshield.secagg.protocol import SecAggConfig
+    from fedshield.privacy.distributed import DistributedDp
+    from fedshield.secagg.protocol import SecAggConfig, SecAggServer
 
 __all__ = ["Faults", "SecureAggregation", "SecureSumResult", "secure_sum"]
 
@@ -160,22 +161,40 @@ class SecureAggregation:
             expected_dropout=self.expected_dropout,
         )
 
-    def check(self, num_clients: int, vector_length: int) -> None:
+    def check(
+        self,
+        num_clients: int,
+        vector_length: int,
+        distributed: DistributedDp | None = None,
+    ) -> None:
         """Refuse, before round 1, a setup no round of ``num_clients`` can run.
+
+        ``vector_length`` is the model's size plus 2 (the weight and the
+        out-of-range count ride along); with ``distributed`` DP the vector
+        is the model's rotated, padded length instead.
 
         Raises
         ------
         ConfigError
             If the threshold is too high or weak for ``num_clients``, the
-            modulus cannot hold ``num_clients`` sums, or SecAgg+ finds no
-            neighbour count that meets its bounds.
+            modulus cannot hold ``num_clients`` sums, SecAgg+ finds no
+            neighbour count that meets its bounds, or distributed DP's
+            modulus is too small for ``num_clients`` and the model.
         """
         from fedshield.secagg.encoding import choose_encoding
 
-        enc = choose_encoding(
-            num_clients, self.clip, precision_bits=self.precision_bits
-        )
-        config = self.protocol_config(num_clients, enc.modulus_bits, vector_length)
+        if distributed is not None:
+            params = distributed.parameters(
+                dimension=vector_length - 2,
+                num_clients=num_clients,
+                threshold=self.threshold_for(num_clients),
+            )
+            bits, vector_length = params.modulus_bits, params.padded
+        else:
+            bits = choose_encoding(
+                num_clients, self.clip, precision_bits=self.precision_bits
+            ).modulus_bits
+        config = self.protocol_config(num_clients, bits, vector_length)
         config.check_clients(num_clients)
         config.neighbour_count(num_clients)
 
@@ -202,6 +221,12 @@ class SecureSumResult:
     """With client-side clipping: how many updates were within the clip norm."""
 
 
+def _random_bytes(secure: bool, rng: np.random.Generator) -> Callable[[int], bytes]:
+    import os
+
+    return os.urandom if secure else rng.bytes
+
+
 def secure_sum(
     updates: Mapping[ClientId, ClientUpdate],
     *,
@@ -213,6 +238,7 @@ def secure_sum(
     rng: np.random.Generator,
     clip_norm: float | None = None,
     norm_bound: float | None = None,
+    distributed: DistributedDp | None = None,
 ) -> SecureSumResult:
     """Aggregate ``updates`` with secure aggregation; the server sees only sums.
 
@@ -242,6 +268,13 @@ def secure_sum(
         Norm bounding (Sun et al. 2019) under secure aggregation: each client
         clips its own update to this L2 norm, then weighs it as FedAvg does
         (the only robust rule that needs no individual update at the server).
+    distributed
+        Distributed DP: each client clips, rotates, rounds and noises its own
+        update with its share of discrete Gaussian noise before masking
+        (:func:`fedshield.privacy.distributed.encode`); the unmasked sum is
+        decoded (:func:`~fedshield.privacy.distributed.decode_sum`) into
+        ``total``, already noised. The round's ``ddp/*`` metrics hold what
+        the accountant needs.
 
     Returns
     -------
@@ -250,9 +283,7 @@ def secure_sum(
         with the reason in ``message``), the round's ``secagg/*`` metrics
         and the clients that dropped, by stage.
     """
-    from fedshield.secagg import crypto
     from fedshield.secagg.encoding import choose_encoding, decode_sum, encode
-    from fedshield.secagg.protocol import SecAggClient, SecAggServer
 
     clients = sorted(updates)
     metrics: dict[str, float] = {"secagg/clients": float(len(clients))}
@@ -267,6 +298,19 @@ def secure_sum(
         threshold = settings.threshold_for(len(clients))
     except ConfigError as err:
         return SecureSumResult(None, {**metrics, "secagg/aborted": 1.0}, {}, str(err))
+    if distributed is not None:
+        return _distributed_sum(
+            updates,
+            clients,
+            settings=settings,
+            spec=spec,
+            round_idx=round_idx,
+            drop_at=drop_at,
+            rng=rng,
+            distributed=distributed,
+            threshold=threshold,
+            metrics=metrics,
+        )
     clip_range = settings.clip if clip_norm is None else clip_norm
     enc = choose_encoding(
         len(clients), clip_range, precision_bits=settings.precision_bits
@@ -278,16 +322,7 @@ def secure_sum(
     except ConfigError as err:  # e.g. SecAgg+ finds no k for this many
         metrics["secagg/aborted"] = 1.0
         return SecureSumResult(None, metrics, {}, str(err))
-    # The simulation is its own PKI: each client's signature key, and the
-    # table of verification keys every party knows (malicious mode).
-    signing = (
-        {cid: crypto.generate_signing_key() for cid in clients}
-        if settings.malicious
-        else {}
-    )
-    verify = {cid: key.public for cid, key in signing.items()} or None
-    server = SecAggServer(config, round_idx, clients, verify_keys=verify)
-    halves: dict[ClientId, SecAggClient] = {}
+    inputs: dict[ClientId, np.ndarray] = {}
     for cid in clients:
         update = updates[cid]
         delta = np.asarray(update.delta.flat, dtype=np.float64)
@@ -309,46 +344,18 @@ def secure_sum(
         # encoded exactly: a small integer times 1/scale).
         encoded_count, _ = encode(np.array([count / enc.scale]), enc, rng)
         encoded[spec.size + 1] = encoded_count[0]
-        half = SecAggClient(
-            config,
-            round_idx,
-            cid,
-            signing_key=signing.get(cid),
-            verify_keys=verify,
-        )
-        half.set_input(encoded)
-        halves[cid] = half
+        inputs[cid] = encoded
     dropped: dict[ClientId, str] = {}
-
-    def count_drops() -> None:
-        for stage in dropped.values():
-            key = f"dropped/{stage}"
-            metrics[key] = metrics.get(key, 0.0) + 1.0
-
     try:
-        while server.stage not in ("done", "aborted"):
-            stage = server.stage
-            replies: dict[ClientId, bytes] = {}
-            for cid, message in server.requests().items():
-                if cid in drop_at and cid not in dropped and drop_at[cid] == stage:
-                    dropped[cid] = stage
-                if cid in dropped:
-                    continue
-                try:
-                    replies[cid] = halves[cid].handle(message)
-                except ProtocolError as err:
-                    logger.warning(
-                        "round %d: client %s refused: %s", round_idx + 1, cid, err
-                    )
-            server.receive(replies)
+        server = _run_protocol(config, settings, round_idx, inputs, drop_at, dropped)
     except ProtocolError as err:
-        count_drops()
+        _count_drops(metrics, dropped)
         metrics["secagg/aborted"] = 1.0
         return SecureSumResult(None, metrics, dropped, str(err))
     total = decode_sum(server.result(), enc, len(server.survivors))
     weight_sum = float(total[spec.size])
     out_of_range = round(float(total[spec.size + 1]) * enc.scale)
-    count_drops()
+    _count_drops(metrics, dropped)
     metrics.update(
         {
             "secagg/aborted": 0.0,
@@ -379,3 +386,145 @@ def secure_sum(
         measurements=metrics,
     )
     return SecureSumResult(aggregate, metrics, dropped)
+
+
+def _count_drops(metrics: dict[str, float], dropped: Mapping[ClientId, str]) -> None:
+    for stage in dropped.values():
+        key = f"dropped/{stage}"
+        metrics[key] = metrics.get(key, 0.0) + 1.0
+
+
+def _run_protocol(
+    config: SecAggConfig,
+    settings: SecureAggregation,
+    round_idx: int,
+    inputs: Mapping[ClientId, np.ndarray],
+    drop_at: Mapping[ClientId, str],
+    dropped: dict[ClientId, str],
+) -> SecAggServer:
+    """Carry the protocol's messages between the server and the client halves.
+
+    Each client's half is given its encoded input; ``dropped`` collects the
+    clients that dropped (injected by ``drop_at``) and at which stage.
+
+    Raises
+    ------
+    ProtocolError
+        When the protocol aborts (fewer than the threshold at a stage).
+    """
+    from fedshield.secagg import crypto
+    from fedshield.secagg.protocol import SecAggClient, SecAggServer
+
+    clients = sorted(inputs)
+    # The simulation is its own PKI: each client's signature key, and the
+    # table of verification keys every party knows (malicious mode).
+    signing = (
+        {cid: crypto.generate_signing_key() for cid in clients}
+        if settings.malicious
+        else {}
+    )
+    verify = {cid: key.public for cid, key in signing.items()} or None
+    server = SecAggServer(config, round_idx, clients, verify_keys=verify)
+    halves: dict[ClientId, SecAggClient] = {}
+    for cid in clients:
+        half = SecAggClient(
+            config,
+            round_idx,
+            cid,
+            signing_key=signing.get(cid),
+            verify_keys=verify,
+        )
+        half.set_input(inputs[cid])
+        halves[cid] = half
+    while server.stage not in ("done", "aborted"):
+        stage = server.stage
+        replies: dict[ClientId, bytes] = {}
+        for cid, message in server.requests().items():
+            if cid in drop_at and cid not in dropped and drop_at[cid] == stage:
+                dropped[cid] = stage
+            if cid in dropped:
+                continue
+            try:
+                replies[cid] = halves[cid].handle(message)
+            except ProtocolError as err:
+                logger.warning(
+                    "round %d: client %s refused: %s", round_idx + 1, cid, err
+                )
+        server.receive(replies)
+    return server
+
+
+def _distributed_sum(
+    updates: Mapping[ClientId, ClientUpdate],
+    clients: Sequence[ClientId],
+    *,
+    settings: SecureAggregation,
+    spec: ParamSpec,
+    round_idx: int,
+    drop_at: Mapping[ClientId, str],
+    rng: np.random.Generator,
+    distributed: DistributedDp,
+    threshold: int,
+    metrics: dict[str, float],
+) -> SecureSumResult:
+    """Secure aggregation of distributed-DP-noised updates (see secure_sum)."""
+    from fedshield.privacy import distributed as ddg
+
+    try:
+        params = distributed.parameters(
+            dimension=spec.size, num_clients=len(clients), threshold=threshold
+        )
+        config = settings.protocol_config(
+            len(clients), params.modulus_bits, params.padded
+        )
+        config.neighbour_count(len(clients))
+    except ConfigError as err:
+        metrics["secagg/aborted"] = 1.0
+        return SecureSumResult(None, metrics, {}, str(err))
+    random_bytes = _random_bytes(distributed.secure_rng, rng)
+    inputs: dict[ClientId, np.ndarray] = {}
+    for cid in clients:
+        delta = np.asarray(updates[cid].delta.flat, dtype=np.float64)
+        # Each client's half: clip, rotate, round, add its noise share, mod 2^b.
+        inputs[cid], _ = ddg.encode(
+            delta,
+            params,
+            clip_norm=distributed.clip_norm,
+            rotation_seed=round_idx,
+            random_bytes=random_bytes,
+        )
+    dropped: dict[ClientId, str] = {}
+    try:
+        server = _run_protocol(config, settings, round_idx, inputs, drop_at, dropped)
+    except ProtocolError as err:
+        _count_drops(metrics, dropped)
+        metrics["secagg/aborted"] = 1.0
+        return SecureSumResult(None, metrics, dropped, str(err))
+    total, near = ddg.decode_sum(server.result(), params, rotation_seed=round_idx)
+    _count_drops(metrics, dropped)
+    survivors = len(server.survivors)
+    metrics.update(
+        {
+            "secagg/aborted": 0.0,
+            "secagg/survivors": float(survivors),
+            "secagg/threshold": float(threshold),
+            "secagg/modulus_bits": float(params.modulus_bits),
+            "ddp/gamma": params.gamma,
+            "ddp/noise_std": params.noise_std,
+            "ddp/l2_sensitivity": params.l2_sensitivity,
+            "ddp/padded_dimension": float(params.padded),
+            "ddp/summed_noise_std": math.sqrt(survivors)
+            * params.noise_std
+            * params.gamma,
+            "ddp/near_wrap": float(near),
+        }
+    )
+    if near:
+        logger.warning(
+            "round %d: %d coordinates of the distributed-DP sum lie near the "
+            "modulus's edge: the sum may have wrapped around (raise [privacy] "
+            "distributed_bits)",
+            round_idx + 1,
+            near,
+        )
+    return SecureSumResult(None, metrics, dropped, total=total)

@@ -29,6 +29,17 @@ options; the server accounts each client's records from the rule the client
 runs (:func:`fedshield.privacy.records.record_level_event`), for every round
 the client was sampled in, and reports the largest ε of any client.
 
+Distributed mode: the distributed discrete Gaussian under secure aggregation
+(Kairouz, Liu and Steinke, ICML 2021; :mod:`fedshield.privacy.distributed`).
+Each client clips, rotates, rounds and noises its own update with its share
+of integer noise before masking, so the server never holds an un-noised
+sum; the round's rule (:class:`DistributedSum`) only divides the unmasked
+sum by the number of survivors. Each completed round is one distributed
+discrete Gaussian release (its RDP bound, quantisation included, in
+:func:`fedshield.privacy.accounting.ddg_rdp`), accounted without
+amplification by sampling (the server picks the clients) for every client
+sampled in it; the reported ε is the largest of any client's.
+
 Every round records its exact DP event in a :class:`PrivacyLedger` kept in
 ``ServerState.metadata["privacy"]``, so checkpoints carry the accountant and
 a resumed run reports the same ε. With ``target_epsilon``, :meth:`configure`
@@ -39,7 +50,7 @@ would take ε above it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -61,6 +72,7 @@ from fedshield.privacy.accounting import (
     PrivacyLedger,
     epsilon,
 )
+from fedshield.privacy.distributed import DistributedDp
 from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SECURE, LOCAL_SIGMA
 from fedshield.privacy.noise import GaussianNoise, make_noise
 from fedshield.privacy.records import (
@@ -74,6 +86,7 @@ from fedshield.strategies.fedavg import FedAvg
 from fedshield.strategies.sampling import ClientSampler, CountSampler
 
 __all__ = [
+    "DistributedSum",
     "DpFedAvg",
     "DpMean",
     "PoissonSampler",
@@ -123,7 +136,7 @@ class PrivacySettings:
     Parameters
     ----------
     mode
-        ``"central"``, ``"local"`` or ``"record"``.
+        ``"central"``, ``"local"``, ``"record"`` or ``"distributed"``.
     clip_norm
         L2 clip norm of each client's update (the initial one when adaptive).
     noise_multiplier
@@ -145,9 +158,14 @@ class PrivacySettings:
     clipped_count_stddev
         ``σ_b``, the noise std of the unclipped count (None: ``qN / 20``, the
         paper's choice of ``σ_b = m/20``).
+    distributed_bits
+        Distributed mode: the modulus ``2^b`` of the secure sum (see
+        :class:`~fedshield.privacy.distributed.DistributedDp`).
+    rounding_beta
+        Distributed mode: conditional rounding's ``β``.
     """
 
-    mode: Literal["central", "local", "record"]
+    mode: Literal["central", "local", "record", "distributed"]
     clip_norm: float
     noise_multiplier: float
     delta: float = 1e-5
@@ -157,6 +175,8 @@ class PrivacySettings:
     target_quantile: float | None = None
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
+    distributed_bits: int = 20
+    rounding_beta: float = math.exp(-0.5)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.clip_norm) or self.clip_norm <= 0:
@@ -176,6 +196,18 @@ class PrivacySettings:
                 "[privacy] target_quantile must be in (0, 1); got "
                 f"{self.target_quantile}"
             )
+        if self.mode == "distributed":
+            self.distributed()  # validates the bits and beta
+
+    def distributed(self) -> DistributedDp:
+        """The distributed discrete Gaussian these settings describe."""
+        return DistributedDp(
+            clip_norm=self.clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            modulus_bits=self.distributed_bits,
+            beta=self.rounding_beta,
+            secure_rng=self.secure_rng,
+        )
 
 
 def adaptive_noise_split(noise_multiplier: float, count_stddev: float) -> float:
@@ -265,6 +297,90 @@ class DpMean:
         return _finish(self, spec, noise, total, unclipped, count, measurements)
 
 
+@dataclass(frozen=True)
+class DistributedSum:
+    """Distributed mode's rule: the clients noised their own updates.
+
+    Under secure aggregation each client clips, rounds and noises its own
+    update (:func:`fedshield.privacy.distributed.encode`, run by the
+    client's half of :func:`fedshield.simulation.secure.secure_sum`); the
+    unmasked sum already holds every share of the noise, so :meth:`release`
+    only divides it by the number of survivors. Without secure aggregation
+    there is nothing to release: :meth:`begin` refuses.
+
+    Parameters
+    ----------
+    distributed
+        The mechanism the clients run.
+    """
+
+    distributed: DistributedDp
+
+    is_streaming = True
+
+    @property
+    def clip_norm(self) -> float:
+        """``C``, which each client clips its own update to."""
+        return self.distributed.clip_norm
+
+    def begin(self, spec: ParamSpec, *, rng: np.random.Generator) -> _DpAccumulator:
+        """Refused: distributed DP's noise is added inside secure aggregation."""
+        raise ConfigError(
+            'privacy.mode = "distributed" needs secure aggregation: the clients add '
+            "their noise shares before masking; add [secagg] protocol = "
+            '"secagg" or "secagg+"'
+        )
+
+    def release(
+        self,
+        total: np.ndarray,
+        *,
+        unclipped: float,
+        count: int,
+        spec: ParamSpec,
+        rng: np.random.Generator,
+        measurements: Mapping[str, float] | None = None,
+    ) -> Aggregate:
+        """The mean of the noised sum over the ``count`` survivors.
+
+        Dividing by the number of survivors (public: the protocol announces
+        them) is post-processing of the noised sum.
+        """
+        mean = (np.asarray(total, dtype=np.float64) / max(count, 1)).astype(np.float32)
+        out = dict(measurements or {})
+        out["dp/clip_norm"] = self.distributed.clip_norm
+        return Aggregate(
+            delta=Params.from_flat(mean, spec, copy=False),
+            num_updates=count,
+            total_weight=float(count),
+            measurements=out,
+        )
+
+
+def _distributed_event(measurements: Mapping[str, Any]) -> DpEventSpec:
+    """A completed distributed round's release, from what secure_sum measured."""
+    missing = [k for k in _DDP_KEYS if k not in measurements]
+    if missing:
+        raise ConfigError(
+            f"a distributed-DP round must report {', '.join(missing)}: the round "
+            "was not aggregated by secure aggregation with distributed DP"
+        )
+    return DpEventSpec.distributed_discrete_gaussian(
+        num_clients=int(measurements["secagg/survivors"]),
+        noise_std_per_client=float(measurements["ddp/noise_std"]),
+        l2_sensitivity=float(measurements["ddp/l2_sensitivity"]),
+        dimension=int(measurements["ddp/padded_dimension"]),
+    )
+
+
+_DDP_KEYS = (
+    "secagg/survivors",
+    "ddp/noise_std",
+    "ddp/l2_sensitivity",
+    "ddp/padded_dimension",
+)
+
+
 def _finish(
     rule: DpMean,
     spec: ParamSpec,
@@ -350,6 +466,9 @@ class DpFedAvg:
         Record mode: each client's number of training records (the server
         accounts each client's DP-SGD from it, by the rule the client runs,
         :func:`fedshield.privacy.records.record_level_event`).
+    threshold_for
+        Distributed mode: secure aggregation's threshold for a round of so
+        many clients (to predict a round's privacy cost for the budget).
     """
 
     base: FedAvg
@@ -357,6 +476,7 @@ class DpFedAvg:
     sampler: ClientSampler
     num_clients: int
     client_sizes: Mapping[ClientId, int] | None = None
+    threshold_for: Callable[[int], int] | None = None
     _expected: float = field(init=False, repr=False)
     _cache: dict[str, Any] = field(
         init=False, repr=False, compare=False, default_factory=dict
@@ -408,6 +528,8 @@ class DpFedAvg:
         builds its own, see :meth:`configure`); local and record mode:
         FedAvg's mean.
         """
+        if self.privacy.mode == "distributed":
+            return DistributedSum(self.privacy.distributed())
         if self.privacy.mode != "central":
             return self.base.aggregator
         return self._dp_mean(self.privacy.clip_norm)
@@ -420,7 +542,10 @@ class DpFedAvg:
     def init(self, params: Params) -> ServerState:
         """FedAvg's initial state plus an empty privacy ledger."""
         state = self.base.init(params)
-        return state.evolve(metadata={**state.metadata, "privacy": self._fresh()})
+        record = self._fresh()
+        if self.privacy.mode == "distributed":
+            record["dimension"] = params.spec.size
+        return state.evolve(metadata={**state.metadata, "privacy": record})
 
     def check(self, num_available: int) -> None:
         """FedAvg's checks (``min_clients`` against the expected sample)."""
@@ -449,6 +574,8 @@ class DpFedAvg:
         aggregator: Aggregator | None = None
         if self.privacy.mode == "central":
             aggregator = self._dp_mean(float(record["clip_norm"]))
+        elif self.privacy.mode == "distributed":
+            aggregator = DistributedSum(self.privacy.distributed())
         elif self.privacy.mode == "record":
             options = dict(local.options)
             options.update(
@@ -481,10 +608,10 @@ class DpFedAvg:
     def weight(self, update: ClientUpdate) -> float:
         """An update's aggregation weight.
 
-        Central: 1 (equal weights bound each client's influence); local:
-        FedAvg's weight.
+        Central and distributed: 1 (equal weights bound each client's
+        influence); local and record: FedAvg's weight.
         """
-        if self.privacy.mode == "central":
+        if self.privacy.mode in ("central", "distributed"):
             return 1.0
         return self.base.weight(update)
 
@@ -511,6 +638,8 @@ class DpFedAvg:
                     fraction - self.privacy.target_quantile
                 )
                 record["clip_norm"] = float(record["clip_norm"]) * math.exp(step)
+        elif self.privacy.mode == "distributed":
+            self._record_distributed(record, plan, aggregate)
         elif self.privacy.mode == "record":
             # Every sampled client is accounted, whether or not its update
             # arrived: it may have trained (and spent) before dropping out.
@@ -551,6 +680,69 @@ class DpFedAvg:
             sampling="fixed",
             population=self.num_clients,
             sample_size=min(self.sampler.count, self.num_clients),
+        )
+
+    def _record_distributed(
+        self, record: dict[str, Any], plan: RoundPlan, aggregate: Aggregate
+    ) -> None:
+        """Account a completed distributed round for every sampled client."""
+        spec = _distributed_event(aggregate.measurements)
+        events = list(record["events"])
+        key = spec.to_json()
+        if key not in events:
+            events.append(key)
+        index = str(events.index(key))
+        counts = {cid: dict(h) for cid, h in dict(record["participation"]).items()}
+        for cid in plan.clients:
+            histogram = counts.setdefault(cid, {})
+            histogram[index] = int(histogram.get(index, 0)) + 1
+        record["events"] = events
+        record["participation"] = counts
+        record["epsilon"] = self._distributed_epsilon(events, counts.values())
+
+    def _distributed_epsilon(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        histograms: Iterable[Mapping[str, int]],
+        extra: DpEventSpec | None = None,
+    ) -> float:
+        """The largest ε of any client (each client's rounds, composed)."""
+        specs = [DpEventSpec.from_json(e) for e in events]
+        cache: dict[Any, float] = self._cache.setdefault("ddp", {})
+        worst = 0.0
+        seen: set[tuple[tuple[str, int], ...]] = set()
+        for histogram in histograms:
+            shape = tuple(sorted((k, int(v)) for k, v in histogram.items()))
+            if shape in seen:
+                continue
+            seen.add(shape)
+            ckey = (shape, None if extra is None else repr(extra))
+            value = cache.get(ckey)
+            if value is None:
+                rounds = [replace(specs[int(k)], count=v) for k, v in shape]
+                if extra is not None:
+                    rounds.append(extra)
+                value = epsilon(rounds, self.privacy.delta, self.privacy.accountant)
+                cache[ckey] = value
+            worst = max(worst, value)
+        return worst
+
+    def _next_distributed_event(self, record: Mapping[str, Any]) -> DpEventSpec:
+        """The release of a round of the expected size, with few survivors.
+
+        Completed by only the threshold: the fewest noise shares a
+        completed round holds.
+        """
+        n = max(2, round(self._expected))
+        t = self.threshold_for(n) if self.threshold_for is not None else n
+        params = self.privacy.distributed().parameters(
+            dimension=int(record["dimension"]), num_clients=n, threshold=t
+        )
+        return DpEventSpec.distributed_discrete_gaussian(
+            num_clients=t,
+            noise_std_per_client=params.noise_std,
+            l2_sensitivity=params.l2_sensitivity,
+            dimension=params.padded,
         )
 
     def _local_epsilon(self, participations: int) -> float:
@@ -611,6 +803,12 @@ class DpFedAvg:
         if self.privacy.mode == "central":
             ledger = self._ledger(record["ledger"])
             after = ledger.epsilon_if(self._central_event())
+        elif self.privacy.mode == "distributed":
+            # The worst case: a client that spent most takes part again.
+            histograms = list(dict(record["participation"]).values()) or [{}]
+            after = self._distributed_epsilon(
+                record["events"], histograms, self._next_distributed_event(record)
+            )
         else:
             # The worst case: a client that took part most takes part again.
             most = max(dict(record["participation"]).values(), default=0)
@@ -641,6 +839,8 @@ class DpFedAvg:
             record["participation"] = {}
         if self.privacy.mode == "record":
             record["client_epsilon"] = {}
+        if self.privacy.mode == "distributed":
+            record["events"] = []
         return record
 
     def _record(self, state: ServerState) -> Mapping[str, Any]:
