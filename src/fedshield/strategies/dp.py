@@ -542,10 +542,7 @@ class DpFedAvg:
     def init(self, params: Params) -> ServerState:
         """FedAvg's initial state plus an empty privacy ledger."""
         state = self.base.init(params)
-        record = self._fresh()
-        if self.privacy.mode == "distributed":
-            record["dimension"] = params.spec.size
-        return state.evolve(metadata={**state.metadata, "privacy": record})
+        return state.evolve(metadata={**state.metadata, "privacy": self._fresh()})
 
     def check(self, num_available: int) -> None:
         """FedAvg's checks (``min_clients`` against the expected sample)."""
@@ -566,7 +563,7 @@ class DpFedAvg:
             If this round would take ε above ``target_epsilon``.
         """
         record = self._record(state)
-        self._check_budget(record)
+        self._check_budget(record, state.params.spec.size)
         clients = self.sampler.sample(available, round_idx=state.round_idx, rng=rng)
         if self.privacy.mode == "record":
             self._check_record_budget(record, clients)
@@ -727,7 +724,7 @@ class DpFedAvg:
             worst = max(worst, value)
         return worst
 
-    def _next_distributed_event(self, record: Mapping[str, Any]) -> DpEventSpec:
+    def _next_distributed_event(self, dimension: int) -> DpEventSpec:
         """The release of a round of the expected size, with few survivors.
 
         Completed by only the threshold: the fewest noise shares a
@@ -736,7 +733,7 @@ class DpFedAvg:
         n = max(2, round(self._expected))
         t = self.threshold_for(n) if self.threshold_for is not None else n
         params = self.privacy.distributed().parameters(
-            dimension=int(record["dimension"]), num_clients=n, threshold=t
+            dimension=dimension, num_clients=n, threshold=t
         )
         return DpEventSpec.distributed_discrete_gaussian(
             num_clients=t,
@@ -796,7 +793,7 @@ class DpFedAvg:
                     f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
                 )
 
-    def _check_budget(self, record: Mapping[str, Any]) -> None:
+    def _check_budget(self, record: Mapping[str, Any], dimension: int) -> None:
         target = self.privacy.target_epsilon
         if target is None or self.privacy.mode == "record":
             return
@@ -807,7 +804,7 @@ class DpFedAvg:
             # The worst case: a client that spent most takes part again.
             histograms = list(dict(record["participation"]).values()) or [{}]
             after = self._distributed_epsilon(
-                record["events"], histograms, self._next_distributed_event(record)
+                record["events"], histograms, self._next_distributed_event(dimension)
             )
         else:
             # The worst case: a client that took part most takes part again.
