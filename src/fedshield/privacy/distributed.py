@@ -171,6 +171,12 @@ def discrete_gaussian(
     return out
 
 
+def _norm_sq(x: npt.NDArray[np.float64]) -> float:
+    # einsum's own loop, not BLAS: OpenBLAS's threaded dot collapses when the
+    # cores are busy (measured 1.3 ms for 16k values instead of 10 us).
+    return float(np.einsum("i,i->", x, x))
+
+
 def conditional_round(
     x: npt.NDArray[np.float64],
     bound_sq: float,
@@ -194,7 +200,7 @@ def conditional_round(
     base = floor.astype(np.int64)
     for tries in range(1, MAX_ROUNDING_TRIES + 1):
         rounded = base + (uniforms(x.size, random_bytes) < frac)
-        norm_sq = float(np.dot(rounded.astype(np.float64), rounded.astype(np.float64)))
+        norm_sq = _norm_sq(rounded.astype(np.float64))
         if norm_sq <= bound_sq:
             return rounded, tries
     raise ConfigError(
@@ -419,7 +425,7 @@ def encode(
     """
     x = np.zeros(params.padded, dtype=np.float64)
     x[: params.dimension] = delta
-    norm = float(np.linalg.norm(x))
+    norm = math.sqrt(_norm_sq(x))
     clipped = norm > clip_norm
     if clipped:
         x *= clip_norm / norm
