@@ -101,7 +101,15 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
     """What the privacy accountant says at the end of the run."""
     p = config.privacy
     record = record if isinstance(record, Mapping) else {}
+    extra: dict[str, Any] = {}
+    if p.mode == "distributed":
+        extra = {
+            "distributed_bits": p.distributed_bits,
+            "rounding_beta": p.rounding_beta,
+            "amplification_by_sampling": False,
+        }
     return {
+        **extra,
         "mode": p.mode,
         "epsilon": float(record.get("epsilon", 0.0)),
         "delta": p.delta,

@@ -318,6 +318,8 @@ _PRIVACY_FIELDS = (
     ("noise_multiplier", "Noise multiplier σ"),
     ("clip_norm", "Clip norm (final)"),
     ("sampling", "Client sampling"),
+    ("amplification_by_sampling", "Amplification by sampling claimed"),
+    ("distributed_bits", "Distributed DP: secure-sum modulus bits"),
 )
 
 
