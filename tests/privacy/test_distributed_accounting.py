@@ -8,6 +8,7 @@ with ``dp-accounting``'s Gaussian mechanism.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -185,3 +186,33 @@ def test_distributed_events_are_refused_where_they_do_not_apply():
         DpEventSpec.distributed_discrete_gaussian(
             num_clients=5, noise_std_per_client=0.4, l2_sensitivity=4.0, dimension=8
         )
+
+
+def test_worst_epsilon_is_the_largest_of_each_partys_composition():
+    from fedshield.privacy.accounting import ddg_worst_epsilon
+
+    events = [
+        DpEventSpec.distributed_discrete_gaussian(
+            num_clients=n, noise_std_per_client=2.0, l2_sensitivity=6.0, dimension=16
+        )
+        for n in (5, 8, 12)
+    ]
+    counts = np.array([[1, 0, 2], [3, 1, 0], [0, 0, 0], [3, 1, 0]])
+    each = [
+        epsilon(
+            [
+                dataclasses.replace(e, count=int(c))
+                for e, c in zip(events, row, strict=True)
+                if c
+            ],
+            1e-5,
+        )
+        for row in counts
+        if row.any()
+    ]
+    assert ddg_worst_epsilon(events, counts, 1e-5) == pytest.approx(
+        max(each), rel=1e-12
+    )
+    assert ddg_worst_epsilon(events, np.zeros((2, 3)), 1e-5) == 0.0
+    with pytest.raises(ConfigError, match="events"):
+        ddg_worst_epsilon(events, np.ones((2, 2)), 1e-5)

@@ -65,6 +65,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "ddg_rdp",
     "ddg_tau",
+    "ddg_worst_epsilon",
     "epsilon",
     "epsilon_for",
     "make_accountant",
@@ -572,6 +573,46 @@ def ddg_rdp(
     second = alpha / 2.0 * (scale + tau * math.sqrt(d)) ** 2
     result: np.ndarray = np.minimum(first, second)
     return result
+
+
+def ddg_worst_epsilon(
+    events: Sequence[DpEventSpec], counts: np.ndarray, delta: float
+) -> float:
+    """The largest ε among parties that each took part in some of ``events``.
+
+    Row ``i`` of ``counts`` (parties × events) says how many times party
+    ``i`` took part in each distributed discrete Gaussian release; its RDP
+    curve is the count-weighted sum of the events' (:func:`ddg_rdp`,
+    composition adds RDP), converted to ε at ``delta`` by ``dp-accounting``.
+    One conversion per distinct row, so thousands of clients cost little.
+
+    Raises
+    ------
+    ConfigError
+        When an event is not a distributed discrete Gaussian or ``counts``
+        has the wrong shape.
+    """
+    delta = _check_delta(delta)
+    matrix = np.asarray(counts, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] != len(events):
+        raise ConfigError(
+            f"counts must be (parties, {len(events)} events); got {matrix.shape}"
+        )
+    if matrix.size == 0:
+        return 0.0
+    orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    curves = np.zeros((len(events), orders.size))
+    for row, spec in enumerate(events):
+        if spec.mechanism != "distributed_discrete_gaussian":
+            raise ConfigError(f"not a distributed discrete Gaussian event: {spec!r}")
+        curves[row] = spec.count * ddg_rdp(orders, **_ddg_fields(spec))
+    worst = 0.0
+    for row in np.unique(matrix, axis=0):
+        if not row.any():
+            continue
+        eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(orders, row @ curves, delta)
+        worst = max(worst, float(eps))
+    return worst
 
 
 def _ddg_fields(spec: DpEventSpec) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from fedshield.privacy.accounting import (
     AccountantKind,
     DpEventSpec,
     PrivacyLedger,
+    ddg_worst_epsilon,
     epsilon,
 )
 from fedshield.privacy.distributed import DistributedDp
@@ -510,7 +511,11 @@ class DpFedAvg:
                 f"{self.privacy.mode} mode); choose delta < "
                 f"{1.0 / self.num_clients:.3g}"
             )
-        if isinstance(self.sampler, CountSampler) and self.privacy.accountant != "rdp":
+        if (
+            isinstance(self.sampler, CountSampler)
+            and self.privacy.accountant != "rdp"
+            and self.privacy.mode != "distributed"  # accounted without sampling
+        ):
             raise ConfigError(
                 'fixed-size client sampling (sampling = "fixed") is accounted only '
                 'by the RDP accountant: set [privacy] accountant = "rdp", or use '
@@ -705,24 +710,15 @@ class DpFedAvg:
     ) -> float:
         """The largest ε of any client (each client's rounds, composed)."""
         specs = [DpEventSpec.from_json(e) for e in events]
-        cache: dict[Any, float] = self._cache.setdefault("ddp", {})
-        worst = 0.0
-        seen: set[tuple[tuple[str, int], ...]] = set()
-        for histogram in histograms:
-            shape = tuple(sorted((k, int(v)) for k, v in histogram.items()))
-            if shape in seen:
-                continue
-            seen.add(shape)
-            ckey = (shape, None if extra is None else repr(extra))
-            value = cache.get(ckey)
-            if value is None:
-                rounds = [replace(specs[int(k)], count=v) for k, v in shape]
-                if extra is not None:
-                    rounds.append(extra)
-                value = epsilon(rounds, self.privacy.delta, self.privacy.accountant)
-                cache[ckey] = value
-            worst = max(worst, value)
-        return worst
+        rows = list(histograms)
+        counts = np.zeros((len(rows), len(specs) + (extra is not None)))
+        for i, histogram in enumerate(rows):
+            for index, count in histogram.items():
+                counts[i, int(index)] = count
+        if extra is not None:
+            specs.append(extra)
+            counts[:, -1] = 1
+        return ddg_worst_epsilon(specs, counts, self.privacy.delta)
 
     def _next_distributed_event(self, dimension: int) -> DpEventSpec:
         """The release of a round of the expected size, with few survivors.
