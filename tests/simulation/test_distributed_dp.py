@@ -145,3 +145,24 @@ def test_each_client_is_charged_only_for_its_rounds(tmp_path) -> None:  # type: 
     assert summary["epsilon"] == pytest.approx(worst, rel=1e-6)
     most = max(sum(h.values()) for h in histograms)
     assert most < 6  # nobody took part in every round: charged for fewer
+
+
+def test_a_resumed_run_reports_the_same_epsilon(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedshield.core import ServerState
+
+    config = _config(privacy=DDP, strategy={"clients_per_round": 6})
+    full, _ = simulate(config, out=tmp_path / "full", write_report=False)
+
+    def stop(state: ServerState, record: object) -> None:
+        if state.round_idx == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, out=tmp_path / "part", on_round=stop, write_report=False)
+    resumed, _ = simulate(
+        config, out=tmp_path / "part", resume=True, write_report=False
+    )
+    assert resumed["epsilon"] == full["epsilon"] > 0
+    a = RunDirectory(tmp_path / "full").read_metrics()
+    b = RunDirectory(tmp_path / "part").read_metrics()
+    assert [r["epsilon"] for r in a] == [r["epsilon"] for r in b]
