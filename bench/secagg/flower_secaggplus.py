@@ -3,6 +3,8 @@
 Run: make bench-secagg
      (or .bench-peers/flower-venv/bin/python bench/secagg/flower_secaggplus.py
       [--rounds R] [--skip-micro] [--skip-full50])
+     fedshield's side alone: .venv/bin/python bench/secagg/flower_secaggplus.py
+      --fedshield-only b [--rounds R]  (prints its round times; writes nothing)
 
 This script runs in the peer benchmark's Flower environment
 (``.bench-peers/flower-venv``, made by ``make bench-peers``: flwr 1.42.0 with
@@ -697,11 +699,42 @@ def orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def fedshield_only(cases: list[str], rounds: int) -> int:
+    """fedshield's secure runs of ``cases`` only: printed, nothing written."""
+    ok = True
+    for key in cases:
+        clients = CASES[key][0]
+        result = fedshield_case(clients, True, rounds)
+        ok = ok and bool(result["ok"])
+        print(
+            json.dumps(
+                {
+                    "case": f"{key}: {clients} clients",
+                    "aggregation": f"secagg+ (k = {fedshield_k(clients)}, chosen)",
+                    "rounds": rounds,
+                    **{
+                        name: result.get(name)
+                        for name in ("ok", "round_s", "round1_s", "wall_s", "accuracy")
+                    },
+                }
+            )
+        )
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--skip-full50", action="store_true")
+    parser.add_argument(
+        "--fedshield-only",
+        nargs="+",
+        choices=sorted(CASES),
+        metavar="CASE",
+        help="only fedshield's secure run of these cases (a, b), printed as JSON; "
+        "RESULTS.md is left alone (needs only fedshield's .venv)",
+    )
     # Internal: one Flower run.
     parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
@@ -713,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.one_run:
         return flower_run(args)
+    if args.fedshield_only:
+        return fedshield_only(args.fedshield_only, args.rounds)
     return orchestrate(args)
 
 

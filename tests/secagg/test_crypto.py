@@ -18,6 +18,7 @@ from scipy import stats
 
 from fedshield.errors import ProtocolError
 from fedshield.secagg.crypto import (
+    add_mask,
     agree,
     decrypt,
     encrypt,
@@ -254,3 +255,37 @@ def test_expanding_into_a_reused_buffer_gives_the_same_mask(bits: int) -> None:
     np.testing.assert_array_equal(out, expand_mask(seed_b, 1000, bits))
     with pytest.raises(ValueError, match="out must be"):
         expand_mask(seed_a, 1000, bits, out=np.empty(999, dtype=np.uint64))
+
+
+@pytest.mark.parametrize("bits", [1, 7, 32, 36, 63, 64])
+def test_add_mask_accumulates_the_masks_mod_2_to_the_b(bits: int) -> None:
+    # Masks added as full 64-bit words and reduced once at the end equal the
+    # b-bit masks added and subtracted one by one in Python integers.
+    length = 1_001
+    seeds = [random_seed() for _ in range(4)]
+    start = np.random.default_rng(bits).integers(0, 2**63, length, dtype=np.uint64)
+    total = start.copy()
+    expected = [int(v) for v in start]
+    for i, seed in enumerate(seeds):
+        subtract = i % 2 == 1
+        assert add_mask(seed, total, subtract=subtract) is total
+        mask = expand_mask(seed, length, bits)
+        sign = -1 if subtract else 1
+        expected = [e + sign * int(m) for e, m in zip(expected, mask, strict=True)]
+    reduced = total & np.uint64(2**bits - 1) if bits < 64 else total
+    np.testing.assert_array_equal(
+        reduced, np.array([e % 2**bits for e in expected], dtype=np.uint64)
+    )
+
+
+def test_add_mask_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        add_mask(bytes(16), np.zeros(4, dtype=np.uint64))
+    with pytest.raises(ValueError, match="uint64"):
+        add_mask(FIXED_SEED, np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="uint64"):
+        add_mask(FIXED_SEED, np.zeros((2, 2), dtype=np.uint64))
+    with pytest.raises(ValueError, match="uint64"):
+        add_mask(FIXED_SEED, np.zeros(8, dtype=np.uint64)[::2])
+    empty = np.zeros(0, dtype=np.uint64)
+    assert add_mask(FIXED_SEED, empty).shape == (0,)

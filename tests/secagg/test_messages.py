@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedshield.errors import ProtocolError
+from fedshield.secagg import messages
 from fedshield.secagg.messages import (
     FIELD_BYTES,
     MAGIC,
@@ -109,6 +110,25 @@ def test_pack_matches_the_integer_reference_and_round_trips(case):
     back = unpack_words(data, len(values), bits)
     assert back.dtype == np.uint64
     assert back.tolist() == values
+
+
+@SETTINGS
+@given(vectors())
+def test_both_packing_paths_match_the_reference(case):
+    """Short vectors pack whole groups at once, long ones a position at a time."""
+    bits, values = case
+    vector = np.array(values, dtype=np.uint64)
+    reference = _reference_pack(values, bits)
+    for limit in (0, 1 << 30):  # force the per-position path, then the other
+        original = messages._GATHER_GROUPS
+        messages._GATHER_GROUPS = limit
+        try:
+            data = pack_words(vector, bits)
+            back = unpack_words(data, len(values), bits)
+        finally:
+            messages._GATHER_GROUPS = original
+        assert data == reference
+        assert back.tolist() == values
 
 
 @SETTINGS
@@ -559,3 +579,72 @@ def test_share_payload_refuses_malformed_bytes():
     over[-FIELD_BYTES:] = PRIME.to_bytes(FIELD_BYTES, "big")
     with pytest.raises(ProtocolError, match="outside"):
         SharePayload.from_bytes(bytes(over))
+
+
+# -- advertisements: the fast path and the checked path agree ----------------------
+
+
+def _ads_request(ads: list[object]) -> bytes:
+    msg = ShareKeysRequest(
+        session=SESSION,
+        round_idx=0,
+        sender=SERVER_ID,
+        recipient="alice",
+        advertisements=(),
+    )
+    _, header, payload = _split(msg.to_bytes())
+    header["body"]["advertisements"] = ads
+    return _join(header, payload)
+
+
+def _ad_json(**edits: object) -> dict[str, object]:
+    ad: dict[str, object] = {
+        "client_id": "bob",
+        "encryption_key": base64.b64encode(bytes(range(32))).decode(),
+        "masking_key": base64.b64encode(bytes(range(1, 33))).decode(),
+        "signature": None,
+    }
+    ad.update(edits)
+    return ad
+
+
+def test_well_formed_advertisements_parse_with_and_without_signatures():
+    signature = base64.b64encode(b"\x07" * 64).decode()
+    msg = _decode(
+        _ads_request([_ad_json(), _ad_json(client_id="é", signature=signature)])
+    )
+    assert isinstance(msg, ShareKeysRequest)
+    first, second = msg.advertisements
+    assert first == Advertisement("bob", bytes(range(32)), bytes(range(1, 33)), None)
+    assert second.client_id == "é" and second.signature == b"\x07" * 64
+
+
+@pytest.mark.parametrize(
+    "edits, match",
+    [
+        ({"encryption_key": base64.b64encode(bytes(31)).decode()}, "expected 32 bytes"),
+        ({"masking_key": "not base64!"}, "invalid base64"),
+        ({"masking_key": "AAAA\u00e9"}, "invalid base64"),
+        ({"masking_key": 7}, "expected base64 text"),
+        ({"signature": base64.b64encode(bytes(63)).decode()}, "expected 64 bytes"),
+        ({"signature": True}, "expected base64 text"),
+        ({"client_id": ""}, "client id"),
+        ({"client_id": 5}, "client id"),
+        ({"extra": 1}, "unknown field"),
+    ],
+)
+def test_malformed_advertisements_are_refused_naming_the_field(edits, match):
+    with pytest.raises(ProtocolError, match=match) as caught:
+        _decode(_ads_request([_ad_json(), _ad_json(**edits)]))
+    assert "advertisements[1]" in str(caught.value)
+
+
+def test_an_advertisement_without_a_field_or_twice_is_refused():
+    missing = _ad_json()
+    del missing["signature"]
+    with pytest.raises(ProtocolError, match="missing field 'signature'"):
+        _decode(_ads_request([missing]))
+    with pytest.raises(ProtocolError, match="advertised twice"):
+        _decode(_ads_request([_ad_json(), _ad_json()]))
+    with pytest.raises(ProtocolError, match="advertisement object"):
+        _decode(_ads_request([["bob"]]))

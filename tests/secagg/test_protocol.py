@@ -595,3 +595,154 @@ def test_bench_secagg_plus_1000_clients():
     elapsed = time.perf_counter() - start
     print(f"secagg+ n=1000 k={server.neighbours} d=1e4: {elapsed:.2f} s")
     np.testing.assert_array_equal(server.result(), plain_sum(inputs, ids[50:], 32))
+
+
+# --------------------------------------------------------------------------
+# Streaming: the server adds each masked input to a running sum as it arrives
+
+
+def drive_one_by_one(
+    server: SecAggServer,
+    clients: Mapping[str, SecAggClient],
+    drop: Mapping[str, Collection[str]] | None,
+    rng: np.random.Generator,
+) -> None:
+    """As :func:`drive`, but each reply goes to ``receive_one`` in a random order.
+
+    Every reply is also offered a second time, and a stranger's reply once: the
+    server must ignore both (a masked input counted twice would be wrong).
+    """
+    drop = drop or {}
+    gone: set[str] = set()
+    while server.stage not in (Stage.DONE, Stage.ABORTED):
+        gone |= set(drop.get(str(server.stage), ()))
+        requests = server.requests()
+        order = [c for c in requests if c not in gone]
+        replies: dict[str, bytes] = {}
+        for cid in rng.permutation(order).tolist():
+            try:
+                replies[cid] = clients[cid].handle(requests[cid])
+            except ProtocolError:
+                gone.add(cid)
+                continue
+            server.receive_one(cid, replies[cid])
+        for cid in replies:
+            server.receive_one(cid, replies[cid])  # a repeat: ignored
+        server.receive_one("stranger", b"anything")  # never asked: ignored
+        server.end_stage()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_streamed_replies_give_the_same_sum_as_receive(scenario):
+    config, ids, drop, seed, data_seed = scenario
+    try:
+        server, clients = setup(config, ids, round_idx=3, graph_seed=seed)
+    except ConfigError:
+        assume(False)
+        raise
+    inputs = make_inputs(ids, config, np.random.default_rng(data_seed))
+    for cid, client in clients.items():
+        client.set_input(inputs[cid])
+    completes, summed = expected_outcome(server, config, drop)
+    if completes:
+        drive_one_by_one(server, clients, drop, np.random.default_rng(data_seed))
+        assert server.stage == "done"
+        assert set(server.survivors) == summed
+        np.testing.assert_array_equal(
+            server.result(), plain_sum(inputs, summed, config.modulus_bits)
+        )
+    else:
+        with pytest.raises(ProtocolError):
+            drive_one_by_one(server, clients, drop, np.random.default_rng(data_seed))
+        assert server.stage == "aborted"
+
+
+def _vector_bytes(root: object, length: int) -> int:
+    """Bytes of the arrays of ``length`` words or more reachable from ``root``."""
+    seen: set[int] = set()
+    total = 0
+    stack = [root]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            total += item.nbytes if item.size >= length else 0
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, type):
+            stack.extend(vars(item).values())
+    return total
+
+
+@pytest.mark.parametrize("malicious", [False, True])
+def test_server_memory_does_not_grow_with_the_number_of_clients(malicious):
+    """After the masked-input stage the server holds one d-vector, whatever n."""
+    d = 20_000
+    held = {}
+    for n in (4, 12):
+        config = SecAggConfig(
+            protocol="secagg+",
+            threshold=n // 2 + 1,
+            modulus_bits=40,
+            vector_length=d,
+            malicious=malicious,
+            expected_dropout=0.0,
+        )
+        ids = [f"c{i:02d}" for i in range(n)]
+        server, clients = setup(config, ids)
+        inputs = make_inputs(ids, config, np.random.default_rng(n))
+        for cid, client in clients.items():
+            client.set_input(inputs[cid])
+        while server.stage is not Stage.MASKED_INPUT:
+            requests = server.requests()
+            server.receive({c: clients[c].handle(m) for c, m in requests.items()})
+        for cid, message in server.requests().items():
+            server.receive_one(cid, clients[cid].handle(message))
+            # one running sum, however many vectors have arrived
+            assert _vector_bytes(server, d) == 8 * d
+        server.end_stage()
+        held[n] = _vector_bytes(server, d)
+        drive(server, clients)
+        np.testing.assert_array_equal(server.result(), plain_sum(inputs, ids, 40))
+    assert held[4] == held[12] == 8 * d
+
+
+def test_a_refused_masked_input_is_not_in_the_sum():
+    """A corrupt vector is refused as it arrives; its sender counts as dropped."""
+    config = SecAggConfig(threshold=3, modulus_bits=16, vector_length=5)
+    ids = ["a", "b", "c", "d"]
+    server, clients = setup(config, ids)
+    inputs = make_inputs(ids, config, np.random.default_rng(9))
+    for cid, client in clients.items():
+        client.set_input(inputs[cid])
+    while server.stage is not Stage.MASKED_INPUT:
+        requests = server.requests()
+        server.receive({c: clients[c].handle(m) for c, m in requests.items()})
+    for cid, message in server.requests().items():
+        reply = clients[cid].handle(message)
+        server.receive_one(cid, reply[:-1] if cid == "b" else reply)
+    server.end_stage()
+    assert "b" in server.refused
+    assert server.survivors == ("a", "c", "d")
+    drive(server, clients)
+    np.testing.assert_array_equal(
+        server.result(), plain_sum(inputs, ["a", "c", "d"], 16)
+    )
+
+
+def test_receive_one_and_end_stage_refuse_once_the_round_is_over():
+    config = SecAggConfig(threshold=2, modulus_bits=8, vector_length=2)
+    server, clients = setup(config, ["a", "b"])
+    for client in clients.values():
+        client.set_input(np.array([1, 2], dtype=np.uint64))
+    drive(server, clients)
+    with pytest.raises(ProtocolError, match="round is over"):
+        server.receive_one("a", b"")
+    with pytest.raises(ProtocolError, match="round is over"):
+        server.end_stage()

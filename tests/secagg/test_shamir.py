@@ -28,6 +28,7 @@ from fedshield.secagg.shamir import (
     reconstruct_bytes,
     share,
     share_bytes,
+    share_bytes_many,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -461,3 +462,54 @@ def test_reconstructing_100_secrets_from_67_shares_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert len(out) == 100
     assert elapsed < 1.0, f"{elapsed:.3f} s"  # measured ~0.01 s
+
+
+# -- several secrets at once -----------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    secrets_=st.lists(st.binary(min_size=0, max_size=48), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_share_bytes_many_round_trips_each_secret(
+    secrets_: list[bytes], data: st.DataObject
+) -> None:
+    n = data.draw(st.integers(1, 9))
+    threshold = data.draw(st.integers(1, n))
+    # positions anywhere in the field: the packed evaluation must not overflow
+    xs = data.draw(
+        st.lists(st.integers(1, PRIME - 1), min_size=n, max_size=n, unique=True)
+    )
+    out = share_bytes_many(secrets_, threshold, xs)
+    assert len(out) == len(secrets_)
+    subset = data.draw(st.lists(st.sampled_from(xs), min_size=threshold, unique=True))
+    for secret, shares in zip(secrets_, out, strict=True):
+        assert set(shares) == set(xs)
+        assert all(0 <= y < PRIME for ys in shares.values() for y in ys)
+        chosen = {x: shares[x] for x in subset}
+        assert reconstruct_bytes(chosen, threshold, len(secret)) == secret
+
+
+def test_share_bytes_many_matches_the_polynomials_it_draws() -> None:
+    # Each chunk's shares lie on a polynomial of degree t - 1 (checked by the
+    # reference interpolation at a t + 1-th point), and the polynomials of
+    # equal chunks differ (independent coefficients).
+    t, xs = 5, list(range(1, 12))
+    secret = bytes(16)
+    first, second = share_bytes_many([secret, secret], t, xs)
+    for shares in (first, second):
+        points = {x: shares[x][0] for x in xs[:t]}
+        for x in xs[t:]:
+            assert _interpolate(points, x) == shares[x][0]
+    assert [first[x] for x in xs] != [second[x] for x in xs]
+
+
+def test_share_bytes_many_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        share_bytes_many([b"a"], 3, [1, 2])
+    with pytest.raises(ValueError, match="distinct"):
+        share_bytes_many([b"a"], 1, [1, 1])
+    with pytest.raises(TypeError):
+        share_bytes_many(["text"], 1, [1])  # type: ignore[list-item]
+    assert share_bytes_many([], 1, [1, 2]) == []

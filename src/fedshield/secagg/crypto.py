@@ -4,6 +4,7 @@
 :func:`agree`          X25519 Diffie-Hellman, then HKDF-SHA256 to a 32-byte key
 :func:`encrypt`        AES-256-GCM with a random 96-bit nonce (share transport)
 :func:`expand_mask`    AES-256-CTR keystream from a 32-byte seed -> mask words
+:func:`add_mask`       the same mask added to (subtracted from) a sum in place
 :func:`sign`           Ed25519 (the malicious-server variant of the protocol)
 =====================  ======================================================
 
@@ -47,6 +48,7 @@ __all__ = [
     "TAG_BYTES",
     "KeyPair",
     "SigningKey",
+    "add_mask",
     "agree",
     "decrypt",
     "encrypt",
@@ -72,6 +74,8 @@ TAG_BYTES = 16
 _RAW = serialization.Encoding.Raw
 _RAW_PUBLIC = serialization.PublicFormat.Raw
 _RAW_PRIVATE = serialization.PrivateFormat.Raw
+_SHA256 = hashes.SHA256()  # stateless: one instance serves every HKDF
+_COUNTER_ZERO = modes.CTR(bytes(16))  # CTR mode from counter block 0 (immutable)
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> byte
         shared = private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
     except ValueError as exc:  # low-order point: all-zero shared secret
         raise ProtocolError(f"key agreement failed: {exc}") from exc
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info)
+    hkdf = HKDF(algorithm=_SHA256, length=KEY_BYTES, salt=None, info=info)
     return hkdf.derive(shared)
 
 
@@ -304,6 +308,54 @@ def expand_mask(
         words, np.uint64((1 << modulus_bits) - 1), dtype=np.uint64
     )
     return mask
+
+
+def add_mask(seed: bytes, total: np.ndarray, *, subtract: bool = False) -> np.ndarray:
+    """Add (or subtract) the mask of ``seed`` to ``total`` in place, mod ``2**64``.
+
+    The words added are the full 64-bit keystream words that
+    :func:`expand_mask` reads before masking them to ``modulus_bits``, so once
+    the caller reduces ``total`` mod ``2**b`` (``total &= 2**b - 1``, for any
+    ``b`` in ``[1, 64]``) it holds ``total ± expand_mask(seed, len(total), b)
+    mod 2**b``: ``2**b`` divides ``2**64``, so reducing each word first or the
+    sum at the end gives the same residue. Summing many masks this way costs
+    one keystream and one add per mask, with no temporary vector.
+
+    Parameters
+    ----------
+    seed
+        32 bytes (from :func:`random_seed` or :func:`agree`).
+    total
+        A contiguous, writable ``uint64`` vector; updated in place.
+    subtract
+        Subtract the mask instead of adding it.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``total``.
+
+    Raises
+    ------
+    ValueError
+        If the seed is not 32 bytes or ``total`` is not a contiguous
+        one-dimensional ``uint64`` array.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    if total.dtype != np.uint64 or total.ndim != 1 or not total.flags.c_contiguous:
+        raise ValueError("total must be a contiguous one-dimensional uint64 array")
+    length = int(total.size)
+    encryptor = Cipher(algorithms.AES(bytes(seed)), _COUNTER_ZERO).encryptor()
+    zeros, scratch = _buffers(8 * length)
+    written = encryptor.update_into(zeros, scratch)
+    encryptor.finalize()
+    words = np.frombuffer(scratch, dtype="<u8", count=written // 8)
+    if subtract:
+        np.subtract(total, words, out=total)
+    else:
+        np.add(total, words, out=total)
+    return total
 
 
 def generate_signing_key() -> SigningKey:

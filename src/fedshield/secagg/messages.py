@@ -173,6 +173,9 @@ _SHARE_BYTES = SHARE_WORDS * FIELD_BYTES
 _MAX_ID_BYTES = 4 * MAX_CLIENT_ID_CHARS  # UTF-8 needs at most 4 bytes a character
 
 _Json: TypeAlias = dict[str, Any]
+_ADVERTISEMENT_KEYS = frozenset(
+    {"client_id", "encryption_key", "masking_key", "signature"}
+)
 Share: TypeAlias = tuple[int, ...]
 """One share of a 32-byte secret: :data:`SHARE_WORDS` field elements."""
 
@@ -208,6 +211,44 @@ def _layout(bits: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     common = math.gcd(bits, 64)
     values = 64 // common
     return values, bits // common, tuple(divmod(j * bits, 64) for j in range(values))
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_plan(
+    bits: int,
+) -> tuple[
+    npt.NDArray[np.intp],
+    npt.NDArray[np.uint64],
+    npt.NDArray[np.intp],
+    npt.NDArray[np.intp],
+    npt.NDArray[np.intp],
+    npt.NDArray[np.uint64],
+]:
+    """:func:`_layout`'s plan as index arrays, for whole-group numpy operations.
+
+    Returns ``(word, offset, starts, spill, spill_word, spill_shift)``: value
+    ``j`` of a group starts in word ``word[j]`` at bit ``offset[j]``;
+    ``starts`` are the first values of each word (every word holds the start
+    of at least one value, as ``bits <= 64``); the values ``spill`` run over
+    into word ``spill_word``, which holds their top bits from bit 0 (they are
+    shifted by ``spill_shift = 64 - offset``).
+    """
+    _, _, plan = _layout(bits)
+    word = np.array([w for w, _ in plan], dtype=np.intp)
+    offset = np.array([o for _, o in plan], dtype=np.uint64)
+    starts = np.flatnonzero(np.diff(word, prepend=-1)).astype(np.intp)
+    spill = np.array(
+        [j for j, (_, o) in enumerate(plan) if o + bits > 64], dtype=np.intp
+    )
+    spill_word = (word[spill] + 1).astype(np.intp)
+    spill_shift = np.uint64(64) - offset[spill]
+    return word, offset, starts, spill, spill_word, spill_shift
+
+
+_GATHER_GROUPS = 1 << 12
+"""Up to this many groups of values, pack and unpack whole groups at once
+(a handful of numpy calls, however many values a group holds); above it, one
+value position at a time (less memory traffic for long vectors)."""
 
 
 def _check_bits(bits: int) -> None:
@@ -289,12 +330,19 @@ def pack_words(values: npt.ArrayLike, bits: int) -> bytes:
     else:
         grid = np.zeros((groups, per_group), dtype=np.uint64)
         grid.reshape(-1)[:count] = words
-    out = np.zeros((groups, width), dtype=np.uint64)
-    for j, (word, offset) in enumerate(plan):
-        column = grid[:, j]
-        out[:, word] |= column << np.uint64(offset)
-        if offset + bits > 64:
-            out[:, word + 1] |= column >> np.uint64(64 - offset)
+    if groups <= _GATHER_GROUPS:
+        _, offsets, starts, spill, spill_word, spill_shift = _gather_plan(bits)
+        # The values of a word occupy disjoint bits: OR them together.
+        out = np.bitwise_or.reduceat(grid << offsets, starts, axis=1)
+        if spill.size:
+            out[:, spill_word] |= grid[:, spill] >> spill_shift
+    else:
+        out = np.zeros((groups, width), dtype=np.uint64)
+        for j, (word_j, offset) in enumerate(plan):
+            column = grid[:, j]
+            out[:, word_j] |= column << np.uint64(offset)
+            if offset + bits > 64:
+                out[:, word_j + 1] |= column >> np.uint64(64 - offset)
     return out.astype("<u8", copy=False).tobytes()[: packed_size(count, bits)]
 
 
@@ -343,8 +391,16 @@ def unpack_words(
     buffer = np.zeros(groups * width * 8, dtype=np.uint8)
     buffer[:expected] = raw
     words = buffer.view("<u8").reshape(groups, width)
-    out = np.empty((groups, per_group), dtype=np.uint64)
     mask = np.uint64((1 << bits) - 1)
+    if groups <= _GATHER_GROUPS:
+        columns, offsets, _, spill, spill_word, spill_shift = _gather_plan(bits)
+        out = words[:, columns] >> offsets
+        if spill.size:
+            out[:, spill] |= words[:, spill_word] << spill_shift
+        if bits < 64:
+            out &= mask
+        return out.reshape(-1)[:count]
+    out = np.empty((groups, per_group), dtype=np.uint64)
     for j, (word, offset) in enumerate(plan):
         column = words[:, word] >> np.uint64(offset)
         if offset + bits > 64:
@@ -396,7 +452,12 @@ class _Fields:
         where = f"{self._where}.{key}"
         if not isinstance(value, list):
             raise ProtocolError(f"{where}: expected a list of client ids")
-        ids = tuple(check_client_id(item, where) for item in value)
+        ids = tuple(value)
+        if not all(
+            type(item) is str and 0 < len(item) <= MAX_CLIENT_ID_CHARS for item in ids
+        ):
+            for item in ids:
+                check_client_id(item, where)  # raises, naming the bad id
         if len(set(ids)) != len(ids):
             raise ProtocolError(f"{where}: a client id is repeated")
         return ids
@@ -470,8 +531,9 @@ def _bytes(value: object, where: str, *, size: int | None = None) -> bytes:
             f"{where}: expected base64 text, got {type(value).__name__}"
         )
     try:
-        data = base64.b64decode(value.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
+        # What base64.b64decode(value, validate=True) does, minus its wrapping.
+        data = binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
         raise ProtocolError(f"{where}: invalid base64") from exc
     if size is not None and len(data) != size:
         raise ProtocolError(f"{where}: expected {size} bytes, got {len(data)}")
@@ -497,15 +559,13 @@ def _b64(data: bytes) -> str:
 
 def _share_bytes(shares: list[Share]) -> bytes:
     """Shares as consecutive :data:`FIELD_BYTES`-byte big-endian elements."""
-    out = bytearray()
     for share in shares:
         if len(share) != SHARE_WORDS:
             raise ValueError(f"a share has {SHARE_WORDS} field elements")
-        for element in share:
-            if not 0 <= element < PRIME:
-                raise ValueError("a share element is outside [0, PRIME)")
-            out += element.to_bytes(FIELD_BYTES, "big")
-    return bytes(out)
+    elements = [element for share in shares for element in share]
+    if not all(0 <= element < PRIME for element in elements):
+        raise ValueError("a share element is outside [0, PRIME)")
+    return b"".join([element.to_bytes(FIELD_BYTES, "big") for element in elements])
 
 
 def _shares_from(data: bytes | memoryview, count: int, where: str) -> list[Share]:
@@ -520,12 +580,10 @@ def _shares_from(data: bytes | memoryview, count: int, where: str) -> list[Share
         int.from_bytes(raw[i : i + FIELD_BYTES], "big")
         for i in range(0, len(raw), FIELD_BYTES)
     ]
-    if any(element >= PRIME for element in elements):
+    if elements and max(elements) >= PRIME:
         raise ProtocolError(f"{where}: a share element is outside [0, PRIME)")
-    return [
-        tuple(elements[i : i + SHARE_WORDS])
-        for i in range(0, len(elements), SHARE_WORDS)
-    ]
+    # SHARE_WORDS consecutive elements per share (the length was checked).
+    return list(zip(*[iter(elements)] * SHARE_WORDS, strict=True))
 
 
 def _ciphertexts_out(ciphertexts: Mapping[str, bytes]) -> tuple[_Json, list[bytes]]:
@@ -732,13 +790,59 @@ class Advertisement:
     masking_key: bytes
     signature: bytes | None = None
 
-    def _to_json(self) -> _Json:
+    @functools.cached_property
+    def _json(self) -> _Json:
+        # Computed once: a server forwards each advertisement to every
+        # neighbour of its sender (the object is frozen, so it never goes stale).
         return {
             "client_id": self.client_id,
             "encryption_key": _b64(self.encryption_key),
             "masking_key": _b64(self.masking_key),
             "signature": None if self.signature is None else _b64(self.signature),
         }
+
+    def _to_json(self) -> _Json:
+        return dict(self._json)
+
+    @classmethod
+    def _from_json_fast(cls, value: object) -> Advertisement | None:
+        """The common well-formed case, or None (then :meth:`_from_json` says why)."""
+        if type(value) is not dict or value.keys() != _ADVERTISEMENT_KEYS:
+            return None
+        client_id = value["client_id"]
+        encryption_key = value["encryption_key"]
+        masking_key = value["masking_key"]
+        signature = value["signature"]
+        if (
+            type(client_id) is not str
+            or not 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
+            or type(encryption_key) is not str
+            or type(masking_key) is not str
+            or not (signature is None or type(signature) is str)
+        ):
+            return None
+        try:
+            encryption = binascii.a2b_base64(encryption_key, strict_mode=True)
+            masking = binascii.a2b_base64(masking_key, strict_mode=True)
+            signed = (
+                None
+                if signature is None
+                else binascii.a2b_base64(signature, strict_mode=True)
+            )
+        except (binascii.Error, ValueError):
+            return None
+        if (
+            len(encryption) != KEY_BYTES
+            or len(masking) != KEY_BYTES
+            or (signed is not None and len(signed) != SIGNATURE_BYTES)
+        ):
+            return None
+        return cls(
+            client_id=client_id,
+            encryption_key=encryption,
+            masking_key=masking,
+            signature=signed,
+        )
 
     @classmethod
     def _from_json(cls, value: object, where: str) -> Advertisement:
@@ -788,7 +892,8 @@ class ShareKeysRequest(Message):
         if not isinstance(value, list):
             raise ProtocolError("share_keys_request.advertisements: expected a list")
         ads = tuple(
-            Advertisement._from_json(item, f"share_keys_request.advertisements[{i}]")
+            Advertisement._from_json_fast(item)
+            or Advertisement._from_json(item, f"share_keys_request.advertisements[{i}]")
             for i, item in enumerate(value)
         )
         if len({ad.client_id for ad in ads}) != len(ads):
@@ -1270,7 +1375,9 @@ def _read_id(data: bytes, offset: int, where: str) -> tuple[str, int]:
         text = data[offset : offset + length].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{where}: a client id is not UTF-8") from exc
-    return check_client_id(text, where), offset + length
+    if not 0 < len(text) <= MAX_CLIENT_ID_CHARS:
+        check_client_id(text, where)  # raises
+    return text, offset + length
 
 
 @dataclass(frozen=True)
@@ -1327,9 +1434,11 @@ class SharePayload:
                     f"{where}: JSON (the format of version 1) is no longer accepted"
                 )
             raise ProtocolError(f"{where}: version {raw[0]} is not {VERSION}")
-        sender, offset = _read_id(raw, 1, f"{where}.sender")
-        recipient, offset = _read_id(raw, offset, f"{where}.recipient")
-        self_mask_share, key_share = _shares_from(raw[offset:], 2, f"{where}.shares")
+        sender, offset = _read_id(raw, 1, "share_payload.sender")
+        recipient, offset = _read_id(raw, offset, "share_payload.recipient")
+        self_mask_share, key_share = _shares_from(
+            raw[offset:], 2, "share_payload.shares"
+        )
         return cls(
             sender=sender,
             recipient=recipient,

@@ -6,7 +6,10 @@ Whoever runs them (a simulation driver, a gRPC service) carries the bytes:
 ``server.requests()`` gives one message per client, each client answers with
 ``client.handle(message)``, and ``server.receive(replies)`` takes the replies
 that arrived before the deadline. A client absent from ``replies`` has
-dropped. Nothing assumes the parties share a process.
+dropped. A transport that gets replies one by one hands each to
+``server.receive_one(client_id, reply)`` as it arrives and closes the stage
+with ``server.end_stage()`` at the deadline. Nothing assumes the parties
+share a process.
 
 The protocol (Bonawitz et al., "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning", CCS 2017, Fig. 4 and §6)
@@ -35,7 +38,9 @@ see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
        y_u = x_u + PRG(b_u) + sum_{v in N(u) ∩ U2} ±PRG(agree(s_sk_u, s_pk_v))  mod 2**b
 
    with ``+`` when ``u < v`` and ``-`` when ``u > v``, so pairwise masks
-   cancel between survivors. ``U3``: the clients whose ``y_u`` arrived.
+   cancel between survivors. ``U3``: the clients whose ``y_u`` arrived. The
+   server adds each ``y_u`` to a running sum as it arrives and keeps only
+   that sum (``d`` words, whatever the number of clients).
    For SecAgg+ the server aborts if ``U3`` is not connected in the graph.
 3. ``consistency_check`` (``malicious`` only, §6): the server sends ``U3``
    to its members; each checks it and signs it. ``U4``: the signers.
@@ -94,6 +99,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal, TypedDict
 
 import numpy as np
@@ -103,7 +109,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedshield.errors import ConfigError, InvalidUpdateError, ProtocolError
 from fedshield.secagg import crypto, shamir
-from fedshield.secagg.encoding import add_mod, sub_mod
 from fedshield.secagg.graph import NeighbourGraph, build_graph, choose_neighbours
 from fedshield.secagg.messages import (
     SECRET_BYTES,
@@ -295,17 +300,33 @@ class SecAggConfig:
 
 
 def _context(purpose: str, session: bytes, round_idx: int, *ids: str) -> bytes:
-    parts = [b"fedshield/secagg/v1/", purpose.encode("ascii"), b"\x00", session]
-    parts.append(round_idx.to_bytes(8, "big"))
-    for cid in ids:
-        data = cid.encode("utf-8")
-        parts.append(len(data).to_bytes(4, "big") + data)
-    return b"".join(parts)
+    return _context_prefix(purpose, session, round_idx) + b"".join(map(_id_field, ids))
+
+
+@lru_cache(maxsize=64)
+def _context_prefix(purpose: str, session: bytes, round_idx: int) -> bytes:
+    return b"".join(
+        [
+            b"fedshield/secagg/v1/",
+            purpose.encode("ascii"),
+            b"\x00",
+            session,
+            round_idx.to_bytes(8, "big"),
+        ]
+    )
+
+
+@lru_cache(maxsize=1 << 14)
+def _id_field(cid: str) -> bytes:
+    data = cid.encode("utf-8")
+    return len(data).to_bytes(4, "big") + data
 
 
 def _pair(purpose: str, session: bytes, round_idx: int, u: str, v: str) -> bytes:
     """Context of a symmetric pair key: the two ids in canonical order."""
-    return _context(purpose, session, round_idx, *sorted((u, v)))
+    if v < u:
+        u, v = v, u
+    return _context_prefix(purpose, session, round_idx) + _id_field(u) + _id_field(v)
 
 
 def _advertisement_message(
@@ -345,6 +366,21 @@ def _public_bytes(private: X25519PrivateKey) -> bytes:
     )
 
 
+def _pairwise_seed(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    *,
+    session: bytes,
+    round_idx: int,
+    u: str,
+    v: str,
+) -> bytes:
+    """``agree(s_sk, s_pk)`` for the pair ``{u, v}``: the seed of their mask."""
+    return crypto.agree(
+        private, peer_public, info=_pair("mask", session, round_idx, u, v)
+    )
+
+
 def _pairwise_mask(
     private: X25519PrivateKey,
     peer_public: bytes,
@@ -357,8 +393,8 @@ def _pairwise_mask(
     out: npt.NDArray[np.uint64] | None = None,
 ) -> npt.NDArray[np.uint64]:
     """``PRG(agree(s_sk, s_pk))`` for the pair ``{u, v}`` (same from both sides)."""
-    seed = crypto.agree(
-        private, peer_public, info=_pair("mask", session, round_idx, u, v)
+    seed = _pairwise_seed(
+        private, peer_public, session=session, round_idx=round_idx, u=u, v=v
     )
     return crypto.expand_mask(seed, config.vector_length, config.modulus_bits, out=out)
 
@@ -672,9 +708,10 @@ class SecAggClient:
         self._peers = peers
         positions = {h: graph.index(h) + 1 for h in holders}
         self._self_seed = crypto.random_seed()
-        seed_shares = shamir.share_bytes(self._self_seed, t_u, list(positions.values()))
-        key_shares = shamir.share_bytes(
-            crypto.export_private(self._masking.private), t_u, list(positions.values())
+        seed_shares, key_shares = shamir.share_bytes_many(
+            [self._self_seed, crypto.export_private(self._masking.private)],
+            t_u,
+            list(positions.values()),
         )
         mine = positions[me]
         self._held[me] = (tuple(seed_shares[mine]), tuple(key_shares[mine]))
@@ -763,30 +800,23 @@ class SecAggClient:
         if self._input is None:
             raise ProtocolError(f"client {me!r} has no input: call set_input() first")
         b = self.config.modulus_bits
-        # Accumulate in place mod 2^64 (uint64 wraps), reduce mod 2^b once at
-        # the end: 2^b divides 2^64, so the result is the sum mod 2^b. One
-        # scratch buffer takes every mask in turn (no fresh pages per
+        # Accumulate the masks' full 64-bit words in place mod 2^64 (uint64
+        # wraps) and reduce mod 2^b once at the end: 2^b divides 2^64, so the
+        # result is the sum of the b-bit masks mod 2^b (crypto.add_mask). One
+        # reused keystream buffer serves every mask (no fresh pages per
         # neighbour).
         masked = np.array(self._input, dtype=np.uint64, copy=True)
-        scratch = np.empty_like(masked)
-        masked += crypto.expand_mask(
-            self._self_seed, self.config.vector_length, b, out=scratch
-        )
+        crypto.add_mask(self._self_seed, masked)
         for v in sorted(senders):
-            mask = _pairwise_mask(
+            seed = _pairwise_seed(
                 self._masking.private,
                 self._peers[v].masking_key,
                 session=self._session,
                 round_idx=self.round_idx,
                 u=me,
                 v=v,
-                config=self.config,
-                out=scratch,
             )
-            if me < v:
-                masked += mask
-            else:
-                masked -= mask
+            crypto.add_mask(seed, masked, subtract=me > v)
         if b < 64:
             masked &= np.uint64((1 << b) - 1)
         self._share_senders = senders
@@ -1009,8 +1039,15 @@ class SecAggServer:
         self._dropped: dict[str, str] = {}
         self._refused: dict[str, str] = {}
         self._ads: dict[str, AdvertiseReply] = {}
+        self._forwarded: dict[str, Advertisement] = {}
         self._ciphertexts: dict[str, Mapping[str, bytes]] = {}
-        self._masked: dict[str, npt.NDArray[np.uint64]] = {}
+        # Sum mod 2^64 of the masked inputs accepted so far (O(d), never one
+        # vector per client), and the replies accepted in the current stage
+        # (None: a masked input, already in the sum).
+        self._sum: npt.NDArray[np.uint64] | None = None
+        self._pending: dict[str, Message | None] = {}
+        self._asked: frozenset[str] = frozenset(self._clients)
+        self._answered: set[str] = set()
         self._survivors: tuple[str, ...] | None = None
         self._signatures: dict[str, bytes] = {}
         self._requested: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
@@ -1079,6 +1116,11 @@ class SecAggServer:
         wrong parties is refused (logged, recorded in :attr:`refused`) and its
         sender counted as dropped.
 
+        The same as :meth:`receive_one` for each reply, then :meth:`end_stage`.
+        A transport that gets the replies one by one should pass each to
+        :meth:`receive_one` as it arrives instead: in the masked-input stage
+        the server then never holds more than one client's vector (see there).
+
         Raises
         ------
         ProtocolError
@@ -1088,27 +1130,77 @@ class SecAggServer:
             ``aborted`` and :meth:`result` stays unavailable. Also if called
             once the protocol is over.
         """
-        if self._stage in (Stage.DONE, Stage.ABORTED):
-            raise ProtocolError(
-                f"receive() called in stage {self._stage}: the round is over"
-            )
-        stage = self._stage
-        expected = set(self._active)
-        accepted: dict[str, Message] = {}
+        self._check_open("receive")
         for cid, data in replies.items():
-            if cid not in expected:
-                _LOG.warning(
-                    "secagg round %d, stage %s: ignored a reply from %r, which was not "
-                    "asked in this stage",
-                    self.round_idx,
-                    stage,
-                    cid,
-                )
-                continue
-            try:
-                accepted[cid] = self._validate(cid, data)
-            except ProtocolError as exc:
-                self._refuse(cid, str(exc))
+            self.receive_one(cid, data)
+        self.end_stage()
+
+    def receive_one(self, client_id: str, data: bytes) -> None:
+        """Take one reply of the current stage, as it arrives.
+
+        The reply is checked at once, as :meth:`receive` checks it: a reply
+        that fails is refused (logged, recorded in :attr:`refused`) and its
+        sender counted as dropped. A reply from a client not asked in this
+        stage, or a second reply from a client that already answered in it,
+        is ignored (logged). Nothing moves on until :meth:`end_stage`.
+
+        In the masked-input stage an accepted vector is added to a running sum
+        mod ``2**b`` right away and dropped: the server holds ``O(d)`` words
+        of masked input however many clients answer (plus one reply while it
+        is being checked). Only the sum over all the survivors is ever
+        released, once unmasking completes.
+
+        Raises
+        ------
+        ProtocolError
+            If the protocol is over (``done`` or ``aborted``).
+        """
+        self._check_open("receive_one")
+        stage = self._stage
+        if client_id not in self._asked:
+            _LOG.warning(
+                "secagg round %d, stage %s: ignored a reply from %r, which was not "
+                "asked in this stage",
+                self.round_idx,
+                stage,
+                client_id,
+            )
+            return
+        if client_id in self._answered:
+            _LOG.warning(
+                "secagg round %d, stage %s: ignored a second reply from %r",
+                self.round_idx,
+                stage,
+                client_id,
+            )
+            return
+        self._answered.add(client_id)
+        try:
+            msg = self._validate(client_id, data)
+        except ProtocolError as exc:
+            self._refuse(client_id, str(exc))
+            return
+        if isinstance(msg, MaskedInputReply):
+            if self._sum is None:
+                self._sum = np.zeros(self.config.vector_length, dtype=np.uint64)
+            # Mod 2^64 (uint64 wraps); reduced mod 2^b once unmasked. 2^b
+            # divides 2^64, so this is the sum mod 2^b.
+            np.add(self._sum, msg.masked_input, out=self._sum)
+            self._pending[client_id] = None  # the vector is in the sum
+        else:
+            self._pending[client_id] = msg
+
+    def end_stage(self) -> None:
+        """Close the current stage: who has not answered has dropped; move on.
+
+        Raises
+        ------
+        ProtocolError
+            As :meth:`receive`.
+        """
+        self._check_open("end_stage")
+        stage = self._stage
+        accepted = self._pending
         if stage is Stage.ADVERTISE_KEYS:
             self._refuse_repeated_keys(accepted)
         for cid in self._active:
@@ -1139,6 +1231,12 @@ class SecAggServer:
 
     # -- internals ------------------------------------------------------------
 
+    def _check_open(self, method: str) -> None:
+        if self._stage in (Stage.DONE, Stage.ABORTED):
+            raise ProtocolError(
+                f"{method}() called in stage {self._stage}: the round is over"
+            )
+
     def _require(self, answered: int, what: str) -> None:
         t = self.config.threshold
         if answered < t:
@@ -1148,7 +1246,8 @@ class SecAggServer:
         self._stage = Stage.ABORTED
         self._failure = reason
         self._outbox = None
-        self._masked.clear()
+        self._sum = None
+        self._pending = {}
         _LOG.warning("secagg round %d aborted: %s", self.round_idx, reason)
 
     def _refuse(self, cid: str, reason: str) -> None:
@@ -1182,16 +1281,8 @@ class SecAggServer:
             )
         neighbours = self._graph.neighbours_of(cid)
         if stage is Stage.SHARE_KEYS:
-            ads = tuple(
-                Advertisement(
-                    client_id=v,
-                    encryption_key=self._ads[v].encryption_key,
-                    masking_key=self._ads[v].masking_key,
-                    signature=self._ads[v].signature,
-                )
-                for v in neighbours
-                if v in self._ads
-            )
+            known = self._forwarded
+            ads = tuple(known[v] for v in neighbours if v in known)
             return ShareKeysRequest(**head, advertisements=ads)
         if stage is Stage.MASKED_INPUT:
             forwarded = {
@@ -1274,7 +1365,7 @@ class SecAggServer:
                 raise ProtocolError("the shares returned are not the ones asked for")
         return msg
 
-    def _refuse_repeated_keys(self, accepted: dict[str, Message]) -> None:
+    def _refuse_repeated_keys(self, accepted: dict[str, Message | None]) -> None:
         # Every client whose key appears twice is refused: copying another
         # client's public key is never honest, and which copy came first is
         # not knowable.
@@ -1292,12 +1383,23 @@ class SecAggServer:
                     cid, "its public keys repeat keys another client advertised"
                 )
 
-    def _advance(self, stage: Stage, accepted: Mapping[str, Message]) -> None:
+    def _advance(self, stage: Stage, accepted: Mapping[str, Message | None]) -> None:
         members = tuple(sorted(accepted))
         self._outbox = None
         if stage is Stage.ADVERTISE_KEYS:
             self._ads = {
                 c: m for c, m in accepted.items() if isinstance(m, AdvertiseReply)
+            }
+            # One Advertisement per client, forwarded to each of its neighbours
+            # (and serialised once).
+            self._forwarded = {
+                c: Advertisement(
+                    client_id=c,
+                    encryption_key=m.encryption_key,
+                    masking_key=m.masking_key,
+                    signature=m.signature,
+                )
+                for c, m in self._ads.items()
             }
             self._set_stage(Stage.SHARE_KEYS, members)
         elif stage is Stage.SHARE_KEYS:
@@ -1308,11 +1410,7 @@ class SecAggServer:
             }
             self._set_stage(Stage.MASKED_INPUT, members)
         elif stage is Stage.MASKED_INPUT:
-            self._masked = {
-                c: m.masked_input
-                for c, m in accepted.items()
-                if isinstance(m, MaskedInputReply)
-            }
+            # Their vectors are in self._sum already (receive_one).
             self._survivors = members
             if not self._graph.is_connected(members):
                 raise ProtocolError(
@@ -1333,12 +1431,14 @@ class SecAggServer:
         else:
             replies = {c: m for c, m in accepted.items() if isinstance(m, UnmaskReply)}
             self._result = self._unmask(replies)
-            self._masked.clear()
             self._set_stage(Stage.DONE, members)
 
     def _set_stage(self, stage: Stage, active: tuple[str, ...]) -> None:
         self._stage = stage
         self._active = active
+        self._asked = frozenset(active)
+        self._answered = set()
+        self._pending = {}
 
     def _enter_unmask(self, active: tuple[str, ...]) -> None:
         survivors = set(self._survivors or ())
@@ -1384,13 +1484,13 @@ class SecAggServer:
                 shares, t_owner, SECRET_BYTES, coefficients[positions]
             )
 
-        total = np.zeros(d, dtype=np.uint64)
+        # The running sum of the survivors' masked inputs (mod 2^64): remove
+        # the masks from it in place, reduce mod 2^b at the end.
+        total, self._sum = self._sum, None
+        if total is None:  # pragma: no cover - U3 has at least t >= 2 members
+            total = np.zeros(d, dtype=np.uint64)
         for u in survivors:
-            total = add_mod(total, self._masked[u], b)
-        for u in survivors:
-            total = sub_mod(
-                total, crypto.expand_mask(rebuild(u, key_share=False), d, b), b
-            )
+            crypto.add_mask(rebuild(u, key_share=False), total, subtract=True)
         members = set(survivors)
         for v in sorted(set(self._ciphertexts) - members):
             partners = [u for u in graph.neighbours_of(v) if u in members]
@@ -1403,17 +1503,18 @@ class SecAggServer:
                     "public key (corrupt shares)"
                 )
             for u in partners:
-                mask = _pairwise_mask(
+                seed = _pairwise_seed(
                     private,
                     self._ads[u].masking_key,
                     session=self._session,
                     round_idx=self.round_idx,
                     u=u,
                     v=v,
-                    config=config,
                 )
                 # y_u carries +mask if u < v and -mask if u > v: take it off.
-                total = sub_mod(total, mask, b) if u < v else add_mod(total, mask, b)
+                crypto.add_mask(seed, total, subtract=u < v)
+        if b < 64:
+            np.bitwise_and(total, np.uint64((1 << b) - 1), out=total)
         return total
 
 
