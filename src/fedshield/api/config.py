@@ -204,6 +204,7 @@ class SecAggSection(_Section):
     malicious: bool = False
     security_parameter: int = Field(40, ge=16, le=128)
     expected_dropout: float = Field(0.1, ge=0, lt=1)
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
 
 
 class RobustSection(_Section):

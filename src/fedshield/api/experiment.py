@@ -521,6 +521,7 @@ def secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
         malicious=sa.malicious,
         security_parameter=sa.security_parameter,
         expected_dropout=sa.expected_dropout,
+        workers=None if sa.workers == "auto" else sa.workers,
     )
 
 

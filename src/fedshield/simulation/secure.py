@@ -107,6 +107,10 @@ class SecureAggregation:
         SecAgg+'s statistical security parameter ``σ`` (bits).
     expected_dropout
         SecAgg+'s expected dropout rate, for choosing ``k``.
+    workers
+        Worker processes that run some clients' halves in a simulation
+        (None: one on two or more cores from 32 clients in a round, else
+        none; 0: all in the simulating process).
     """
 
     protocol: Literal["secagg", "secagg+"] = "secagg"
@@ -117,6 +121,7 @@ class SecureAggregation:
     malicious: bool = False
     security_parameter: int = 40
     expected_dropout: float = 0.1
+    workers: int | None = None
 
     def threshold_for(self, num_clients: int) -> int:
         """The threshold ``t`` for a round of ``num_clients`` clients.
@@ -405,7 +410,14 @@ def _run_protocol(
     """Carry the protocol's messages between the server and the client halves.
 
     Each client's half is given its encoded input; ``dropped`` collects the
-    clients that dropped (injected by ``drop_at``) and at which stage.
+    clients that dropped (injected by ``drop_at``, or on a worker process
+    that failed) and at which stage. Each reply goes to the server as it is
+    produced (:meth:`~fedshield.secagg.protocol.SecAggServer.receive_one`),
+    so the server holds one masked vector at a time. With
+    ``settings.workers`` (or ``auto`` on two or more cores and at least
+    :data:`~fedshield.simulation.secure_workers.AUTO_MIN_CLIENTS` clients),
+    some client halves run on worker processes
+    (:mod:`fedshield.simulation.secure_workers`).
 
     Raises
     ------
@@ -414,43 +426,78 @@ def _run_protocol(
     """
     from fedshield.secagg import crypto
     from fedshield.secagg.protocol import SecAggClient, SecAggServer
+    from fedshield.simulation.secure_workers import auto_workers, shared_workers
 
     clients = sorted(inputs)
+    processes = (
+        auto_workers(len(clients)) if settings.workers is None else settings.workers
+    )
+    pool = shared_workers(processes) if processes > 0 else None
+    local = clients
+    remote_public: dict[ClientId, bytes] = {}
+    if pool is not None:
+        local, remote_public = pool.begin(
+            config, round_idx, inputs, malicious=settings.malicious
+        )
     # The simulation is its own PKI: each client's signature key, and the
     # table of verification keys every party knows (malicious mode).
     signing = (
-        {cid: crypto.generate_signing_key() for cid in clients}
+        {cid: crypto.generate_signing_key() for cid in local}
         if settings.malicious
         else {}
     )
-    verify = {cid: key.public for cid, key in signing.items()} or None
-    server = SecAggServer(config, round_idx, clients, verify_keys=verify)
+    verify = {cid: key.public for cid, key in signing.items()}
+    verify.update(remote_public)
+    table = verify or None
+    if pool is not None:
+        pool.start(table)
+    server = SecAggServer(config, round_idx, clients, verify_keys=table)
     halves: dict[ClientId, SecAggClient] = {}
-    for cid in clients:
+    for cid in local:
         half = SecAggClient(
             config,
             round_idx,
             cid,
             signing_key=signing.get(cid),
-            verify_keys=verify,
+            verify_keys=table,
         )
         half.set_input(inputs[cid])
         halves[cid] = half
+    remote = pool.remote() if pool is not None else set()
+
+    def refused(cid: ClientId, why: str) -> None:
+        logger.warning("round %d: client %s refused: %s", round_idx + 1, cid, why)
+
     while server.stage not in ("done", "aborted"):
         stage = server.stage
-        replies: dict[ClientId, bytes] = {}
+        requests: dict[ClientId, bytes] = {}
         for cid, message in server.requests().items():
             if cid in drop_at and cid not in dropped and drop_at[cid] == stage:
                 dropped[cid] = stage
-            if cid in dropped:
+            if cid not in dropped:
+                requests[cid] = message
+        if pool is not None:
+            pool.send(requests)
+        for cid, message in requests.items():
+            if cid in remote:
                 continue
             try:
-                replies[cid] = halves[cid].handle(message)
+                server.receive_one(cid, halves[cid].handle(message))
             except ProtocolError as err:
-                logger.warning(
-                    "round %d: client %s refused: %s", round_idx + 1, cid, err
-                )
-        server.receive(replies)
+                refused(cid, str(err))
+        if pool is not None:
+            answers = pool.collect()
+            for cid in requests:
+                if cid not in remote:
+                    continue
+                answer = answers.get(cid)
+                if isinstance(answer, bytes):
+                    server.receive_one(cid, answer)
+                elif isinstance(answer, str):
+                    refused(cid, answer)
+                else:  # its worker failed: the client is gone
+                    dropped.setdefault(cid, stage)
+        server.end_stage()
     return server
 
 
