@@ -287,15 +287,12 @@ class DistributedDp:
     secure_rng: bool = False
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.clip_norm) or self.clip_norm <= 0:
-            raise ConfigError(
-                f"[privacy] clip_norm must be a finite number > 0; got {self.clip_norm}"
-            )
-        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier <= 0:
-            raise ConfigError(
-                "[privacy] noise_multiplier must be a finite number > 0; got "
-                f"{self.noise_multiplier}"
-            )
+        for key in ("clip_norm", "noise_multiplier"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(
+                    f"[privacy] {key} must be a finite number > 0; got {value}"
+                )
         if not 8 <= self.modulus_bits <= MAX_BITS:
             raise ConfigError(
                 f"[privacy] distributed_bits must be in [8, {MAX_BITS}]; got "

@@ -350,13 +350,12 @@ def secure_sum(
         encoded_count, _ = encode(np.array([count / enc.scale]), enc, rng)
         encoded[spec.size + 1] = encoded_count[0]
         inputs[cid] = encoded
-    dropped: dict[ClientId, str] = {}
-    try:
-        server = _run_protocol(config, settings, round_idx, inputs, drop_at, dropped)
-    except ProtocolError as err:
-        _count_drops(metrics, dropped)
-        metrics["secagg/aborted"] = 1.0
-        return SecureSumResult(None, metrics, dropped, str(err))
+    server, dropped, aborted = _sum_or_abort(
+        config, settings, round_idx, inputs, drop_at, metrics
+    )
+    if aborted is not None:
+        return aborted
+    assert server is not None
     total = decode_sum(server.result(), enc, len(server.survivors))
     weight_sum = float(total[spec.size])
     out_of_range = round(float(total[spec.size + 1]) * enc.scale)
@@ -397,6 +396,25 @@ def _count_drops(metrics: dict[str, float], dropped: Mapping[ClientId, str]) -> 
     for stage in dropped.values():
         key = f"dropped/{stage}"
         metrics[key] = metrics.get(key, 0.0) + 1.0
+
+
+def _sum_or_abort(
+    config: SecAggConfig,
+    settings: SecureAggregation,
+    round_idx: int,
+    inputs: Mapping[ClientId, np.ndarray],
+    drop_at: Mapping[ClientId, str],
+    metrics: dict[str, float],
+) -> tuple[SecAggServer | None, dict[ClientId, str], SecureSumResult | None]:
+    """Run the protocol; on abort, the result that releases nothing."""
+    dropped: dict[ClientId, str] = {}
+    try:
+        server = _run_protocol(config, settings, round_idx, inputs, drop_at, dropped)
+    except ProtocolError as err:
+        _count_drops(metrics, dropped)
+        metrics["secagg/aborted"] = 1.0
+        return None, dropped, SecureSumResult(None, metrics, dropped, str(err))
+    return server, dropped, None
 
 
 def _run_protocol(
@@ -540,13 +558,12 @@ def _distributed_sum(
             rotation_seed=round_idx,
             random_bytes=random_bytes,
         )
-    dropped: dict[ClientId, str] = {}
-    try:
-        server = _run_protocol(config, settings, round_idx, inputs, drop_at, dropped)
-    except ProtocolError as err:
-        _count_drops(metrics, dropped)
-        metrics["secagg/aborted"] = 1.0
-        return SecureSumResult(None, metrics, dropped, str(err))
+    server, dropped, aborted = _sum_or_abort(
+        config, settings, round_idx, inputs, drop_at, metrics
+    )
+    if aborted is not None:
+        return aborted
+    assert server is not None
     total, near = ddg.decode_sum(server.result(), params, rotation_seed=round_idx)
     _count_drops(metrics, dropped)
     survivors = len(server.survivors)
