@@ -76,7 +76,7 @@ d-vector at a time. The server runs in a process of its own (``spawn``), fed
 through a pipe one reply at a time, exactly what a network transport would
 hand it; its compute is that process's CPU time inside the server's calls
 (``requests``, ``receive_one``, ``end_stage``, ``result``; not the pipe),
-and its peak memory that process's ``ru_maxrss`` (``resource.getrusage``),
+and its peak memory that process's ``VmHWM`` (see :func:`rss_mib`),
 beside the same figure taken before the server was built (the interpreter,
 numpy and ``cryptography``). The clients' figures of that run (all 1000
 clients, every stage, measured as above, cold allocator) are reported too.
@@ -493,9 +493,9 @@ class ServerMeasured:
     mode: str  # "streaming" (receive_one) or "batch" (receive)
     server_s: float  # CPU seconds of the server's calls, in its own process
     stage_server_s: dict[str, float]
-    server_peak_mib: float  # ru_maxrss of the server process
-    server_baseline_mib: float  # ru_maxrss before the server was built
-    stage_peak_mib: dict[str, float]  # ru_maxrss after each stage
+    server_peak_mib: float  # peak resident set (rss_mib) of the server process
+    server_baseline_mib: float  # the same before the server was built
+    stage_peak_mib: dict[str, float]  # the same after each stage
     plain_server_s: float
     sum_ok: bool
     survivors: int
@@ -509,7 +509,21 @@ class ServerMeasured:
 
 
 def rss_mib() -> float:
-    """This process's peak resident set so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    """This process's peak resident set so far, MiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where there is one: the high-water
+    mark of this process image. ``ru_maxrss`` is not used there because
+    Linux carries it over ``fork`` + ``exec``, so a server process spawned
+    by a large benchmark process would report its parent's size (1.4 GiB
+    in one full run). Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -919,7 +933,8 @@ def render_server(rows: list[ServerMeasured], command: str) -> str:
         "d-vector is alive on the client side at a time). The server runs in a "
         "process of its own and gets the replies through a pipe, one at a "
         "time. Server compute is that process's CPU time inside the server's "
-        "calls (not the pipe); peak memory is its `ru_maxrss`, and *baseline* "
+        "calls (not the pipe); peak memory is its `VmHWM` high-water mark, "
+        "and *baseline* "
         "the same before the server was built (interpreter, numpy, "
         "`cryptography`). Plaintext server: `np.frombuffer` + add of each "
         "client's float32 bytes. Client figures: medians over all n clients "
