@@ -197,3 +197,63 @@ def test_secure_randomness_differs_between_runs():
         delta, params, clip_norm=1.0, rotation_seed=0, random_bytes=os.urandom
     )
     assert not np.array_equal(a, b)
+
+
+def _no_noise(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(
+        ddg, "discrete_gaussian", lambda count, sigma, rb: np.zeros(count, np.int64)
+    )
+
+
+@pytest.mark.parametrize("shape", ["one-hot", "all-equal", "huge"])
+def test_encoded_vectors_never_exceed_the_accounted_sensitivity(monkeypatch, shape):
+    _no_noise(monkeypatch)
+    d = 50
+    dp = ddg.DistributedDp(clip_norm=1.0, noise_multiplier=1.0, modulus_bits=12)
+    params = dp.parameters(dimension=d, num_clients=10, threshold=7)
+    # A bound with almost no room above the clipped norm: plain stochastic
+    # rounding would exceed it often; conditional rounding never may.
+    scaled = 1.0 / params.gamma
+    tight = dataclasses.replace(params, l2_sensitivity=math.sqrt(scaled**2 + 4.0))
+    delta = {
+        "one-hot": np.eye(d)[0] * 5.0,
+        "all-equal": np.full(d, 3.0),
+        "huge": np.random.default_rng(1).normal(size=d) * 1e6,
+    }[shape]
+    for p in (params, tight):
+        for seed in range(60):
+            words, _ = ddg.encode(
+                delta, p, clip_norm=1.0, rotation_seed=seed, random_bytes=_bytes(seed)
+            )
+            ints = words.astype(np.int64)
+            ints[ints >= 1 << 11] -= 1 << 12
+            norm = float(np.linalg.norm(ints.astype(np.float64)))
+            assert norm <= p.l2_sensitivity + 1e-9
+
+
+def test_the_largest_noise_the_parameters_allow_has_random_low_bits():
+    sigma = ddg.MAX_SIGMA
+    draws = ddg.discrete_gaussian(40_000, sigma, _bytes(11))
+    low = (draws & 7).astype(np.int64)
+    counts = np.bincount(low, minlength=8)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    with pytest.raises(ConfigError, match="fewer distributed_bits"):
+        ddg.discrete_gaussian(3, 2.0**41, _bytes(0))
+
+
+def test_too_many_bits_are_refused_with_a_smaller_number():
+    with pytest.raises(ConfigError, match=r"distributed_bits <= (\d+)") as err:
+        ddg.DistributedDp(1.0, 1.0, modulus_bits=62).parameters(
+            dimension=4810, num_clients=10, threshold=7
+        )
+    most = int(err.value.args[0].rsplit("<= ", 1)[1])
+    p = ddg.DistributedDp(1.0, 1.0, modulus_bits=most).parameters(
+        dimension=4810, num_clients=10, threshold=7
+    )
+    assert p.noise_std <= ddg.MAX_SIGMA
+
+
+def test_uniforms_stay_strictly_inside_the_unit_interval():
+    low = ddg.uniforms(1, lambda n: b"\x00" * n)
+    high = ddg.uniforms(1, lambda n: b"\xff" * n)
+    assert 0.0 < low[0] < 1e-15 and 0.0 < 1.0 - high[0] < 1e-15

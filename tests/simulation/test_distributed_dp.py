@@ -166,3 +166,85 @@ def test_a_resumed_run_reports_the_same_epsilon(tmp_path) -> None:  # type: igno
     a = RunDirectory(tmp_path / "full").read_metrics()
     b = RunDirectory(tmp_path / "part").read_metrics()
     assert [r["epsilon"] for r in a] == [r["epsilon"] for r in b]
+
+
+@pytest.mark.parametrize("protocol", ["secagg", "secagg+"])
+@pytest.mark.parametrize(
+    "stage", ["fit", "advertise_keys", "share_keys", "masked_input", "unmask"]
+)
+def test_the_accounted_survivors_are_the_clients_in_the_sum(protocol, stage) -> None:  # type: ignore[no-untyped-def]
+    from fedshield.core import ClientUpdate, Params, ParamSpec
+    from fedshield.privacy.distributed import DistributedDp
+    from fedshield.simulation.secure import SecureAggregation, secure_sum
+
+    n = 8
+    spec = ParamSpec((("w", (n,)),))
+    # Client i's update is 0.5 on coordinate i: the sum shows who is in it.
+    updates = {
+        f"c{i}": ClientUpdate(
+            f"c{i}", Params.from_flat(np.eye(n, dtype=np.float32)[i] * 0.5, spec), 10
+        )
+        for i in range(n)
+    }
+    gone = {"c1": stage, "c5": stage}
+    held = {c: u for c, u in updates.items() if not (stage == "fit" and c in gone)}
+    result = secure_sum(
+        held,
+        settings=SecureAggregation(protocol=protocol, threshold=0.6),
+        spec=spec,
+        round_idx=0,
+        max_examples=10,
+        drop_at={} if stage == "fit" else gone,
+        rng=np.random.default_rng(0),
+        distributed=DistributedDp(clip_norm=1.0, noise_multiplier=1e-3),
+    )
+    assert result.total is not None
+    present = {f"c{i}" for i in range(n) if result.total[i] > 0.25}
+    if stage == "unmask":  # their masked inputs had arrived: they are summed
+        assert present == set(updates)
+    else:
+        assert present == set(updates) - set(gone)
+    assert result.metrics["secagg/survivors"] == len(present)
+
+
+def test_sampled_clients_are_charged_even_if_they_drop_and_aborted_rounds_cost_nothing(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    config = _config(privacy=DDP, faults={"dropout": 0.3}, run={"rounds": 3})
+    _, run_dir = simulate(config, out=tmp_path / "drop", write_report=False)
+    record = RunDirectory(run_dir).load_checkpoint().metadata["privacy"]
+    records = RunDirectory(run_dir).read_metrics()
+    completed = sum(1 for r in records if r.get("secagg/aborted") == 0.0)
+    assert completed >= 1
+    # Every client is sampled every round (rate 1): each is charged for every
+    # completed round, including those it dropped out of.
+    for histogram in record["participation"].values():
+        assert sum(histogram.values()) == completed
+    aborted = _config(
+        privacy=DDP,
+        secagg={"protocol": "secagg", "threshold": 1.0},
+        faults={"dropout": 0.5},
+        run={"rounds": 2},
+    )
+    summary, run_dir = simulate(aborted, out=tmp_path / "abort", write_report=False)
+    assert all(r["secagg/aborted"] == 1.0 for r in RunDirectory(run_dir).read_metrics())
+    assert summary["epsilon"] == 0.0
+
+
+def test_poisson_rounds_never_take_epsilon_past_the_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _config(
+        privacy={**DDP, "target_epsilon": 6.0, "distributed_bits": 12},
+        strategy={"clients_per_round": 6},
+        run={"rounds": 40},
+    )
+    summary, run_dir = simulate(config, out=tmp_path / "p", write_report=False)
+    assert summary["status"] == "budget_exhausted"
+    assert 0 < summary["epsilon"] <= 6.0
+    sizes = {r["secagg/clients"] for r in RunDirectory(run_dir).read_metrics()}
+    assert len(sizes) >= 2  # Poisson sampling varied the rounds
+
+
+def test_a_budget_no_round_fits_is_refused_before_round_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = _config(privacy={**DDP, "target_epsilon": 0.5})
+    with pytest.raises(ConfigError, match="one round alone costs"):
+        simulate(config, out=tmp_path / "no", write_report=False)

@@ -104,12 +104,15 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if p.mode == "distributed":
         extra = {
+            # The distributed discrete Gaussian is always accounted by its RDP
+            # bound (fedshield.privacy.accounting.ddg_rdp), whatever [privacy]
+            # accountant says.
+            "accountant": "rdp",
             "distributed_bits": p.distributed_bits,
             "rounding_beta": p.rounding_beta,
             "amplification_by_sampling": False,
         }
     return {
-        **extra,
         "mode": p.mode,
         "epsilon": float(record.get("epsilon", 0.0)),
         "delta": p.delta,
@@ -119,6 +122,7 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
         "target_epsilon": p.target_epsilon,
         "sampling": p.sampling,
         "secure_rng": p.secure_rng,
+        **extra,
     }
 
 
@@ -201,7 +205,13 @@ def _simulate(
         ),
         federation=federation,
     )
-    strategy.check(len(federation.client_ids))
+    if config.privacy.mode != "none":  # DP-FedAvg: the budget fits a round
+        from fedshield.strategies.dp import DpFedAvg
+
+        assert isinstance(strategy, DpFedAvg)
+        strategy.check(len(federation.client_ids), dimension=federation.model.spec.size)
+    else:
+        strategy.check(len(federation.client_ids))
     backend_name = resolve_backend(
         config.run.backend, federation.model, privacy_mode=config.privacy.mode
     )

@@ -118,8 +118,17 @@ def run_simulate(
                 table.add_row(
                     key, _fmt(value) if isinstance(value, float) else str(value)
                 )
+        privacy = summary.get("privacy")
+        if isinstance(privacy, dict) and privacy.get("mode") not in (None, "none"):
+            table.add_row(
+                "epsilon",
+                f"{float(privacy.get('epsilon', 0.0)):.4g} "
+                f"(delta {privacy.get('delta')}, {privacy.get('mode')})",
+            )
         table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
         table.add_row("backend", str(summary.get("backend", "")))
+        if summary.get("status") != "completed" and summary.get("error"):
+            table.add_row("why", str(summary["error"]))
         console.print(table)
         report = run_dir / "report.html"
         if config.run.report:

@@ -547,6 +547,9 @@ def _distributed_sum(
         metrics["secagg/aborted"] = 1.0
         return SecureSumResult(None, metrics, {}, str(err))
     random_bytes = _random_bytes(distributed.secure_rng, rng)
+    # The rotation's signs: public, fresh for each run and round (a real
+    # server would announce the seed with the round).
+    rotation_seed = int(rng.integers(2**62))
     inputs: dict[ClientId, np.ndarray] = {}
     for cid in clients:
         delta = np.asarray(updates[cid].delta.flat, dtype=np.float64)
@@ -555,7 +558,7 @@ def _distributed_sum(
             delta,
             params,
             clip_norm=distributed.clip_norm,
-            rotation_seed=round_idx,
+            rotation_seed=rotation_seed,
             random_bytes=random_bytes,
         )
     server, dropped, aborted = _sum_or_abort(
@@ -564,7 +567,7 @@ def _distributed_sum(
     if aborted is not None:
         return aborted
     assert server is not None
-    total, near = ddg.decode_sum(server.result(), params, rotation_seed=round_idx)
+    total, near = ddg.decode_sum(server.result(), params, rotation_seed=rotation_seed)
     _count_drops(metrics, dropped)
     survivors = len(server.survivors)
     metrics.update(

@@ -549,9 +549,39 @@ class DpFedAvg:
         state = self.base.init(params)
         return state.evolve(metadata={**state.metadata, "privacy": self._fresh()})
 
-    def check(self, num_available: int) -> None:
-        """FedAvg's checks (``min_clients`` against the expected sample)."""
+    def check(self, num_available: int, dimension: int | None = None) -> None:
+        """FedAvg's checks (``min_clients`` against the expected sample).
+
+        With ``target_epsilon`` in central, local or distributed mode (and
+        the model's ``dimension`` for distributed mode), also refuse a
+        budget that not even one round of the expected size fits.
+
+        Raises
+        ------
+        ConfigError
+            If one round already costs more than ``target_epsilon``.
+        """
         self.base.check(num_available)
+        target = self.privacy.target_epsilon
+        if target is None or self.privacy.mode == "record":
+            return
+        if self.privacy.mode == "central":
+            first = epsilon(
+                [self._central_event()], self.privacy.delta, self.privacy.accountant
+            )
+        elif self.privacy.mode == "local":
+            first = self._local_epsilon(1)
+        elif dimension is not None:
+            event = self._next_distributed_event(dimension)
+            first = epsilon([event], self.privacy.delta, self.privacy.accountant)
+        else:
+            return
+        if first > target:
+            raise ConfigError(
+                f"one round alone costs epsilon {first:.4g}, above target_epsilon = "
+                f"{target:g} (delta = {self.privacy.delta:g}): raise noise_multiplier "
+                "or target_epsilon"
+            )
 
     def configure(
         self,
@@ -568,10 +598,15 @@ class DpFedAvg:
             If this round would take ε above ``target_epsilon``.
         """
         record = self._record(state)
-        self._check_budget(record, state.params.spec.size)
+        if self.privacy.mode != "distributed":
+            self._check_budget(record)
         clients = self.sampler.sample(available, round_idx=state.round_idx, rng=rng)
         if self.privacy.mode == "record":
             self._check_record_budget(record, clients)
+        elif self.privacy.mode == "distributed" and clients:
+            # Checked for the round as sampled: a larger round has a coarser
+            # granularity and a larger sensitivity in integer units.
+            self._check_distributed_budget(record, state.params.spec.size, len(clients))
         local = replace(self.base.local, round_idx=state.round_idx)
         aggregator: Aggregator | None = None
         if self.privacy.mode == "central":
@@ -720,13 +755,15 @@ class DpFedAvg:
             counts[:, -1] = 1
         return ddg_worst_epsilon(specs, counts, self.privacy.delta)
 
-    def _next_distributed_event(self, dimension: int) -> DpEventSpec:
-        """The release of a round of the expected size, with few survivors.
+    def _next_distributed_event(
+        self, dimension: int, num_clients: int | None = None
+    ) -> DpEventSpec:
+        """A round's release, completed by only the threshold.
 
-        Completed by only the threshold: the fewest noise shares a
-        completed round holds.
+        For a round of ``num_clients`` (default: the expected number); the
+        threshold is the fewest noise shares a completed round holds.
         """
-        n = max(2, round(self._expected))
+        n = max(2, num_clients or round(self._expected))
         t = self.threshold_for(n) if self.threshold_for is not None else n
         params = self.privacy.distributed().parameters(
             dimension=dimension, num_clients=n, threshold=t
@@ -789,29 +826,44 @@ class DpFedAvg:
                     f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
                 )
 
-    def _check_budget(self, record: Mapping[str, Any], dimension: int) -> None:
+    def _check_distributed_budget(
+        self, record: Mapping[str, Any], dimension: int, num_clients: int
+    ) -> None:
         target = self.privacy.target_epsilon
-        if target is None or self.privacy.mode == "record":
+        if target is None:
             return
-        if self.privacy.mode == "central":
-            ledger = self._ledger(record["ledger"])
-            after = ledger.epsilon_if(self._central_event())
-        elif self.privacy.mode == "distributed":
-            # The worst case: a client that spent most takes part again.
-            histograms = list(dict(record["participation"]).values()) or [{}]
-            after = self._distributed_epsilon(
-                record["events"], histograms, self._next_distributed_event(dimension)
-            )
-        else:
-            # The worst case: a client that took part most takes part again.
-            most = max(dict(record["participation"]).values(), default=0)
-            after = self._local_epsilon(most + 1)
+        # The worst case: a client that spent most takes part again, in a
+        # round completed by only the threshold.
+        histograms = list(dict(record["participation"]).values()) or [{}]
+        after = self._distributed_epsilon(
+            record["events"],
+            histograms,
+            self._next_distributed_event(dimension, num_clients),
+        )
+        self._refuse_above(target, record, after)
+
+    def _refuse_above(
+        self, target: float, record: Mapping[str, Any], after: float
+    ) -> None:
         if after > target:
             raise PrivacyBudgetExceeded(
                 f"the privacy budget is spent: one more round would take epsilon "
                 f"from {float(record.get('epsilon', 0.0)):.4g} to {after:.4g}, above "
                 f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
             )
+
+    def _check_budget(self, record: Mapping[str, Any]) -> None:
+        target = self.privacy.target_epsilon
+        if target is None or self.privacy.mode in ("record", "distributed"):
+            return
+        if self.privacy.mode == "central":
+            ledger = self._ledger(record["ledger"])
+            after = ledger.epsilon_if(self._central_event())
+        else:
+            # The worst case: a client that took part most takes part again.
+            most = max(dict(record["participation"]).values(), default=0)
+            after = self._local_epsilon(most + 1)
+        self._refuse_above(target, record, after)
 
     def _fresh(self) -> dict[str, Any]:
         record: dict[str, Any] = {
