@@ -199,7 +199,13 @@ class HalfWorkers:
         The workers build their clients' signing keys (malicious mode) and
         return the verification keys, for the simulation's key table.
         """
-        self._workers = [w for w in self._workers if w.alive and w.process.is_alive()]
+        kept = []
+        for worker in self._workers:
+            if worker.alive and worker.process.is_alive():
+                kept.append(worker)
+            else:  # failed last round: make sure it is gone
+                worker.stop()
+        self._workers = kept
         while len(self._workers) < self.processes:
             self._workers.append(_Worker())
         clients = sorted(inputs)
