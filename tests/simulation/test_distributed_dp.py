@@ -98,10 +98,6 @@ def test_the_budget_stops_the_run(tmp_path) -> None:  # type: ignore[no-untyped-
             {"privacy": DDP, "robust": {"rule": "norm_bound", "max_norm": 1.0}},
             "already clip",
         ),
-        (
-            {"privacy": {k: v for k, v in DDP.items() if k != "noise_multiplier"}},
-            "noise_multiplier",
-        ),
         ({"privacy": {**DDP, "distributed_bits": 70}}, "distributed_bits"),
     ],
 )
@@ -248,3 +244,40 @@ def test_a_budget_no_round_fits_is_refused_before_round_one(tmp_path) -> None:  
     config = _config(privacy={**DDP, "target_epsilon": 0.5})
     with pytest.raises(ConfigError, match="one round alone costs"):
         simulate(config, out=tmp_path / "no", write_report=False)
+
+
+def test_noise_is_calibrated_from_the_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedshield.privacy.accounting import DpEventSpec, calibrate_distributed_noise
+    from fedshield.privacy.accounting import epsilon as eps_of
+    from fedshield.privacy.distributed import DistributedDp
+
+    def parameters(z: float):  # type: ignore[no-untyped-def]
+        return DistributedDp(0.5, z).parameters(
+            dimension=650, num_clients=12, threshold=8
+        )
+
+    def spent(z: float) -> float:
+        p = parameters(z)
+        spec = DpEventSpec.distributed_discrete_gaussian(
+            num_clients=8,
+            noise_std_per_client=p.noise_std,
+            l2_sensitivity=p.l2_sensitivity,
+            dimension=p.padded,
+            count=4,
+        )
+        return eps_of([spec], 1e-3)
+
+    z = calibrate_distributed_noise(5.0, 1e-3, rounds=4, parameters=parameters)
+    assert spent(z) <= 5.0 < spent(z * 0.999)  # just enough
+    with pytest.raises(ConfigError, match="unreachable"):
+        calibrate_distributed_noise(1e-6, 1e-3, rounds=4, parameters=parameters)
+
+    privacy = {k: v for k, v in DDP.items() if k != "noise_multiplier"}
+    summary, _ = simulate(
+        _config(privacy={**privacy, "target_epsilon": 5.0}),
+        out=tmp_path / "cal",
+        write_report=False,
+    )
+    assert summary["status"] == "completed" and summary["rounds"] == 4
+    assert summary["privacy"]["noise_multiplier"] == pytest.approx(z, rel=1e-9)
+    assert 0 < summary["epsilon"] <= 5.0

@@ -168,13 +168,6 @@ class PrivacySection(_Section):
     def _complete(self) -> PrivacySection:
         if self.mode == "none":
             return self
-        if self.mode == "distributed" and self.noise_multiplier is None:
-            raise ValueError(
-                'privacy.mode = "distributed" needs noise_multiplier (the summed '
-                "noise's std over clip_norm, e.g. 1.0); calibrating it from "
-                "target_epsilon is not supported in distributed mode, where "
-                "target_epsilon only stops the run when the budget is spent"
-            )
         if self.clip_norm is None:
             raise ValueError(
                 f"privacy.mode = {self.mode!r} needs clip_norm (the L2 bound of "

@@ -40,7 +40,6 @@ from fedshield.strategies import (
 if TYPE_CHECKING:
     from fedshield.models import TorchClient, TorchModel
     from fedshield.models.attacks import AttackSpec
-    from fedshield.privacy.distributed import DistributedDp
     from fedshield.strategies.dp import DpFedAvg
 
 __all__ = ["Federation", "build_federation", "build_strategy"]
@@ -439,6 +438,7 @@ def build_strategy(
             fedavg,
             num_clients if num_clients else config.data.num_clients,
             client_sizes,
+            federation.model.spec.size if federation is not None else None,
         )
     return Scaffold(fedavg) if s.name == "scaffold" else fedavg
 
@@ -525,20 +525,38 @@ def secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
     )
 
 
-def distributed_settings(config: ExperimentConfig) -> DistributedDp | None:
-    """``[privacy] mode = "distributed"``'s mechanism (None in other modes)."""
-    p = config.privacy
-    if p.mode != "distributed":
-        return None
+def _calibrate_distributed(
+    config: ExperimentConfig,
+    sampler: Any,
+    num_clients: int,
+    secure: SecureAggregation | None,
+    dimension: int | None,
+) -> float:
+    """Distributed mode's noise multiplier for ``target_epsilon``.
+
+    See :func:`fedshield.privacy.accounting.calibrate_distributed_noise`.
+    """
+    from fedshield.privacy.accounting import calibrate_distributed_noise
     from fedshield.privacy.distributed import DistributedDp
 
-    assert p.clip_norm is not None and p.noise_multiplier is not None
-    return DistributedDp(
-        clip_norm=p.clip_norm,
-        noise_multiplier=p.noise_multiplier,
-        modulus_bits=p.distributed_bits,
-        beta=p.rounding_beta,
-        secure_rng=p.secure_rng,
+    p = config.privacy
+    assert p.clip_norm is not None and p.target_epsilon is not None
+    if secure is None or dimension is None:
+        raise ConfigError(
+            'privacy.mode = "distributed" calibrates noise_multiplier from the '
+            "model and [secagg]; give noise_multiplier when building the strategy "
+            "without them"
+        )
+    n = max(2, sampler.expected_count(num_clients))
+    t = secure.threshold_for(n)
+    clip = p.clip_norm
+
+    def parameters(z: float) -> Any:
+        dp = DistributedDp(clip, z, p.distributed_bits, p.rounding_beta)
+        return dp.parameters(dimension=dimension, num_clients=n, threshold=t)
+
+    return calibrate_distributed_noise(
+        p.target_epsilon, p.delta, rounds=config.run.rounds, parameters=parameters
     )
 
 
@@ -547,6 +565,7 @@ def _dp_strategy(
     fedavg: FedAvg,
     num_clients: int,
     client_sizes: Mapping[ClientId, int] | None = None,
+    dimension: int | None = None,
 ) -> DpFedAvg:
     """DP-FedAvg (central or local) as ``[privacy]`` describes it.
 
@@ -577,6 +596,10 @@ def _dp_strategy(
             else max(1, round(rate * num_clients))
         )
     sigma = p.noise_multiplier
+    secure = secure_settings(config)
+    if sigma is None and p.mode == "distributed":
+        assert p.target_epsilon is not None
+        sigma = _calibrate_distributed(config, sampler, num_clients, secure, dimension)
     if sigma is None:
         assert p.target_epsilon is not None
         sampling: dict[str, Any]
@@ -614,7 +637,6 @@ def _dp_strategy(
         distributed_bits=p.distributed_bits,
         rounding_beta=p.rounding_beta,
     )
-    secure = secure_settings(config)
     return DpFedAvg(
         base=fedavg,
         privacy=settings,

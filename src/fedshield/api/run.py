@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
@@ -19,7 +19,6 @@ from fedshield.api.experiment import (
     build_federation,
     build_strategy,
     client_sampler,
-    distributed_settings,
     secure_settings,
 )
 from fedshield.core import ServerState
@@ -34,6 +33,9 @@ from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import ATTACK, CONFIG, PARTITION, SUMMARY
 from fedshield.simulation.secure import Faults
 from fedshield.simulation.state_store import new_client_states
+
+if TYPE_CHECKING:
+    from fedshield.privacy.distributed import DistributedDp
 
 __all__ = ["config_fingerprint", "simulate"]
 
@@ -205,11 +207,14 @@ def _simulate(
         ),
         federation=federation,
     )
+    distributed: DistributedDp | None = None
     if config.privacy.mode != "none":  # DP-FedAvg: the budget fits a round
         from fedshield.strategies.dp import DpFedAvg
 
         assert isinstance(strategy, DpFedAvg)
         strategy.check(len(federation.client_ids), dimension=federation.model.spec.size)
+        if config.privacy.mode == "distributed":
+            distributed = strategy.privacy.distributed()
     else:
         strategy.check(len(federation.client_ids))
     backend_name = resolve_backend(
@@ -227,7 +232,7 @@ def _simulate(
         secure.check(
             expected,
             federation.model.spec.size + 2,
-            distributed=distributed_settings(config),
+            distributed=distributed,
         )
     fingerprint = config_fingerprint(config)
     run_dir.prepare(resume=resume, overwrite=overwrite)

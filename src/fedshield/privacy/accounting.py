@@ -66,6 +66,7 @@ __all__ = [
     "ddg_rdp",
     "ddg_tau",
     "ddg_worst_epsilon",
+    "calibrate_distributed_noise",
     "epsilon",
     "epsilon_for",
     "make_accountant",
@@ -613,6 +614,89 @@ def ddg_worst_epsilon(
         eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(orders, row @ curves, delta)
         worst = max(worst, float(eps))
     return worst
+
+
+def calibrate_distributed_noise(
+    target_epsilon: float,
+    delta: float,
+    *,
+    rounds: int,
+    parameters: Callable[[float], Any],
+) -> float:
+    """The smallest noise multiplier z whose ``rounds`` distributed rounds fit.
+
+    Each round is the distributed discrete Gaussian that ``parameters(z)``
+    describes (a :class:`~fedshield.privacy.distributed.DdgParameters` for
+    the expected round, completed by only its threshold: the fewest noise
+    shares), and a client is assumed to take part in every round, so the
+    reported ε of any run with these settings stays within the target
+    (a client sampled in fewer rounds spends less). ε decreases with z (the
+    per-client noise grows and the sensitivity in integer units shrinks), so
+    z is found by bisection on log z to a relative 1e-4, rounded up.
+
+    Raises
+    ------
+    ConfigError
+        When even ``MAX_NOISE_MULTIPLIER`` misses the target, or the
+        parameters are impossible at every z (too few bits).
+    """
+    if not _is_real(target_epsilon) or not 0 < float(target_epsilon) < math.inf:
+        raise ConfigError(
+            f"target_epsilon must be a finite number > 0; got {target_epsilon!r}"
+        )
+    target = float(target_epsilon)
+    delta = _check_delta(delta)
+    rounds = _at_least("rounds", rounds, 1)
+
+    def eps(z: float) -> float:
+        try:
+            p = parameters(z)
+        except ConfigError:
+            return math.inf  # e.g. a per-client noise below 1/2 unit
+        spec = DpEventSpec.distributed_discrete_gaussian(
+            num_clients=p.threshold,
+            noise_std_per_client=p.noise_std,
+            l2_sensitivity=p.l2_sensitivity,
+            dimension=p.padded,
+            count=rounds,
+        )
+        return epsilon([spec], delta)
+
+    # Bracket from z = 1 by doubling or halving. Where no parameters exist
+    # (noise too large for the modulus' float sampling), eps is inf too:
+    # then the target cannot be reached with these bits.
+    low, high = 1.0, 1.0
+    if eps(1.0) > target:
+        while True:
+            low, high = high, 2.0 * high
+            at_high = eps(high)
+            if at_high <= target:
+                break
+            if high >= MAX_NOISE_MULTIPLIER or math.isinf(at_high):
+                raise ConfigError(
+                    f"target_epsilon={target!r} is unreachable in distributed "
+                    f"mode: noise_multiplier {high:g} gives epsilon {at_high:.4g} "
+                    f"over {rounds} rounds; raise target_epsilon, lower run.rounds, "
+                    "or change distributed_bits"
+                )
+    else:
+        while True:
+            low, high = low / 2.0, low
+            if eps(low) > target:
+                break
+            if low <= MIN_NOISE_MULTIPLIER:
+                raise ConfigError(
+                    f"target_epsilon={target!r} is met even with noise_multiplier "
+                    f"{low:g}: a target this loose protects nothing worth "
+                    "calibrating; lower it"
+                )
+    while high / low > 1 + 1e-4:
+        mid = math.sqrt(low * high)
+        if eps(mid) <= target:
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def _ddg_fields(spec: DpEventSpec) -> dict[str, Any]:
