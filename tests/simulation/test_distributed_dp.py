@@ -281,3 +281,9 @@ def test_noise_is_calibrated_from_the_budget(tmp_path) -> None:  # type: ignore[
     assert summary["status"] == "completed" and summary["rounds"] == 4
     assert summary["privacy"]["noise_multiplier"] == pytest.approx(z, rel=1e-9)
     assert 0 < summary["epsilon"] <= 5.0
+
+
+def test_no_training_metrics_leave_the_clients_in_distributed_mode(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, run_dir = simulate(_config(privacy=DDP), out=tmp_path / "m", write_report=False)
+    for record in RunDirectory(run_dir).read_metrics():
+        assert "train_loss" not in record and "train_accuracy" not in record

@@ -168,3 +168,86 @@ def test_central_dp_on_top_of_secure_aggregation(tmp_path) -> None:  # type: ign
     np.testing.assert_allclose(b.flat, a.flat, atol=2e-4)
     record = RunDirectory(secure_dir).read_metrics()[-1]
     assert record["secagg/aborted"] == 0.0 and record["dp/noise_std"] > 0
+
+
+def test_training_metrics_come_out_of_the_secure_sum(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, plain_dir = simulate(_config(), out=tmp_path / "p", write_report=False)
+    _, secure_dir = simulate(
+        _config(secagg={"protocol": "secagg+"}), out=tmp_path / "s", write_report=False
+    )
+    for a, b in zip(
+        RunDirectory(plain_dir).read_metrics(),
+        RunDirectory(secure_dir).read_metrics(),
+        strict=True,
+    ):
+        # Learned only as weighted sums, to the encoding's precision.
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-3)
+        assert b["train_accuracy"] == pytest.approx(a["train_accuracy"], abs=1e-5)
+        assert b["secagg/out_of_range"] == 0.0
+
+
+def test_a_small_clip_norm_does_not_clip_the_extra_words(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Central DP with adaptive clipping: the unclipped count rides in the sum;
+    # with clip_norm < 1 it once got clipped to clip_norm (and counted).
+    privacy = {
+        "mode": "central",
+        "clip_norm": 0.5,
+        "noise_multiplier": 1e-3,
+        "accountant": "rdp",
+        "delta": 1e-3,
+        "adaptive_clipping": True,
+        "clipped_count_stddev": 1e-2,
+    }
+    slow = {"lr": 0.001}  # small updates: most are within the clip norm
+    _, plain_dir = simulate(
+        _config(privacy=privacy, client=slow), out=tmp_path / "dp", write_report=False
+    )
+    _, secure_dir = simulate(
+        _config(privacy=privacy, client=slow, secagg={"protocol": "secagg"}),
+        out=tmp_path / "dp-sa",
+        write_report=False,
+    )
+    plain = RunDirectory(plain_dir).read_metrics()
+    secure = RunDirectory(secure_dir).read_metrics()
+    for a, b in zip(plain, secure, strict=True):
+        assert b["secagg/out_of_range"] == 0.0
+        assert b["dp/unclipped_fraction"] == pytest.approx(
+            a["dp/unclipped_fraction"], abs=0.05
+        )
+
+
+def test_secure_sum_reports_the_weighted_training_metrics() -> None:
+    from fedshield.core import ClientUpdate, Params, ParamSpec
+    from fedshield.simulation.secure import secure_sum
+
+    spec = ParamSpec((("w", (4,)),))
+    rows = [(10, 2.0, 0.5), (30, 1.0, 0.9), (20, 50.0, 0.1)]
+    updates = {
+        f"c{i}": ClientUpdate(
+            f"c{i}",
+            Params.from_flat(np.full(4, 0.01, dtype=np.float32), spec),
+            n,
+            metrics={"loss": loss, "accuracy": acc},
+        )
+        for i, (n, loss, acc) in enumerate(rows)
+    }
+    result = secure_sum(
+        updates,
+        settings=SecureAggregation(protocol="secagg", clip=0.1),
+        spec=spec,
+        round_idx=0,
+        max_examples=30,
+        drop_at={},
+        rng=np.random.default_rng(0),
+    )
+    total = sum(n for n, _, _ in rows)
+    assert result.metrics["train_loss"] == pytest.approx(
+        sum(n * loss for n, loss, _ in rows) / total, rel=1e-4
+    )
+    assert result.metrics["train_accuracy"] == pytest.approx(
+        sum(n * acc for n, _, acc in rows) / total, abs=1e-5
+    )
+    # clip 0.1 < 1: the weights are scaled into range, not clipped.
+    assert result.metrics["secagg/out_of_range"] == 0.0
+    assert result.aggregate is not None
+    np.testing.assert_allclose(result.aggregate.delta.flat, 0.01, atol=1e-6)

@@ -31,7 +31,7 @@ from fedshield.errors import (
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
 from fedshield.simulation import RunDirectory, run_rounds
 from fedshield.simulation.rundir import ATTACK, CONFIG, PARTITION, SUMMARY
-from fedshield.simulation.secure import Faults
+from fedshield.simulation.secure import EXTRA_WORDS, Faults
 from fedshield.simulation.state_store import new_client_states
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def _simulate(
         expected = client_sampler(config).expected_count(len(federation.client_ids))
         secure.check(
             expected,
-            federation.model.spec.size + 2,
+            federation.model.spec.size + EXTRA_WORDS,
             distributed=distributed,
         )
     fingerprint = config_fingerprint(config)

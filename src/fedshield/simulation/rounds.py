@@ -318,9 +318,13 @@ class FitRound:
             )
         self._metrics.update(aggregate.measurements)
         self._metrics["update_norm"] = aggregate.delta.norm()
-        self._metrics.update(
-            _weighted_means(train_rows, ("loss", "accuracy"), prefix="train_")
-        )
+        if self._secure is None:
+            # Under secure aggregation the training metrics come from the
+            # secure sum (secure_sum's train_loss/train_accuracy): the server
+            # learns them only as sums (and not at all with distributed DP).
+            self._metrics.update(
+                _weighted_means(train_rows, ("loss", "accuracy"), prefix="train_")
+            )
         new_state = self._strategy.apply(
             self._state, aggregate, plan=self._plan, rng=self._rng
         )

@@ -10,12 +10,17 @@ protocol messages and outputs the sum. In a simulation both halves run in
 this process and the messages are handed over here; over a network the
 client halves run on the clients and a transport carries the same bytes.
 
-Every client contributes ``[w_k Δ_k, w_k, o_k]``: its update weighted by
-``w_k = n_k / max_examples`` (FedAvg's weight, scaled to at most 1 so that
-the encoding's range bounds it), the weight itself and the count ``o_k`` of
-its values that fell outside the encoding's range (clipped to it, never
-silently: the sum of the counts is reported). The server divides the summed
-update by the summed weight: the weighted FedAvg mean, learned only in sum.
+Every client contributes ``[w_k Δ_k, w_k, o_k, w_k ℓ_k, w_k, w_k a_k,
+w_k]``: its update weighted by ``w_k = n_k / max_examples`` (FedAvg's
+weight, scaled to at most 1 so that the encoding's range bounds it), the
+weight itself, the count ``o_k`` of its values that fell outside the
+encoding's range (clipped to it, never silently: the sum of the counts is
+reported), and its training loss and accuracy weighted likewise (each
+extra word scaled into the range by a public bound, so none is clipped).
+The server divides the summed update by the summed weight: the weighted
+FedAvg mean, learned only in sum, as are ``train_loss`` and
+``train_accuracy``. With distributed DP the vector is the noised update
+alone, and no training metrics are reported.
 
 :class:`Faults` draws, for each sampled client, whether it drops out and at
 which stage (``[faults] dropout = p``), so that a user can watch the
@@ -40,11 +45,26 @@ if TYPE_CHECKING:
     from fedshield.privacy.distributed import DistributedDp
     from fedshield.secagg.protocol import SecAggConfig, SecAggServer
 
-__all__ = ["Faults", "SecureAggregation", "SecureSumResult", "secure_sum"]
+__all__ = [
+    "EXTRA_WORDS",
+    "LOSS_BOUND",
+    "Faults",
+    "SecureAggregation",
+    "SecureSumResult",
+    "secure_sum",
+]
 
 logger = logging.getLogger(__name__)
 
 FIT = "fit"
+
+EXTRA_WORDS = 6
+"""Words each client appends to its update in the secure sum: the weight, the
+out-of-range count, and the training loss and accuracy with their weights."""
+
+LOSS_BOUND = 1.0e4
+"""Largest training loss a client's ``w * loss`` word carries (a larger or
+non-finite one is left out of ``train_loss``)."""
 
 
 @dataclass(frozen=True)
@@ -174,9 +194,10 @@ class SecureAggregation:
     ) -> None:
         """Refuse, before round 1, a setup no round of ``num_clients`` can run.
 
-        ``vector_length`` is the model's size plus 2 (the weight and the
-        out-of-range count ride along); with ``distributed`` DP the vector
-        is the model's rotated, padded length instead.
+        ``vector_length`` is the model's size plus :data:`EXTRA_WORDS` (the
+        weight, the out-of-range count and the training metrics ride along);
+        with ``distributed`` DP the vector is the model's rotated, padded
+        length instead.
 
         Raises
         ------
@@ -190,7 +211,7 @@ class SecureAggregation:
 
         if distributed is not None:
             params = distributed.parameters(
-                dimension=vector_length - 2,
+                dimension=vector_length - EXTRA_WORDS,
                 num_clients=num_clients,
                 threshold=self.threshold_for(num_clients),
             )
@@ -320,30 +341,41 @@ def secure_sum(
     enc = choose_encoding(
         len(clients), clip_range, precision_bits=settings.precision_bits
     )
-    length = spec.size + 2
+    length = spec.size + EXTRA_WORDS
     try:
         config = settings.protocol_config(len(clients), enc.modulus_bits, length)
         config.neighbour_count(len(clients))
     except ConfigError as err:  # e.g. SecAgg+ finds no k for this many
         metrics["secagg/aborted"] = 1.0
         return SecureSumResult(None, metrics, {}, str(err))
+    # The extra words, each scaled into the encoding's range [-r, r] by its
+    # public bound so that it is never clipped: the weight (bound 1), the
+    # out-of-range count (exact units), then w * loss, w * 1[loss], w * acc,
+    # w * 1[acc] (the training metrics, learned only as sums).
+    r = enc.clip
     inputs: dict[ClientId, np.ndarray] = {}
     for cid in clients:
         update = updates[cid]
         delta = np.asarray(update.delta.flat, dtype=np.float64)
-        values = np.empty(length, dtype=np.float64)
+        values = np.zeros(length, dtype=np.float64)
         if clip_norm is None:
             weight = update.num_examples / max(1, max_examples)
             if norm_bound is not None:  # the client bounds its own update
                 norm = float(np.linalg.norm(delta))
                 delta = delta * min(1.0, norm_bound / max(norm, 1e-300))
             values[: spec.size] = delta * weight
+            metric_weight = weight
         else:  # the client clips its own update (central DP)
             norm = float(np.linalg.norm(delta))
             weight = 1.0 if norm <= clip_norm else 0.0  # here: the indicator
             values[: spec.size] = delta * min(1.0, clip_norm / max(norm, 1e-300))
-        values[spec.size] = weight
-        values[spec.size + 1] = 0.0
+            metric_weight = 1.0
+        values[spec.size] = weight * r
+        for offset, key, bound in ((2, "loss", LOSS_BOUND), (4, "accuracy", 1.0)):
+            value = update.metrics.get(key)
+            if value is not None and math.isfinite(value) and abs(value) <= bound:
+                values[spec.size + offset] = metric_weight * value / bound * r
+                values[spec.size + offset + 1] = metric_weight * r
         encoded, count = encode(values, enc, rng)
         # The count rides along in the secure sum (one unit per value; it is
         # encoded exactly: a small integer times 1/scale).
@@ -357,7 +389,7 @@ def secure_sum(
         return aborted
     assert server is not None
     total = decode_sum(server.result(), enc, len(server.survivors))
-    weight_sum = float(total[spec.size])
+    weight_sum = float(total[spec.size]) / r
     out_of_range = round(float(total[spec.size + 1]) * enc.scale)
     _count_drops(metrics, dropped)
     metrics.update(
@@ -369,6 +401,12 @@ def secure_sum(
             "secagg/out_of_range": float(out_of_range),
         }
     )
+    for offset, key, bound in ((2, "loss", LOSS_BOUND), (4, "accuracy", 1.0)):
+        weights = float(total[spec.size + offset + 1]) / r
+        if weights > 0:
+            metrics[f"train_{key}"] = (
+                float(total[spec.size + offset]) / r * bound / weights
+            )
     if clip_norm is not None:
         return SecureSumResult(
             None,
