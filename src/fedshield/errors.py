@@ -122,9 +122,18 @@ class ClientError(FedShieldError):
 
 
 class RoundFailedError(FedShieldError):
-    """Raised when fewer clients than ``min_clients`` complete a round."""
+    """Raised when fewer clients than ``min_clients`` complete a round.
+
+    Also when the server step fails (non-finite parameters). ``state`` is
+    then the state to keep: the old parameters with what the strategy
+    recorded of the round's release (its privacy ledger), or None.
+    """
 
     exit_code = 30
+
+    def __init__(self, message: str, state: object | None = None) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 class ProtocolError(FedShieldError):

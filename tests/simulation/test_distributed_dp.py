@@ -287,3 +287,26 @@ def test_no_training_metrics_leave_the_clients_in_distributed_mode(tmp_path) -> 
     _, run_dir = simulate(_config(privacy=DDP), out=tmp_path / "m", write_report=False)
     for record in RunDirectory(run_dir).read_metrics():
         assert "train_loss" not in record and "train_accuracy" not in record
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("mode", ["distributed", "central"])
+def test_a_release_before_a_failed_server_step_stays_accounted(tmp_path, mode) -> None:  # type: ignore[no-untyped-def]
+    from fedshield.errors import RoundFailedError
+
+    privacy = {**DDP, "mode": mode}
+    secagg = {"protocol": "secagg+" if mode == "distributed" else "none"}
+    config = _config(
+        privacy=privacy, secagg=secagg, strategy={"server_lr": 1e39}, run={"rounds": 2}
+    )
+    with pytest.raises(RoundFailedError, match="NaN or infinite"):
+        simulate(config, out=tmp_path / "nan", write_report=False)
+    directory = RunDirectory(tmp_path / "nan")
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    # The aggregate of round 1 was released (to the server) before the step
+    # failed: its epsilon is in the summary and in the checkpoint.
+    assert summary["epsilon"] > 0
+    state = directory.load_checkpoint()
+    assert state.round_idx == 0
+    assert state.metadata["privacy"]["epsilon"] == summary["epsilon"]

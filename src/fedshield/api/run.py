@@ -328,6 +328,9 @@ def _simulate(
         logger.info("%s", err)
     except FedShieldError as err:
         status, error = "failed", str(err)
+        spent = getattr(err, "state", None)
+        if isinstance(spent, ServerState):  # a failed round's release, accounted
+            final_state = spent
         raise
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user"

@@ -188,6 +188,10 @@ class FitRound:
         self._failures: list[ClientFailure] = []
         self._metrics: dict[str, Any] = {}
         self._new_state: ServerState | None = None
+        # A failed round that released something (its server step failed
+        # after the aggregate was computed): the old parameters with the
+        # strategy's new metadata, so that the release stays accounted.
+        self._spent_state: ServerState | None = None
         self._stage = "init"
         self._secure = secure
         self._drop_at = dict(drop_at or {})
@@ -329,6 +333,10 @@ class FitRound:
             self._state, aggregate, plan=self._plan, rng=self._rng
         )
         if not new_state.params.is_finite():
+            # The aggregate was released (to the server) before the step
+            # failed: keep what the strategy recorded of it (its privacy
+            # ledger), not its parameters.
+            self._spent_state = self._state.evolve(metadata=new_state.metadata)
             message = (
                 f"round {self._plan.round_idx + 1}: the server step produced NaN or "
                 "infinite parameters (update norm "
@@ -482,7 +490,10 @@ class FitRound:
 
     def _finish(self, *, completed: bool, message: str = "") -> RoundResult:
         self._stage = "done"
-        state = self._new_state if completed and self._new_state else self._state
+        if completed and self._new_state:
+            state = self._new_state
+        else:
+            state = self._spent_state or self._state
         return RoundResult(
             state=state,
             completed=completed,

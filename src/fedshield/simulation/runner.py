@@ -184,13 +184,21 @@ def run_rounds(
                         FAILURES, {"round": round_number, **failure.to_json()}
                     )
             if not result.completed:
+                spent = result.state if result.state is not state else None
+                if spent is not None and run_dir is not None:
+                    # The round released an aggregate before failing: its
+                    # privacy cost stays in the checkpoint (a resumed run
+                    # repeats the round and is charged again).
+                    run_dir.save_checkpoint(spent, client_states=client_states)
+                    run_dir.flush()
                 raise RoundFailedError(
                     result.message
                     + ". Failures: "
                     + "; ".join(
                         f"{f.client_id} ({f.kind}): {f.message}"
                         for f in result.failures[:5]
-                    )
+                    ),
+                    state=spent,
                 )
             state = result.state
             record: dict[str, Any] = {"round": round_number}
