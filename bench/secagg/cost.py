@@ -116,7 +116,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from fedshield.secagg.encoding import add_mod, choose_encoding, decode_sum, encode
+from fedshield.secagg.encoding import (
+    Encoding,
+    add_mod,
+    choose_encoding,
+    decode_sum,
+    encode,
+)
 from fedshield.secagg.graph import local_threshold
 from fedshield.secagg.protocol import (
     SecAggClient,
@@ -254,6 +260,66 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
     return time.process_time() - start[0], time.perf_counter() - start[1]
 
 
+class _Clients:
+    """The benchmark's client halves and what each one costs.
+
+    :meth:`answer` is one client's turn in a stage: in the masked-input
+    stage it first encodes the client's update (timed as encode), sends the
+    same update in the clear to the plaintext round's server (timed as that
+    server) and adds the encoded words to the reference sum; then it times
+    the client's ``handle``.
+    """
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        ids: list[str],
+        enc: Encoding,
+        d: int,
+        rng: np.random.Generator,
+        seed: int,
+    ) -> None:
+        self.halves = {cid: SecAggClient(config, 0, cid) for cid in ids}
+        self.index = {cid: i for i, cid in enumerate(ids)}
+        self.enc, self.d, self.rng, self.seed = enc, d, rng, seed
+        self.client_s = dict.fromkeys(ids, 0.0)
+        self.client_wall = dict.fromkeys(ids, 0.0)
+        self.encode_s = dict.fromkeys(ids, 0.0)
+        self.sent = dict.fromkeys(ids, 0)
+        self.received = dict.fromkeys(ids, 0)
+        self.plain_sum = np.zeros(d, dtype=np.float64)
+        self.plain_server_s = 0.0
+        self.int_sum = np.zeros(d, dtype=np.uint64)
+
+    def answer(self, cid: str, message: bytes, *, masked: bool) -> tuple[bytes, float]:
+        """The client's reply to ``message`` and its CPU time."""
+        if masked:
+            values = update_of(self.index[cid], self.d, self.seed)
+            t0 = tick()
+            words, _ = encode(values.astype(np.float64), self.enc, self.rng)
+            self.halves[cid].set_input(words)
+            self.encode_s[cid], wall = since(t0)
+            self.client_wall[cid] += wall
+            payload = values.tobytes()  # the plaintext round's message
+            t0 = tick()
+            np.add(
+                self.plain_sum,
+                np.frombuffer(payload, dtype=np.float32),
+                out=self.plain_sum,
+            )
+            self.plain_server_s += since(t0)[0]
+            self.int_sum = add_mod(self.int_sum, words, self.enc.modulus_bits)
+            del values, words, payload
+        t0 = tick()
+        reply = self.halves[cid].handle(message)
+        took, wall = since(t0)
+        self.client_s[cid] += took
+        self.client_wall[cid] += wall
+        self.sent[cid] += len(reply)
+        self.received[cid] += len(message)
+        return reply, took
+
+
 def full_round(n: int, d: int, protocol: Protocol, *, seed: int = 0) -> Measured:
     """Run the whole protocol for ``n`` clients and ``d`` words; time everything."""
     started = time.perf_counter()
@@ -266,20 +332,11 @@ def full_round(n: int, d: int, protocol: Protocol, *, seed: int = 0) -> Measured
     server = SecAggServer(config, 0, ids)
     server_s = since(t0)[0]
     stage_server["setup"] = server_s
-    clients = {cid: SecAggClient(config, 0, cid) for cid in ids}
-    client_s = dict.fromkeys(ids, 0.0)
-    client_wall = dict.fromkeys(ids, 0.0)
-    encode_s = dict.fromkeys(ids, 0.0)
-    sent = dict.fromkeys(ids, 0)
-    received = dict.fromkeys(ids, 0)
     stage_times: dict[str, list[float]] = {}
     stage_bytes: dict[str, list[float]] = {}
     stage_received: dict[str, list[float]] = {}
     rng = np.random.default_rng([seed, n, d])
-
-    plain_sum = np.zeros(d, dtype=np.float64)
-    plain_server_s = 0.0
-    int_sum = np.zeros(d, dtype=np.uint64)
+    clients = _Clients(config, ids, enc, d, rng, seed)
 
     while server.stage not in (Stage.DONE, Stage.ABORTED):
         stage = str(server.stage)
@@ -288,35 +345,14 @@ def full_round(n: int, d: int, protocol: Protocol, *, seed: int = 0) -> Measured
         spent = since(t0)[0]
         replies: dict[str, bytes] = {}
         times: list[float] = []
-        for index, cid in enumerate(ids):
+        for cid in ids:
             message = requests.get(cid)
             if message is None:
                 continue
-            if server.stage is Stage.MASKED_INPUT:
-                values = update_of(index, d, seed)
-                t0 = tick()
-                words, _ = encode(values.astype(np.float64), enc, rng)
-                clients[cid].set_input(words)
-                encode_s[cid], wall = since(t0)
-                client_wall[cid] += wall
-                # The plaintext round: the client sends its float32 bytes and
-                # the server adds them to its sum.
-                payload = values.tobytes()
-                t0 = tick()
-                np.add(
-                    plain_sum, np.frombuffer(payload, dtype=np.float32), out=plain_sum
-                )
-                plain_server_s += since(t0)[0]
-                int_sum = add_mod(int_sum, words, b)
-                del values, words, payload
-            t0 = tick()
-            reply = clients[cid].handle(message)
-            took, wall = since(t0)
-            client_s[cid] += took
-            client_wall[cid] += wall
+            reply, took = clients.answer(
+                cid, message, masked=server.stage is Stage.MASKED_INPUT
+            )
             times.append(took)
-            sent[cid] += len(reply)
-            received[cid] += len(message)
             replies[cid] = reply
             stage_bytes.setdefault(stage, []).append(len(reply))
             stage_received.setdefault(stage, []).append(len(message))
@@ -334,12 +370,12 @@ def full_round(n: int, d: int, protocol: Protocol, *, seed: int = 0) -> Measured
     spent = since(t0)[0]
     server_s += spent
     stage_server["result"] = spent
-    sum_ok = bool(np.array_equal(total, int_sum))
+    sum_ok = bool(np.array_equal(total, clients.int_sum))
     decoded = decode_sum(total, enc, len(server.survivors))
     sum_ok = sum_ok and bool(
-        np.max(np.abs(decoded - plain_sum)) <= n / enc.scale + 1e-9
+        np.max(np.abs(decoded - clients.plain_sum)) <= n / enc.scale + 1e-9
     )
-    totals = [client_s[c] + encode_s[c] for c in ids]
+    totals = [clients.client_s[c] + clients.encode_s[c] for c in ids]
     return Measured(
         protocol=protocol,
         n=n,
@@ -350,13 +386,13 @@ def full_round(n: int, d: int, protocol: Protocol, *, seed: int = 0) -> Measured
         how="full protocol, every client timed",
         clients_timed=n,
         client_s=median(totals),
-        client_wall_s=median(list(client_wall.values())),
+        client_wall_s=median(list(clients.client_wall.values())),
         client_masked_s=median(stage_times.get(str(Stage.MASKED_INPUT), [])),
-        client_encode_s=median(list(encode_s.values())),
-        sent_bytes=median([float(v) for v in sent.values()]),
-        received_bytes=median([float(v) for v in received.values()]),
+        client_encode_s=median(list(clients.encode_s.values())),
+        sent_bytes=median([float(v) for v in clients.sent.values()]),
+        received_bytes=median([float(v) for v in clients.received.values()]),
         server_s=server_s,
-        plain_server_s=plain_server_s,
+        plain_server_s=clients.plain_server_s,
         sum_ok=sum_ok,
         wall_s=time.perf_counter() - started,
         stage_client_s={s: median(v) for s, v in stage_times.items()},
@@ -610,16 +646,9 @@ def server_row(n: int, d: int, *, batch: bool = False, seed: int = 0) -> ServerM
     child = ctx.Process(target=_server_process, args=(theirs, n, d, batch))
     child.start()
     theirs.close()
-    clients = {cid: SecAggClient(config, 0, cid) for cid in ids}
-    client_s = dict.fromkeys(ids, 0.0)
-    client_wall = dict.fromkeys(ids, 0.0)
-    encode_s = dict.fromkeys(ids, 0.0)
     masked_s: list[float] = []
-    sent = dict.fromkeys(ids, 0)
     rng = np.random.default_rng([seed, n, d])
-    plain_sum = np.zeros(d, dtype=np.float64)
-    plain_server_s = 0.0
-    int_sum = np.zeros(d, dtype=np.uint64)
+    clients = _Clients(config, ids, enc, d, rng, seed)
     try:
         while True:
             item = ours.recv()
@@ -628,34 +657,13 @@ def server_row(n: int, d: int, *, batch: bool = False, seed: int = 0) -> ServerM
             stage, requests = item
             del item
             log(f"    stage {stage}: {len(requests)} clients")
-            for index, cid in enumerate(ids):
+            masked = stage == str(Stage.MASKED_INPUT)
+            for cid in ids:
                 message = requests.get(cid)
                 if message is None:
                     continue
-                if stage == str(Stage.MASKED_INPUT):
-                    values = update_of(index, d, seed)
-                    t0 = tick()
-                    words, _ = encode(values.astype(np.float64), enc, rng)
-                    clients[cid].set_input(words)
-                    encode_s[cid], wall = since(t0)
-                    client_wall[cid] += wall
-                    payload = values.tobytes()  # the plaintext round's message
-                    t0 = tick()
-                    np.add(
-                        plain_sum,
-                        np.frombuffer(payload, dtype=np.float32),
-                        out=plain_sum,
-                    )
-                    plain_server_s += since(t0)[0]
-                    int_sum = add_mod(int_sum, words, b)
-                    del values, words, payload
-                t0 = tick()
-                reply = clients[cid].handle(message)
-                took, wall = since(t0)
-                client_s[cid] += took
-                client_wall[cid] += wall
-                sent[cid] += len(reply)
-                if stage == str(Stage.MASKED_INPUT):
+                reply, took = clients.answer(cid, message, masked=masked)
+                if masked:
                     masked_s.append(took)
                 ours.send(("reply", cid, reply))
                 del reply
@@ -667,10 +675,10 @@ def server_row(n: int, d: int, *, batch: bool = False, seed: int = 0) -> ServerM
         raise RuntimeError(f"the server failed: {item[1]}")
     report = item[1]
     total = np.frombuffer(report["result"], dtype=np.uint64)
-    sum_ok = bool(np.array_equal(total, int_sum))
+    sum_ok = bool(np.array_equal(total, clients.int_sum))
     decoded = decode_sum(total, enc, report["survivors"])
     sum_ok = sum_ok and bool(
-        np.max(np.abs(decoded - plain_sum)) <= n / enc.scale + 1e-9
+        np.max(np.abs(decoded - clients.plain_sum)) <= n / enc.scale + 1e-9
     )
     cpu: dict[str, float] = report["cpu"]
     mode = "batch" if batch else "streaming"
@@ -696,14 +704,14 @@ def server_row(n: int, d: int, *, batch: bool = False, seed: int = 0) -> ServerM
         server_peak_mib=report["peak_mib"],
         server_baseline_mib=report["baseline_mib"],
         stage_peak_mib=report["stage_peak_mib"],
-        plain_server_s=plain_server_s,
+        plain_server_s=clients.plain_server_s,
         sum_ok=sum_ok,
         survivors=report["survivors"],
-        client_s=median([client_s[c] + encode_s[c] for c in ids]),
-        client_wall_s=median(list(client_wall.values())),
+        client_s=median([clients.client_s[c] + clients.encode_s[c] for c in ids]),
+        client_wall_s=median(list(clients.client_wall.values())),
         client_masked_s=median(masked_s),
-        client_encode_s=median(list(encode_s.values())),
-        sent_bytes=median([float(v) for v in sent.values()]),
+        client_encode_s=median(list(clients.encode_s.values())),
+        sent_bytes=median([float(v) for v in clients.sent.values()]),
         wall_s=time.perf_counter() - started,
         how=how,
     )
