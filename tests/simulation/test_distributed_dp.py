@@ -310,3 +310,14 @@ def test_a_release_before_a_failed_server_step_stays_accounted(tmp_path, mode) -
     state = directory.load_checkpoint()
     assert state.round_idx == 0
     assert state.metadata["privacy"]["epsilon"] == summary["epsilon"]
+
+
+def test_the_seed_fixes_the_training_not_the_clients_noise(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runs = [
+        simulate(_config(privacy=DDP), out=tmp_path / f"r{i}", write_report=False)
+        for i in range(2)
+    ]
+    a, b = (RunDirectory(d).load_checkpoint().params for _, d in runs)
+    assert not np.array_equal(a.flat, b.flat)  # noise from os.urandom
+    assert runs[0][0]["epsilon"] == runs[1][0]["epsilon"]  # the same rounds
+    assert runs[0][0]["privacy"]["secure_rng"] is True

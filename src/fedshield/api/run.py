@@ -110,6 +110,7 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
             # bound (fedshield.privacy.accounting.ddg_rdp), whatever [privacy]
             # accountant says.
             "accountant": "rdp",
+            "secure_rng": True,  # distributed mode always (see DistributedDp)
             "distributed_bits": p.distributed_bits,
             "rounding_beta": p.rounding_beta,
             "amplification_by_sampling": False,

@@ -18,11 +18,12 @@ Mechanism for Federated Learning with Secure Aggregation", ICML 2021
    Theorem 1 / Proposition 22 with parameter ``β``), so every client's
    integer vector has norm at most ``bound`` — the L2 sensitivity that the
    accountant uses, quantisation included;
-4. adds discrete Gaussian noise ``N_Z(0, σ²)`` to each coordinate (sampled
-   exactly as Canonne, Kamath and Steinke, "The Discrete Gaussian for
-   Differential Privacy", NeurIPS 2020, Algorithm 3, from uniforms drawn
-   from the OS's cryptographic randomness or, with ``secure_rng = false``,
-   from the simulation's seeded generator);
+4. adds discrete Gaussian noise ``N_Z(0, σ²)`` to each coordinate (by the
+   sampler of Canonne, Kamath and Steinke, "The Discrete Gaussian for
+   Differential Privacy", NeurIPS 2020, Algorithm 3, on uniforms drawn from
+   the OS's cryptographic randomness: the noise is each client's secret
+   against the server, which in a simulation knows the seed, so the seed
+   fixes only the training);
 5. reduces it mod ``m = 2^b`` and hands it to secure aggregation, which
    reveals only the sum mod ``m``.
 
@@ -300,9 +301,10 @@ class DistributedDp:
         sets ``γ``).
     secure_rng
         Draw the clients' rounding and noise from the OS's cryptographic
-        randomness (``os.urandom``) instead of the simulation's seeded
-        generator. A real deployment must; a seeded simulation is
-        reproducible, and its noise is known to whoever knows the seed.
+        randomness (``os.urandom``, the default, and what a run always
+        uses) instead of the simulation's seeded generator, which only
+        tests and benchmarks ask for (reproducible, but known to whoever
+        knows the seed).
     """
 
     clip_norm: float
@@ -310,7 +312,7 @@ class DistributedDp:
     modulus_bits: int = 20
     beta: float = math.exp(-0.5)
     wrap_probability: float = 1e-6
-    secure_rng: bool = False
+    secure_rng: bool = True
 
     def __post_init__(self) -> None:
         for key in ("clip_norm", "noise_multiplier"):

@@ -207,7 +207,9 @@ class PrivacySettings:
             noise_multiplier=self.noise_multiplier,
             modulus_bits=self.distributed_bits,
             beta=self.rounding_beta,
-            secure_rng=self.secure_rng,
+            # Always: the clients' noise is their secret against the server,
+            # which holds the simulation's seed.
+            secure_rng=True,
         )
 
 
