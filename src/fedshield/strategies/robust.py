@@ -329,6 +329,25 @@ _Combined: TypeAlias = tuple[Vector64, dict[str, float], float]
 _Combine: TypeAlias = Callable[[Sequence[FloatVector], Vector64], _Combined]
 
 
+class _AtLeastOneUpdate:
+    """``check``: a rule that needs at least one update per round."""
+
+    __slots__ = ()
+
+    def check(self, n: int) -> None:
+        """Refuse ``n < 1``.
+
+        Raises
+        ------
+        ConfigError
+            If ``n < 1``.
+        """
+        if n < 1:
+            raise ConfigError(
+                f"{type(self).__name__} needs at least 1 update per round; got n={n}"
+            )
+
+
 class _StoredAccumulator:
     """Keeps the round's updates (by reference) and combines them at the end.
 
@@ -505,7 +524,7 @@ class Krum:
 
 
 @dataclass(frozen=True, slots=True)
-class CoordinateMedian:
+class CoordinateMedian(_AtLeastOneUpdate):
     """Coordinate-wise median of the round's updates.
 
     For an even number of updates, the mean of the two middle values.
@@ -540,19 +559,6 @@ class CoordinateMedian:
     """
 
     is_streaming = False
-
-    def check(self, n: int) -> None:
-        """Refuse ``n < 1``.
-
-        Raises
-        ------
-        ConfigError
-            If ``n < 1``.
-        """
-        if n < 1:
-            raise ConfigError(
-                f"CoordinateMedian needs at least 1 update per round; got n={n}"
-            )
 
     def begin(self, spec: ParamSpec, *, rng: np.random.Generator) -> Accumulator:
         """Open the round's accumulator (keeps every update until the end)."""
@@ -809,7 +815,7 @@ class Bulyan:
 
 
 @dataclass(frozen=True, slots=True)
-class GeometricMedian:
+class GeometricMedian(_AtLeastOneUpdate):
     """Weighted geometric median by smoothed Weiszfeld iterations (RFA).
 
     Approximately minimises ``g(z) = Σ_k α_k ‖z − x_k‖`` with
@@ -889,19 +895,6 @@ class GeometricMedian:
         _check_positive("GeometricMedian", "eps", self.eps, zero=False)
         _check_positive("GeometricMedian", "tol", self.tol, zero=False)
 
-    def check(self, n: int) -> None:
-        """Refuse ``n < 1``.
-
-        Raises
-        ------
-        ConfigError
-            If ``n < 1``.
-        """
-        if n < 1:
-            raise ConfigError(
-                f"GeometricMedian needs at least 1 update per round; got n={n}"
-            )
-
     def begin(self, spec: ParamSpec, *, rng: np.random.Generator) -> Accumulator:
         """Open the round's accumulator (keeps every update until the end)."""
         return _StoredAccumulator(
@@ -975,7 +968,7 @@ class GeometricMedian:
 
 
 @dataclass(frozen=True, slots=True)
-class NormBound:
+class NormBound(_AtLeastOneUpdate):
     """Clip each update to an L2 norm, take the weighted mean, add weak noise.
 
     ``Δ = Σ_k w_k Δ_k min(1, M / ‖Δ_k‖) / Σ_k w_k + N(0, σ² I)``.
@@ -1036,17 +1029,6 @@ class NormBound:
     def __post_init__(self) -> None:
         _check_positive("NormBound", "max_norm", self.max_norm, zero=False)
         _check_positive("NormBound", "noise_std", self.noise_std, zero=True)
-
-    def check(self, n: int) -> None:
-        """Refuse ``n < 1``.
-
-        Raises
-        ------
-        ConfigError
-            If ``n < 1``.
-        """
-        if n < 1:
-            raise ConfigError(f"NormBound needs at least 1 update per round; got n={n}")
 
     def begin(self, spec: ParamSpec, *, rng: np.random.Generator) -> Accumulator:
         """Open the round's accumulator (O(d) memory)."""
@@ -1120,7 +1102,7 @@ class _NormBoundAccumulator:
 
 
 @dataclass(frozen=True, slots=True)
-class FLTrust:
+class FLTrust(_AtLeastOneUpdate):
     """FLTrust: weight each update by its direction's agreement with the server's.
 
     With ``g_0`` the server's update on its small root data set, each client
@@ -1191,17 +1173,6 @@ class FLTrust:
     def with_reference(self, reference: Params) -> FLTrust:
         """Return this rule with the round's server update ``g_0``."""
         return replace(self, reference=reference)
-
-    def check(self, n: int) -> None:
-        """Refuse ``n < 1``.
-
-        Raises
-        ------
-        ConfigError
-            If ``n < 1``.
-        """
-        if n < 1:
-            raise ConfigError(f"FLTrust needs at least 1 update per round; got n={n}")
 
     def begin(self, spec: ParamSpec, *, rng: np.random.Generator) -> Accumulator:
         """Open the round's accumulator (O(d) memory).
