@@ -902,20 +902,12 @@ class ShareKeysRequest(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ShareKeysReply(Message):
-    """Stage 1, client -> server: encrypted share pairs, one per neighbour.
+class _CiphertextsMessage(Message):
+    """A message that carries ciphertexts by client id.
 
-    On the wire the header lists the recipient ids and each ciphertext is one
-    payload, in the same order.
-
-    Attributes
-    ----------
-    ciphertexts
-        Recipient id -> AES-GCM encryption of a :class:`SharePayload`.
+    On the wire the header lists the ids and each ciphertext is one payload,
+    in the same order.
     """
-
-    TYPE: ClassVar[str] = "share_keys_reply"
-    STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
 
     ciphertexts: Mapping[str, bytes]
 
@@ -936,7 +928,24 @@ class ShareKeysReply(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MaskedInputRequest(Message):
+class ShareKeysReply(_CiphertextsMessage):
+    """Stage 1, client -> server: encrypted share pairs, one per neighbour.
+
+    On the wire the header lists the recipient ids and each ciphertext is one
+    payload, in the same order.
+
+    Attributes
+    ----------
+    ciphertexts
+        Recipient id -> AES-GCM encryption of a :class:`SharePayload`.
+    """
+
+    TYPE: ClassVar[str] = "share_keys_reply"
+    STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskedInputRequest(_CiphertextsMessage):
     """Stage 2, server -> client: the share pairs other clients encrypted for it.
 
     On the wire as :class:`ShareKeysReply`: ids in the header, one payload per
@@ -950,23 +959,6 @@ class MaskedInputRequest(Message):
 
     TYPE: ClassVar[str] = "masked_input_request"
     STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
-
-    ciphertexts: Mapping[str, bytes]
-
-    def _encode(self) -> tuple[_Json, list[bytes]]:
-        return _ciphertexts_out(self.ciphertexts)
-
-    @classmethod
-    def _parse(
-        cls,
-        fields: _Fields,
-        payloads: _Payloads,
-        head: _Json,
-        *,
-        vector_length: int,
-        modulus_bits: int,
-    ) -> Message:
-        return cls(**head, ciphertexts=_ciphertexts_in(fields, payloads, cls.TYPE))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
