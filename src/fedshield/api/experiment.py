@@ -621,8 +621,11 @@ def _dp_strategy(
             accountant=p.accountant,
             **sampling,
         )
-        if p.mode == "local":
-            sigma *= 2.0  # sensitivity 2C: the calibrated multiplier is σ/2
+        if p.mode == "local" or not isinstance(sampler, PoissonSampler):
+            # Sensitivity 2C against noise σC: the calibrated multiplier is
+            # σ/2 (local mode: any two clipped updates; fixed-size sampling:
+            # replace-one, see DpFedAvg._central_event).
+            sigma *= 2.0
     settings = PrivacySettings(
         mode=p.mode,
         clip_norm=p.clip_norm,

@@ -107,7 +107,7 @@ class ClippedSumRelease(Protocol):
         self,
         total: np.ndarray,
         *,
-        unclipped: float,
+        centred_unclipped: float,
         count: int,
         spec: ParamSpec,
         rng: np.random.Generator,
@@ -407,7 +407,7 @@ class FitRound:
         if dp_rule is not None and result.total is not None:
             return dp_rule.release(
                 result.total,
-                unclipped=result.unclipped,
+                centred_unclipped=result.centred_unclipped,
                 count=int(result.metrics.get("secagg/survivors", 0)),
                 spec=self._state.params.spec,
                 rng=self._rng,

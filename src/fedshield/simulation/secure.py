@@ -243,8 +243,10 @@ class SecureSumResult:
     message: str = ""
     total: np.ndarray | None = None
     """The unmasked sum of the (weighted or clipped) updates, float64."""
-    unclipped: float = 0.0
-    """With client-side clipping: how many updates were within the clip norm."""
+    centred_unclipped: float = 0.0
+    """With client-side clipping: ``Σ_k (1[‖Δ_k‖ ≤ C] − ½)``, each client's
+    bit centred so that one client moves it by at most ½ (adaptive
+    clipping's count; the sensitivity its noise assumes)."""
 
 
 def _random_bytes(secure: bool, rng: np.random.Generator) -> Callable[[int], bytes]:
@@ -289,7 +291,7 @@ def secure_sum(
         update to this L2 norm and weighs it 1 (the server adds the noise to
         the unmasked sum); the encoding's range is the clip norm, so nothing
         falls outside it. The third extra coordinate then carries the
-        indicator ``1[‖Δ_k‖ ≤ C]`` (adaptive clipping's count).
+        centred indicator ``1[‖Δ_k‖ ≤ C] − ½`` (adaptive clipping's count).
     norm_bound
         Norm bounding (Sun et al. 2019) under secure aggregation: each client
         clips its own update to this L2 norm, then weighs it as FedAvg does
@@ -367,7 +369,8 @@ def secure_sum(
             metric_weight = weight
         else:  # the client clips its own update (central DP)
             norm = float(np.linalg.norm(delta))
-            weight = 1.0 if norm <= clip_norm else 0.0  # here: the indicator
+            # Here the word carries the centred indicator 1[‖Δ‖ ≤ C] − ½.
+            weight = (1.0 if norm <= clip_norm else 0.0) - 0.5
             values[: spec.size] = delta * min(1.0, clip_norm / max(norm, 1e-300))
             metric_weight = 1.0
         values[spec.size] = weight * r
@@ -413,7 +416,7 @@ def secure_sum(
             metrics,
             dropped,
             total=total[: spec.size],
-            unclipped=weight_sum,
+            centred_unclipped=weight_sum,
         )
     if weight_sum <= 0:
         metrics["secagg/aborted"] = 1.0

@@ -284,7 +284,7 @@ class DpMean:
         self,
         total: np.ndarray,
         *,
-        unclipped: float,
+        centred_unclipped: float,
         count: int,
         spec: ParamSpec,
         rng: np.random.Generator,
@@ -292,12 +292,13 @@ class DpMean:
     ) -> Aggregate:
         """The DP release of an already clipped sum (from secure aggregation).
 
-        ``total`` is ``Σ_k clip(Δ_k)``, summed without the server seeing the
-        terms; the noise is added here exactly as :meth:`begin`'s accumulator
-        adds it.
+        ``total`` is ``Σ_k clip(Δ_k)`` and ``centred_unclipped`` is
+        ``Σ_k (1[‖Δ_k‖ ≤ C] − ½)``, both summed without the server seeing
+        the terms; the noise is added here exactly as :meth:`begin`'s
+        accumulator adds it.
         """
         noise = self.noise or make_noise(self.secure_rng, rng)
-        return _finish(self, spec, noise, total, unclipped, count, measurements)
+        return _finish(self, spec, noise, total, centred_unclipped, count, measurements)
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,7 @@ class DistributedSum:
         self,
         total: np.ndarray,
         *,
-        unclipped: float,
+        centred_unclipped: float,
         count: int,
         spec: ParamSpec,
         rng: np.random.Generator,
@@ -389,7 +390,7 @@ def _finish(
     spec: ParamSpec,
     noise: GaussianNoise,
     total: np.ndarray,
-    unclipped: float,
+    centred_unclipped: float,
     count: int,
     extra: Mapping[str, float] | None = None,
 ) -> Aggregate:
@@ -407,8 +408,12 @@ def _finish(
     )
     if rule.count_stddev is not None:
         # Only the noised count is released (it is part of the mechanism).
-        noisy = unclipped + float(noise.sample(1, rule.count_stddev)[0])
-        measurements["dp/unclipped_fraction"] = noisy / rule.denominator
+        # Each client's bit is centred to ±½ (Andrew et al. 2021; TF
+        # Privacy's quantile estimator), so one client moves the sum by at
+        # most ½: the sensitivity the noise split of adaptive_noise_split
+        # assumes. The estimate adds the ½ back over the fixed denominator.
+        noisy = centred_unclipped + float(noise.sample(1, rule.count_stddev)[0])
+        measurements["dp/unclipped_fraction"] = noisy / rule.denominator + 0.5
     return Aggregate(
         delta=Params.from_flat(mean, spec, copy=False),
         num_updates=count,
@@ -424,7 +429,7 @@ class _DpAccumulator:
         self._noise = noise
         self._sum = np.zeros(spec.size, dtype=np.float64)
         self._count = 0
-        self._unclipped = 0
+        self._centred_unclipped = 0.0  # Σ_k (1[‖Δ_k‖ ≤ C] − ½)
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         norm = update.delta.norm()
@@ -432,7 +437,7 @@ class _DpAccumulator:
         factor = 1.0 if norm <= clip else clip / norm
         self._sum += np.asarray(update.delta.flat, dtype=np.float64) * factor
         self._count += 1
-        self._unclipped += int(norm <= clip)
+        self._centred_unclipped += (1.0 if norm <= clip else 0.0) - 0.5
 
     def result(self) -> Aggregate:
         return _finish(
@@ -440,7 +445,7 @@ class _DpAccumulator:
             self._spec,
             self._noise,
             self._sum,
-            float(self._unclipped),
+            self._centred_unclipped,
             self._count,
         )
 
@@ -516,7 +521,11 @@ class DpFedAvg:
         if (
             isinstance(self.sampler, CountSampler)
             and self.privacy.accountant != "rdp"
-            and self.privacy.mode != "distributed"  # accounted without sampling
+            # Only central mode accounts the sampling of clients (local and
+            # record mode charge each client for the rounds it took part in,
+            # distributed mode claims no amplification), so only central
+            # mode needs the RDP accountant for fixed-size sampling.
+            and self.privacy.mode == "central"
         ):
             raise ConfigError(
                 'fixed-size client sampling (sampling = "fixed") is accounted only '
@@ -714,8 +723,12 @@ class DpFedAvg:
                 sampling_rate=self.sampler.rate,
             )
         assert isinstance(self.sampler, CountSampler)
+        # Fixed-size sampling is accounted under replace-one neighbours:
+        # replacing one client moves the clipped sum by up to 2C (and the
+        # centred unclipped count by up to 1, twice its add/remove
+        # sensitivity), against noise σC, so the event's multiplier is σ/2.
         return DpEventSpec(
-            noise_multiplier=sigma,
+            noise_multiplier=sigma / 2.0,
             sampling="fixed",
             population=self.num_clients,
             sample_size=min(self.sampler.count, self.num_clients),

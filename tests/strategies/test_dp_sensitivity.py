@@ -1,0 +1,274 @@
+"""What a DP round releases, against what the accountant assumes.
+
+For every DP mode and option, in the clear and under secure aggregation, the
+round is run on neighbouring sets of clients (add, remove, replace or negate
+one client: the neighbouring relation the accountant uses) with the noise
+recorded instead of drawn. The change in every released word (the summed
+update, the unclipped count, any other word that leaves), each divided by
+the noise std actually added to it, is the release's sensitivity in units of
+noise; times the noise multiplier of the DP event the ledger recorded it must
+be at most 1 (the Gaussian mechanism the accountant composes), and it must
+reach 1 on the worst neighbour (the accountant is not handed a looser bound
+than the worst case, which would hide a unit error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+
+from fedshield.core import ClientUpdate, Params, ServerState
+from fedshield.privacy.accounting import DpEventSpec, PrivacyLedger
+from fedshield.simulation.secure import SecureAggregation, secure_sum
+from fedshield.strategies import CountSampler, FedAvg
+from fedshield.strategies.dp import DpFedAvg, DpMean, PoissonSampler, PrivacySettings
+
+DIM = 20
+CLIP = 1.0
+SPEC = Params({"w": np.zeros(DIM, np.float32)}).spec
+
+
+class _RecordedNoise:
+    """Adds nothing; remembers the std asked for each word."""
+
+    secure = False
+
+    def __init__(self) -> None:
+        self.stds: list[tuple[int, float]] = []
+
+    def sample(self, shape: int | tuple[int, ...], std: float) -> np.ndarray:
+        size = int(np.prod(shape))
+        self.stds.append((size, float(std)))
+        return np.zeros(shape, dtype=np.float64)
+
+
+def _update(cid: str, values: np.ndarray) -> ClientUpdate:
+    return ClientUpdate(cid, Params({"w": values.astype(np.float32)}), num_examples=7)
+
+
+def _base_clients() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    out = {}
+    for i, norm in enumerate([0.3, 0.9, 2.0, 5.0, 0.5, 1.7]):
+        v = rng.normal(size=DIM)
+        out[f"c{i}"] = v / np.linalg.norm(v) * norm
+    return out
+
+
+def _extreme() -> tuple[np.ndarray, np.ndarray]:
+    """Two updates as far apart as clipping allows, with opposite bits.
+
+    ``inside`` has norm exactly C (unclipped: bit 1), ``outside`` points the
+    other way with norm 3C (clipped to −C·e: bit 0).
+    """
+    e = np.zeros(DIM)
+    e[0] = 1.0
+    return e * CLIP * (1 - 1e-6), -3.0 * CLIP * e
+
+
+@dataclasses.dataclass
+class _Release:
+    total: np.ndarray  # the summed, clipped update before noise
+    count: float | None  # the (centred) unclipped count before noise
+    update_std: float
+    count_std: float | None
+    event: DpEventSpec
+
+
+def _strategy(sampling: str, adaptive: bool) -> DpFedAvg:
+    privacy = PrivacySettings(
+        mode="central",
+        clip_norm=CLIP,
+        noise_multiplier=1.3,
+        accountant="rdp",
+        target_quantile=0.5 if adaptive else None,
+        clipped_count_stddev=2.0 if adaptive else None,
+    )
+    sampler = PoissonSampler(0.25) if sampling == "poisson" else CountSampler(8)
+    return DpFedAvg(base=FedAvg(), privacy=privacy, sampler=sampler, num_clients=16)
+
+
+def _release(
+    strategy: DpFedAvg, clients: dict[str, np.ndarray], secure: bool
+) -> _Release:
+    state = strategy.init(Params({"w": np.zeros(DIM, np.float32)}))
+    rng = np.random.default_rng(0)
+    plan = strategy.configure(state, [str(i) for i in range(16)], rng=rng)
+    rule = plan.aggregator
+    assert isinstance(rule, DpMean)
+    noise = _RecordedNoise()
+    rule = dataclasses.replace(rule, noise=noise)
+    updates = {cid: _update(cid, v) for cid, v in clients.items()}
+    if secure:
+        result = secure_sum(
+            updates,
+            settings=SecureAggregation(protocol="secagg", threshold=0.6),
+            spec=SPEC,
+            round_idx=0,
+            max_examples=7,
+            drop_at={},
+            rng=np.random.default_rng(1),
+            clip_norm=rule.clip_norm,
+        )
+        assert result.total is not None
+        aggregate = rule.release(
+            result.total,
+            centred_unclipped=result.centred_unclipped,
+            count=len(updates),
+            spec=SPEC,
+            rng=rng,
+            measurements=result.metrics,
+        )
+    else:
+        acc = rule.begin(SPEC, rng=rng)
+        for update in updates.values():
+            acc.add(update, 1.0)
+        aggregate = acc.result()
+    new = strategy.apply(state, aggregate, plan=plan, rng=rng)
+    ledger = PrivacyLedger.from_json(new.metadata["privacy"]["ledger"])
+    ((_, event),) = ledger.events
+    total = np.asarray(aggregate.delta.flat, dtype=np.float64) * rule.denominator
+    fraction = aggregate.measurements.get("dp/unclipped_fraction")
+    count = None if fraction is None else float(fraction) * rule.denominator
+    stds = dict(noise.stds)
+    return _Release(
+        total=total,
+        count=count,
+        update_std=stds[DIM],
+        count_std=stds.get(1),
+        event=event,
+    )
+
+
+def _neighbours(
+    sampling: str,
+) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Pairs of client sets under the relation the accountant uses."""
+    base = _base_clients()
+    inside, outside = _extreme()
+    if sampling == "poisson":  # add or remove one client
+        return [
+            (base, {**base, "x": inside}),
+            (base, {**base, "x": outside}),
+            ({**base, "x": inside}, base),
+        ]
+    # replace one client (fixed-size samples stay the same size)
+    return [
+        ({**base, "x": inside}, {**base, "x": outside}),  # replace
+        ({**base, "x": inside}, {**base, "x": -inside}),  # negate
+        ({**base, "x": base["c0"]}, {**base, "x": outside}),
+    ]
+
+
+def _shift_in_noise_units(a: _Release, b: _Release) -> float:
+    assert a.update_std == b.update_std and a.count_std == b.count_std
+    squares = (np.linalg.norm(a.total - b.total) / a.update_std) ** 2
+    if a.count is not None:
+        assert b.count is not None and a.count_std is not None
+        squares += ((a.count - b.count) / a.count_std) ** 2
+    return float(math.sqrt(squares))
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["clear", "secagg"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed-clip", "adaptive"])
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_central_release_sensitivity_is_what_the_accountant_assumes(
+    sampling: str, adaptive: bool, secure: bool
+) -> None:
+    strategy = _strategy(sampling, adaptive)
+    worst = 0.0
+    for left, right in _neighbours(sampling):
+        a, b = _release(strategy, left, secure), _release(strategy, right, secure)
+        assert a.event == b.event
+        assert a.event.is_replace_one == (sampling == "fixed")
+        worst = max(worst, _shift_in_noise_units(a, b) * a.event.noise_multiplier)
+    # At most one noise multiplier's worth (the Gaussian mechanism accounted),
+    # and reached by the worst neighbour (secure aggregation's encoding
+    # rounds the words: 1e-3).
+    assert worst <= 1.0 + 1e-3
+    assert worst >= 0.99
+
+
+# --- the review's example: fixed-size sampling against dp-accounting ----------
+
+
+def _fixed_reference(sigma: float, rounds: int, delta: float) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            100, 10, dp_accounting.GaussianDpEvent(sigma / 2.0)
+        ),
+        rounds,
+    )
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
+def _run(strategy: DpFedAvg, rounds: int) -> ServerState:
+    state = strategy.init(Params({"w": np.zeros(DIM, np.float32)}))
+    rng = np.random.default_rng(0)
+    clients = [str(i) for i in range(strategy.num_clients)]
+    for _ in range(rounds):
+        plan = strategy.configure(state, clients, rng=rng)
+        rule = plan.aggregator or strategy.aggregator
+        acc = rule.begin(SPEC, rng=rng)
+        for cid in plan.clients:
+            acc.add(_update(cid, rng.normal(size=DIM) * 0.1), 1.0)
+        state = strategy.apply(state, acc.result(), plan=plan, rng=rng)
+    return state
+
+
+def test_fixed_sampling_epsilon_is_dp_accountings_at_half_sigma() -> None:
+    # N = 100, 10 a round, sigma = 1, delta = 1e-5, 100 rounds: the review
+    # measured 14.05 reported against 83.9 true.
+    strategy = DpFedAvg(
+        base=FedAvg(),
+        privacy=PrivacySettings(
+            mode="central", clip_norm=1.0, noise_multiplier=1.0, accountant="rdp"
+        ),
+        sampler=CountSampler(10),
+        num_clients=100,
+    )
+    state = _run(strategy, 100)
+    want = _fixed_reference(1.0, 100, 1e-5)
+    assert want == pytest.approx(83.9, rel=0.01)
+    assert strategy.epsilon_of(state) == pytest.approx(want, rel=0.01)
+
+
+def _calibrated(sampling: str, target: float, rounds: int) -> DpFedAvg:
+    from fedshield.api import parse_config
+    from fedshield.api.experiment import build_strategy
+
+    config = parse_config(
+        {
+            "run": {"rounds": rounds},
+            "data": {"dataset": "digits", "num_clients": 100},
+            "strategy": {"clients_per_round": 10},
+            "privacy": {
+                "mode": "central",
+                "clip_norm": 1.0,
+                "target_epsilon": target,
+                "accountant": "rdp",
+                "sampling": sampling,
+            },
+        }
+    )
+    strategy = build_strategy(config, num_clients=100)
+    assert isinstance(strategy, DpFedAvg)
+    return strategy
+
+
+def test_calibration_under_fixed_sampling_delivers_the_target() -> None:
+    # The review: epsilon = 3 requested, 7.40 delivered.
+    strategy = _calibrated("fixed", 3.0, 50)
+    sigma = strategy.privacy.noise_multiplier
+    delivered = _fixed_reference(sigma, 50, 1e-5)
+    assert delivered <= 3.0 + 1e-6
+    assert delivered >= 2.9  # the smallest sigma that fits, not a safe overshoot
