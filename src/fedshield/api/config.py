@@ -46,7 +46,9 @@ class RunSection(_Section):
     rounds: int = Field(30, ge=1, le=1_000_000)
     seed: int = Field(0, ge=0, lt=2**63)
     eval_every: int = Field(1, ge=1)
-    federated_eval: bool = True
+    # None: on, unless [privacy] is on (per-client evaluation is then
+    # outside the guarantee, so a DP run evaluates only when asked).
+    federated_eval: bool | None = None
     backend: Literal["auto", "sequential", "vectorised", "process", "ray"] = "auto"
     workers: int | None = Field(None, ge=1, le=1024)
     ray_address: str | None = None
@@ -264,6 +266,25 @@ class ExperimentConfig(_Section):
     robust: RobustSection = Field(default_factory=RobustSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     faults: FaultsSection = Field(default_factory=FaultsSection)
+
+    @property
+    def runs_federated_eval(self) -> bool:
+        """Whether the round's clients evaluate the new model (``federated_eval``).
+
+        Unset, it is on without differential privacy and off with it: the
+        clients' evaluation on their own data is not noised, so a DP run
+        reports it only when the user asks (and says it is outside ε).
+        """
+        if self.run.federated_eval is not None:
+            return self.run.federated_eval
+        return self.privacy.mode == "none"
+
+    @property
+    def outside_guarantee(self) -> list[str]:
+        """What a DP run releases that its ε does not cover (empty: nothing)."""
+        if self.privacy.mode == "none":
+            return []
+        return ["federated_eval"] if self.runs_federated_eval else []
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

@@ -125,6 +125,9 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
         "target_epsilon": p.target_epsilon,
         "sampling": p.sampling,
         "secure_rng": p.secure_rng,
+        # Released by the run but not covered by epsilon (opted in by the
+        # user: run.federated_eval = true).
+        "outside_guarantee": config.outside_guarantee,
         **extra,
     }
 
@@ -312,7 +315,7 @@ def _simulate(
             backend=backend,
             evaluate_fn=federation.evaluate,
             eval_every=config.run.eval_every,
-            federated_eval=config.run.federated_eval,
+            federated_eval=config.runs_federated_eval,
             timeout_s=config.run.timeout_s,
             max_examples=federation.max_examples,
             run_dir=run_dir,

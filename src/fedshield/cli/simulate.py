@@ -125,6 +125,11 @@ def run_simulate(
                 f"{float(privacy.get('epsilon', 0.0)):.4g} "
                 f"(delta {privacy.get('delta')}, {privacy.get('mode')})",
             )
+            outside = privacy.get("outside_guarantee")
+            if outside:
+                table.add_row(
+                    "not covered by epsilon", ", ".join(str(o) for o in outside)
+                )
         table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
         table.add_row("backend", str(summary.get("backend", "")))
         if summary.get("status") != "completed" and summary.get("error"):

@@ -343,6 +343,16 @@ def _privacy_section(privacy: object) -> str:
             "[privacy] secure_rng = true for a real deployment",
         )
     )
+    outside = privacy.get("outside_guarantee")
+    if isinstance(outside, list | tuple) and outside:
+        rows.append(
+            (
+                "Released outside the guarantee",
+                ", ".join(str(item) for item in outside),
+                "not covered by ε: turned on by the user (federated evaluation "
+                "reports each round's client-side results without noise)",
+            )
+        )
     return f"<section><h2>Differential privacy</h2>{_kv_table(rows)}</section>"
 
 

@@ -38,7 +38,7 @@ from fedshield.simulation.protocol import (
     StageRequest,
 )
 from fedshield.simulation.secure import SecureAggregation
-from fedshield.strategies import RoundPlan, Strategy
+from fedshield.strategies import PrivateRelease, RoundPlan, Strategy
 
 __all__ = ["FitRound", "RoundResult"]
 
@@ -301,6 +301,10 @@ class FitRound:
             }
         )
         if succeeded < self._plan.min_clients:
+            # The sampled clients may have released something before the
+            # round aborted (their updates reached the server): a DP
+            # strategy charges it, and the checkpoint keeps the charge.
+            self._spent_state = self._charged(self._state)
             message = (
                 f"round {self._plan.round_idx + 1}: only {succeeded} of "
                 f"{len(self._plan.clients)} clients returned a valid update; "
@@ -420,9 +424,19 @@ class FitRound:
                 result.message,
             )
             self._metrics["secagg/abort_reason"] = result.message
-            self._new_state = self._state.evolve(round_idx=self._state.round_idx + 1)
+            # Charged as if it had released (conservative): see
+            # PrivateRelease.charge_unfinished.
+            charged = self._charged(self._state) or self._state
+            self._new_state = charged.evolve(round_idx=self._state.round_idx + 1)
             return None
         return result.aggregate
+
+    def _charged(self, state: ServerState) -> ServerState | None:
+        """``state`` charged for this round by a DP strategy (None: no charge)."""
+        if not isinstance(self._strategy, PrivateRelease):
+            return None
+        charged = self._strategy.charge_unfinished(state, self._plan)
+        return charged if charged is not state else None
 
     def _norm_bound(self) -> float | None:
         """Norm bounding's ``max_norm``, applied by each client under SecAgg."""

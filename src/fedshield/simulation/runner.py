@@ -17,7 +17,7 @@ from fedshield.simulation.rounds import CollusionFn, FitRound, RoundResult
 from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
 from fedshield.simulation.secure import Faults, SecureAggregation
 from fedshield.simulation.state_store import StateStore
-from fedshield.strategies import Strategy
+from fedshield.strategies import PrivateRelease, Strategy
 
 __all__ = ["EvaluateFn", "RoundCallback", "drive_round", "run_round", "run_rounds"]
 
@@ -210,13 +210,16 @@ def run_rounds(
                 )
             else:
                 record.update({"accuracy": None, "loss": None})
-            record.update(result.metrics)
+            metrics = {**result.metrics, "seconds": time.perf_counter() - started}
+            if isinstance(strategy, PrivateRelease):
+                # A DP run writes only what its guarantee covers.
+                metrics = strategy.released(metrics)
+            record.update(metrics)
             privacy = state.metadata.get("privacy")
             if isinstance(privacy, Mapping):
                 # The accountant's epsilon after this round (delta fixed).
                 record["epsilon"] = privacy.get("epsilon")
                 record["delta"] = privacy.get("delta")
-            record["seconds"] = time.perf_counter() - started
             if run_dir is not None:
                 run_dir.append_jsonl(METRICS, record)
                 run_dir.save_checkpoint(state, client_states=client_states)

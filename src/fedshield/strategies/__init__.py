@@ -7,7 +7,7 @@ first use: it imports the accountant (``dp-accounting``), which a run without
 
 from typing import Any
 
-from fedshield.strategies.base import RoundPlan, Strategy
+from fedshield.strategies.base import PrivateRelease, RoundPlan, Strategy
 from fedshield.strategies.fedavg import FedAvg
 from fedshield.strategies.sampling import ClientSampler, CountSampler, FractionSampler
 from fedshield.strategies.scaffold import Scaffold
@@ -63,6 +63,7 @@ __all__ = [
     "NormBound",
     "PoissonSampler",
     "PrivacySettings",
+    "PrivateRelease",
     "RoundPlan",
     "Scaffold",
     "ServerOptimizer",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from fedshield.core import (
     ServerState,
 )
 
-__all__ = ["RoundPlan", "Strategy"]
+__all__ = ["PrivateRelease", "RoundPlan", "Strategy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +94,25 @@ class Strategy(Protocol):
         rng: np.random.Generator,
     ) -> ServerState:
         """Return the state after the round (``round_idx`` advanced by one)."""
+
+
+@runtime_checkable
+class PrivateRelease(Protocol):
+    """A strategy whose outputs must stay within a privacy guarantee.
+
+    DP-FedAvg (:class:`~fedshield.strategies.dp.DpFedAvg`): the round loop
+    writes only what :meth:`released` keeps of a round's metrics, and a
+    round that ends without an update still costs what it spent
+    (:meth:`charge_unfinished`).
+    """
+
+    def released(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of a round's server-side metrics that may leave the server."""
+
+    def charge_unfinished(self, state: ServerState, plan: RoundPlan) -> ServerState:
+        """``state`` with the privacy cost of ``plan``'s round recorded.
+
+        For a round that aborted (below ``min_clients``, or secure
+        aggregation below its threshold) after its clients may have
+        released something: the parameters are ``state``'s.
+        """

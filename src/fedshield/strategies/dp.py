@@ -648,7 +648,12 @@ class DpFedAvg:
             round_idx=state.round_idx,
             clients=tuple(clients),
             fit_config=local,
-            min_clients=self.base.min_clients,
+            # Central mode never aborts for too few updates: whether a round
+            # had enough would be a release of the clients' count outside
+            # the guarantee. With its fixed denominator the round releases
+            # the noised sum of whoever took part (DP-FedAvg's algorithm);
+            # min_clients is checked against the expected sample (check()).
+            min_clients=0 if self.privacy.mode == "central" else self.base.min_clients,
             num_available=len(available),
             aggregator=aggregator,
         )
@@ -673,6 +678,55 @@ class DpFedAvg:
     ) -> ServerState:
         """Server step, then record the round's DP event and update ε."""
         new = self.base.apply(state, aggregate, plan=plan, rng=rng)
+        record = self._spend(state, plan, aggregate)
+        return new.evolve(metadata={**new.metadata, "privacy": record})
+
+    def charge_unfinished(self, state: ServerState, plan: RoundPlan) -> ServerState:
+        """``state`` with the cost of a round that ended without an update.
+
+        Conservative: central mode charges the round's Gaussian event (the
+        clients were sampled and may have sent their updates); local and
+        record mode charge every sampled client, which may have trained and
+        released its update before the round aborted. Distributed mode
+        charges nothing: its round aborts before the sum is unmasked, so
+        nothing was released.
+        """
+        if self.privacy.mode == "distributed":
+            return state
+        record = self._spend(state, plan, None)
+        return state.evolve(metadata={**state.metadata, "privacy": record})
+
+    def released(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """What of a round's server-side metrics a DP run writes out.
+
+        Nothing computed from the clients' data without noise leaves: no
+        training loss or accuracy (un-noised averages of the clients'
+        data), no per-round wall time (how long the sampled clients took).
+        Central mode also keeps the clients that took part secret (Poisson
+        sampling's amplification assumes the sample is), so it releases
+        only the noised aggregate's own measurements (``dp/*``,
+        ``update_norm``) and whether secure aggregation aborted, not the
+        counts of sampled, failed, rejected or surviving clients. Federated
+        evaluation (``federated_*``) is present only when the user turned
+        it on, and is outside the guarantee (the summary says so).
+        """
+        if self.privacy.mode == "central":
+            return {
+                key: value
+                for key, value in metrics.items()
+                if key.startswith(("dp/", "federated_"))
+                or key in ("update_norm", "secagg/aborted")
+            }
+        return {
+            key: value
+            for key, value in metrics.items()
+            if not key.startswith("train_") and key != "seconds"
+        }
+
+    def _spend(
+        self, state: ServerState, plan: RoundPlan, aggregate: Aggregate | None
+    ) -> dict[str, Any]:
+        """The privacy record after ``plan``'s round (``aggregate``: None if none)."""
         record = dict(self._record(state))
         if self.privacy.mode == "central":
             ledger = self._ledger(record["ledger"])
@@ -680,13 +734,18 @@ class DpFedAvg:
             record["ledger"] = ledger.to_json()
             self._cache["json"], self._cache["ledger"] = record["ledger"], ledger
             record["epsilon"] = ledger.epsilon()
-            fraction = aggregate.measurements.get("dp/unclipped_fraction")
+            fraction = (
+                aggregate.measurements.get("dp/unclipped_fraction")
+                if aggregate is not None
+                else None
+            )
             if self.privacy.target_quantile is not None and fraction is not None:
                 step = -self.privacy.clip_learning_rate * (
                     fraction - self.privacy.target_quantile
                 )
                 record["clip_norm"] = float(record["clip_norm"]) * math.exp(step)
         elif self.privacy.mode == "distributed":
+            assert aggregate is not None  # an unfinished round costs nothing
             self._record_distributed(record, plan, aggregate)
         elif self.privacy.mode == "record":
             # Every sampled client is accounted, whether or not its update
@@ -706,7 +765,7 @@ class DpFedAvg:
             record["participation"] = counts
             record["epsilon"] = self._local_epsilon(max(counts.values(), default=0))
         record["rounds"] = int(record.get("rounds", 0)) + 1
-        return new.evolve(metadata={**new.metadata, "privacy": record})
+        return record
 
     # --- accounting ------------------------------------------------------------
 
