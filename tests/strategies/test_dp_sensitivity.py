@@ -272,3 +272,61 @@ def test_calibration_under_fixed_sampling_delivers_the_target() -> None:
     delivered = _fixed_reference(sigma, 50, 1e-5)
     assert delivered <= 3.0 + 1e-6
     assert delivered >= 2.9  # the smallest sigma that fits, not a safe overshoot
+
+
+# --- distributed mode: what the unmasked sum moves by, against the event -------
+
+
+@pytest.mark.parametrize("protocol", ["secagg", "secagg+"])
+def test_distributed_release_sensitivity_is_the_events(
+    monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    # With the clients' noise shares switched off, adding one client moves
+    # the unmasked, decoded sum by its rounded vector: at most the event's
+    # l2_sensitivity in integer units, which is what ddg_rdp is given. The
+    # masked vector carries no other word (no weight, count or metric).
+    from fedshield.privacy import distributed as ddg
+    from fedshield.strategies.dp import _distributed_event
+
+    monkeypatch.setattr(
+        ddg, "discrete_gaussian", lambda count, sigma, rb: np.zeros(count, np.int64)
+    )
+    mechanism = ddg.DistributedDp(clip_norm=CLIP, noise_multiplier=1.0)
+    settings = SecureAggregation(protocol=protocol, threshold=0.6)
+    inside, outside = _extreme()
+    # The other clients send zero updates, which round to exactly zero: their
+    # rounding (fresh OS randomness in every run) would otherwise differ
+    # between the two runs and blur the one client's shift.
+    base = {cid: np.zeros(DIM) for cid in _base_clients()}
+    shifts, bounds = [], []
+    for extra in (inside, outside, 50.0 * np.ones(DIM)):
+        results = []
+        for clients in (base, {**base, "x": extra}):
+            updates = {cid: _update(cid, v) for cid, v in clients.items()}
+            # The same number of survivors on both sides keeps gamma equal:
+            # the smaller set gets a zero update (the zero-out neighbour).
+            if "x" not in clients:
+                updates["x"] = _update("x", np.zeros(DIM))
+            result = secure_sum(
+                updates,
+                settings=settings,
+                spec=SPEC,
+                round_idx=0,
+                max_examples=7,
+                drop_at={},
+                rng=np.random.default_rng(2),
+                distributed=mechanism,
+            )
+            assert result.total is not None
+            results.append(result)
+        a, b = results
+        assert a.metrics["ddp/gamma"] == b.metrics["ddp/gamma"]
+        event = _distributed_event(a.metrics)
+        assert event == _distributed_event(b.metrics)
+        assert a.total is not None and b.total is not None
+        assert a.total.shape == (DIM,)  # the released vector: the update only
+        shifts.append(np.linalg.norm(b.total - a.total) / a.metrics["ddp/gamma"])
+        bounds.append(event.l2_sensitivity)
+    assert max(s / b for s, b in zip(shifts, bounds, strict=True)) <= 1.0 + 1e-9
+    # Not vacuous: a clipped client moves the sum by nearly the bound.
+    assert max(s / b for s, b in zip(shifts, bounds, strict=True)) >= 0.8
