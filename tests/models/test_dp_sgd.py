@@ -26,7 +26,7 @@ from fedshield.models.dp_sgd import (
     check_dp_sgd,
     train_dp_sgd,
 )
-from fedshield.privacy.noise import SecureGaussian, SeededGaussian
+from fedshield.privacy.noise import SecureGaussian, SecureRandom, SeededGaussian
 from fedshield.privacy.records import record_level_event
 
 Data = tuple[np.ndarray, np.ndarray]
@@ -546,6 +546,54 @@ def test_reproducible_with_seeded_noise_and_not_with_secure(
     s2, _ = run(SecureGaussian())
     assert not np.array_equal(s1.flat, s2.flat)
     assert not np.array_equal(s1.flat, a.flat)
+
+
+def test_secure_noise_draws_the_batches_from_the_keystream(
+    digits: Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Amplification by sampling assumes the batches are as secret as the
+    # noise: with a secure noise source they are not a function of ``rng``
+    # (the seed); with seeded noise they are.
+    x, y = digits[0][:150], digits[1][:150]
+    batches: list[tuple[type, list[int]]] = []
+    real = dp_sgd._poisson_sample
+
+    def recording(
+        rng: np.random.Generator | SecureRandom, n: int, q: float
+    ) -> np.ndarray:
+        idx = real(rng, n, q)
+        batches.append((type(rng), idx.tolist()))
+        return idx
+
+    monkeypatch.setattr(dp_sgd, "_poisson_sample", recording)
+    model = MODELS["logistic"]()
+    params = model.init_params(0)
+
+    def run(noise: object) -> list[tuple[type, list[int]]]:
+        batches.clear()
+        _train(
+            model, params, x, y, _config(epochs=2), rng=np.random.default_rng(3),
+            dp=_dp(sample_rate=0.2), noise=noise, path="auto",  # type: ignore[arg-type]
+        )  # fmt: skip
+        return list(batches)
+
+    seeded = run(SeededGaussian(np.random.default_rng(4)))
+    assert seeded == run(SeededGaussian(np.random.default_rng(5)))  # rng alone
+    assert {kind for kind, _ in seeded} == {np.random.Generator}
+    first, second = run(SecureGaussian()), run(SecureGaussian())
+    assert {kind for kind, _ in first + second} == {SecureRandom}
+    assert len(first) == len(second) == 10
+    assert [b for _, b in first] != [b for _, b in second]
+    assert [b for _, b in first] != [b for _, b in seeded]
+
+
+def test_keystream_poisson_sample_includes_each_record_with_probability_q() -> None:
+    source = SecureRandom()
+    counts = np.zeros(50)
+    for _ in range(4000):
+        counts[dp_sgd._poisson_sample(source, 50, 0.2)] += 1
+    # Per record: Binomial(4000, 0.2), sd ~ 25.3.
+    assert np.all(np.abs(counts - 800) < 5 * math.sqrt(4000 * 0.2 * 0.8))
 
 
 def test_params_and_rng_are_used_not_changed(digits: Data) -> None:

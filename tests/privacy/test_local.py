@@ -7,10 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from fedshield.core import FitConfig, Params
+from fedshield.core import ClientUpdate, FitConfig, Params
 from fedshield.errors import ConfigError
 from fedshield.models import TorchClient, TorchModel, build_module
-from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SECURE, LOCAL_SIGMA, privatize
+from fedshield.privacy import noise as noise_module
+from fedshield.privacy.local import (
+    LOCAL_CLIP,
+    LOCAL_NUM_EXAMPLES,
+    LOCAL_SIGMA,
+    privatize,
+)
+from fedshield.strategies import FedAvg
+from fedshield.strategies.dp import DpFedAvg, PoissonSampler, PrivacySettings
 
 
 def _delta(values: np.ndarray) -> Params:
@@ -20,33 +28,35 @@ def _delta(values: np.ndarray) -> Params:
 def test_the_noise_has_std_sigma_times_clip() -> None:
     delta = _delta(np.zeros(100_000))
     options = {LOCAL_CLIP: 0.5, LOCAL_SIGMA: 3.0}
-    out, extra = privatize(delta, options, np.random.default_rng(0))
-    values = np.asarray(out.flat, np.float64)
+    values = np.asarray(privatize(delta, options).flat, np.float64)
     n = values.size
     assert abs(values.mean()) < 5 * 1.5 / math.sqrt(n)
     assert abs(values.std() - 1.5) < 5 * 1.5 / math.sqrt(2 * n)
-    assert extra == {"local_dp/clipped": 0.0}
 
 
 def test_a_large_update_is_clipped_before_the_noise() -> None:
     big = np.full(400, 10.0)
     options = {LOCAL_CLIP: 1.0, LOCAL_SIGMA: 1e-9}  # noise negligible
-    out, extra = privatize(_delta(big), options, np.random.default_rng(0))
+    out = privatize(_delta(big), options)
     assert out.norm() == pytest.approx(1.0, rel=1e-5)
     np.testing.assert_allclose(out.flat, big / np.linalg.norm(big), rtol=1e-4)
-    assert extra == {"local_dp/clipped": 1.0}
 
 
-def test_seeded_noise_repeats_and_secure_noise_does_not() -> None:
+def test_the_noise_is_always_secure(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server holds the simulation's seed: the noise must not come from
+    # any seeded generator, so it comes from the OS-keyed keystream.
+    keys: list[int] = []
+    real = noise_module.os.urandom
+
+    def counting(n: int) -> bytes:
+        keys.append(n)
+        return real(n)
+
+    monkeypatch.setattr(noise_module.os, "urandom", counting)
     delta = _delta(np.ones(50))
-    seeded = {LOCAL_CLIP: 1.0, LOCAL_SIGMA: 1.0}
-    a, _ = privatize(delta, seeded, np.random.default_rng(4))
-    b, _ = privatize(delta, seeded, np.random.default_rng(4))
-    assert a == b
-    secure = {**seeded, LOCAL_SECURE: True}
-    c, _ = privatize(delta, secure, None)
-    d, _ = privatize(delta, secure, None)
-    assert c != d
+    options = {LOCAL_CLIP: 1.0, LOCAL_SIGMA: 1.0}
+    assert privatize(delta, options) != privatize(delta, options)
+    assert keys == [32, 16, 32, 16]  # one fresh AES key and counter per update
 
 
 @pytest.mark.parametrize(
@@ -60,10 +70,11 @@ def test_seeded_noise_repeats_and_secure_noise_does_not() -> None:
 )
 def test_bad_options_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match="local DP option"):
-        privatize(_delta(np.ones(3)), options, np.random.default_rng(0))
+        privatize(_delta(np.ones(3)), options)
 
 
-def test_the_client_sends_the_noised_update() -> None:
+@pytest.fixture(scope="module")
+def client() -> TorchClient:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -71,8 +82,11 @@ def test_the_client_sends_the_noised_update() -> None:
     model = TorchModel(
         lambda: build_module("logistic", input_shape=(64,), num_classes=10)
     )
-    client = TorchClient("a", model, x_train=x[:200], y_train=y[:200])
-    params = model.init_params(0)
+    return TorchClient("a", model, x_train=x[:200], y_train=y[:200])
+
+
+def test_the_client_sends_the_noised_update(client: TorchClient) -> None:
+    params = client.model.init_params(0)
     plain = client.fit(params, FitConfig(round_idx=0), np.random.default_rng(1))
     config = FitConfig(round_idx=0, options={LOCAL_CLIP: 0.1, LOCAL_SIGMA: 1.0})
     noised = client.fit(params, config, np.random.default_rng(1))
@@ -80,7 +94,45 @@ def test_the_client_sends_the_noised_update() -> None:
     clipped = plain.delta * min(1.0, 0.1 / plain.delta.norm())
     gap = np.asarray((noised.delta - clipped).flat, np.float64)
     assert abs(gap.std() - 0.1) < 5 * 0.1 / math.sqrt(2 * gap.size)
-    assert noised.metrics["local_dp/clipped"] == float(plain.delta.norm() > 0.1)
+
+
+def test_the_same_seed_gives_different_local_noise(client: TorchClient) -> None:
+    # Two runs with the same seed train alike, but their noise differs: the
+    # server, which knows the seed, cannot subtract it.
+    params = client.model.init_params(0)
+    config = FitConfig(round_idx=0, options={LOCAL_CLIP: 0.1, LOCAL_SIGMA: 1.0})
+    first = client.fit(params, config, np.random.default_rng(1))
+    again = client.fit(params, config, np.random.default_rng(1))
+    gap = np.asarray((first.delta - again.delta).flat, np.float64)
+    # The difference of two independent noises of std 0.1 has std 0.1 * sqrt 2.
+    assert abs(gap.std() - 0.1 * math.sqrt(2)) < 0.1 * 5 / math.sqrt(gap.size)
+
+
+def test_the_server_sees_no_clip_bit_no_count_and_no_metrics(
+    client: TorchClient,
+) -> None:
+    params = client.model.init_params(0)
+    plain = client.fit(params, FitConfig(round_idx=0), np.random.default_rng(1))
+    assert plain.num_examples == 200 and set(plain.metrics) == {"loss", "accuracy"}
+    for clip in (1e-3, 1e3):  # clipped and not clipped look alike
+        config = FitConfig(round_idx=0, options={LOCAL_CLIP: clip, LOCAL_SIGMA: 1.0})
+        update = client.fit(params, config, np.random.default_rng(1))
+        assert update.num_examples == LOCAL_NUM_EXAMPLES == 1
+        assert dict(update.metrics) == {}
+        assert update.extras == {} and update.state == {}
+
+
+def test_the_server_weights_local_updates_equally() -> None:
+    strategy = DpFedAvg(
+        base=FedAvg(),
+        privacy=PrivacySettings(mode="local", clip_norm=1.0, noise_multiplier=1.0),
+        sampler=PoissonSampler(0.5),
+        num_clients=10,
+    )
+    delta = _delta(np.ones(3))
+    small = ClientUpdate("a", delta, num_examples=3)
+    large = ClientUpdate("b", delta, num_examples=3000)
+    assert strategy.weight(small) == strategy.weight(large) == 1.0
 
 
 def test_a_run_without_privacy_never_imports_the_accountant() -> None:

@@ -13,6 +13,7 @@ from fedshield.privacy import noise as noise_module
 from fedshield.privacy.noise import (
     GaussianNoise,
     SecureGaussian,
+    SecureRandom,
     SeededGaussian,
     make_noise,
 )
@@ -41,7 +42,7 @@ def test_secure_noise_is_not_reproducible():
     )
 
 
-def test_secure_noise_draws_only_from_os_urandom(monkeypatch):
+def test_secure_noise_is_keyed_only_from_os_urandom(monkeypatch):
     calls = []
 
     def fake_urandom(n: int) -> bytes:
@@ -55,21 +56,29 @@ def test_secure_noise_draws_only_from_os_urandom(monkeypatch):
     first = SecureGaussian().sample(1000, 1.0)
     again = SecureGaussian().sample(1000, 1.0)
 
-    # With the bytes fixed the output is fixed: os.urandom is the only source.
+    # With the key fixed the output is fixed: os.urandom is the only source,
+    # read once per key (32 bytes of AES-256 key, 16 of initial counter).
     np.testing.assert_array_equal(first, again)
-    assert calls and sum(calls) == 2 * 4 * 1000 * 8
+    assert calls == [32, 16, 32, 16]
 
 
-def test_secure_noise_sums_four_draws_and_halves(monkeypatch):
-    # All-zero bytes: u1 = 2**-53 and u2 = 0, so every Box-Muller draw is
-    # either sqrt(-2 ln 2**-53) (cosine half) or 0 (sine half); two of the
-    # four draws per output are the former, so the output is
-    # (2 * sqrt(-2 ln 2**-53)) * std / 2.
-    monkeypatch.setattr(noise_module.os, "urandom", lambda n: bytes(n))
+class _Fixed(SecureRandom):
+    """A SecureRandom whose normals are 0, 1, 2, ... (to see what is summed)."""
+
+    def standard_normal(self, size: int) -> np.ndarray:
+        return np.arange(size, dtype=np.float64)
+
+
+def test_secure_noise_sums_four_draws_and_halves():
     std = 3.0
-    expected = math.sqrt(-2.0 * math.log(2.0**-53)) * std
+    out = SecureGaussian(_Fixed()).sample(10, std)
+    draws = np.arange(40, dtype=np.float64).reshape(4, 10)
+    np.testing.assert_array_equal(out, draws.sum(axis=0) * std / 2)
 
-    np.testing.assert_allclose(SecureGaussian().sample(10, std), expected, rtol=1e-12)
+
+def test_secure_gaussian_takes_only_a_secure_random():
+    with pytest.raises(ConfigError, match="SecureRandom"):
+        SecureGaussian(np.random.default_rng(0))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("source", sources(), ids=["seeded", "secure"])

@@ -15,7 +15,7 @@ from fedshield.core.client import (
 )
 from fedshield.errors import ConfigError
 from fedshield.models.torch_model import TorchModel
-from fedshield.privacy.local import privatize, wants_local_dp
+from fedshield.privacy.local import LOCAL_NUM_EXAMPLES, privatize, wants_local_dp
 from fedshield.privacy.records import (
     DP_SGD_CLIP,
     DP_SGD_SECURE,
@@ -144,7 +144,8 @@ class TorchClient:
         -------
         ClientUpdate
             ``delta = new - params``, ``num_examples`` = local training set
-            size, and the training ``"loss"`` and ``"accuracy"``.
+            size, and the training ``"loss"`` and ``"accuracy"``; with local
+            DP the noised delta alone (see :func:`build_update`).
 
         Raises
         ------
@@ -173,7 +174,6 @@ class TorchClient:
             metrics,
             num_examples=self.num_train_examples,
             config=config,
-            rng=rng,
         )
 
     def _fit_dp_sgd(
@@ -298,15 +298,18 @@ def build_update(
     *,
     num_examples: int,
     config: FitConfig,
-    rng: np.random.Generator | None = None,
 ) -> ClientUpdate:
     """The update a client sends after training from ``params`` to ``new``.
 
     When the round asks for local differential privacy (its options hold
     :data:`fedshield.privacy.local.LOCAL_CLIP`), ``delta`` is clipped and
-    noised here, with noise drawn from ``rng`` (the generator training drew
-    from, so every backend draws the same noise) unless the round asks for
-    secure noise.
+    noised here (:func:`fedshield.privacy.local.privatize`, noise from the
+    OS-keyed keystream, never from the seed) and it is all that leaves the
+    client: the update reports
+    :data:`~fedshield.privacy.local.LOCAL_NUM_EXAMPLES` examples instead of
+    ``num_examples`` and no ``metrics`` (the count, the training loss and
+    accuracy and whether the update was clipped would reach the server
+    un-noised); the strategy weights local-DP updates equally.
 
     For SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, option II) it
     also computes the new client control variate
@@ -316,14 +319,14 @@ def build_update(
     assumes plain SGD steps).
     """
     delta = new - params
+    reported = num_examples
     if wants_local_dp(config.options):
-        # Local DP: the update is clipped and noised before it leaves the
-        # client (fedshield.privacy.local); ``rng`` continues the training's.
-        delta, extra = privatize(delta, config.options, rng)
-        metrics = {**metrics, **extra}
+        # Local DP: only the clipped and noised update leaves the client.
+        delta = privatize(delta, config.options)
+        reported, metrics = LOCAL_NUM_EXAMPLES, {}
     if not config.options.get(SCAFFOLD):
         return ClientUpdate(
-            client_id, delta=delta, num_examples=num_examples, metrics=metrics
+            client_id, delta=delta, num_examples=reported, metrics=metrics
         )
     c, c_i = _controls(params, config)
     steps = config.epochs * math.ceil(num_examples / config.batch_size)
@@ -331,7 +334,7 @@ def build_update(
     return ClientUpdate(
         client_id,
         delta=delta,
-        num_examples=num_examples,
+        num_examples=reported,
         metrics=metrics,
         extras={CONTROL_DELTA: c_i_new - c_i},
         state={CLIENT_CONTROL: c_i_new},

@@ -51,6 +51,7 @@ from fedshield.models.vectorised import (
     _layer_trace,
     _linear_chain,
 )
+from fedshield.privacy.noise import SecureRandom
 from fedshield.privacy.records import dp_sgd_rate
 
 if TYPE_CHECKING:  # dp-accounting (a second of import) loads only when used
@@ -206,8 +207,10 @@ def train_dp_sgd(
     Library in PyTorch", 2021). Each step ``t``:
 
     1. **Sample.** Every one of the ``n`` records joins the batch ``B_t``
-       independently with probability ``q`` (uniforms drawn from ``rng``).
-       An empty batch is a valid step: its update is noise only.
+       independently with probability ``q`` (uniforms drawn from ``rng``,
+       or, with a secure noise source, from a
+       :class:`~fedshield.privacy.noise.SecureRandom`). An empty batch is a
+       valid step: its update is noise only.
     2. **Clip.** For each ``i`` in ``B_t``, the gradient ``g_i`` of
        ``loss_fn`` on example ``i`` alone (over all trainable parameters,
        flattened) is scaled to ``g_i * min(1, C / ||g_i||)``. In floating
@@ -248,7 +251,12 @@ def train_dp_sgd(
         ``epochs``, ``batch_size`` (only for the default sampling rate),
         ``lr``, ``momentum``, ``weight_decay`` and ``options["proximal_mu"]``.
     rng
-        The source of the Poisson sampling.
+        The source of the Poisson sampling when ``noise`` is seeded. With a
+        secure noise source (``noise.secure``) the sampling draws from a
+        fresh :class:`~fedshield.privacy.noise.SecureRandom` instead and
+        ``rng`` is not used: amplification by sampling assumes that which
+        records took part is as secret as the noise, so a batch must not
+        be a function of a seed.
     dp
         Clip norm, noise multiplier and sampling rate.
     noise
@@ -306,7 +314,8 @@ def train_dp_sgd(
     noise is drawn and discarded) and do not count in the norms. No random
     layers are allowed, so torch's global generator is never read: the
     result is a function of ``params``, the data, the draws of ``rng`` and
-    those of ``noise`` (bitwise reproducible with a seeded noise source).
+    those of ``noise`` (bitwise reproducible with a seeded noise source;
+    with a secure one neither the batches nor the noise repeat).
     """
     if dp.noise_multiplier == 0:
         raise ConfigError(
@@ -372,6 +381,10 @@ def _train(
         path=path,
         input_ndim=int(xt.ndim),
     )
+    # A secure run's batches are as secret as its noise (not from the seed).
+    sampler: np.random.Generator | SecureRandom = (
+        SecureRandom() if noise.secure else rng
+    )
     bound.module.train()
     loss_sum = 0.0
     correct = 0
@@ -379,7 +392,7 @@ def _train(
     for _ in range(config.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(steps_per_epoch):
-            idx = torch.from_numpy(_poisson_sample(rng, n, q))
+            idx = torch.from_numpy(_poisson_sample(sampler, n, q))
             xb = xt.index_select(0, idx)
             yb = yt.index_select(0, idx)
             out, losses = step(xb, yb)
@@ -404,7 +417,9 @@ def _train(
     return bound.read(), metrics, event
 
 
-def _poisson_sample(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
+def _poisson_sample(
+    rng: np.random.Generator | SecureRandom, n: int, rate: float
+) -> np.ndarray:
     """Indices of the records in one Poisson-sampled batch (each w.p. ``rate``)."""
     return np.flatnonzero(rng.random(n) < rate)
 

@@ -6,6 +6,16 @@ whole data set: any two clipped updates differ by at most ``2C``). The
 server, and anyone who sees the update on its way, sees only the noised
 vector. The strategy asks for it through :class:`~fedshield.core.FitConfig`
 options (the keys below), so it runs wherever the client runs.
+
+The guarantee holds against the server, so nothing the server could know
+may predict the noise: it is always drawn from
+:class:`~fedshield.privacy.noise.SecureGaussian` (an AES-CTR keystream keyed
+from ``os.urandom``), never from the client's generator, which a simulation
+derives from the run's seed, and whatever ``secure_rng`` says. Nothing else
+computed from the client's data leaves un-noised either: the client that
+builds the update (:func:`fedshield.models.build_update`) reports
+:data:`LOCAL_NUM_EXAMPLES` examples and no training metrics, and the
+strategy weights every update equally.
 """
 
 from __future__ import annotations
@@ -17,14 +27,20 @@ import numpy as np
 from fedshield.core import Params
 from fedshield.errors import ConfigError
 
-__all__ = ["LOCAL_CLIP", "LOCAL_SECURE", "LOCAL_SIGMA", "privatize", "wants_local_dp"]
+__all__ = [
+    "LOCAL_CLIP",
+    "LOCAL_NUM_EXAMPLES",
+    "LOCAL_SIGMA",
+    "privatize",
+    "wants_local_dp",
+]
 
 LOCAL_CLIP = "local_dp/clip_norm"
 """FitConfig option: the L2 clip norm ``C`` of the update."""
 LOCAL_SIGMA = "local_dp/noise_multiplier"
 """FitConfig option: ``σ``; the noise std is ``σ·C``."""
-LOCAL_SECURE = "local_dp/secure_rng"
-"""FitConfig option: draw the noise from the OS's cryptographic randomness."""
+LOCAL_NUM_EXAMPLES = 1
+"""The example count a local-DP update reports (the true one would be un-noised)."""
 
 
 def wants_local_dp(options: Mapping[str, object]) -> bool:
@@ -32,46 +48,41 @@ def wants_local_dp(options: Mapping[str, object]) -> bool:
     return LOCAL_CLIP in options
 
 
-def privatize(
-    delta: Params, options: Mapping[str, object], rng: np.random.Generator | None
-) -> tuple[Params, dict[str, float]]:
+def privatize(delta: Params, options: Mapping[str, object]) -> Params:
     """Clip ``delta`` to ``C`` and add Gaussian noise of std ``σC``.
+
+    The noise comes from a fresh
+    :class:`~fedshield.privacy.noise.SecureGaussian`: two calls never draw
+    the same noise, whatever the run's seed.
 
     Parameters
     ----------
     delta
         The client's update.
     options
-        The round's FitConfig options (:data:`LOCAL_CLIP`, :data:`LOCAL_SIGMA`,
-        :data:`LOCAL_SECURE`).
-    rng
-        Source of seeded noise (ignored with ``secure_rng``).
+        The round's FitConfig options (:data:`LOCAL_CLIP`, :data:`LOCAL_SIGMA`).
 
     Returns
     -------
-    tuple of (Params, dict)
-        The noised update, and ``{"local_dp/clipped": 0 or 1}`` (whether it
-        was clipped; a client-side metric).
+    Params
+        The noised update, the only thing derived from the client's data
+        that may leave the client (whether it was clipped is not returned:
+        that bit would leave un-noised).
 
     Raises
     ------
     ConfigError
-        If the options are not positive finite numbers, or no generator is
-        given for seeded noise.
+        If the options are not positive finite numbers.
     """
     clip = _positive(options, LOCAL_CLIP)
     sigma = _positive(options, LOCAL_SIGMA)
-    secure = bool(options.get(LOCAL_SECURE, False))
-    if rng is None and not secure:
-        raise ConfigError("local DP with seeded noise needs the client's generator")
-    from fedshield.privacy.noise import make_noise
+    from fedshield.privacy.noise import SecureGaussian
 
     norm = delta.norm()
     factor = 1.0 if norm <= clip else clip / norm
-    noise = make_noise(secure, rng).sample(delta.spec.size, sigma * clip)
+    noise = SecureGaussian().sample(delta.spec.size, sigma * clip)
     noised = np.asarray(delta.flat, dtype=np.float64) * factor + noise
-    out = Params.from_flat(noised.astype(np.float32), delta.spec, copy=False)
-    return out, {"local_dp/clipped": float(norm > clip)}
+    return Params.from_flat(noised.astype(np.float32), delta.spec, copy=False)
 
 
 def _positive(options: Mapping[str, object], key: str) -> float:

@@ -74,8 +74,8 @@ from fedshield.privacy.accounting import (
     epsilon,
 )
 from fedshield.privacy.distributed import DistributedDp
-from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SECURE, LOCAL_SIGMA
-from fedshield.privacy.noise import GaussianNoise, make_noise
+from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SIGMA
+from fedshield.privacy.noise import GaussianNoise, SecureRandom, make_noise
 from fedshield.privacy.records import (
     DP_SGD_CLIP,
     DP_SGD_SECURE,
@@ -123,7 +123,11 @@ class PoissonSampler:
         return max(1, math.floor(self.rate * num_available + 1e-9))
 
     def sample(
-        self, available: Sequence[ClientId], *, round_idx: int, rng: np.random.Generator
+        self,
+        available: Sequence[ClientId],
+        *,
+        round_idx: int,
+        rng: np.random.Generator | SecureRandom,
     ) -> list[ClientId]:
         """The clients whose coin came up (in ``available`` order)."""
         picked = rng.random(len(available)) < self.rate
@@ -150,7 +154,10 @@ class PrivacySettings:
     target_epsilon
         Stop before a round that would exceed it (None: no budget).
     secure_rng
-        Draw the noise from the OS's cryptographic randomness.
+        Draw the noise, the round's client sample and DP-SGD's record
+        samples from cryptographic randomness
+        (:class:`~fedshield.privacy.noise.SecureRandom`), not from the
+        seed. Local mode's noise is secure whatever it says.
     target_quantile
         Adaptive clipping's target fraction of unclipped updates ``γ``
         (None: fixed clipping).
@@ -611,7 +618,13 @@ class DpFedAvg:
         record = self._record(state)
         if self.privacy.mode != "distributed":
             self._check_budget(record)
-        clients = self.sampler.sample(available, round_idx=state.round_idx, rng=rng)
+        # With secure_rng who takes part is as secret as the noise (sampling's
+        # amplification assumes it): drawn from the OS-keyed keystream.
+        clients = self.sampler.sample(
+            available,
+            round_idx=state.round_idx,
+            rng=SecureRandom() if self.privacy.secure_rng else rng,
+        )
         if self.privacy.mode == "record":
             self._check_record_budget(record, clients)
         elif self.privacy.mode == "distributed" and clients:
@@ -640,7 +653,6 @@ class DpFedAvg:
                 {
                     LOCAL_CLIP: self.privacy.clip_norm,
                     LOCAL_SIGMA: self.privacy.noise_multiplier,
-                    LOCAL_SECURE: self.privacy.secure_rng,
                 }
             )
             local = replace(local, options=options)
@@ -662,9 +674,10 @@ class DpFedAvg:
         """An update's aggregation weight.
 
         Central and distributed: 1 (equal weights bound each client's
-        influence); local and record: FedAvg's weight.
+        influence); local: 1 (a local-DP client reports no example count,
+        which would leave it un-noised); record: FedAvg's weight.
         """
-        if self.privacy.mode in ("central", "distributed"):
+        if self.privacy.mode in ("central", "distributed", "local"):
             return 1.0
         return self.base.weight(update)
 

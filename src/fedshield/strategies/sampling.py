@@ -1,4 +1,11 @@
-"""Client samplers: which of the available clients take part in a round."""
+"""Client samplers: which of the available clients take part in a round.
+
+A sampler draws from the generator it is given: the round's seeded numpy
+``Generator`` (reproducible), or a
+:class:`~fedshield.privacy.noise.SecureRandom` (an AES-CTR keystream keyed
+from the OS), which :class:`~fedshield.strategies.dp.DpFedAvg` passes with
+``secure_rng`` so that who takes part is not a function of the seed.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import numpy as np
 
 from fedshield.core import ClientId
 from fedshield.errors import ConfigError
+from fedshield.privacy.noise import SecureRandom
 
 __all__ = ["ClientSampler", "CountSampler", "FractionSampler"]
 
@@ -19,7 +27,11 @@ class ClientSampler(Protocol):
     """Chooses the clients of one round."""
 
     def sample(
-        self, available: Sequence[ClientId], *, round_idx: int, rng: np.random.Generator
+        self,
+        available: Sequence[ClientId],
+        *,
+        round_idx: int,
+        rng: np.random.Generator | SecureRandom,
     ) -> list[ClientId]:
         """Return the sampled clients, in the order they are asked."""
 
@@ -28,12 +40,15 @@ class ClientSampler(Protocol):
 
 
 def _choose(
-    available: Sequence[ClientId], k: int, rng: np.random.Generator
+    available: Sequence[ClientId], k: int, rng: np.random.Generator | SecureRandom
 ) -> list[ClientId]:
     if k >= len(available):
         return list(available)
-    picks = rng.choice(len(available), size=k, replace=False)
-    return [available[int(i)] for i in np.sort(picks)]
+    if isinstance(rng, SecureRandom):
+        picks = rng.subset(len(available), k)
+    else:
+        picks = np.sort(rng.choice(len(available), size=k, replace=False))
+    return [available[int(i)] for i in picks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +74,11 @@ class FractionSampler:
         return max(1, math.ceil(self.fraction * num_available - 1e-9))
 
     def sample(
-        self, available: Sequence[ClientId], *, round_idx: int, rng: np.random.Generator
+        self,
+        available: Sequence[ClientId],
+        *,
+        round_idx: int,
+        rng: np.random.Generator | SecureRandom,
     ) -> list[ClientId]:
         """Sample ``expected_count(len(available))`` clients uniformly."""
         return _choose(available, self.expected_count(len(available)), rng)
@@ -86,7 +105,11 @@ class CountSampler:
         return min(self.count, num_available)
 
     def sample(
-        self, available: Sequence[ClientId], *, round_idx: int, rng: np.random.Generator
+        self,
+        available: Sequence[ClientId],
+        *,
+        round_idx: int,
+        rng: np.random.Generator | SecureRandom,
     ) -> list[ClientId]:
         """Sample ``count`` clients uniformly."""
         return _choose(available, self.count, rng)

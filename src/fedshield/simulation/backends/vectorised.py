@@ -240,8 +240,8 @@ class VectorisedBackend:
             return {}
         elapsed = time.perf_counter() - started
         replies: dict[ClientId, StageReply] = {}
-        for (client_id, client, built_s, config), (new, metrics), rng in zip(
-            chunk, results, rngs, strict=True
+        for (client_id, client, built_s, config), (new, metrics) in zip(
+            chunk, results, strict=True
         ):
             update = build_update(  # as TorchClient.fit builds it
                 client_id,
@@ -250,7 +250,6 @@ class VectorisedBackend:
                 metrics,
                 num_examples=client.num_train_examples,
                 config=config,
-                rng=rng,
             )
             running_s = built_s + elapsed
             if request.timeout_s is not None and running_s > request.timeout_s:
