@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import dp_accounting
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedshield.errors import ConfigError, UnsupportedEventError
+from fedshield.privacy import accounting
 from fedshield.privacy.accounting import (
     DpEventSpec,
     PrivacyLedger,
@@ -23,6 +25,7 @@ from fedshield.privacy.accounting import (
     epsilon,
     epsilon_for,
     make_accountant,
+    pld_value_discretization_interval,
 )
 
 DELTA = 1e-5
@@ -434,3 +437,78 @@ def test_ledger_validates_rounds_delta_and_accountant():
         PrivacyLedger("moments")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="steps"):
         epsilon_for(0.1, 1.0, 0, DELTA)
+
+
+# --- the PLD grid stays bounded (issue 11, item 10) ----------------------------
+
+
+@pytest.mark.parametrize(("q", "sigma", "steps"), TABLE)
+def test_ordinary_noise_keeps_the_default_grid(q, sigma, steps):
+    spec = DpEventSpec(sigma, sampling="poisson", sampling_rate=q, count=steps)
+    assert pld_value_discretization_interval([spec]) == 1e-3
+
+
+def test_tiny_noise_is_refused_before_any_grid_is_built():
+    # Used to allocate ~373 GiB (numpy ArrayMemoryError) inside dp_accounting.
+    spec = DpEventSpec(1e-4, sampling="poisson", sampling_rate=0.01, count=1000)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"noise_multiplier 0\.0001.*RDP accountant"):
+        epsilon([spec], DELTA, "pld")
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ConfigError, match="RDP accountant"):
+        PrivacyLedger("pld", DELTA, [(0, spec)]).epsilon()
+    assert math.isfinite(epsilon([spec], DELTA, "rdp"))
+
+
+def test_a_coarsened_grid_fits_its_bounds_and_is_what_dp_accounting_computes(
+    monkeypatch,
+):
+    # Small bounds so that the check is quick: the grid dp_accounting builds
+    # at the chosen step must hold no more points than allowed, and epsilon()
+    # must be dp_accounting's PLD at that step.
+    monkeypatch.setattr(accounting, "PLD_MAX_RELEASE_POINTS", 2**10)
+    monkeypatch.setattr(accounting, "PLD_MAX_POINTS", 2**15)
+    accounting._pld_composed_points.cache_clear()
+    q, sigma, steps = 0.01, 0.5, 1000
+    spec = DpEventSpec(sigma, sampling="poisson", sampling_rate=q, count=steps)
+    try:
+        interval = pld_value_discretization_interval([spec])
+        got = epsilon([spec], DELTA, "pld")
+    finally:
+        accounting._pld_composed_points.cache_clear()
+
+    assert interval > 1e-3
+    release = pld.privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, value_discretization_interval=interval, sampling_prob=q
+    )
+    composed = release.self_compose(steps)
+    assert max(release._pmf_remove.size, release._pmf_add.size) <= 2**10
+    assert composed._pmf_remove.size + composed._pmf_add.size <= 2**15
+    reference = pld.PLDAccountant(value_discretization_interval=interval)
+    reference.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                q, dp_accounting.GaussianDpEvent(sigma)
+            ),
+            steps,
+        )
+    )
+    assert got == pytest.approx(reference.get_epsilon(DELTA), rel=REL)
+    # A looser upper bound than the default grid's, by well under 1 %.
+    fine = reference_poisson("pld", q, sigma, steps)
+    assert fine <= got <= fine * 1.01
+
+
+def test_small_noise_is_accounted_in_seconds():
+    # Used to run past a minute and 17 GB (sigma 1e-3, 1000 steps).
+    spec = DpEventSpec(1e-3, sampling="poisson", sampling_rate=0.01, count=1000)
+    start = time.perf_counter()
+    value = epsilon([spec], DELTA, "pld")
+    assert math.isfinite(value) and value > epsilon([spec], DELTA, "rdp") / 100
+    assert time.perf_counter() - start < 60
+
+
+def test_a_delta_below_the_pld_truncation_gives_infinity_not_a_number():
+    spec = DpEventSpec(1.1, sampling="poisson", sampling_rate=0.01, count=1000)
+    assert epsilon([spec], 1e-300, "pld") == math.inf
+    assert math.isfinite(epsilon([spec], 1e-300, "rdp"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -9,9 +10,12 @@ from rich.table import Table
 
 from fedshield.errors import ConfigError
 from fedshield.privacy.accounting import (
+    PLD_VALUE_DISCRETIZATION_INTERVAL,
     AccountantKind,
+    DpEventSpec,
     calibrate_noise_multiplier,
     epsilon_for,
+    pld_value_discretization_interval,
 )
 
 __all__ = ["run_account"]
@@ -56,7 +60,12 @@ def run_account(
     -------
     dict
         ``epsilon``, ``delta``, ``accountant``, ``noise_multiplier``,
-        ``sampling_rate``, ``steps``, and ``target_epsilon`` when calibrating.
+        ``sampling_rate``, ``steps``, and ``target_epsilon`` when calibrating;
+        with PLD, ``pld_value_discretization_interval`` (the grid step used:
+        coarser than 1e-3 only for tiny noise, to bound memory). Every value
+        is valid JSON: where the accountant certifies no finite ε at
+        ``delta`` (PLD below about 1e-15), ``epsilon`` is ``None`` and
+        ``epsilon_unbounded`` says why.
 
     Raises
     ------
@@ -84,7 +93,7 @@ def run_account(
         sigma = float(noise_multiplier)
     eps = epsilon_for(sampling_rate, sigma, steps, delta, accountant)
     summary = {
-        "epsilon": eps,
+        "epsilon": eps if math.isfinite(eps) else None,
         "delta": float(delta),
         "accountant": accountant,
         "noise_multiplier": sigma,
@@ -92,6 +101,30 @@ def run_account(
         "steps": int(steps),
         **summary,
     }
+    if not math.isfinite(eps):
+        summary["epsilon_unbounded"] = (
+            f"the {accountant.upper()} accountant certifies no finite epsilon at "
+            f"delta={delta:g}"
+            + (
+                " (it counts the tails it truncates, about 1e-15 of probability, "
+                "as infinite privacy loss); use --accountant rdp or a larger delta"
+                if accountant == "pld"
+                else "; use a larger delta"
+            )
+        )
+    if accountant == "pld":
+        summary["pld_value_discretization_interval"] = (
+            pld_value_discretization_interval(
+                [
+                    DpEventSpec(
+                        sigma,
+                        sampling="poisson",
+                        sampling_rate=sampling_rate,
+                        count=steps,
+                    )
+                ]
+            )
+        )
     if not as_json:
         _print_summary(summary, console or Console())
     return summary
@@ -109,6 +142,9 @@ def _print_summary(summary: dict[str, Any], console: Console) -> None:
             "ε achieved",
             f"{summary['epsilon']:.6g} (target {summary['target_epsilon']:g})",
         )
+    elif summary["epsilon"] is None:
+        table.add_row("ε", f"[red]unbounded[/]: {summary['epsilon_unbounded']}")
+        table.add_row("noise multiplier σ", f"{summary['noise_multiplier']:g}")
     else:
         table.add_row("ε", f"[cyan]{summary['epsilon']:.6g}[/]")
         table.add_row("noise multiplier σ", f"{summary['noise_multiplier']:g}")
@@ -116,4 +152,11 @@ def _print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_row("sampling rate q", f"{summary['sampling_rate']:g}")
     table.add_row("steps", str(summary["steps"]))
     table.add_row("accountant", summary["accountant"])
+    interval = summary.get("pld_value_discretization_interval")
+    if interval is not None and interval > PLD_VALUE_DISCRETIZATION_INTERVAL:
+        table.add_row(
+            "PLD grid step",
+            f"{interval:.3g} (coarsened from {PLD_VALUE_DISCRETIZATION_INTERVAL:g} "
+            "to bound memory: ε is an upper bound, looser than usual)",
+        )
     console.print(table)

@@ -19,6 +19,23 @@ Accountants
     1e-4 and, on the table in ``tests/privacy/test_accounting.py``, at most
     about 2 % looser (0.796 instead of 0.783 for q = 0.001, σ = 0.8,
     10,000 steps, δ = 1e-5).
+
+    The PLD's grid grows as ``1 / σ²`` (one release's privacy loss spans
+    about ``1 / (2σ²)`` nats) and with the number of composed releases: at
+    σ = 1e-4 the library would allocate hundreds of GiB. Before building
+    it, :func:`pld_value_discretization_interval` sizes the grid from the
+    library's own truncation bounds and coarsens the interval until one
+    release holds at most :data:`PLD_MAX_RELEASE_POINTS` points and the
+    composition at most :data:`PLD_MAX_POINTS` (a coarser pessimistic PLD
+    is still an upper bound on ε, usually a looser one); if that would take an
+    interval above :data:`PLD_MAX_INTERVAL`, accounting is refused with a
+    :class:`~fedshield.errors.ConfigError` that names σ and suggests the RDP
+    accountant. Every PLD accounting thus stays within a few hundred MB and
+    a few seconds.
+
+    The PLD accountant treats the tails it truncates (probability about
+    1e-15 in all) as infinite privacy loss, so at a δ below that it reports
+    ε = ``inf``: it cannot certify such a δ (the RDP accountant can).
 ``"rdp"``
     ``dp_accounting.rdp.RdpAccountant`` with the library's default orders
     (``dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS``: 1.1 to
@@ -40,6 +57,7 @@ relation, so reinterpreting it under the other would be wrong. Mixing raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -56,6 +74,9 @@ from fedshield.errors import ConfigError, UnsupportedEventError
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
+    "PLD_MAX_INTERVAL",
+    "PLD_MAX_POINTS",
+    "PLD_MAX_RELEASE_POINTS",
     "PLD_VALUE_DISCRETIZATION_INTERVAL",
     "AccountantKind",
     "DpEventSpec",
@@ -70,6 +91,7 @@ __all__ = [
     "epsilon",
     "epsilon_for",
     "make_accountant",
+    "pld_value_discretization_interval",
 ]
 
 AccountantKind = Literal["rdp", "pld"]
@@ -77,7 +99,20 @@ Sampling = Literal["poisson", "fixed", "none"]
 Mechanism = Literal["gaussian", "distributed_discrete_gaussian"]
 
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-3
-"""``value_discretization_interval`` of every PLD accountant fedshield builds."""
+"""``value_discretization_interval`` of every PLD accountant fedshield builds,
+unless the grid would be too large (see :func:`pld_value_discretization_interval`)."""
+
+PLD_MAX_RELEASE_POINTS = 2**17
+"""Most grid points of one release's PLD (building it costs about 7 µs a point)."""
+
+PLD_MAX_POINTS = 2**22
+"""Most grid points of all composed PLDs together (about 75 bytes a point)."""
+
+PLD_MAX_INTERVAL = 100.0
+"""Coarsest ``value_discretization_interval`` fedshield uses; a PLD that needs
+a coarser one is refused (its ε would be loose by up to this much a release)."""
+
+_PLD_TAIL_MASS = 1e-15  # dp_accounting's tail_mass_truncation in self_compose
 
 MAX_NOISE_MULTIPLIER = 1e4
 """Largest noise multiplier :func:`calibrate_noise_multiplier` will return."""
@@ -709,7 +744,10 @@ def _ddg_fields(spec: DpEventSpec) -> dict[str, Any]:
 
 
 def make_accountant(
-    kind: AccountantKind, *, replace_one: bool = False
+    kind: AccountantKind,
+    *,
+    replace_one: bool = False,
+    value_discretization_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
 ) -> dp_accounting.PrivacyAccountant:
     """A fresh ``dp_accounting`` accountant, built the one way fedshield does.
 
@@ -717,12 +755,17 @@ def make_accountant(
     ----------
     kind
         ``"pld"``: ``PLDAccountant(ADD_OR_REMOVE_ONE,
-        value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)``;
+        value_discretization_interval=...)``;
         ``"rdp"``: ``RdpAccountant(orders=None (library defaults),
         neighboring_relation=...)``.
     replace_one
         Account under replace-one neighbours (needed for fixed-size sampling;
         RDP only) instead of add-or-remove-one.
+    value_discretization_interval
+        The PLD's grid step (default
+        :data:`PLD_VALUE_DISCRETIZATION_INTERVAL`); see
+        :func:`pld_value_discretization_interval` for the one that keeps a
+        composition's grid bounded.
 
     Returns
     -------
@@ -749,7 +792,123 @@ def make_accountant(
         raise UnsupportedEventError(_FIXED_WITH_PLD)
     return pld.PLDAccountant(
         neighboring_relation=relation,
-        value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
+        value_discretization_interval=value_discretization_interval,
+    )
+
+
+def _pld_release(unit: DpEventSpec, total: int) -> tuple[float, float, int]:
+    """(σ, q, times) of the PLD ``PLDAccountant`` builds for ``unit``.
+
+    One PLD of the Gaussian with std σ, subsampled at q, self-composed
+    ``times`` times.
+    """
+    if unit.sampling == "poisson":
+        assert unit.sampling_rate is not None
+        return unit.noise_multiplier, unit.sampling_rate, total
+    # A plain Gaussian repeated `total` times is one Gaussian of std σ/sqrt(total).
+    return unit.noise_multiplier / math.sqrt(total), 1.0, 1
+
+
+def _adjacencies(q: float) -> tuple[Any, ...]:
+    kinds = pld.privacy_loss_mechanism.AdjacencyType
+    return (kinds.REMOVE,) if q == 1.0 else (kinds.REMOVE, kinds.ADD)
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_release_width(sigma: float, q: float) -> float:
+    """The span of one release's privacy loss (nats) in the library's PLD.
+
+    The bounds ``from_gaussian_mechanism`` builds its grid between (its
+    connect-the-dots bounds at its default tail truncation), without
+    building the grid: ``width / interval + 1`` points.
+    """
+    widths: list[float] = []
+    for adjacency in _adjacencies(q):
+        loss = pld.privacy_loss_mechanism.GaussianPrivacyLoss(
+            sigma, sampling_prob=q, adjacency_type=adjacency
+        )
+        bounds = loss.connect_dots_bounds()
+        assert bounds.epsilon_upper is not None and bounds.epsilon_lower is not None
+        widths.append(float(bounds.epsilon_upper - bounds.epsilon_lower))
+    return max(widths)
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_composed_points(sigma: float, q: float, times: int, interval: float) -> int:
+    """Grid points of the PLD of ``times`` releases (both adjacencies).
+
+    ``self_compose`` keeps only the range its Chernoff bound
+    (``dp_accounting.pld.common.compute_self_convolve_bounds``) does not
+    truncate; that range is computed here on the one release's PLD (at most
+    :data:`PLD_MAX_RELEASE_POINTS` points) without the FFT. Never more than
+    ``times`` times one release's points.
+    """
+    single = math.ceil(_pld_release_width(sigma, q) / interval) + 2
+    if times == 1 or (single - 1) * times + 1 <= PLD_MAX_POINTS // 2:
+        return len(_adjacencies(q)) * ((single - 1) * times + 1)
+    release = pld.privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, value_discretization_interval=interval, sampling_prob=q
+    )
+    points = 0
+    for name in ("_pmf_remove", "_pmf_add")[: len(_adjacencies(q))]:
+        probs = getattr(getattr(release, name, None), "_probs", None)
+        if probs is None:
+            # Not the dense PMF this was written against: the plain bound.
+            points += (single - 1) * times + 1
+            continue
+        low, high = pld.common.compute_self_convolve_bounds(
+            probs, times, _PLD_TAIL_MASS
+        )
+        points += high - low + 1
+    return points
+
+
+def pld_value_discretization_interval(events: Sequence[DpEventSpec]) -> float:
+    """The PLD grid step fedshield uses to account ``events``.
+
+    :data:`PLD_VALUE_DISCRETIZATION_INTERVAL` unless the grid would hold
+    more than :data:`PLD_MAX_RELEASE_POINTS` points for one release or
+    :data:`PLD_MAX_POINTS` for the composition (tiny noise multipliers, very
+    many releases): then the smallest coarser step that fits, found from
+    the grid sizes ``dp-accounting`` would use (never by building the large
+    grid). A coarser pessimistic PLD still gives an upper bound on ε,
+    usually a looser one (by at most about the step per release).
+
+    Raises
+    ------
+    ConfigError
+        If even :data:`PLD_MAX_INTERVAL` does not fit: the message names
+        the noise multiplier and suggests the RDP accountant.
+    """
+    releases = [
+        _pld_release(unit, total)
+        for unit, total in _group(events).items()
+        if unit.mechanism == "gaussian"
+    ]
+    interval = PLD_VALUE_DISCRETIZATION_INTERVAL
+    if not releases:
+        return interval
+    widest = max(_pld_release_width(sigma, q) for sigma, q, _ in releases)
+    # ceil() at both ends of the grid adds up to two points.
+    interval = max(interval, widest / (PLD_MAX_RELEASE_POINTS - 2))
+    for _ in range(8):
+        if interval > PLD_MAX_INTERVAL:
+            break
+        points = sum(
+            _pld_composed_points(sigma, q, times, interval)
+            for sigma, q, times in releases
+        )
+        if points <= PLD_MAX_POINTS:
+            return interval
+        interval *= 1.25 * points / PLD_MAX_POINTS
+    smallest = min(unit.noise_multiplier for unit in _group(events))
+    raise ConfigError(
+        f"the PLD accountant cannot account noise_multiplier {smallest:g} "
+        f"({sum(unit.count for unit in events)} releases) in bounded memory: one "
+        f"release's privacy loss spans {widest:.3g} nats, so its grid would need "
+        f"a step coarser than {PLD_MAX_INTERVAL:g} to stay under "
+        f"{PLD_MAX_POINTS:,} points; use the RDP accountant (accountant = "
+        '"rdp", --accountant rdp), or a larger noise multiplier'
     )
 
 
@@ -792,7 +951,15 @@ def _epsilon_of_groups(
         )
         eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(orders, curve, delta)
         return float(eps)
-    accountant = make_accountant(kind, replace_one=_relation(groups, kind))
+    replace_one = _relation(groups, kind)
+    interval = PLD_VALUE_DISCRETIZATION_INTERVAL
+    if kind == "pld":
+        interval = pld_value_discretization_interval(
+            [dataclasses.replace(unit, count=total) for unit, total in groups.items()]
+        )
+    accountant = make_accountant(
+        kind, replace_one=replace_one, value_discretization_interval=interval
+    )
     for unit, total in groups.items():
         event = unit.to_dp_event()
         if total > 1:
@@ -824,12 +991,17 @@ def epsilon(
     Returns
     -------
     float
-        ε; 0.0 when ``events`` is empty.
+        ε; 0.0 when ``events`` is empty; ``inf`` when the accountant
+        certifies no ε at ``delta`` (the PLD accountant below about 1e-15).
+        With PLD, on a grid :func:`pld_value_discretization_interval` keeps
+        bounded.
 
     Raises
     ------
     ConfigError
-        When ``delta`` or ``accountant`` is invalid.
+        When ``delta`` or ``accountant`` is invalid, or the PLD grid would
+        exceed its bounds even at :data:`PLD_MAX_INTERVAL` (noise
+        multipliers around 1e-4 and below: use ``"rdp"``).
     UnsupportedEventError
         For fixed-size sampling with the PLD accountant, or fixed-size
         sampling mixed with Poisson or no sampling.
@@ -966,14 +1138,26 @@ def calibrate_noise_multiplier(
             "the sampling rate"
         )
     low, high = _bracket(eps, target)
+    # The grid the smallest sigma of the bracket needs serves the whole
+    # search (a larger sigma's is never coarser).
+    interval = PLD_VALUE_DISCRETIZATION_INTERVAL
+    if kind == "pld":
+        interval = pld_value_discretization_interval([spec_for(low)])
     sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(kind, replace_one=replace_one),
+        lambda: make_accountant(
+            kind, replace_one=replace_one, value_discretization_interval=interval
+        ),
         lambda value: spec_for(value).to_dp_event(),
         target,
         delta,
         bracket_interval=dp_accounting.ExplicitBracketInterval(low, high),
         tol=low * 1e-4,
     )
+    # epsilon() sizes its own grid for sigma; should that grid differ from
+    # the search's and give more than the target, fall back to the bracket's
+    # high end, which epsilon() itself put within it.
+    if eps(float(sigma)) > target:
+        return high
     return float(sigma)
 
 
