@@ -238,7 +238,10 @@ def test_pack_and_unpack_of_a_million_words_are_fast():
 
 
 def _every_message() -> list[Message]:
-    ad = Advertisement("bob", bytes(32), bytes(range(32)), signature=bytes(64))
+    ad = Advertisement(
+        "bob", bytes(32), bytes(range(32)), b"\x05" * 32, signature=bytes(64)
+    )
+    leader = Advertisement("alice", b"\x01" * 32, b"\x02" * 32, b"\x03" * 32)
     share = tuple(range(1, SHARE_WORDS + 1))
     return [
         AdvertiseRequest(
@@ -247,7 +250,7 @@ def _every_message() -> list[Message]:
             sender=SERVER_ID,
             recipient="alice",
             clients=("alice", "bob"),
-            graph_seed=bytes(32),
+            seed_commitment=b"\x09" * 32,
             config_digest=bytes(32),
         ),
         AdvertiseReply(
@@ -257,6 +260,7 @@ def _every_message() -> list[Message]:
             recipient=SERVER_ID,
             encryption_key=bytes(32),
             masking_key=bytes(32),
+            self_mask_commitment=b"\x04" * 32,
         ),
         ShareKeysRequest(
             session=SESSION,
@@ -264,6 +268,8 @@ def _every_message() -> list[Message]:
             sender=SERVER_ID,
             recipient="alice",
             advertisements=(ad,),
+            seed_reveal=b"\x06" * 32,
+            leader=leader,
         ),
         ShareKeysReply(
             session=SESSION,
@@ -591,6 +597,8 @@ def _ads_request(ads: list[object]) -> bytes:
         sender=SERVER_ID,
         recipient="alice",
         advertisements=(),
+        seed_reveal=bytes(32),
+        leader=Advertisement("alice", bytes(32), bytes(32), bytes(32)),
     )
     _, header, payload = _split(msg.to_bytes())
     header["body"]["advertisements"] = ads
@@ -602,6 +610,7 @@ def _ad_json(**edits: object) -> dict[str, object]:
         "client_id": "bob",
         "encryption_key": base64.b64encode(bytes(range(32))).decode(),
         "masking_key": base64.b64encode(bytes(range(1, 33))).decode(),
+        "self_mask_commitment": base64.b64encode(bytes(range(2, 34))).decode(),
         "signature": None,
     }
     ad.update(edits)
@@ -615,7 +624,9 @@ def test_well_formed_advertisements_parse_with_and_without_signatures():
     )
     assert isinstance(msg, ShareKeysRequest)
     first, second = msg.advertisements
-    assert first == Advertisement("bob", bytes(range(32)), bytes(range(1, 33)), None)
+    assert first == Advertisement(
+        "bob", bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34)), None
+    )
     assert second.client_id == "é" and second.signature == b"\x07" * 64
 
 
@@ -626,6 +637,10 @@ def test_well_formed_advertisements_parse_with_and_without_signatures():
         ({"masking_key": "not base64!"}, "invalid base64"),
         ({"masking_key": "AAAA\u00e9"}, "invalid base64"),
         ({"masking_key": 7}, "expected base64 text"),
+        (
+            {"self_mask_commitment": base64.b64encode(bytes(31)).decode()},
+            "expected 32 bytes",
+        ),
         ({"signature": base64.b64encode(bytes(63)).decode()}, "expected 64 bytes"),
         ({"signature": True}, "expected base64 text"),
         ({"client_id": ""}, "client id"),
@@ -648,3 +663,26 @@ def test_an_advertisement_without_a_field_or_twice_is_refused():
         _decode(_ads_request([_ad_json(), _ad_json()]))
     with pytest.raises(ProtocolError, match="advertisement object"):
         _decode(_ads_request([["bob"]]))
+
+
+def test_share_keys_request_checks_the_seed_reveal_and_the_leader():
+    # Wire version 3: the request reveals the server's seed share and forwards
+    # the leader's advertisement; both are checked like any other field.
+    msg = ShareKeysRequest(
+        session=SESSION,
+        round_idx=0,
+        sender=SERVER_ID,
+        recipient="alice",
+        advertisements=(),
+        seed_reveal=bytes(range(32)),
+        leader=Advertisement("bob", bytes(32), b"\x01" * 32, b"\x02" * 32),
+    )
+    assert _decode(msg.to_bytes()) == msg
+    _, header, payload = _split(msg.to_bytes())
+    header["body"]["seed_reveal"] = base64.b64encode(bytes(31)).decode()
+    with pytest.raises(ProtocolError, match="seed_reveal: expected 32 bytes"):
+        _decode(_join(header, payload))
+    _, header, payload = _split(msg.to_bytes())
+    del header["body"]["leader"]["self_mask_commitment"]
+    with pytest.raises(ProtocolError, match=r"leader: missing field"):
+        _decode(_join(header, payload))

@@ -20,6 +20,7 @@ from fedshield.secagg.graph import (
     choose_neighbours,
     connectivity_failure_bound,
     local_threshold,
+    secure_neighbours,
 )
 from fedshield.secagg.protocol import (
     SecAggClient,
@@ -49,16 +50,13 @@ def setup(
     ids: list[str],
     *,
     round_idx: int = 0,
-    graph_seed: bytes = bytes(32),
 ) -> tuple[SecAggServer, dict[str, SecAggClient]]:
     verify_keys = None
     signing = {}
     if config.malicious:
         signing = {c: crypto.generate_signing_key() for c in ids}
         verify_keys = {c: k.public for c, k in signing.items()}
-    server = SecAggServer(
-        config, round_idx, ids, graph_seed=graph_seed, verify_keys=verify_keys
-    )
+    server = SecAggServer(config, round_idx, ids, verify_keys=verify_keys)
     clients = {
         c: SecAggClient(
             config,
@@ -100,6 +98,23 @@ def drive(
     return aborted
 
 
+def advertise(
+    server: SecAggServer,
+    clients: Mapping[str, SecAggClient],
+    drop: Mapping[str, Collection[str]] | None = None,
+) -> bool:
+    """Run stage 0 (after which the graph exists); False if the round aborted."""
+    gone = set((drop or {}).get("advertise_keys", ()))
+    replies = {
+        c: clients[c].handle(m) for c, m in server.requests().items() if c not in gone
+    }
+    try:
+        server.receive(replies)
+    except ProtocolError:
+        return False
+    return True
+
+
 def plain_sum(
     inputs: Mapping[str, np.ndarray], members: Collection[str], bits: int
 ) -> np.ndarray:
@@ -130,7 +145,10 @@ def expected_outcome(
     def t_of(c: str) -> int:
         return graph.threshold_of(c, t)
 
-    u1 = everyone - set(drop.get("advertise_keys", ()))
+    # A client the graph leaves without neighbours is refused after stage 0.
+    u1 = {
+        u for u in everyone - set(drop.get("advertise_keys", ())) if graph.degree(u) > 0
+    }
     if len(u1) < t:
         return False, set()
     u2 = {
@@ -203,6 +221,7 @@ def scenarios(draw):
         neighbours=neighbours,
         malicious=draw(st.booleans()),
         expected_dropout=0.0,
+        allow_insecure_neighbours=True,  # sparse graphs on purpose
     )
     ids = [f"client-{i}" for i in draw(st.permutations(range(n)))]
     # Up to n - t dropouts, each at some stage: at least t clients finish.
@@ -211,22 +230,26 @@ def scenarios(draw):
     drop: dict[str, list[str]] = {}
     for cid in order[:num_drops]:
         drop.setdefault(draw(st.sampled_from(STAGES)), []).append(cid)
-    seed = draw(st.binary(min_size=32, max_size=32))
-    return config, ids, drop, seed, draw(st.integers(0, 2**32 - 1))
+    return config, ids, drop, draw(st.integers(0, 2**32 - 1))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_result_is_the_exact_sum_of_the_survivors(scenario):
-    config, ids, drop, seed, data_seed = scenario
+    config, ids, drop, data_seed = scenario
     try:
-        server, clients = setup(config, ids, round_idx=7, graph_seed=seed)
+        server, clients = setup(config, ids, round_idx=7)
     except ConfigError:
-        assume(False)  # a sparse graph that isolates a client: refused up front
+        assume(False)  # no k meets the bounds (e.g. t = n): refused up front
         raise
     inputs = make_inputs(ids, config, np.random.default_rng(data_seed))
     for cid, client in clients.items():
         client.set_input(inputs[cid])
+    # The graph is derived from the advertisements: known after stage 0.
+    if not advertise(server, clients, drop):
+        assert server.stage == "aborted"
+        event("aborts at stage 0")
+        return
     completes, summed = expected_outcome(server, config, drop)
     event("complete graph" if server.graph.is_complete else "sparse graph")
     event("completes" if completes else "aborts")
@@ -535,14 +558,12 @@ def test_secagg_plus_100_clients_sparse_graph_with_10_percent_dropouts():
         protocol="secagg+", threshold=51, modulus_bits=32, vector_length=64
     )
     ids = [f"c{i:03d}" for i in range(100)]
-    server, clients = setup(config, ids, graph_seed=b"\x07" * 32)
+    server, clients = setup(config, ids)
     k = server.neighbours
     assert k == choose_neighbours(
         100, security_parameter=40, expected_dropout=0.1, threshold_fraction=0.51
     )
     assert k <= 50
-    assert not server.graph.is_complete
-    assert max(server.graph.degree(c) for c in ids) < 80
     rng = np.random.default_rng(1)
     inputs = make_inputs(ids, config, rng)
     for cid, client in clients.items():
@@ -555,6 +576,8 @@ def test_secagg_plus_100_clients_sparse_graph_with_10_percent_dropouts():
         "unmask": dropped[8:],
     }
     assert drive(server, clients, drop) == set()
+    assert not server.graph.is_complete
+    assert max(server.graph.degree(c) for c in ids) < 80
     summed = set(ids) - set(dropped[:8])
     assert set(server.survivors) == summed
     np.testing.assert_array_equal(server.result(), plain_sum(inputs, summed, 32))
@@ -635,15 +658,18 @@ def drive_one_by_one(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_streamed_replies_give_the_same_sum_as_receive(scenario):
-    config, ids, drop, seed, data_seed = scenario
+    config, ids, drop, data_seed = scenario
     try:
-        server, clients = setup(config, ids, round_idx=3, graph_seed=seed)
+        server, clients = setup(config, ids, round_idx=3)
     except ConfigError:
-        assume(False)
+        assume(False)  # no k meets the bounds (e.g. t = n): refused up front
         raise
     inputs = make_inputs(ids, config, np.random.default_rng(data_seed))
     for cid, client in clients.items():
         client.set_input(inputs[cid])
+    if not advertise(server, clients, drop):
+        assert server.stage == "aborted"
+        return
     completes, summed = expected_outcome(server, config, drop)
     if completes:
         drive_one_by_one(server, clients, drop, np.random.default_rng(data_seed))
@@ -746,3 +772,53 @@ def test_receive_one_and_end_stage_refuse_once_the_round_is_over():
         server.receive_one("a", b"")
     with pytest.raises(ProtocolError, match="round is over"):
         server.end_stage()
+
+
+# --------------------------------------------------------------------------
+# An explicit k below the secure minimum (review item 14)
+
+
+def test_explicit_neighbours_below_the_secure_minimum_are_refused():
+    config = SecAggConfig(
+        protocol="secagg+",
+        threshold=667,
+        modulus_bits=32,
+        vector_length=4,
+        neighbours=12,
+    )
+    # The review's case: n = 1000, k = 12, P[disconnected] <= 2^-5.8.
+    with pytest.raises(
+        ConfigError,
+        match=r"neighbours=12 is below 38.*bound is 2\^-5\.8.*"
+        r"allow_insecure_neighbours = true",
+    ):
+        config.neighbour_count(1000)
+    with pytest.raises(ConfigError, match="below 38"):
+        SecAggServer(config, 0, [f"c{i:04d}" for i in range(1000)])
+    insecure = SecAggConfig(
+        protocol="secagg+",
+        threshold=667,
+        modulus_bits=32,
+        vector_length=4,
+        neighbours=12,
+        allow_insecure_neighbours=True,
+    )
+    assert insecure.neighbour_count(1000) == 12
+    safe = SecAggConfig(
+        protocol="secagg+",
+        threshold=667,
+        modulus_bits=32,
+        vector_length=4,
+        neighbours=38,
+    )
+    assert safe.neighbour_count(1000) == 38
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000])
+def test_secure_neighbours_is_the_smallest_k_meeting_the_connectivity_bound(n):
+    k = secure_neighbours(n, security_parameter=40, expected_dropout=0.1)
+    survivors = math.floor(0.9 * n)
+    assert connectivity_failure_bound(survivors, k / (n - 1)) <= 2.0**-40
+    if k > 1:
+        assert connectivity_failure_bound(survivors, (k - 1) / (n - 1)) > 2.0**-40
+    assert k <= choose_neighbours(n, security_parameter=40, expected_dropout=0.1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedshield.errors import ConfigError, ProtocolError
+from fedshield.errors import ProtocolError
 from fedshield.secagg import crypto, shamir
 from fedshield.secagg.encoding import add_mod, sub_mod
 from fedshield.secagg.messages import (
@@ -49,7 +49,6 @@ def setup(
     ids: list[str],
     *,
     client_cls: type[SecAggClient] = SecAggClient,
-    graph_seed: bytes = bytes(32),
     round_idx: int = 0,
 ):
     signing = {}
@@ -57,9 +56,7 @@ def setup(
     if config.malicious:
         signing = {c: crypto.generate_signing_key() for c in ids}
         verify_keys = {c: k.public for c, k in signing.items()}
-    server = SecAggServer(
-        config, round_idx, ids, graph_seed=graph_seed, verify_keys=verify_keys
-    )
+    server = SecAggServer(config, round_idx, ids, verify_keys=verify_keys)
     clients = {
         c: client_cls(
             config, round_idx, c, signing_key=signing.get(c), verify_keys=verify_keys
@@ -136,6 +133,9 @@ def plain_sum(inputs, members, bits) -> np.ndarray:
 
 
 CONFIG = SecAggConfig(threshold=4, modulus_bits=16, vector_length=8)
+MALICIOUS_CONFIG = SecAggConfig(
+    threshold=3, modulus_bits=16, vector_length=8, malicious=True
+)
 IDS = [f"c{i}" for i in range(6)]
 
 
@@ -347,12 +347,53 @@ def test_client_refuses_a_request_of_another_round():
         client.handle(server.requests()["c0"])
 
 
-def test_client_refuses_a_replayed_request():
+@pytest.mark.parametrize("config", [CONFIG, MALICIOUS_CONFIG], ids=["semi", "mal"])
+def test_a_retransmitted_request_gets_the_same_reply_at_every_stage(config):
+    """Review item 15: a transport may resend a request whose reply it lost."""
+    ids = IDS if config is CONFIG else [f"c{i}" for i in range(5)]
+    server, clients, inputs, _ = setup(config, ids)
+    stages = []
+    while server.stage != "done":
+        stages.append(str(server.stage))
+        replies = {}
+        for cid, message in server.requests().items():
+            first = clients[cid].handle(message)
+            stage_after = clients[cid].stage
+            assert clients[cid].handle(message) == first  # the same bytes back
+            assert clients[cid].stage == stage_after  # and nothing else changed
+            replies[cid] = first
+        server.receive(replies)
+    assert len(stages) == (5 if config.malicious else 4)
+    np.testing.assert_array_equal(server.result(), plain_sum(inputs, ids, 16))
+
+
+def test_without_idempotence_a_retransmitted_request_is_refused():
+    server, _, _, _ = setup(CONFIG, IDS)
+    client = SecAggClient(CONFIG, 0, "c0", idempotent=False)
+    request = server.requests()["c0"]
+    client.handle(request)
+    with pytest.raises(ProtocolError, match="expected a share_keys request"):
+        client.handle(request)
+
+
+def test_a_different_request_for_an_answered_stage_is_refused():
+    """Only the same bytes get the same reply: a changed request is equivocation."""
     server, clients, _, _ = setup(CONFIG, IDS)
     request = server.requests()["c0"]
     clients["c0"].handle(request)
+    changed = modify(CONFIG, request, clients=("c0", "c1", "c2", "c3", "c4"))
     with pytest.raises(ProtocolError, match="expected a share_keys request"):
-        clients["c0"].handle(request)
+        clients["c0"].handle(changed)
+    assert clients["c0"].stage == "aborted"
+
+
+def test_client_refuses_a_replayed_request_of_an_earlier_stage():
+    server, clients, _, _ = setup(CONFIG, IDS)
+    first = server.requests()
+    server.receive({c: clients[c].handle(m) for c, m in first.items()})
+    clients["c0"].handle(server.requests()["c0"])  # now at masked_input
+    with pytest.raises(ProtocolError, match="expected a masked_input request"):
+        clients["c0"].handle(first["c0"])
     assert clients["c0"].stage == "aborted"
 
 
@@ -453,19 +494,24 @@ def test_client_refuses_a_server_asking_for_both_secrets_of_a_client(edit, reaso
 
 def test_client_refuses_a_disconnected_survivor_list():
     config = SecAggConfig(
-        protocol="secagg+", threshold=6, modulus_bits=16, vector_length=4, neighbours=3
+        protocol="secagg+",
+        threshold=6,
+        modulus_bits=16,
+        vector_length=4,
+        neighbours=3,
+        allow_insecure_neighbours=True,
     )
     ids = [f"c{i}" for i in range(10)]
-    for seed in range(200):
-        try:
-            server, clients, _, _ = setup(config, ids, graph_seed=bytes([seed]) * 32)
-        except ConfigError:  # a client without neighbours
-            continue
+    # The graph is derived from the advertisements: run stage 0 until one
+    # has what the test needs.
+    for attempt in range(200):
+        server, clients, _, _ = setup(config, ids)
+        server.receive({c: clients[c].handle(m) for c, m in server.requests().items()})
         graph = server.graph
-        if not graph.is_connected(ids):
+        if server.dropped or not graph.is_connected(ids):
             continue
         # look for a disconnected 6-set containing c0
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(attempt)
         for _ in range(300):
             others = rng.choice(ids[1:], size=5, replace=False)
             subset = tuple(sorted(["c0", *others]))
@@ -560,7 +606,7 @@ def test_client_refuses_a_forged_advertisement_forwarded_by_the_server():
 
     errors: dict[str, str] = {}
     drive(server, clients, tamper_request=tamper, errors=errors)
-    assert "bad signature (forged)" in errors["c0"]
+    assert "bad signature (forged" in errors["c0"]
 
 
 def _malicious_unmask_edit(edit) -> Tamper:
@@ -725,7 +771,11 @@ A_IDS = [f"c{i}" for i in range(8)]
         (dataclasses.replace(ATTACK, malicious=True), 8),
         (
             dataclasses.replace(
-                ATTACK, threshold=11, protocol="secagg+", neighbours=10
+                ATTACK,
+                threshold=11,
+                protocol="secagg+",
+                neighbours=10,
+                allow_insecure_neighbours=True,
             ),
             20,
         ),
@@ -734,11 +784,17 @@ A_IDS = [f"c{i}" for i in range(8)]
 )
 def test_an_honest_run_unmasks_no_single_client(config, num_clients):
     ids = [f"c{i:02d}" for i in range(num_clients)]
-    server, clients, inputs, _ = setup(config, ids, graph_seed=b"\x01" * 32)
-    assert server.graph.is_complete == (config.protocol == "secagg")
-    view: list = []
     drop = {"share_keys": ["c07"], "masked_input": ["c06"], "unmask": ["c05"]}
-    drive(server, clients, drop=drop, view=view)
+    # The sparse graph is random (no party picks it); with three dropouts a
+    # small neighbourhood can lack shares (about 1 run in 300): run again.
+    for _ in range(10):
+        server, clients, inputs, _ = setup(config, ids)
+        view: list = []
+        with contextlib.suppress(ProtocolError):
+            drive(server, clients, drop=drop, view=view)
+        if server.stage == "done":
+            break
+    assert server.graph.is_complete == (config.protocol == "secagg")
     assert server.dropped == {
         "c07": "share_keys",
         "c06": "masked_input",

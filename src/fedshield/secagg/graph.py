@@ -19,9 +19,11 @@ The graph
     (:func:`fedshield.secagg.crypto.expand_mask`) is below
     ``ceil(p * 2**32)``. Deriving the graph costs ``n (n - 1) / 2`` words of
     keystream: milliseconds at ``n = 10**3``, about a second at ``n = 10**4``.
-    In deployment the seed must come from randomness the server cannot bias
-    (a public beacon or a commit-reveal among clients); a server free to grind
-    seeds could look for one that helps clients it colludes with.
+    The seed must come from randomness no single party can bias: a server
+    free to grind seeds could look for one that helps clients it colludes
+    with. :mod:`fedshield.secagg.protocol` derives it from a server
+    commitment and a client's advertisement, after both are fixed, and
+    bounds what is left of the server's influence ("Who picks the graph").
 The per-neighbourhood threshold
     Client ``u`` Shamir-shares its secrets among its neighbourhood ``N[u]``
     (itself and its neighbours, ``m_u = deg(u) + 1`` holders) with threshold
@@ -54,11 +56,15 @@ Security (σ): the surviving clients stay connected.
         P[disconnected] <= sum_{s=1}^{n'/2} C(n', s) (1 - p)^(s (n' - s)) <= 2^-σ
 
     :func:`connectivity_failure_bound` evaluates the sum; ``k_sec`` is the
-    smallest ``k`` that meets it. (The clients also check connectivity
-    themselves before they reveal any share, see ``protocol.py``, so with
-    honest clients a disconnected survivor set aborts the round rather than
-    leak partial sums; the bound then bounds the abort probability. Bell et
-    al.'s corrupted-client fraction γ is not part of this bound.)
+    smallest ``k`` that meets it (:func:`secure_neighbours`). A ``k`` given
+    explicitly below ``k_sec`` is refused unless the configuration says
+    ``allow_insecure_neighbours`` (see
+    :class:`~fedshield.secagg.protocol.SecAggConfig`). (The clients also
+    check connectivity themselves before they reveal any share, see
+    ``protocol.py``, so with honest clients a disconnected survivor set
+    aborts the round rather than leak partial sums; the bound then bounds the
+    abort probability. Bell et al.'s corrupted-client fraction γ is not part
+    of this bound.)
 Correctness (η = ``correctness_parameter``): every neighbourhood can be unmasked.
     Unmasking client ``u`` (or removing its masks if it dropped) needs
     ``t_u`` of its ``m_u`` holders alive. Each potential neighbour is a
@@ -101,6 +107,7 @@ __all__ = [
     "choose_neighbours",
     "connectivity_failure_bound",
     "local_threshold",
+    "secure_neighbours",
 ]
 
 DEFAULT_CORRECTNESS_PARAMETER = 20
@@ -210,7 +217,58 @@ def _choose_neighbours(
     gain = 1.0 if math.isinf(divergence) else -math.expm1(-divergence)
     k_cor = math.ceil((correctness_parameter * math.log(2) + math.log(2 * n)) / gain)
 
-    survivors = max(2, math.floor(alive * n))
+    k_sec = _secure_neighbours(n, security_parameter, expected_dropout)
+    return min(n - 1, max(k_sec, k_cor))
+
+
+def secure_neighbours(
+    num_clients: int, *, security_parameter: int = 40, expected_dropout: float = 0.1
+) -> int:
+    """``k_sec``: the fewest neighbours that keep the survivors connected.
+
+    The smallest ``k`` for which the union bound of the module docstring
+    gives ``P[the n' = floor((1 - δ) n) survivors are disconnected] <=
+    2**-σ``. :func:`choose_neighbours` never picks fewer; an explicit ``k``
+    below it is insecure.
+
+    Parameters
+    ----------
+    num_clients
+        ``n >= 2``.
+    security_parameter
+        σ, ``>= 1``.
+    expected_dropout
+        δ in ``[0, 1)``.
+
+    Returns
+    -------
+    int
+        ``k_sec`` in ``[1, n - 1]``.
+
+    Raises
+    ------
+    ConfigError
+        If an argument is out of range.
+
+    Examples
+    --------
+    >>> secure_neighbours(1000, security_parameter=40, expected_dropout=0.1)
+    38
+    """
+    _check_int("num_clients", num_clients, low=2)
+    _check_int("security_parameter", security_parameter, low=1)
+    if not (isinstance(expected_dropout, float | int) and 0 <= expected_dropout < 1):
+        raise ConfigError(
+            f"expected_dropout must be in [0, 1), got {expected_dropout!r}"
+        )
+    return _secure_neighbours(num_clients, security_parameter, float(expected_dropout))
+
+
+@lru_cache(maxsize=256)
+def _secure_neighbours(n: int, security_parameter: int, expected_dropout: float) -> int:
+    if n == 2:
+        return 1
+    survivors = max(2, math.floor((1.0 - expected_dropout) * n))
     log_target = -security_parameter * math.log(2)
     low, high = 1, n - 1  # high always satisfies the bound (p = 1)
     while low < high:
@@ -219,7 +277,7 @@ def _choose_neighbours(
             high = mid
         else:
             low = mid + 1
-    return min(n - 1, max(low, k_cor))
+    return low
 
 
 def connectivity_failure_bound(

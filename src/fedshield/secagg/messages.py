@@ -4,7 +4,7 @@ Every message a party sends is one frozen dataclass below, serialised by
 :meth:`Message.to_bytes` to a binary envelope and parsed back by
 :func:`decode`.
 
-The envelope (wire format :data:`VERSION` 2)
+The envelope (wire format :data:`VERSION` 3)
 --------------------------------------------
 ========  =================  ===================================================
 offset    size               content
@@ -92,6 +92,7 @@ from fedshield.secagg.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES
 from fedshield.secagg.shamir import CHUNK_BYTES, PRIME
 
 __all__ = [
+    "DIGEST_BYTES",
     "FIELD_BYTES",
     "MAGIC",
     "MAX_CIPHERTEXT_BYTES",
@@ -125,11 +126,18 @@ __all__ = [
     "unpack_words",
 ]
 
-VERSION = 2
+VERSION = 3
 """Wire format version; :func:`decode` refuses any other.
 
 Version 1 was UTF-8 JSON throughout (base64 ``uint64`` words for a masked
-vector); version 2 is the binary envelope of the module docstring.
+vector); version 2 is the binary envelope of the module docstring. Version 3
+keeps the envelope and changes what stages 0 and 1 carry: the server commits
+to its share of the graph seed (``seed_commitment``) instead of sending the
+seed, an advertisement carries a commitment to the client's self-mask seed
+(``self_mask_commitment``) and, when signed, signs the round's client list
+too, and the share-keys request reveals the server's seed share and forwards
+the advertisement that completes the seed (``seed_reveal``, ``leader``); see
+:mod:`fedshield.secagg.protocol`.
 """
 
 MAGIC = b"\x89FSA"
@@ -149,6 +157,9 @@ SESSION_BYTES = 16
 
 SIGNATURE_BYTES = 64
 """Length of an Ed25519 signature."""
+
+DIGEST_BYTES = 32
+"""Length of a SHA-256 digest: commitments, the config digest, the seed share."""
 
 SECRET_BYTES = 32
 """Length of each shared secret: the self-mask seed and the X25519 masking key."""
@@ -174,7 +185,13 @@ _MAX_ID_BYTES = 4 * MAX_CLIENT_ID_CHARS  # UTF-8 needs at most 4 bytes a charact
 
 _Json: TypeAlias = dict[str, Any]
 _ADVERTISEMENT_KEYS = frozenset(
-    {"client_id", "encryption_key", "masking_key", "signature"}
+    {
+        "client_id",
+        "encryption_key",
+        "masking_key",
+        "self_mask_commitment",
+        "signature",
+    }
 )
 Share: TypeAlias = tuple[int, ...]
 """One share of a 32-byte secret: :data:`SHARE_WORDS` field elements."""
@@ -679,16 +696,18 @@ class Message:
 
 @dataclass(frozen=True, kw_only=True)
 class AdvertiseRequest(Message):
-    """Stage 0, server -> client: who takes part, and the graph seed.
+    """Stage 0, server -> client: who takes part, and the server's seed commitment.
 
     Attributes
     ----------
     clients
         Every client of the round, sorted, each once. A client's index in it
         plus one is its Shamir share position.
-    graph_seed
-        32 bytes from which everyone derives the SecAgg+ neighbour graph
-        (unused by full-graph SecAgg).
+    seed_commitment
+        SHA-256 commitment to the server's 32-byte share of the graph seed,
+        revealed in stage 1 (:class:`ShareKeysRequest`); the seed itself
+        also depends on a client's advertisement (see
+        :mod:`fedshield.secagg.protocol`).
     config_digest
         SHA-256 of the server's configuration and number of neighbours; the
         client refuses a run whose digest differs from its own.
@@ -698,13 +717,13 @@ class AdvertiseRequest(Message):
     STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
 
     clients: tuple[str, ...]
-    graph_seed: bytes
+    seed_commitment: bytes
     config_digest: bytes
 
     def _encode(self) -> tuple[_Json, list[bytes]]:
         return {
             "clients": list(self.clients),
-            "graph_seed": _b64(self.graph_seed),
+            "seed_commitment": _b64(self.seed_commitment),
             "config_digest": _b64(self.config_digest),
         }, []
 
@@ -721,14 +740,14 @@ class AdvertiseRequest(Message):
         return cls(
             **head,
             clients=fields.client_ids("clients"),
-            graph_seed=fields.bytes_("graph_seed", size=32),
-            config_digest=fields.bytes_("config_digest", size=32),
+            seed_commitment=fields.bytes_("seed_commitment", size=DIGEST_BYTES),
+            config_digest=fields.bytes_("config_digest", size=DIGEST_BYTES),
         )
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdvertiseReply(Message):
-    """Stage 0, client -> server: the client's two fresh X25519 public keys.
+    """Stage 0, client -> server: two fresh X25519 public keys and a commitment.
 
     Attributes
     ----------
@@ -736,9 +755,13 @@ class AdvertiseReply(Message):
         ``c_pk``: agrees the keys that encrypt shares between two clients.
     masking_key
         ``s_pk``: agrees the pairwise mask seeds.
+    self_mask_commitment
+        SHA-256 commitment to the self-mask seed ``b_u`` (and the context):
+        the server checks the seed it rebuilds from shares against it.
     signature
-        Ed25519 signature of both keys and the context (malicious-server
-        variant only; ``None`` otherwise).
+        Ed25519 signature of the keys, the commitment, the round's client
+        list and the server's seed commitment (malicious-server variant
+        only; ``None`` otherwise).
     """
 
     TYPE: ClassVar[str] = "advertise_reply"
@@ -746,12 +769,14 @@ class AdvertiseReply(Message):
 
     encryption_key: bytes
     masking_key: bytes
+    self_mask_commitment: bytes
     signature: bytes | None = None
 
     def _encode(self) -> tuple[_Json, list[bytes]]:
         return {
             "encryption_key": _b64(self.encryption_key),
             "masking_key": _b64(self.masking_key),
+            "self_mask_commitment": _b64(self.self_mask_commitment),
             "signature": None if self.signature is None else _b64(self.signature),
         }, []
 
@@ -769,25 +794,29 @@ class AdvertiseReply(Message):
             **head,
             encryption_key=fields.bytes_("encryption_key", size=KEY_BYTES),
             masking_key=fields.bytes_("masking_key", size=KEY_BYTES),
+            self_mask_commitment=fields.bytes_(
+                "self_mask_commitment", size=DIGEST_BYTES
+            ),
             signature=fields.optional_bytes("signature", size=SIGNATURE_BYTES),
         )
 
 
 @dataclass(frozen=True)
 class Advertisement:
-    """One client's public keys, as the server forwards them in stage 1.
+    """One client's advertisement, as the server forwards it in stage 1.
 
     Attributes
     ----------
     client_id
         Whose keys these are.
-    encryption_key, masking_key, signature
+    encryption_key, masking_key, self_mask_commitment, signature
         As in :class:`AdvertiseReply`.
     """
 
     client_id: str
     encryption_key: bytes
     masking_key: bytes
+    self_mask_commitment: bytes
     signature: bytes | None = None
 
     @functools.cached_property
@@ -798,6 +827,7 @@ class Advertisement:
             "client_id": self.client_id,
             "encryption_key": _b64(self.encryption_key),
             "masking_key": _b64(self.masking_key),
+            "self_mask_commitment": _b64(self.self_mask_commitment),
             "signature": None if self.signature is None else _b64(self.signature),
         }
 
@@ -812,18 +842,21 @@ class Advertisement:
         client_id = value["client_id"]
         encryption_key = value["encryption_key"]
         masking_key = value["masking_key"]
+        commitment = value["self_mask_commitment"]
         signature = value["signature"]
         if (
             type(client_id) is not str
             or not 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
             or type(encryption_key) is not str
             or type(masking_key) is not str
+            or type(commitment) is not str
             or not (signature is None or type(signature) is str)
         ):
             return None
         try:
             encryption = binascii.a2b_base64(encryption_key, strict_mode=True)
             masking = binascii.a2b_base64(masking_key, strict_mode=True)
+            committed = binascii.a2b_base64(commitment, strict_mode=True)
             signed = (
                 None
                 if signature is None
@@ -834,6 +867,7 @@ class Advertisement:
         if (
             len(encryption) != KEY_BYTES
             or len(masking) != KEY_BYTES
+            or len(committed) != DIGEST_BYTES
             or (signed is not None and len(signed) != SIGNATURE_BYTES)
         ):
             return None
@@ -841,6 +875,7 @@ class Advertisement:
             client_id=client_id,
             encryption_key=encryption,
             masking_key=masking,
+            self_mask_commitment=committed,
             signature=signed,
         )
 
@@ -853,30 +888,49 @@ class Advertisement:
             client_id=fields.client_id("client_id"),
             encryption_key=fields.bytes_("encryption_key", size=KEY_BYTES),
             masking_key=fields.bytes_("masking_key", size=KEY_BYTES),
+            self_mask_commitment=fields.bytes_(
+                "self_mask_commitment", size=DIGEST_BYTES
+            ),
             signature=fields.optional_bytes("signature", size=SIGNATURE_BYTES),
         )
         fields.finish()
         return out
 
+    @classmethod
+    def _parse_one(cls, value: object, where: str) -> Advertisement:
+        return cls._from_json_fast(value) or cls._from_json(value, where)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ShareKeysRequest(Message):
-    """Stage 1, server -> client: the public keys of the client's neighbours.
+    """Stage 1, server -> client: the graph seed's inputs and the neighbours' keys.
 
     Attributes
     ----------
     advertisements
         One per neighbour that advertised in stage 0 (every other such client
         for full-graph SecAgg), never the recipient's own.
+    seed_reveal
+        The server's 32-byte share of the graph seed, committed to in stage 0.
+    leader
+        The advertisement of the first client (in the sorted client list)
+        that advertised in stage 0: with ``seed_reveal`` it fixes the graph
+        seed (see :mod:`fedshield.secagg.protocol`).
     """
 
     TYPE: ClassVar[str] = "share_keys_request"
     STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
 
     advertisements: tuple[Advertisement, ...]
+    seed_reveal: bytes
+    leader: Advertisement
 
     def _encode(self) -> tuple[_Json, list[bytes]]:
-        return {"advertisements": [ad._to_json() for ad in self.advertisements]}, []
+        return {
+            "advertisements": [ad._to_json() for ad in self.advertisements],
+            "seed_reveal": _b64(self.seed_reveal),
+            "leader": self.leader._to_json(),
+        }, []
 
     @classmethod
     def _parse(
@@ -892,13 +946,19 @@ class ShareKeysRequest(Message):
         if not isinstance(value, list):
             raise ProtocolError("share_keys_request.advertisements: expected a list")
         ads = tuple(
-            Advertisement._from_json_fast(item)
-            or Advertisement._from_json(item, f"share_keys_request.advertisements[{i}]")
+            Advertisement._parse_one(item, f"share_keys_request.advertisements[{i}]")
             for i, item in enumerate(value)
         )
         if len({ad.client_id for ad in ads}) != len(ads):
             raise ProtocolError("share_keys_request: a client is advertised twice")
-        return cls(**head, advertisements=ads)
+        return cls(
+            **head,
+            advertisements=ads,
+            seed_reveal=fields.bytes_("seed_reveal", size=DIGEST_BYTES),
+            leader=Advertisement._parse_one(
+                fields.raw("leader"), "share_keys_request.leader"
+            ),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,20 +18,30 @@ Let ``t`` be the threshold, ``b`` the modulus bits, ``N(u)`` the neighbours
 of client ``u`` (every other client for SecAgg, a random graph for SecAgg+,
 see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
 
-0. ``advertise_keys``: the server sends the sorted client list, the graph
-   seed and a digest of its configuration. Each client derives the graph
-   itself, draws two X25519 key pairs (``c`` to encrypt shares, ``s`` to agree
-   mask seeds) and sends both public keys, signed with its Ed25519 key when
-   ``malicious``. ``U1``: the clients that answered; at least ``t`` needed.
-1. ``share_keys``: the server forwards to each client the keys of its
-   neighbours in ``U1``. The client checks them (all distinct; signatures when
-   ``malicious``; at least ``t_u`` holders), draws a self-mask seed ``b_u``,
-   Shamir-shares ``b_u`` and ``s_sk_u`` among ``N[u] ∩ U1`` with threshold
-   ``t_u`` (``t`` on the complete graph; see
-   :func:`~fedshield.secagg.graph.local_threshold`), and encrypts each
-   neighbour's pair of shares with AES-GCM under ``agree(c_sk_u, c_pk_v)``;
-   the associated data binds session, round, sender and recipient. ``U2``:
-   the clients that sent a ciphertext to every neighbour in ``U1``.
+0. ``advertise_keys``: the server sends the sorted client list, a digest of
+   its configuration and a commitment ``H(r_S)`` to a fresh 32-byte share
+   ``r_S`` of the graph seed. Each client draws two X25519 key pairs (``c``
+   to encrypt shares, ``s`` to agree mask seeds) and its self-mask seed
+   ``b_u``, and sends both public keys and a commitment ``H(b_u)``, signed
+   with its Ed25519 key when ``malicious``. The signature covers the
+   *round binding*: a hash of the wire version, the configuration digest,
+   the session, the round, the sorted client list and ``H(r_S)``. ``U1``:
+   the clients that answered; at least ``t`` needed.
+1. ``share_keys``: the server reveals ``r_S`` and forwards to every client
+   the advertisement of the *leader*, the first client of ``U1`` in the
+   sorted list; the graph seed is ``H(binding, r_S, leader's
+   advertisement)`` (see "Who picks the graph" below), and the server and
+   every client derive the graph from it. The server also forwards to each
+   client the advertisements of its neighbours in ``U1``. The client checks
+   ``r_S`` against ``H(r_S)``, the leader (no client of ``U1`` may sort
+   before it), the keys (all distinct; signatures over its own round binding
+   when ``malicious``; at least ``t_u`` holders), Shamir-shares ``b_u`` and
+   ``s_sk_u`` among ``N[u] ∩ U1`` with threshold ``t_u`` (``t`` on the
+   complete graph; see :func:`~fedshield.secagg.graph.local_threshold`), and
+   encrypts each neighbour's pair of shares with AES-GCM under
+   ``agree(c_sk_u, c_pk_v)``; the associated data binds session, round,
+   sender and recipient. ``U2``: the clients that sent a ciphertext to every
+   neighbour in ``U1``.
 2. ``masked_input``: the server forwards each client the ciphertexts
    addressed to it. The client decrypts them and sends::
 
@@ -43,20 +53,30 @@ see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
    that sum (``d`` words, whatever the number of clients).
    For SecAgg+ the server aborts if ``U3`` is not connected in the graph.
 3. ``consistency_check`` (``malicious`` only, §6): the server sends ``U3``
-   to its members; each checks it and signs it. ``U4``: the signers.
+   to its members; each checks it and signs it together with its *view*: a
+   hash of its round binding and the graph seed it derived. ``U4``: the
+   signers.
 4. ``unmask``: the server sends ``U3`` (and, when ``malicious``, at least
    ``t`` signatures of it) and asks each client for its share of ``b_v`` for
    every neighbour ``v`` in ``U3`` and of ``s_sk_v`` for every neighbour ``v``
    in ``U2 - U3``. A client answers once, and only if no client is asked for
    under both headings, the survivors are a connected set of at least ``t``
-   that matches what it saw (and signed), and every name is a neighbour that
-   shared with it. The server rebuilds ``b_u`` for ``u in U3`` and ``s_sk_v``
-   for ``v in U2 - U3``, removes the self masks and the masks between
-   survivors and dropped clients, and outputs ``sum_{u in U3} x_u mod 2**b``.
+   that matches what it saw (and signed), every signer is in the round's
+   client list and signed the same view, and every name is a neighbour that
+   shared with it. The server rebuilds ``b_u`` for ``u in U3`` and checks it
+   against ``H(b_u)`` (a wrong share cannot corrupt the sum unnoticed: the
+   server tries other sets of ``t_u`` shares, then aborts), rebuilds
+   ``s_sk_v`` for ``v in U2 - U3`` and checks it against ``s_pk_v``, removes
+   the self masks and the masks between survivors and dropped clients, and
+   outputs ``sum_{u in U3} x_u mod 2**b``.
 
 At every stage the server needs ``t`` answers, else it raises
 :class:`~fedshield.errors.ProtocolError` ("stage X needed t clients, only m
 answered"), moves to ``aborted`` and never releases anything.
+
+A client answers a request it has already answered (the same bytes, e.g. a
+transport's retransmission after a lost reply) with the same reply, and
+changes nothing; any other request out of turn aborts it.
 
 Why the server cannot unmask one client
 ---------------------------------------
@@ -66,25 +86,73 @@ neighbour. To remove all of them the server needs ``b_u`` *and* either
 shares of ``b_u`` only for survivors and of ``s_sk_u`` only for non-survivors,
 never both for one client, and ``t_u`` is a strict majority of ``u``'s
 holders, so the server reaches the threshold for at most one of the two
-secrets of any client (even a malicious server, because every honest client
-answers once and, with ``malicious``, only for the survivor list that at
-least ``t > n / 2`` clients signed: two different lists cannot both collect
-``t`` honest signatures). A survivor's pairwise masks with surviving
-neighbours therefore stay on; they cancel only in the sum over a connected
-set of survivors, which clients check before revealing anything.
+secrets of any client. Against a malicious server (``malicious=True``) this
+needs every honest client to see the same round: the same client list, graph
+and survivor list. Signed advertisements and survivor lists bind exactly
+that (the round binding and the view above), clients verify them against
+their own view, and signers must be in the round's client list, so two
+groups shown two different client lists (or seeds) never accept each other's
+keys or signatures; and for one survivor list, two disjoint sets of signers
+cannot both reach ``t > n / 2``. (Before wire version 3 the signatures
+covered neither the client list nor the seed: with a verification-key table
+larger than the round, a server could show two groups two lists, collect
+``t`` signatures in each, and get ``b_u`` from one group and the masking keys
+of ``u``'s neighbours from the other; ``tests/secagg/test_protocol_attacks.py``
+replays that attack.) A survivor's pairwise masks with surviving neighbours
+therefore stay on; they cancel only in the sum over a connected set of
+survivors, which clients check before revealing anything.
+
+Who picks the graph (SecAgg+)
+-----------------------------
+The graph decides whose shares every client holds, so no single party may
+choose it. The seed is ``H(binding, r_S, A_L)`` where ``A_L`` is the
+advertisement of the leader ``L``, the first client of ``U1`` in sorted
+order (fresh public keys and ``H(b_L)``, unpredictable to anyone else):
+
+- The server commits to ``r_S`` before it sees any advertisement, and every
+  client checks the reveal against the commitment, so the server cannot pick
+  ``r_S`` after seeing ``A_L``; in malicious mode ``A_L`` is signed by ``L``
+  over the round binding, so the server cannot forge it either.
+- ``L`` (or any client) sees only ``H(r_S)`` when it advertises, so it
+  cannot steer the seed through its keys.
+- Residual influence: the server decides who is in ``U1``. To get another
+  leader it must exclude every client that sorts before it (each client
+  refuses a leader that sorts after itself or after a neighbour whose keys
+  it receives), so excluding ``j`` advertisers gives it ``j + 1`` candidate
+  seeds, and ``U1`` needs ``t`` clients: at most ``n - t + 1`` seeds in all,
+  each drawn at random, each exclusion visible as a stage-0 drop. Any
+  property of the graph that fails with probability ``p`` per seed fails
+  with probability at most ``(n - t + 1) p`` under this choice, i.e. it
+  costs at most ``log2(n - t + 1)`` bits of the graph's statistical security
+  (10 bits at ``n = 1000``). A server can also abort the round and start
+  another (a new session, new keys, a new seed): that is visible to every
+  client and costs it a whole round. A server colluding with the leader
+  controls the seed; that needs two parties.
+- In semi-honest mode nothing is signed: the server is trusted to follow
+  the protocol, seed derivation included.
+
+For full-graph SecAgg (``k = n - 1``) the seed is derived the same way but
+changes nothing: every client neighbours every other.
 
 Threat model and deployment notes
 ---------------------------------
-- Semi-honest server (default) or malicious server (``malicious=True``,
-  Bonawitz §6: signed key advertisements and the consistency-check round).
-  Clients follow the protocol; corrupted clients colluding with the server
-  are not modelled beyond what the thresholds give.
+- Semi-honest server (default): the server follows the protocol and may try
+  to learn more from what it sees; it learns only the sum of at least ``t``
+  connected survivors. Nothing authenticates the keys it forwards, so a
+  server that *deviates*, for example by substituting its own public keys
+  for a client's neighbours' (a man in the middle), decrypts that client's
+  shares and removes every mask from its input: semi-honest mode gives no
+  protection against an active server.
+- Malicious server (``malicious=True``, Bonawitz §6): every advertisement and
+  survivor list is signed, so a client refuses substituted keys, a
+  different client list or seed, and inconsistent survivor lists. With the
+  threshold above ``n / 2`` the server learns only sums of at least ``t``
+  clients' inputs. Clients follow the protocol; corrupted clients colluding
+  with the server are not modelled beyond what the thresholds give.
 - With ``malicious=True`` every client holds an Ed25519 signing key and
   knows every client's verification key. The simulation passes them in
   (``verify_keys``); in deployment a PKI provides them (for instance client
   certificates checked by the transport), never the server itself.
-- The graph seed must come from randomness the server cannot bias (see
-  :mod:`fedshield.secagg.graph`); the default is the operating system's.
 - Secrets (X25519 private keys, self-mask seeds, held shares) live only
   inside :class:`SecAggClient`; the client drops its references to its seed
   and masking key once its masked input is sent.
@@ -94,10 +162,12 @@ Threat model and deployment notes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, TypedDict
@@ -109,7 +179,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedshield.errors import ConfigError, InvalidUpdateError, ProtocolError
 from fedshield.secagg import crypto, shamir
-from fedshield.secagg.graph import NeighbourGraph, build_graph, choose_neighbours
+from fedshield.secagg.graph import (
+    NeighbourGraph,
+    build_graph,
+    choose_neighbours,
+    connectivity_failure_bound,
+    secure_neighbours,
+)
 from fedshield.secagg.messages import (
     SECRET_BYTES,
     SERVER_ID,
@@ -139,10 +215,16 @@ __all__ = [
     "SecAggConfig",
     "SecAggServer",
     "Stage",
+    "check_neighbours",
     "choose_neighbours",
 ]
 
 _LOG = logging.getLogger(__name__)
+
+_DOMAIN = f"fedshield/secagg/v{VERSION}/".encode("ascii")
+
+_MAX_REBUILD_TRIES = 256
+"""Sets of ``t_u`` shares the server tries when a rebuilt secret fails its check."""
 
 _REPLY_TYPES: dict[Stage, type[Message]] = {
     Stage.ADVERTISE_KEYS: AdvertiseReply,
@@ -182,7 +264,11 @@ class SecAggConfig:
     neighbours
         SecAgg+ only: ``k``, the expected degree of the graph. ``None``
         chooses it with :func:`~fedshield.secagg.graph.choose_neighbours`
-        from ``security_parameter``, ``expected_dropout`` and ``t / n``.
+        from ``security_parameter``, ``expected_dropout`` and ``t / n``. A
+        ``k`` below :func:`~fedshield.secagg.graph.secure_neighbours` (the
+        fewest that keep the survivors connected except with probability
+        ``2**-security_parameter``) is refused unless
+        ``allow_insecure_neighbours``.
     malicious
         Defend against a malicious server (Bonawitz §6): signed key
         advertisements and a consistency-check round. Needs signing keys.
@@ -190,6 +276,9 @@ class SecAggConfig:
         σ for the choice of ``k`` (SecAgg+).
     expected_dropout
         δ in ``[0, 1)`` for the choice of ``k`` (SecAgg+).
+    allow_insecure_neighbours
+        Accept an explicit ``neighbours`` below the secure minimum (tests,
+        experiments on the protocol's behaviour); never needed otherwise.
 
     Raises
     ------
@@ -205,6 +294,7 @@ class SecAggConfig:
     malicious: bool = False
     security_parameter: int = 40
     expected_dropout: float = 0.1
+    allow_insecure_neighbours: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in ("secagg", "secagg+"):
@@ -223,10 +313,11 @@ class SecAggConfig:
                     "secagg pairs every client with every other"
                 )
             _require_int("neighbours", self.neighbours, low=1)
-        if not isinstance(self.malicious, bool):
-            raise ConfigError(
-                f"SecAggConfig.malicious must be a bool, got {self.malicious!r}"
-            )
+        for flag in ("malicious", "allow_insecure_neighbours"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(
+                    f"SecAggConfig.{flag} must be a bool, got {getattr(self, flag)!r}"
+                )
         dropout = self.expected_dropout
         if (
             isinstance(dropout, bool)
@@ -272,8 +363,10 @@ class SecAggConfig:
         Raises
         ------
         ConfigError
-            If :meth:`check_clients` fails, ``neighbours > n - 1``, or no ``k``
-            meets the bounds of :func:`~fedshield.secagg.graph.choose_neighbours`.
+            If :meth:`check_clients` fails, ``neighbours > n - 1``,
+            ``neighbours`` is below the secure minimum without
+            ``allow_insecure_neighbours``, or no ``k`` meets the bounds of
+            :func:`~fedshield.secagg.graph.choose_neighbours`.
         """
         self.check_clients(num_clients)
         n = num_clients
@@ -285,6 +378,13 @@ class SecAggConfig:
                     f"neighbours={self.neighbours} exceeds n - 1 = {n - 1} for "
                     f"n={n} clients"
                 )
+            if not self.allow_insecure_neighbours:
+                check_neighbours(
+                    self.neighbours,
+                    n,
+                    security_parameter=self.security_parameter,
+                    expected_dropout=float(self.expected_dropout),
+                )
             return self.neighbours
         return choose_neighbours(
             n,
@@ -292,6 +392,52 @@ class SecAggConfig:
             expected_dropout=float(self.expected_dropout),
             threshold_fraction=self.threshold / n,
         )
+
+
+def check_neighbours(
+    neighbours: int,
+    num_clients: int,
+    *,
+    security_parameter: int = 40,
+    expected_dropout: float = 0.1,
+) -> None:
+    """Refuse an explicit SecAgg+ ``k`` below the secure minimum ``k_sec``.
+
+    ``k_sec`` is :func:`~fedshield.secagg.graph.secure_neighbours`: with
+    fewer neighbours the survivors of a round are disconnected with
+    probability above ``2**-security_parameter`` (the server then learns
+    sums of parts of them, or, with the clients' connectivity check, the
+    round aborts), and a sparser graph puts fewer honest holders around each
+    client.
+
+    Raises
+    ------
+    ConfigError
+        If ``neighbours < k_sec``; the message gives ``k_sec``, the bound at
+        ``neighbours`` and the option that accepts it
+        (``[secagg] allow_insecure_neighbours = true``,
+        ``SecAggConfig(allow_insecure_neighbours=True)``).
+    """
+    n = num_clients
+    safe = secure_neighbours(
+        n, security_parameter=security_parameter, expected_dropout=expected_dropout
+    )
+    if neighbours >= safe:
+        return
+    survivors = max(2, math.floor((1.0 - expected_dropout) * n))
+    log2_bound = connectivity_failure_bound(
+        survivors, neighbours / (n - 1), log=True
+    ) / math.log(2)
+    at_k = f"2^{log2_bound:.1f}" if log2_bound < 0 else "no better than 1 (vacuous)"
+    raise ConfigError(
+        f"secagg+ neighbours={neighbours} is below {safe}, the fewest with which "
+        f"the surviving clients of a round of n={n} (expected_dropout="
+        f"{expected_dropout:g}) stay connected except with probability "
+        f"2^-{security_parameter} (security_parameter); with {neighbours} the bound "
+        f"is {at_k}. Set neighbours >= {safe}, leave it unset to let fedshield "
+        "choose, or, to accept the risk, set [secagg] allow_insecure_neighbours = "
+        "true (SecAggConfig(allow_insecure_neighbours=True))"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +453,7 @@ def _context(purpose: str, session: bytes, round_idx: int, *ids: str) -> bytes:
 def _context_prefix(purpose: str, session: bytes, round_idx: int) -> bytes:
     return b"".join(
         [
-            b"fedshield/secagg/v1/",
+            _DOMAIN,
             purpose.encode("ascii"),
             b"\x00",
             session,
@@ -329,21 +475,99 @@ def _pair(purpose: str, session: bytes, round_idx: int, u: str, v: str) -> bytes
     return _context_prefix(purpose, session, round_idx) + _id_field(u) + _id_field(v)
 
 
+def _round_binding(
+    session: bytes,
+    round_idx: int,
+    digest: bytes,
+    clients: Sequence[str],
+    seed_commitment: bytes,
+) -> bytes:
+    """What a signed advertisement binds besides the keys: the round as sent.
+
+    A hash of the wire version, the session and round, the configuration
+    digest, the sorted client list and the server's graph-seed commitment.
+    Two clients shown different lists (or commitments) compute different
+    bindings, so neither accepts the other's advertisement.
+    """
+    h = hashlib.sha256(_context_prefix("round", session, round_idx))
+    h.update(bytes([VERSION]))
+    h.update(digest)
+    h.update(len(clients).to_bytes(8, "big"))
+    for cid in clients:
+        h.update(_id_field(cid))
+    h.update(seed_commitment)
+    return h.digest()
+
+
+def _seed_commitment(session: bytes, round_idx: int, seed_share: bytes) -> bytes:
+    """``H(r_S)``: the server's commitment to its share of the graph seed."""
+    return hashlib.sha256(
+        _context_prefix("graph-seed-share", session, round_idx) + seed_share
+    ).digest()
+
+
+def _graph_seed(binding: bytes, seed_share: bytes, leader: Advertisement) -> bytes:
+    """``H(binding, r_S, A_L)``: the round's graph seed (module docstring)."""
+    return hashlib.sha256(
+        b"".join(
+            [
+                _DOMAIN,
+                b"graph-seed\x00",
+                binding,
+                seed_share,
+                _id_field(leader.client_id),
+                leader.encryption_key,
+                leader.masking_key,
+                leader.self_mask_commitment,
+            ]
+        )
+    ).digest()
+
+
+def _view_binding(binding: bytes, graph_seed: bytes) -> bytes:
+    """A client's view of the round: its round binding and the seed it derived."""
+    return hashlib.sha256(_DOMAIN + b"view\x00" + binding + graph_seed).digest()
+
+
+def _self_mask_commitment(
+    session: bytes, round_idx: int, client_id: str, seed: bytes
+) -> bytes:
+    """``H(b_u)`` (with the context): checked against the rebuilt seed."""
+    return hashlib.sha256(
+        _context("self-mask", session, round_idx, client_id) + seed
+    ).digest()
+
+
 def _advertisement_message(
     session: bytes,
     round_idx: int,
     client_id: str,
-    digest: bytes,
+    binding: bytes,
     c_pk: bytes,
     s_pk: bytes,
+    self_mask_commitment: bytes,
 ) -> bytes:
-    return _context("advertise", session, round_idx, client_id) + digest + c_pk + s_pk
+    return b"".join(
+        [
+            _context("advertise", session, round_idx, client_id),
+            binding,
+            c_pk,
+            s_pk,
+            self_mask_commitment,
+        ]
+    )
 
 
 def _consistency_message(
-    session: bytes, round_idx: int, survivors: Sequence[str]
+    session: bytes, round_idx: int, view: bytes, survivors: Sequence[str]
 ) -> bytes:
-    return _context("consistency", session, round_idx, *survivors)
+    return b"".join(
+        [
+            _context_prefix("consistency", session, round_idx),
+            view,
+            *map(_id_field, survivors),
+        ]
+    )
 
 
 def _config_digest(config: SecAggConfig, num_clients: int, neighbours: int) -> bytes:
@@ -420,7 +644,16 @@ class SecAggClient:
         survivor list (``malicious`` only).
     verify_keys
         Every client's raw 32-byte Ed25519 verification key, by id
-        (``malicious`` only; a PKI provides them in deployment).
+        (``malicious`` only; a PKI provides them in deployment). It may list
+        more clients than the round has: only those in the round's client
+        list are accepted as signers.
+    idempotent
+        Answer a repeated request (the same bytes as the last one answered,
+        e.g. a retransmission after a lost reply) with the same reply. The
+        client then keeps its last request and reply until the next request
+        (a masked-input reply is ``ceil(d b / 8)`` bytes). An in-process
+        driver that never retransmits may pass ``False`` to free them at
+        once; a repeated request is then refused as out of order.
 
     Raises
     ------
@@ -442,6 +675,7 @@ class SecAggClient:
         *,
         signing_key: crypto.SigningKey | None = None,
         verify_keys: Mapping[str, bytes] | None = None,
+        idempotent: bool = True,
     ) -> None:
         _require_int("round_idx", round_idx, low=0)
         _check_participant_id(client_id)
@@ -461,14 +695,26 @@ class SecAggClient:
         self.client_id = client_id
         self._signing_key = signing_key
         self._verify_keys = dict(verify_keys or {})
+        self._idempotent = bool(idempotent)
+        self._last: tuple[bytes, bytes] | None = None
         self._stage = Stage.ADVERTISE_KEYS
         self._session: bytes | None = None
+        # The round as this client sees it (stage 0 on): client list, k,
+        # round binding and the server's seed commitment; from stage 1 on the
+        # graph, its leader and the view (binding + graph seed) it signs.
+        self._clients: tuple[str, ...] = ()
+        self._roster: frozenset[str] = frozenset()
+        self._neighbour_count = 0
+        self._binding = b""
+        self._seed_commitment = b""
         self._graph: NeighbourGraph | None = None
+        self._leader = ""
+        self._view = b""
         self._local_threshold = 0
-        self._digest = b""
         self._encryption: crypto.KeyPair | None = None
         self._masking: crypto.KeyPair | None = None
         self._self_seed: bytes | None = None
+        self._self_commitment = b""
         self._input: npt.NDArray[np.uint64] | None = None
         self._peers: dict[str, Advertisement] = {}
         self._channel_keys: dict[str, bytes] = {}
@@ -514,6 +760,9 @@ class SecAggClient:
     def handle(self, message: bytes) -> bytes:
         """Answer one server request.
 
+        A request equal to the last one answered (a retransmission) gets the
+        same reply again and changes nothing (unless ``idempotent=False``).
+
         Parameters
         ----------
         message
@@ -532,20 +781,32 @@ class SecAggClient:
             for something an honest client must refuse: shares of both
             secrets of one client, a survivor list that is too small,
             disconnected, inconsistent with what this client saw or signed,
-            too few signatures, forged key advertisements. The client is then
-            aborted.
+            too few signatures or signers outside the round, forged key
+            advertisements, a graph-seed share that breaks the server's
+            commitment. The client is then aborted.
         """
+        last = self._last
+        if (
+            last is not None
+            and self._stage is not Stage.ABORTED
+            and len(message) == len(last[0])
+            and message == last[0]
+        ):
+            return last[1]
         if self._stage in (Stage.DONE, Stage.ABORTED):
             raise ProtocolError(
                 f"client {self.client_id!r} is {self._stage}; it answers no more "
                 "requests"
             )
+        self._last = None
         try:
-            reply = self._dispatch(message)
+            reply = self._dispatch(message).to_bytes()
         except Exception:
             self._abort()
             raise
-        return reply.to_bytes()
+        if self._idempotent:
+            self._last = (bytes(message), reply)
+        return reply
 
     # -- dispatch -----------------------------------------------------------
 
@@ -600,6 +861,7 @@ class SecAggClient:
 
     def _abort(self) -> None:
         self._stage = Stage.ABORTED
+        self._last = None
         self._encryption = self._masking = None
         self._self_seed = None
         self._input = None
@@ -632,51 +894,108 @@ class SecAggClient:
             raise ProtocolError(
                 f"the server's client list does not fit: {exc}"
             ) from exc
-        self._digest = _config_digest(self.config, n, k)
-        if msg.config_digest != self._digest:
+        digest = _config_digest(self.config, n, k)
+        if msg.config_digest != digest:
             raise ProtocolError(
                 "the server runs a different SecAgg configuration (the config "
                 "digest differs)"
             )
-        graph = build_graph(clients, k, msg.graph_seed)
-        if graph.degree(self.client_id) == 0:
-            raise ProtocolError(
-                f"client {self.client_id!r} has no neighbour in the graph"
-            )
-        self._graph = graph
-        self._local_threshold = graph.threshold_of(
-            self.client_id, self.config.threshold
+        assert self._session is not None
+        self._clients = clients
+        self._roster = frozenset(clients)
+        self._neighbour_count = k
+        self._seed_commitment = msg.seed_commitment
+        self._binding = _round_binding(
+            self._session, self.round_idx, digest, clients, msg.seed_commitment
         )
         self._encryption = crypto.generate_keypair()
         self._masking = crypto.generate_keypair()
+        # b_u is drawn now so that the advertisement can commit to it.
+        self._self_seed = crypto.random_seed()
+        self._self_commitment = _self_mask_commitment(
+            self._session, self.round_idx, self.client_id, self._self_seed
+        )
         signature = None
         if self.config.malicious:
-            assert self._signing_key is not None and self._session is not None
+            assert self._signing_key is not None
             signature = crypto.sign(
                 self._signing_key,
                 _advertisement_message(
                     self._session,
                     self.round_idx,
                     self.client_id,
-                    self._digest,
+                    self._binding,
                     self._encryption.public,
                     self._masking.public,
+                    self._self_commitment,
                 ),
             )
         return AdvertiseReply(
             **self._reply_head(),
             encryption_key=self._encryption.public,
             masking_key=self._masking.public,
+            self_mask_commitment=self._self_commitment,
             signature=signature,
         )
 
     # -- stage 1 --------------------------------------------------------------
 
-    def _share_keys(self, msg: ShareKeysRequest) -> ShareKeysReply:
-        graph, me = self._require_graph(), self.client_id
-        assert self._encryption is not None and self._masking is not None
+    def _derive_graph(self, msg: ShareKeysRequest) -> NeighbourGraph:
+        """Check the seed's inputs, derive the graph; remembers leader and view."""
         assert self._session is not None
+        me = self.client_id
+        if (
+            _seed_commitment(self._session, self.round_idx, msg.seed_reveal)
+            != self._seed_commitment
+        ):
+            raise ProtocolError(
+                "the server's graph-seed share does not match the commitment it "
+                "sent in stage advertise_keys (it would choose the graph after "
+                "seeing the advertisements)"
+            )
+        leader = msg.leader
+        name = leader.client_id
+        if name not in self._roster:
+            raise ProtocolError(
+                f"the graph seed's leader {name!r} is not in the round's client list"
+            )
+        if me < name:
+            raise ProtocolError(
+                f"the graph seed's leader {name!r} sorts after {me!r}, which "
+                "advertised: the leader must be the first client that advertised"
+            )
+        if name == me:
+            assert self._encryption is not None and self._masking is not None
+            if (
+                leader.encryption_key,
+                leader.masking_key,
+                leader.self_mask_commitment,
+            ) != (
+                self._encryption.public,
+                self._masking.public,
+                self._self_commitment,
+            ):
+                raise ProtocolError(
+                    f"the leader advertisement under {me!r}'s id is not the one it sent"
+                )
+        elif self.config.malicious:
+            self._check_advertisement(leader)
+        seed = _graph_seed(self._binding, msg.seed_reveal, leader)
+        graph = build_graph(self._clients, self._neighbour_count, seed)
+        if graph.degree(me) == 0:
+            raise ProtocolError(f"client {me!r} has no neighbour in the graph")
+        self._graph = graph
+        self._leader = name
+        self._view = _view_binding(self._binding, seed)
+        self._local_threshold = graph.threshold_of(me, self.config.threshold)
+        return graph
+
+    def _share_keys(self, msg: ShareKeysRequest) -> ShareKeysReply:
+        graph, me = self._derive_graph(msg), self.client_id
+        assert self._encryption is not None and self._masking is not None
+        assert self._session is not None and self._self_seed is not None
         neighbours = set(graph.neighbours_of(me))
+        leader = msg.leader
         seen = {self._encryption.public, self._masking.public}
         peers: dict[str, Advertisement] = {}
         for ad in msg.advertisements:
@@ -685,6 +1004,16 @@ class SecAggClient:
                 raise ProtocolError(
                     f"the server forwarded the keys of {v!r}, which is not a neighbour "
                     f"of {me!r}"
+                )
+            if v < self._leader:
+                raise ProtocolError(
+                    f"the server forwarded the keys of {v!r}, which sorts before the "
+                    f"graph seed's leader {self._leader!r}: the leader must be the "
+                    "first client that advertised"
+                )
+            if v == self._leader and ad != leader:
+                raise ProtocolError(
+                    f"the server forwarded two different advertisements of {v!r}"
                 )
             if (
                 ad.encryption_key in seen
@@ -707,7 +1036,6 @@ class SecAggClient:
             )
         self._peers = peers
         positions = {h: graph.index(h) + 1 for h in holders}
-        self._self_seed = crypto.random_seed()
         seed_shares, key_shares = shamir.share_bytes_many(
             [self._self_seed, crypto.export_private(self._masking.private)],
             t_u,
@@ -732,6 +1060,11 @@ class SecAggClient:
 
     def _check_advertisement(self, ad: Advertisement) -> None:
         assert self._session is not None
+        if ad.client_id not in self._roster:
+            raise ProtocolError(
+                f"an advertisement of {ad.client_id!r}, which is not in the round's "
+                "client list"
+            )
         key = self._verify_keys.get(ad.client_id)
         if key is None:
             raise ProtocolError(f"no verification key for client {ad.client_id!r}")
@@ -743,16 +1076,17 @@ class SecAggClient:
             self._session,
             self.round_idx,
             ad.client_id,
-            self._digest,
+            self._binding,
             ad.encryption_key,
             ad.masking_key,
+            ad.self_mask_commitment,
         )
         try:
             crypto.verify(key, message, ad.signature)
         except ProtocolError as exc:
             raise ProtocolError(
                 f"the key advertisement of {ad.client_id!r} has a bad signature "
-                "(forged)"
+                "(forged, or signed for another client list or seed commitment)"
             ) from exc
 
     def _channel_key(self, peer: str) -> bytes:
@@ -844,6 +1178,11 @@ class SecAggClient:
             raise ProtocolError(
                 f"the survivor list names unknown clients {unknown[:5]}"
             )
+        if survivors[0] < self._leader:
+            raise ProtocolError(
+                f"the survivor list names {survivors[0]!r}, which sorts before the "
+                f"graph seed's leader {self._leader!r}"
+            )
         t = self.config.threshold
         if len(survivors) < t:
             raise ProtocolError(
@@ -870,7 +1209,9 @@ class SecAggClient:
         self._signed_survivors = msg.survivors
         signature = crypto.sign(
             self._signing_key,
-            _consistency_message(self._session, self.round_idx, msg.survivors),
+            _consistency_message(
+                self._session, self.round_idx, self._view, msg.survivors
+            ),
         )
         return ConsistencyReply(**self._reply_head(), signature=signature)
 
@@ -928,6 +1269,12 @@ class SecAggClient:
         assert self._session is not None
         t = self.config.threshold
         signers = msg.signatures
+        strangers = sorted(set(signers) - self._roster)
+        if strangers:
+            raise ProtocolError(
+                f"survivor signatures from {strangers[:5]}, which are not in the "
+                "round's client list"
+            )
         outsiders = sorted(set(signers) - set(msg.survivors))
         if outsiders:
             raise ProtocolError(
@@ -938,7 +1285,11 @@ class SecAggClient:
                 f"the consistency check needed {t} signatures of the survivor list, "
                 f"got {len(signers)}"
             )
-        message = _consistency_message(self._session, self.round_idx, msg.survivors)
+        # Signed over this client's own view (client list, seed): a signature
+        # made for another list or graph does not verify.
+        message = _consistency_message(
+            self._session, self.round_idx, self._view, msg.survivors
+        )
         for v, signature in signers.items():
             key = self._verify_keys.get(v)
             if key is None:
@@ -947,7 +1298,8 @@ class SecAggClient:
                 crypto.verify(key, message, signature)
             except ProtocolError as exc:
                 raise ProtocolError(
-                    f"the signature of {v!r} on the survivor list does not verify"
+                    f"the signature of {v!r} on the survivor list does not verify "
+                    "(forged, or made for another client list or graph)"
                 ) from exc
 
     def _require_graph(self) -> NeighbourGraph:
@@ -970,10 +1322,6 @@ class SecAggServer:
         The training round, 0-based.
     clients
         The ids of the clients asked to take part (distinct; any order).
-    graph_seed
-        32 public bytes that fix the SecAgg+ graph (default: fresh from the
-        operating system). See :mod:`fedshield.secagg.graph` on why it must
-        not be chosen by the server in deployment.
     verify_keys
         Every client's Ed25519 verification key (required when
         ``malicious``): the server refuses unsigned or forged advertisements
@@ -982,14 +1330,20 @@ class SecAggServer:
     Raises
     ------
     ConfigError
-        If the clients do not fit the configuration (``n / 2 < t <= n``),
-        an id is invalid or repeated, keys are missing, or the graph leaves a
-        client without neighbours.
+        If the clients do not fit the configuration (``n / 2 < t <= n``, a
+        secure ``k``), an id is invalid or repeated, or keys are missing.
 
     Attributes
     ----------
     config, round_idx
         As given.
+
+    Notes
+    -----
+    The server draws its share ``r_S`` of the graph seed here and commits to
+    it in stage 0; the graph itself is derived once the advertisements are in
+    (module docstring, "Who picks the graph"). A client the graph leaves
+    without neighbours is then refused (it could only share with itself).
     """
 
     def __init__(
@@ -998,7 +1352,6 @@ class SecAggServer:
         round_idx: int,
         clients: Sequence[str],
         *,
-        graph_seed: bytes | None = None,
         verify_keys: Mapping[str, bytes] | None = None,
     ) -> None:
         _require_int("round_idx", round_idx, low=0)
@@ -1012,17 +1365,6 @@ class SecAggServer:
         self._clients = tuple(sorted(ids))
         n = len(ids)
         self._neighbours = config.neighbour_count(n)
-        seed = crypto.random_seed() if graph_seed is None else bytes(graph_seed)
-        if len(seed) != 32:
-            raise ConfigError(f"graph_seed must be 32 bytes, got {len(seed)}")
-        self._graph_seed = seed
-        self._graph = build_graph(self._clients, self._neighbours, seed)
-        isolated = [c for c in self._clients if self._graph.degree(c) == 0]
-        if isolated:
-            raise ConfigError(
-                f"the graph leaves clients {isolated[:5]} without neighbours: use more "
-                "neighbours or another graph_seed"
-            )
         if config.malicious:
             missing = [c for c in self._clients if c not in (verify_keys or {})]
             if missing:
@@ -1033,6 +1375,19 @@ class SecAggServer:
         self._verify_keys = dict(verify_keys or {})
         self._session = os.urandom(SESSION_BYTES)
         self._digest = _config_digest(config, n, self._neighbours)
+        # r_S, its commitment, and the round binding every advertisement signs.
+        self._seed_share = crypto.random_seed()
+        self._seed_commitment = _seed_commitment(
+            self._session, round_idx, self._seed_share
+        )
+        self._binding = _round_binding(
+            self._session, round_idx, self._digest, self._clients, self._seed_commitment
+        )
+        # Derived once the advertisements are in (stage share_keys on).
+        self._graph: NeighbourGraph | None = None
+        self._graph_seed: bytes | None = None
+        self._view = b""
+        self._leader: Advertisement | None = None
         self._stage = Stage.ADVERTISE_KEYS
         self._active: tuple[str, ...] = self._clients
         self._outbox: dict[str, bytes] | None = None
@@ -1088,8 +1443,33 @@ class SecAggServer:
 
     @property
     def graph(self) -> NeighbourGraph:
-        """The round's neighbour graph (public: every client derives it too)."""
+        """The round's neighbour graph (public: every client derives it too).
+
+        Raises
+        ------
+        ProtocolError
+            Before the advertisements are in: the graph is derived from them.
+        """
+        if self._graph is None:
+            raise ProtocolError(
+                "the neighbour graph is derived from the round's advertisements: "
+                "it exists once stage advertise_keys has ended"
+            )
         return self._graph
+
+    @property
+    def graph_seed(self) -> bytes:
+        """The round's graph seed (module docstring); as :attr:`graph`, once derived.
+
+        Raises
+        ------
+        ProtocolError
+            Before the advertisements are in.
+        """
+        if self._graph_seed is None:
+            self.graph  # noqa: B018 - raises
+        assert self._graph_seed is not None
+        return self._graph_seed
 
     # -- driving --------------------------------------------------------------
 
@@ -1276,14 +1656,20 @@ class SecAggServer:
             return AdvertiseRequest(
                 **head,
                 clients=self._clients,
-                graph_seed=self._graph_seed,
+                seed_commitment=self._seed_commitment,
                 config_digest=self._digest,
             )
-        neighbours = self._graph.neighbours_of(cid)
+        neighbours = self.graph.neighbours_of(cid)
         if stage is Stage.SHARE_KEYS:
             known = self._forwarded
             ads = tuple(known[v] for v in neighbours if v in known)
-            return ShareKeysRequest(**head, advertisements=ads)
+            assert self._leader is not None
+            return ShareKeysRequest(
+                **head,
+                advertisements=ads,
+                seed_reveal=self._seed_share,
+                leader=self._leader,
+            )
         if stage is Stage.MASKED_INPUT:
             forwarded = {
                 v: self._ciphertexts[v][cid]
@@ -1339,14 +1725,15 @@ class SecAggServer:
                     self._session,
                     self.round_idx,
                     cid,
-                    self._digest,
+                    self._binding,
                     msg.encryption_key,
                     msg.masking_key,
+                    msg.self_mask_commitment,
                 ),
                 signature,
             )
         elif isinstance(msg, ShareKeysReply):
-            wanted = {v for v in self._graph.neighbours_of(cid) if v in self._ads}
+            wanted = {v for v in self.graph.neighbours_of(cid) if v in self._ads}
             if set(msg.ciphertexts) != wanted:
                 raise ProtocolError(
                     "the ciphertexts are not addressed to exactly the client's "
@@ -1356,7 +1743,9 @@ class SecAggServer:
             assert self._survivors is not None
             crypto.verify(
                 self._verify_keys[cid],
-                _consistency_message(self._session, self.round_idx, self._survivors),
+                _consistency_message(
+                    self._session, self.round_idx, self._view, self._survivors
+                ),
                 msg.signature,
             )
         elif isinstance(msg, UnmaskReply):
@@ -1397,10 +1786,13 @@ class SecAggServer:
                     client_id=c,
                     encryption_key=m.encryption_key,
                     masking_key=m.masking_key,
+                    self_mask_commitment=m.self_mask_commitment,
                     signature=m.signature,
                 )
                 for c, m in self._ads.items()
             }
+            members = self._derive_graph(members)
+            self._require(len(members), f"stage {stage}")
             self._set_stage(Stage.SHARE_KEYS, members)
         elif stage is Stage.SHARE_KEYS:
             self._ciphertexts = {
@@ -1412,7 +1804,7 @@ class SecAggServer:
         elif stage is Stage.MASKED_INPUT:
             # Their vectors are in self._sum already (receive_one).
             self._survivors = members
-            if not self._graph.is_connected(members):
+            if not self.graph.is_connected(members):
                 raise ProtocolError(
                     "the survivors are not connected in the neighbour graph: unmasking "
                     "would reveal partial sums, so the round stops"
@@ -1433,6 +1825,26 @@ class SecAggServer:
             self._result = self._unmask(replies)
             self._set_stage(Stage.DONE, members)
 
+    def _derive_graph(self, members: tuple[str, ...]) -> tuple[str, ...]:
+        """Fix the graph seed and the graph; refuse clients left without neighbours.
+
+        The leader is the first client that advertised (``members`` is
+        sorted); see the module docstring. Returns the members kept.
+        """
+        leader = self._forwarded[members[0]]
+        seed = _graph_seed(self._binding, self._seed_share, leader)
+        graph = build_graph(self._clients, self._neighbours, seed)
+        self._leader, self._graph_seed, self._graph = leader, seed, graph
+        self._view = _view_binding(self._binding, seed)
+        kept = []
+        for cid in members:
+            if graph.degree(cid) == 0:
+                del self._ads[cid], self._forwarded[cid]
+                self._refuse(cid, "the round's graph leaves it without neighbours")
+            else:
+                kept.append(cid)
+        return tuple(kept)
+
     def _set_stage(self, stage: Stage, active: tuple[str, ...]) -> None:
         self._stage = stage
         self._active = active
@@ -1445,7 +1857,7 @@ class SecAggServer:
         shared = set(self._ciphertexts)
         self._requested = {}
         for cid in active:
-            neighbours = self._graph.neighbours_of(cid)
+            neighbours = self.graph.neighbours_of(cid)
             self_masks = frozenset([cid, *(v for v in neighbours if v in survivors)])
             keys = frozenset(
                 v for v in neighbours if v in shared and v not in survivors
@@ -1454,35 +1866,45 @@ class SecAggServer:
         self._set_stage(Stage.UNMASK, active)
 
     def _unmask(self, replies: Mapping[str, UnmaskReply]) -> npt.NDArray[np.uint64]:
-        config, graph = self.config, self._graph
+        config, graph = self.config, self.graph
         b, d = config.modulus_bits, config.vector_length
         survivors = self._survivors
         assert survivors is not None
-        holders = sorted(replies, key=graph.index)
-        coefficients: dict[tuple[int, ...], dict[int, int]] = {}
+        # Every share that came back, by owner and share position (holders in
+        # graph order, so positions ascend).
+        seed_shares: dict[str, dict[int, Share]] = {}
+        key_shares: dict[str, dict[int, Share]] = {}
+        for holder in sorted(replies, key=graph.index):
+            x = graph.index(holder) + 1
+            reply = replies[holder]
+            for owner, share in reply.self_mask_shares.items():
+                seed_shares.setdefault(owner, {})[x] = share
+            for owner, share in reply.key_shares.items():
+                key_shares.setdefault(owner, {})[x] = share
+        session, round_idx = self._session, self.round_idx
 
-        def rebuild(owner: str, *, key_share: bool) -> bytes:
-            t_owner = graph.threshold_of(owner, config.threshold)
-            shares: dict[int, Share] = {}
-            for holder in holders:
-                reply = replies[holder]
-                held = reply.key_shares if key_share else reply.self_mask_shares
-                if owner in held:
-                    shares[graph.index(holder) + 1] = held[owner]
-                    if len(shares) == t_owner:
-                        break
-            if len(shares) < t_owner:
-                what = "masking key" if key_share else "self-mask seed"
-                raise ProtocolError(
-                    f"stage unmask needed {t_owner} shares of the {what} of {owner!r}, "
-                    f"only {len(shares)} answered"
-                )
-            positions = tuple(shares)
-            if positions not in coefficients:
-                coefficients[positions] = shamir.lagrange_at_zero(positions)
-            return shamir.reconstruct_bytes(
-                shares, t_owner, SECRET_BYTES, coefficients[positions]
+        def seed_of(owner: str) -> bytes:
+            committed = self._ads[owner].self_mask_commitment
+            return _rebuild_checked(
+                seed_shares.get(owner, {}),
+                graph.threshold_of(owner, config.threshold),
+                lambda seed: (
+                    _self_mask_commitment(session, round_idx, owner, seed) == committed
+                ),
+                what=f"self-mask seed of {owner!r}",
+                promise="its advertised commitment H(b_u)",
             )
+
+        def key_of(owner: str) -> X25519PrivateKey:
+            public = self._ads[owner].masking_key
+            private = _rebuild_checked(
+                key_shares.get(owner, {}),
+                graph.threshold_of(owner, config.threshold),
+                lambda key: _public_bytes(crypto.import_private(key)) == public,
+                what=f"masking key of {owner!r}",
+                promise="its advertised public key",
+            )
+            return crypto.import_private(private)
 
         # The running sum of the survivors' masked inputs (mod 2^64): remove
         # the masks from it in place, reduce mod 2^b at the end.
@@ -1490,18 +1912,13 @@ class SecAggServer:
         if total is None:  # pragma: no cover - U3 has at least t >= 2 members
             total = np.zeros(d, dtype=np.uint64)
         for u in survivors:
-            crypto.add_mask(rebuild(u, key_share=False), total, subtract=True)
+            crypto.add_mask(seed_of(u), total, subtract=True)
         members = set(survivors)
         for v in sorted(set(self._ciphertexts) - members):
             partners = [u for u in graph.neighbours_of(v) if u in members]
             if not partners:
                 continue
-            private = crypto.import_private(rebuild(v, key_share=True))
-            if _public_bytes(private) != self._ads[v].masking_key:
-                raise ProtocolError(
-                    f"the masking key rebuilt for {v!r} does not match its advertised "
-                    "public key (corrupt shares)"
-                )
+            private = key_of(v)
             for u in partners:
                 seed = _pairwise_seed(
                     private,
@@ -1516,6 +1933,85 @@ class SecAggServer:
         if b < 64:
             np.bitwise_and(total, np.uint64((1 << b) - 1), out=total)
         return total
+
+
+def _rebuild_checked(
+    shares: Mapping[int, Share],
+    threshold: int,
+    check: Callable[[bytes], bool],
+    *,
+    what: str,
+    promise: str,
+) -> bytes:
+    """Rebuild a secret from ``threshold`` shares and check it against a promise.
+
+    The first ``threshold`` shares (by position) are tried first; if the
+    secret they give fails ``check`` (a holder sent a wrong share), sets that
+    leave out one share, then two, ... are tried, up to
+    :data:`_MAX_REBUILD_TRIES` sets. With ``m`` shares of which at most
+    ``m - threshold`` are wrong, leaving out the wrong ones finds the secret.
+
+    Raises
+    ------
+    ProtocolError
+        If fewer than ``threshold`` shares came back, or no set tried gives
+        a secret that passes ``check``: the round stops rather than release
+        a wrong sum.
+    """
+    positions = list(shares)
+    if len(positions) < threshold:
+        raise ProtocolError(
+            f"stage unmask needed {threshold} shares of the {what}, only "
+            f"{len(positions)} answered"
+        )
+    tried = 0
+    for subset in _share_subsets(positions, threshold):
+        if tried == _MAX_REBUILD_TRIES:
+            break
+        tried += 1
+        try:
+            secret = shamir.reconstruct_bytes(
+                {x: shares[x] for x in subset},
+                threshold,
+                SECRET_BYTES,
+                shamir.lagrange_at_zero(subset),
+            )
+            valid = check(secret)
+        except (ProtocolError, ValueError):
+            continue
+        if valid:
+            if tried > 1:
+                left_out = sorted(set(positions[: len(subset)]) - set(subset))
+                _LOG.warning(
+                    "secagg unmask: the %s was rebuilt only after leaving out the "
+                    "shares at positions %s (wrong shares)",
+                    what,
+                    left_out,
+                )
+            return secret
+    raise ProtocolError(
+        f"stage unmask: no set of {threshold} of the {len(positions)} shares of the "
+        f"{what} rebuilds a secret that matches {promise} ({tried} sets tried): "
+        "some shares are wrong, so the round stops rather than release a wrong sum"
+    )
+
+
+def _share_subsets(
+    positions: Sequence[int], threshold: int
+) -> Iterator[tuple[int, ...]]:
+    """Sets of ``threshold`` positions, most likely to be right first.
+
+    The first ``threshold`` positions, then the first ``threshold`` of those
+    left when one, two, ... positions are left out (each set once).
+    """
+    seen: set[tuple[int, ...]] = set()
+    for dropped in range(len(positions) - threshold + 1):
+        for left_out in itertools.combinations(positions, dropped):
+            skip = set(left_out)
+            subset = tuple(x for x in positions if x not in skip)[:threshold]
+            if subset not in seen:
+                seen.add(subset)
+                yield subset
 
 
 def _require_int(
