@@ -85,6 +85,7 @@ __all__ = [
     "Sampling",
     "calibrate_noise_multiplier",
     "ddg_rdp",
+    "ddg_round_events",
     "ddg_tau",
     "ddg_worst_epsilon",
     "calibrate_distributed_noise",
@@ -611,8 +612,45 @@ def ddg_rdp(
     return result
 
 
+def ddg_round_events(parameters: Any) -> tuple[DpEventSpec, ...]:
+    """Every release one distributed round can make: one per survivor count.
+
+    ``parameters`` describes the round (a
+    :class:`~fedshield.privacy.distributed.DdgParameters`: ``threshold``
+    ``t``, ``num_clients``, ``noise_std``, ``l2_sensitivity``, ``padded``);
+    it completes with any number ``n`` of survivors from ``t`` to
+    ``num_clients``, and releases the sum of their ``n`` noise shares. ε is
+    *not* monotone in ``n``: more shares lower the Gaussian term of
+    :func:`ddg_rdp` but raise τ (the sum of ``n`` discrete Gaussians is
+    further from one), which wins when the per-client noise is a few
+    integer units at most. A budget must therefore hold for every ``n``.
+    """
+    return tuple(
+        DpEventSpec.distributed_discrete_gaussian(
+            num_clients=n,
+            noise_std_per_client=parameters.noise_std,
+            l2_sensitivity=parameters.l2_sensitivity,
+            dimension=parameters.padded,
+        )
+        for n in range(int(parameters.threshold), int(parameters.num_clients) + 1)
+    )
+
+
+def _ddg_curves(orders: np.ndarray, events: Sequence[DpEventSpec]) -> np.ndarray:
+    curves = np.zeros((len(events), orders.size))
+    for row, spec in enumerate(events):
+        if spec.mechanism != "distributed_discrete_gaussian":
+            raise ConfigError(f"not a distributed discrete Gaussian event: {spec!r}")
+        curves[row] = spec.count * ddg_rdp(orders, **_ddg_fields(spec))
+    return curves
+
+
 def ddg_worst_epsilon(
-    events: Sequence[DpEventSpec], counts: np.ndarray, delta: float
+    events: Sequence[DpEventSpec],
+    counts: np.ndarray,
+    delta: float,
+    *,
+    then: Sequence[DpEventSpec] = (),
 ) -> float:
     """The largest ε among parties that each took part in some of ``events``.
 
@@ -621,6 +659,14 @@ def ddg_worst_epsilon(
     curve is the count-weighted sum of the events' (:func:`ddg_rdp`,
     composition adds RDP), converted to ε at ``delta`` by ``dp-accounting``.
     One conversion per distinct row, so thousands of clients cost little.
+
+    With ``then`` (for example :func:`ddg_round_events` of the next round),
+    every party, including one that took part in nothing yet, takes part in
+    one more release, which may be any one of ``then``: the largest ε over
+    the parties *and* the alternatives. Each party's ε with the pointwise
+    largest curve of ``then`` bounds its ε with any one of them, so only
+    the parties whose bound exceeds the worst found so far are converted
+    once per alternative.
 
     Raises
     ------
@@ -634,20 +680,26 @@ def ddg_worst_epsilon(
         raise ConfigError(
             f"counts must be (parties, {len(events)} events); got {matrix.shape}"
         )
-    if matrix.size == 0:
+    if matrix.shape[0] == 0:
         return 0.0
     orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
-    curves = np.zeros((len(events), orders.size))
-    for row, spec in enumerate(events):
-        if spec.mechanism != "distributed_discrete_gaussian":
-            raise ConfigError(f"not a distributed discrete Gaussian event: {spec!r}")
-        curves[row] = spec.count * ddg_rdp(orders, **_ddg_fields(spec))
+    curves = _ddg_curves(orders, events)
+
+    def eps(curve: np.ndarray) -> float:
+        value, _ = rdp.rdp_privacy_accountant.compute_epsilon(orders, curve, delta)
+        return float(value)
+
+    rows = np.unique(matrix, axis=0)
+    if not then:
+        return max((eps(row @ curves) for row in rows if row.any()), default=0.0)
+    alternatives = _ddg_curves(orders, then)
+    envelope = alternatives.max(axis=0)
+    bounds = [(eps(row @ curves + envelope), row @ curves) for row in rows]
     worst = 0.0
-    for row in np.unique(matrix, axis=0):
-        if not row.any():
-            continue
-        eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(orders, row @ curves, delta)
-        worst = max(worst, float(eps))
+    for bound, spent in sorted(bounds, key=lambda pair: -pair[0]):
+        if bound <= worst:
+            break
+        worst = max(worst, max(eps(spent + extra) for extra in alternatives))
     return worst
 
 
@@ -662,12 +714,17 @@ def calibrate_distributed_noise(
 
     Each round is the distributed discrete Gaussian that ``parameters(z)``
     describes (a :class:`~fedshield.privacy.distributed.DdgParameters` for
-    the expected round, completed by only its threshold: the fewest noise
-    shares), and a client is assumed to take part in every round, so the
-    reported ε of any run with these settings stays within the target
-    (a client sampled in fewer rounds spends less). ε decreases with z (the
-    per-client noise grows and the sensitivity in integer units shrinks), so
-    z is found by bisection on log z to a relative 1e-4, rounded up.
+    the expected round), completed by any number of survivors from its
+    threshold to all its clients (:func:`ddg_round_events`): a round is
+    charged the pointwise largest of their RDP curves, which bounds every
+    mix of survivor counts over the rounds (ε is not monotone in the
+    survivors; with more than a few integer units of noise per client the
+    largest is the threshold's). A client is assumed to take part in every
+    round, so the reported ε of any run with these settings stays within
+    the target (a client sampled in fewer rounds spends less). ε decreases
+    with z (the per-client noise grows and the sensitivity in integer units
+    shrinks), so z is found by bisection on log z to a relative 1e-4,
+    rounded up.
 
     Raises
     ------
@@ -688,14 +745,12 @@ def calibrate_distributed_noise(
             p = parameters(z)
         except ConfigError:
             return math.inf  # e.g. a per-client noise below 1/2 unit
-        spec = DpEventSpec.distributed_discrete_gaussian(
-            num_clients=p.threshold,
-            noise_std_per_client=p.noise_std,
-            l2_sensitivity=p.l2_sensitivity,
-            dimension=p.padded,
-            count=rounds,
+        orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+        envelope = _ddg_curves(orders, ddg_round_events(p)).max(axis=0)
+        value, _ = rdp.rdp_privacy_accountant.compute_epsilon(
+            orders, rounds * envelope, delta
         )
-        return epsilon([spec], delta)
+        return float(value)
 
     # Bracket from z = 1 by doubling or halving. Where no parameters exist
     # (noise too large for the modulus' float sampling), eps is inf too:

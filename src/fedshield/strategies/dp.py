@@ -70,6 +70,7 @@ from fedshield.privacy.accounting import (
     AccountantKind,
     DpEventSpec,
     PrivacyLedger,
+    ddg_round_events,
     ddg_worst_epsilon,
     epsilon,
 )
@@ -828,39 +829,40 @@ class DpFedAvg:
         self,
         events: Sequence[Mapping[str, Any]],
         histograms: Iterable[Mapping[str, int]],
-        extra: DpEventSpec | None = None,
+        then: Sequence[DpEventSpec] = (),
     ) -> float:
-        """The largest ε of any client (each client's rounds, composed)."""
+        """The largest ε of any client (each client's rounds, composed).
+
+        With ``then``: after one more round that every client takes part in
+        and that releases any one of ``then`` (the worst is taken).
+        """
         specs = [DpEventSpec.from_json(e) for e in events]
         rows = list(histograms)
-        counts = np.zeros((len(rows), len(specs) + (extra is not None)))
+        counts = np.zeros((len(rows), len(specs)))
         for i, histogram in enumerate(rows):
             for index, count in histogram.items():
                 counts[i, int(index)] = count
-        if extra is not None:
-            specs.append(extra)
-            counts[:, -1] = 1
-        return ddg_worst_epsilon(specs, counts, self.privacy.delta)
+        return ddg_worst_epsilon(specs, counts, self.privacy.delta, then=then)
 
     def _next_distributed_event(
         self, dimension: int, num_clients: int | None = None
     ) -> DpEventSpec:
-        """A round's release, completed by only the threshold.
+        """The costliest release, alone, of a round of ``num_clients``.
 
-        For a round of ``num_clients`` (default: the expected number); the
-        threshold is the fewest noise shares a completed round holds.
+        For a round of ``num_clients`` (default: the expected number), which
+        completes with any number of survivors from the threshold to all of
+        them (:func:`~fedshield.privacy.accounting.ddg_round_events`; ε is
+        not monotone in the survivors): the one whose single round costs the
+        most ε.
         """
         n = max(2, num_clients or round(self._expected))
         t = self.threshold_for(n) if self.threshold_for is not None else n
         params = self.privacy.distributed().parameters(
             dimension=dimension, num_clients=n, threshold=t
         )
-        return DpEventSpec.distributed_discrete_gaussian(
-            num_clients=t,
-            noise_std_per_client=params.noise_std,
-            l2_sensitivity=params.l2_sensitivity,
-            dimension=params.padded,
-        )
+        events = ddg_round_events(params)
+        costs = [epsilon([e], self.privacy.delta) for e in events]
+        return events[costs.index(max(costs))]
 
     def _local_epsilon(self, participations: int) -> float:
         if participations == 0:
@@ -919,13 +921,17 @@ class DpFedAvg:
         target = self.privacy.target_epsilon
         if target is None:
             return
-        # The worst case: a client that spent most takes part again, in a
-        # round completed by only the threshold.
+        # The worst case: any client takes part again, in a round completed
+        # by any number of survivors from the threshold to all sampled (ε is
+        # not monotone in the survivors, so every count is checked).
+        n = max(2, num_clients)
+        t = self.threshold_for(n) if self.threshold_for is not None else n
+        params = self.privacy.distributed().parameters(
+            dimension=dimension, num_clients=n, threshold=t
+        )
         histograms = list(dict(record["participation"]).values()) or [{}]
         after = self._distributed_epsilon(
-            record["events"],
-            histograms,
-            self._next_distributed_event(dimension, num_clients),
+            record["events"], histograms, ddg_round_events(params)
         )
         self._refuse_above(target, record, after)
 
