@@ -149,3 +149,33 @@ def test_a_run_without_privacy_never_imports_the_accountant() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_two_local_runs_with_one_seed_differ_and_say_the_noise_was_secure(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from fedshield.api import parse_config, simulate
+    from fedshield.simulation import RunDirectory
+
+    config = parse_config(
+        {
+            "run": {"name": "local", "rounds": 1, "seed": 3},
+            "data": {"dataset": "digits", "num_clients": 20, "min_samples": 1},
+            "model": {"kind": "logistic"},
+            "strategy": {"clients_per_round": 5},
+            "privacy": {
+                "mode": "local",
+                "clip_norm": 0.5,
+                "noise_multiplier": 1.0,
+                "accountant": "rdp",
+                "delta": 1e-3,
+            },
+        }
+    )
+    finals = []
+    for name in ("a", "b"):
+        summary, run_dir = simulate(config, out=tmp_path / name, write_report=False)
+        assert summary["privacy"]["secure_rng"] is True  # though not asked for
+        finals.append(RunDirectory(run_dir).load_checkpoint().params)
+    # Same seed, same clients, same training: only the noise differs.
+    assert finals[0] != finals[1]

@@ -115,6 +115,10 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
             "rounding_beta": p.rounding_beta,
             "amplification_by_sampling": False,
         }
+    elif p.mode == "local":
+        # Local mode's noise is always secure (fedshield.privacy.local); its
+        # client sample follows secure_rng but buys no amplification.
+        extra = {"secure_rng": True, "amplification_by_sampling": False}
     return {
         "mode": p.mode,
         "epsilon": float(record.get("epsilon", 0.0)),
