@@ -252,3 +252,65 @@ def test_secure_sum_reports_the_weighted_training_metrics() -> None:
     assert result.metrics["secagg/out_of_range"] == 0.0
     assert result.aggregate is not None
     np.testing.assert_allclose(result.aggregate.delta.flat, 0.01, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision_bits", [8, 24])
+def test_out_of_range_counts_do_not_saturate(precision_bits: int) -> None:
+    # Review item 16: the count word once saturated at 2^precision_bits (1,000
+    # clipped values were reported as 256 at 8 bits).
+    from fedshield.core import ClientUpdate, Params, ParamSpec
+    from fedshield.simulation.secure import secure_sum
+
+    spec = ParamSpec((("w", (1000,)),))
+    clipped = {"c0": 1000, "c1": 700, "c2": 3}
+    updates = {}
+    for cid, count in clipped.items():
+        delta = np.zeros(1000, dtype=np.float32)
+        delta[:count] = 5.0  # outside [-clip, clip] = [-1, 1]
+        updates[cid] = ClientUpdate(cid, Params.from_flat(delta, spec), 10)
+    result = secure_sum(
+        updates,
+        settings=SecureAggregation(protocol="secagg", precision_bits=precision_bits),
+        spec=spec,
+        round_idx=0,
+        max_examples=10,
+        drop_at={},
+        rng=np.random.default_rng(16),
+    )
+    reported = result.metrics["secagg/out_of_range"]
+    if precision_bits == 24:  # 1006 words <= 2^24: one unit per value, exact
+        assert reported == sum(clipped.values())
+    else:  # one unit per ceil(1006 / 2^8) = 4 values, each count rounded to it
+        assert reported % 4 == 0
+        assert abs(reported - sum(clipped.values())) < 4 * len(clipped)
+
+
+def test_explicit_neighbours_below_the_secure_minimum_are_refused_by_the_config() -> (
+    None
+):
+    # Review item 14: 10 clients a round need k >= 9 for sigma = 40.
+    with pytest.raises(
+        ConfigError,
+        match=r"secagg\.neighbours: secagg\+ neighbours=3 is below 9.*"
+        r"\[secagg\] allow_insecure_neighbours = true",
+    ):
+        _config(secagg={"protocol": "secagg+", "neighbours": 3})
+    # Named explicitly, the risk is accepted (and reaches the protocol).
+    from fedshield.api.experiment import secure_settings
+
+    config = _config(
+        secagg={
+            "protocol": "secagg+",
+            "neighbours": 3,
+            "allow_insecure_neighbours": True,
+        }
+    )
+    settings = secure_settings(config)  # type: ignore[arg-type]
+    assert settings is not None and settings.allow_insecure_neighbours
+    assert settings.protocol_config(10, 20, 4).neighbour_count(10) == 3
+    with pytest.raises(ConfigError, match="below 9"):
+        SecureAggregation(protocol="secagg+", neighbours=3).protocol_config(
+            10, 20, 4
+        ).neighbour_count(10)
+    with pytest.raises(ConfigError, match="applies only to"):
+        _config(secagg={"protocol": "secagg", "allow_insecure_neighbours": True})

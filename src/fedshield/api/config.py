@@ -200,6 +200,18 @@ class SecAggSection(_Section):
     security_parameter: int = Field(40, ge=16, le=128)
     expected_dropout: float = Field(0.1, ge=0, lt=1)
     workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
+    allow_insecure_neighbours: bool = False
+
+    @model_validator(mode="after")
+    def _insecure_only_with_neighbours(self) -> SecAggSection:
+        if self.allow_insecure_neighbours and (
+            self.protocol != "secagg+" or self.neighbours is None
+        ):
+            raise ValueError(
+                "secagg.allow_insecure_neighbours applies only to protocol = "
+                '"secagg+" with an explicit neighbours; drop it'
+            )
+        return self
 
 
 class RobustSection(_Section):
@@ -332,6 +344,7 @@ class ExperimentConfig(_Section):
                 "variates (they would leak unclipped, unnoised information); "
                 "use another strategy, e.g. fedavg or fedadam"
             )
+        self._check_secagg_neighbours()
         sampled = self.strategy.clients_per_round
         if sampled is not None and sampled > self.data.num_clients:
             raise ValueError(
@@ -344,6 +357,39 @@ class ExperimentConfig(_Section):
                 f"data.num_clients ({self.data.num_clients})"
             )
         return self
+
+    def _check_secagg_neighbours(self) -> None:
+        """Refuse ``[secagg] neighbours`` below the secure minimum for a round.
+
+        A round has the clients ``[strategy]`` samples (``clients_per_round``
+        or ``fraction`` of ``num_clients``); the simulation checks each
+        round's actual count again.
+        """
+        sa = self.secagg
+        if sa.protocol != "secagg+" or sa.neighbours is None:
+            return
+        if sa.allow_insecure_neighbours:
+            return
+        total = self.data.num_clients
+        per_round = self.strategy.clients_per_round
+        if per_round is not None:
+            n = min(per_round, total)
+        else:
+            fraction = self.strategy.fraction or 1.0
+            n = max(1, math.ceil(fraction * total - 1e-9))
+        if n < 2 or sa.neighbours > n - 1:
+            return  # refused before round 1 with its own message
+        from fedshield.secagg.protocol import check_neighbours
+
+        try:
+            check_neighbours(
+                sa.neighbours,
+                n,
+                security_parameter=sa.security_parameter,
+                expected_dropout=sa.expected_dropout,
+            )
+        except ConfigError as err:
+            raise ValueError(f"secagg.neighbours: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with ``None`` values dropped (TOML has no null)."""

@@ -522,6 +522,7 @@ def secure_settings(config: ExperimentConfig) -> SecureAggregation | None:
         security_parameter=sa.security_parameter,
         expected_dropout=sa.expected_dropout,
         workers=None if sa.workers == "auto" else sa.workers,
+        allow_insecure_neighbours=sa.allow_insecure_neighbours,
     )
 
 

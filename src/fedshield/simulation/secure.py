@@ -120,13 +120,17 @@ class SecureAggregation:
         Fixed-point precision: ``2^precision_bits`` steps per ``clip``.
     neighbours
         SecAgg+'s ``k`` (None: chosen from the security parameter and the
-        expected dropout).
+        expected dropout). Below the secure minimum it is refused unless
+        ``allow_insecure_neighbours``.
     malicious
         Signed key advertisements and the consistency check (Bonawitz §6).
     security_parameter
         SecAgg+'s statistical security parameter ``σ`` (bits).
     expected_dropout
         SecAgg+'s expected dropout rate, for choosing ``k``.
+    allow_insecure_neighbours
+        Accept an explicit ``neighbours`` below the secure minimum
+        (:func:`~fedshield.secagg.protocol.check_neighbours`).
     workers
         Worker processes that run some clients' halves in a simulation
         (None: one on two or more cores from 32 clients in a round, else
@@ -142,6 +146,7 @@ class SecureAggregation:
     security_parameter: int = 40
     expected_dropout: float = 0.1
     workers: int | None = None
+    allow_insecure_neighbours: bool = False
 
     def threshold_for(self, num_clients: int) -> int:
         """The threshold ``t`` for a round of ``num_clients`` clients.
@@ -184,6 +189,7 @@ class SecureAggregation:
             malicious=self.malicious,
             security_parameter=self.security_parameter,
             expected_dropout=self.expected_dropout,
+            allow_insecure_neighbours=self.allow_insecure_neighbours,
         )
 
     def check(
@@ -352,9 +358,10 @@ def secure_sum(
         return SecureSumResult(None, metrics, {}, str(err))
     # The extra words, each scaled into the encoding's range [-r, r] by its
     # public bound so that it is never clipped: the weight (bound 1), the
-    # out-of-range count (exact units), then w * loss, w * 1[loss], w * acc,
+    # out-of-range count (see _count_unit), then w * loss, w * 1[loss], w * acc,
     # w * 1[acc] (the training metrics, learned only as sums).
     r = enc.clip
+    count_unit = _count_unit(length, settings.precision_bits)
     inputs: dict[ClientId, np.ndarray] = {}
     for cid in clients:
         update = updates[cid]
@@ -380,9 +387,10 @@ def secure_sum(
                 values[spec.size + offset] = metric_weight * value / bound * r
                 values[spec.size + offset + 1] = metric_weight * r
         encoded, count = encode(values, enc, rng)
-        # The count rides along in the secure sum (one unit per value; it is
-        # encoded exactly: a small integer times 1/scale).
-        encoded_count, _ = encode(np.array([count / enc.scale]), enc, rng)
+        # The count rides along in the secure sum, scaled by its public bound
+        # (the vector's length) as the other extra words are, so that it is
+        # never clipped: one unit per `count_unit` values (see _count_unit).
+        encoded_count, _ = encode(np.array([count / count_unit / enc.scale]), enc, rng)
         encoded[spec.size + 1] = encoded_count[0]
         inputs[cid] = encoded
     server, dropped, aborted = _sum_or_abort(
@@ -393,7 +401,7 @@ def secure_sum(
     assert server is not None
     total = decode_sum(server.result(), enc, len(server.survivors))
     weight_sum = float(total[spec.size]) / r
-    out_of_range = round(float(total[spec.size + 1]) * enc.scale)
+    out_of_range = round(float(total[spec.size + 1]) * enc.scale * count_unit)
     _count_drops(metrics, dropped)
     metrics.update(
         {
@@ -431,6 +439,19 @@ def secure_sum(
         measurements=metrics,
     )
     return SecureSumResult(aggregate, metrics, dropped)
+
+
+def _count_unit(length: int, precision_bits: int) -> int:
+    """Out-of-range values per unit of the count word (``secagg/out_of_range``).
+
+    A word carries at most ``2^precision_bits`` units per client, and a
+    client clips at most ``length`` values. With ``length <= 2^precision_bits``
+    one unit is one value and the count is exact; above, one unit is
+    ``ceil(length / 2^precision_bits)`` values and each client's count is
+    rounded stochastically to it (unbiased, off by less than one unit per
+    client) instead of saturating at ``2^precision_bits``.
+    """
+    return max(1, -(-length >> precision_bits))
 
 
 def _count_drops(metrics: dict[str, float], dropped: Mapping[ClientId, str]) -> None:
