@@ -279,7 +279,11 @@ class _Clients:
         rng: np.random.Generator,
         seed: int,
     ) -> None:
-        self.halves = {cid: SecAggClient(config, 0, cid) for cid in ids}
+        # No retransmissions here: the halves keep no copy of their last reply
+        # (n masked inputs would stay alive until the unmask stage).
+        self.halves = {
+            cid: SecAggClient(config, 0, cid, idempotent=False) for cid in ids
+        }
         self.index = {cid: i for i, cid in enumerate(ids)}
         self.enc, self.d, self.rng, self.seed = enc, d, rng, seed
         self.client_s = dict.fromkeys(ids, 0.0)
@@ -423,7 +427,7 @@ def masked_stage_sample(
     config, enc = configure(n, d, "secagg+", threshold)
     ids = client_ids(n)
     server = SecAggServer(config, 0, ids)
-    clients = {cid: SecAggClient(config, 0, cid) for cid in ids}
+    clients = {cid: SecAggClient(config, 0, cid, idempotent=False) for cid in ids}
     client_s = dict.fromkeys(ids, 0.0)
     client_wall = dict.fromkeys(ids, 0.0)
     sent = dict.fromkeys(ids, 0)

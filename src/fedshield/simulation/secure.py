@@ -540,6 +540,9 @@ def _run_protocol(
             cid,
             signing_key=signing.get(cid),
             verify_keys=table,
+            # Each request is handed over once here: no retransmissions, so
+            # no client keeps its last reply (n masked inputs at once).
+            idempotent=False,
         )
         half.set_input(inputs[cid])
         halves[cid] = half

@@ -92,6 +92,7 @@ def _serve(conn: Connection) -> None:  # pragma: no cover - runs in the worker
                         cid,
                         signing_key=signing.get(cid),
                         verify_keys=verify,
+                        idempotent=False,  # the pipe never retransmits
                     )
                     half.set_input(vector)
                     halves[cid] = half
