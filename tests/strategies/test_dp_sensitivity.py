@@ -330,3 +330,190 @@ def test_distributed_release_sensitivity_is_the_events(
     assert max(s / b for s, b in zip(shifts, bounds, strict=True)) <= 1.0 + 1e-9
     # Not vacuous: a clipped client moves the sum by nearly the bound.
     assert max(s / b for s, b in zip(shifts, bounds, strict=True)) >= 0.8
+
+
+# --- local mode: what leaves the client, against sigma / 2 ---------------------
+
+
+class _RecordedGaussian:
+    """Stands in for SecureGaussian in privatize: zero noise, std recorded."""
+
+    stds: list[float] = []
+    secure = True
+
+    def sample(self, shape: int | tuple[int, ...], std: float) -> np.ndarray:
+        type(self).stds.append(float(std))
+        return np.zeros(shape, dtype=np.float64)
+
+
+def _local_update(cid: str, values: np.ndarray) -> ClientUpdate:
+    from fedshield.core import FitConfig
+    from fedshield.models.client import build_update
+    from fedshield.privacy.local import LOCAL_CLIP, LOCAL_SIGMA
+
+    zero = Params({"w": np.zeros(DIM, np.float32)})
+    config = FitConfig(
+        round_idx=0, options={LOCAL_CLIP: CLIP, LOCAL_SIGMA: LOCAL_NOISE}
+    )
+    new = Params({"w": values.astype(np.float32)})
+    metrics = {"loss": 0.7, "accuracy": 0.5}
+    return build_update(cid, zero, new, metrics, num_examples=123, config=config)
+
+
+LOCAL_NOISE = 1.5
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["clear", "secagg"])
+def test_local_release_sensitivity_is_what_the_accountant_assumes(
+    monkeypatch: pytest.MonkeyPatch, secure: bool
+) -> None:
+    from fedshield.privacy import noise as noise_module
+    from fedshield.privacy.accounting import epsilon
+
+    monkeypatch.setattr(noise_module, "SecureGaussian", _RecordedGaussian)
+    _RecordedGaussian.stds = []
+    inside, outside = _extreme()
+    base = _base_clients()
+    pairs = [(inside, outside), (inside, -inside), (base["c0"], outside)]
+    worst = 0.0
+    for left, right in pairs:
+        a, b = _local_update("x", left), _local_update("x", right)
+        # Only the noised update leaves: no count, no metric, no clip bit.
+        assert a.num_examples == b.num_examples == 1
+        assert a.metrics == b.metrics == {}
+        if secure:
+            totals = []
+            for update in (a, b):
+                updates = {cid: _local_update(cid, v) for cid, v in base.items()}
+                updates["x"] = update
+                result = secure_sum(
+                    updates,
+                    settings=SecureAggregation(
+                        protocol="secagg", threshold=0.6, clip=4.0
+                    ),
+                    spec=SPEC,
+                    round_idx=0,
+                    max_examples=1,
+                    drop_at={},
+                    rng=np.random.default_rng(3),
+                )
+                assert result.aggregate is not None
+                n = result.aggregate.num_updates
+                totals.append(np.asarray(result.aggregate.delta.flat) * n)
+            shift = float(np.linalg.norm(totals[0] - totals[1]))
+        else:
+            shift = float(np.linalg.norm(a.delta.flat - b.delta.flat))
+        worst = max(worst, shift / (LOCAL_NOISE * CLIP))
+    assert set(_RecordedGaussian.stds) == {LOCAL_NOISE * CLIP}
+    # The accountant charges one participation as the Gaussian at sigma / 2.
+    strategy = DpFedAvg(
+        base=FedAvg(),
+        privacy=PrivacySettings(
+            mode="local", clip_norm=CLIP, noise_multiplier=LOCAL_NOISE
+        ),
+        sampler=PoissonSampler(0.5),
+        num_clients=16,
+    )
+    z = LOCAL_NOISE / 2.0
+    assert strategy._local_epsilon(1) == pytest.approx(
+        epsilon([DpEventSpec(noise_multiplier=z)], 1e-5, "pld"), rel=1e-9
+    )
+    assert worst * z <= 1.0 + 1e-3
+    assert worst * z >= 0.99
+
+
+# --- record mode: one DP-SGD step, against the event the server accounts -------
+
+
+@pytest.mark.parametrize("path", ["chain", "general"])
+def test_record_step_sensitivity_is_what_the_accountant_assumes(path: str) -> None:
+    pytest.importorskip("torch")
+    import functools
+
+    from fedshield.core import FitConfig
+    from fedshield.models import TorchModel, build_module
+    from fedshield.models.dp_sgd import DpSgdConfig, _make_step
+    from fedshield.privacy.records import record_level_event
+
+    sigma, clip = 1.2, 0.5
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(10, 8)).astype(np.float32)
+    y = rng.integers(0, 3, size=10)
+    # A record whose gradient is far above the clip norm, and a quiet one.
+    loud = (x[:1] * 40.0, np.array([(y[0] + 1) % 3]))
+    quiet = (x[1:2], y[1:2])
+
+    def one_step(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
+        model = TorchModel(
+            functools.partial(
+                build_module, "mlp", input_shape=(8,), num_classes=3, hidden=(16,)
+            ),
+            input_shape=(8,),
+        )
+        bound = model._get_bound()
+        bound.load(model.init_params(0))
+        noise = _RecordedNoise()
+        step = _make_step(
+            model,
+            bound,
+            FitConfig(round_idx=0, lr=1.0, batch_size=10),
+            DpSgdConfig(clip_norm=clip, noise_multiplier=sigma),
+            noise,
+            denominator=1.0,
+            anchor=None,
+            mu=0.0,
+            path=path,  # type: ignore[arg-type]
+            input_ndim=2,
+        )
+        before = bound.flat.clone().numpy().astype(np.float64)
+        xb, yb = model._tensors(xs, ys)
+        step(xb, yb)
+        after = bound.flat.numpy().astype(np.float64)
+        ((_, std),) = noise.stds
+        return before - after, std  # lr 1, denominator 1: the noised sum
+
+    base = one_step(x, y)
+    worst = 0.0
+    for extra_x, extra_y in (loud, quiet):
+        added = one_step(np.concatenate([x, extra_x]), np.concatenate([y, extra_y]))
+        assert added[1] == base[1] == sigma * clip
+        worst = max(worst, float(np.linalg.norm(added[0] - base[0])) / base[1])
+    # The server accounts each step as the Poisson-subsampled Gaussian at sigma
+    # (add or remove one record).
+    event = record_level_event(100, batch_size=10, epochs=1, noise_multiplier=sigma)
+    assert event.noise_multiplier == sigma and event.sampling == "poisson"
+    assert worst * sigma <= 1.0 + 1e-4
+    assert worst * sigma >= 0.99
+
+
+def test_a_record_mode_client_sends_no_unnoised_metrics() -> None:
+    pytest.importorskip("torch")
+    from fedshield.api import parse_config
+    from fedshield.api.experiment import build_federation
+    from fedshield.core import FitConfig
+    from fedshield.privacy.records import DP_SGD_CLIP, DP_SGD_SIGMA
+
+    config = parse_config(
+        {
+            "data": {"dataset": "digits", "num_clients": 4},
+            "model": {"kind": "logistic"},
+            "privacy": {
+                "mode": "record",
+                "clip_norm": 1.0,
+                "noise_multiplier": 1.0,
+                "delta": 1e-4,
+            },
+        }
+    )
+    federation = build_federation(config)
+    cid = federation.client_ids[0]
+    client = federation.client_fn(cid)
+    fit = FitConfig(
+        round_idx=0,
+        batch_size=16,
+        lr=0.1,
+        options={DP_SGD_CLIP: 1.0, DP_SGD_SIGMA: 1.0},
+    )
+    update = client.fit(federation.model.init_params(0), fit, np.random.default_rng(0))
+    # Only the spending record (public: it follows from the record count).
+    assert set(update.metrics) == {"dp_sgd/sampling_rate", "dp_sgd/steps"}

@@ -199,13 +199,15 @@ class TorchClient:
             noise=make_noise(secure, rng),
         )
         # The client's own record of what it spent this round (the server
-        # accounts the same event from the client's size).
-        metrics = {
-            **metrics,
+        # accounts the same event from the client's size, which record mode
+        # treats as public). The training loss and accuracy are left out:
+        # they are computed from the records without noise, so they would
+        # reach the server outside the records' guarantee.
+        del metrics
+        return new, {
             "dp_sgd/sampling_rate": float(event.sampling_rate or 0.0),
             "dp_sgd/steps": float(event.count),
         }
-        return new, metrics
 
     def evaluate(self, params: Params, config: EvalConfig) -> dict[str, float]:
         """Evaluate ``params`` on the local test split.
