@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import dp_accounting
 import numpy as np
@@ -338,7 +339,7 @@ def test_distributed_release_sensitivity_is_the_events(
 class _RecordedGaussian:
     """Stands in for SecureGaussian in privatize: zero noise, std recorded."""
 
-    stds: list[float] = []
+    stds: ClassVar[list[float]] = []
     secure = True
 
     def sample(self, shape: int | tuple[int, ...], std: float) -> np.ndarray:
