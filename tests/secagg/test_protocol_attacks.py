@@ -510,7 +510,10 @@ def test_the_server_cannot_pick_the_graph_seed():
     ground = dataclasses.replace(request, seed_reveal=os.urandom(32))
     with pytest.raises(ProtocolError, match="does not match the commitment"):
         clients["c06"].handle(dataclasses.replace(ground, recipient="c06").to_bytes())
-    # There is no parameter to set the seed any more.
+    # Before the advertisements are in there is no graph, and there is no
+    # parameter to set the seed any more.
+    with pytest.raises(ProtocolError, match="derived from the round's adv"):
+        SecAggServer(SEEDED, 0, SEEDED_IDS).graph  # noqa: B018
     with pytest.raises(TypeError, match="graph_seed"):
         SecAggServer(SEEDED, 0, SEEDED_IDS, graph_seed=bytes(32))  # type: ignore[call-arg]
 

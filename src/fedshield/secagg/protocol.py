@@ -31,8 +31,10 @@ see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
    the advertisement of the *leader*, the first client of ``U1`` in the
    sorted list; the graph seed is ``H(binding, r_S, leader's
    advertisement)`` (see "Who picks the graph" below), and the server and
-   every client derive the graph from it. The server also forwards to each
-   client the advertisements of its neighbours in ``U1``. The client checks
+   every client derive the graph from it (a client it leaves without
+   neighbours is dropped from ``U1``: it could share only with itself). The
+   server also forwards to each client the advertisements of its neighbours
+   in ``U1``. The client checks
    ``r_S`` against ``H(r_S)``, the leader (no client of ``U1`` may sort
    before it), the keys (all distinct; signatures over its own round binding
    when ``malicious``; at least ``t_u`` holders), Shamir-shares ``b_u`` and
@@ -222,6 +224,11 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 _DOMAIN = f"fedshield/secagg/v{VERSION}/".encode("ascii")
+
+_NO_GRAPH_YET = (
+    "the neighbour graph is derived from the round's advertisements: it exists "
+    "once stage advertise_keys has ended"
+)
 
 _MAX_REBUILD_TRIES = 256
 """Sets of ``t_u`` shares the server tries when a rebuilt secret fails its check."""
@@ -1451,10 +1458,7 @@ class SecAggServer:
             Before the advertisements are in: the graph is derived from them.
         """
         if self._graph is None:
-            raise ProtocolError(
-                "the neighbour graph is derived from the round's advertisements: "
-                "it exists once stage advertise_keys has ended"
-            )
+            raise ProtocolError(_NO_GRAPH_YET)
         return self._graph
 
     @property
@@ -1467,8 +1471,7 @@ class SecAggServer:
             Before the advertisements are in.
         """
         if self._graph_seed is None:
-            self.graph  # noqa: B018 - raises
-        assert self._graph_seed is not None
+            raise ProtocolError(_NO_GRAPH_YET)
         return self._graph_seed
 
     # -- driving --------------------------------------------------------------
