@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedshield.errors import ConfigError
 from fedshield.privacy import distributed as ddg
 
 
@@ -133,3 +134,9 @@ def test_large_sigma_stays_fast_and_right():
     draws = ddg.discrete_gaussian(200_000, ddg.MAX_SIGMA, _bytes(9))
     assert abs(draws.mean()) < 5 * ddg.MAX_SIGMA / math.sqrt(draws.size)
     assert draws.std() == pytest.approx(ddg.MAX_SIGMA, rel=0.01)
+
+
+def test_a_source_of_zeros_is_refused_rather_than_looped_on():
+    # Zeros put every uniform in the first cell forever: no exact answer.
+    with pytest.raises(ConfigError, match="not return uniform random bytes"):
+        ddg.discrete_gaussian(1, 1.5, lambda n: bytes(n))

@@ -284,6 +284,9 @@ def _log_midpoints(
     return np.log(k, out=k), spread
 
 
+_MAX_UNIFORM_BITS = 52 + 16 * 64
+
+
 @dataclass
 class _Uniform:
     """A uniform real in [0, 1) of which the first ``bits`` bits are known.
@@ -296,6 +299,13 @@ class _Uniform:
     random_bytes: RandomBytes
 
     def refine(self) -> None:
+        if self.bits >= _MAX_UNIFORM_BITS:
+            # A uniform source needs this with probability about 2^-1000.
+            raise ConfigError(
+                f"the discrete Gaussian sampler needed more than "
+                f"{_MAX_UNIFORM_BITS} bits of one uniform: the random source "
+                "does not return uniform random bytes"
+            )
         more = int.from_bytes(self.random_bytes(8), "little")
         self.num = (self.num << 64) | more
         self.bits += 64
