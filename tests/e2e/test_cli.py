@@ -251,3 +251,39 @@ def test_resume_cannot_go_back_in_rounds(tiny, tmp_path):
 def test_resume_and_overwrite_together_is_a_usage_error(tiny, tmp_path):
     result = invoke("simulate", str(tiny), "--resume", "--overwrite")
     assert result.exit_code == 2
+
+
+def _no_constants(name: str) -> float:
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_json_output_is_strict_when_epsilon_is_unbounded(tiny, tmp_path):
+    # PLD gives no finite epsilon at delta = 1e-300: the summary says why, and
+    # the JSON on stdout and on disk stays parseable by strict parsers.
+    out = tmp_path / "inf"
+    result = invoke(
+        "simulate",
+        str(tiny),
+        "--set",
+        "run.rounds=1",
+        "--set",
+        'privacy.mode="central"',
+        "--set",
+        "privacy.clip_norm=1.0",
+        "--set",
+        "privacy.noise_multiplier=1.0",
+        "--set",
+        "privacy.delta=1e-300",
+        "--out",
+        str(out),
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout, parse_constant=_no_constants)
+    written = json.loads(
+        (out / "summary.json").read_text(), parse_constant=_no_constants
+    )
+    for summary in (printed, written):
+        assert summary["epsilon"] is None
+        assert "no finite epsilon" in summary["privacy"]["epsilon_unbounded"]

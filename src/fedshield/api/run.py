@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -119,9 +120,16 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
         # Local mode's noise is always secure (fedshield.privacy.local); its
         # client sample follows secure_rng but buys no amplification.
         extra = {"secure_rng": True, "amplification_by_sampling": False}
+    epsilon = float(record.get("epsilon", 0.0))
+    if not math.isfinite(epsilon):
+        # Written as null (JSON has no Infinity); say why.
+        extra["epsilon_unbounded"] = (
+            f"the accountant gives no finite epsilon at delta = {p.delta:g}; "
+            "raise delta or noise_multiplier"
+        )
     return {
         "mode": p.mode,
-        "epsilon": float(record.get("epsilon", 0.0)),
+        "epsilon": epsilon,
         "delta": p.delta,
         "accountant": p.accountant,
         "noise_multiplier": record.get("noise_multiplier", p.noise_multiplier),

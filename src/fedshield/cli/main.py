@@ -14,6 +14,17 @@ from rich.markup import escape
 
 from fedshield.errors import FedShieldError
 
+
+def strict_json(data: Any) -> str:
+    """Indented strict JSON: an infinite or NaN number is ``null``.
+
+    A summary says why where that can happen (``epsilon_unbounded``).
+    """
+    from fedshield.simulation.rundir import dumps
+
+    return dumps(data, indent=2)
+
+
 __all__ = ["app", "main"]
 
 app = typer.Typer(
@@ -132,7 +143,7 @@ def simulate(
         err_console.print("[yellow]interrupted[/]; resume with --resume")
         raise typer.Exit(code=130) from None
     if output_format == "json":
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(strict_json(summary))
 
 
 @app.command()
@@ -240,7 +251,7 @@ def analyze(
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(code=130) from None
     if output_format == "json":
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(strict_json(summary))
 
 
 @app.command()
@@ -335,7 +346,7 @@ def account(
     except FedShieldError as err:
         raise _fail(err) from None
     if output_format == "json":
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(strict_json(summary))
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,7 +103,9 @@ def run_simulate(
     except BaseException:
         # Scripts reading --format json get the summary of a failed run too.
         if as_json and last:
-            typer.echo(json.dumps(last, indent=2))
+            from fedshield.simulation.rundir import dumps
+
+            typer.echo(dumps(last, indent=2))
         raise
     finally:
         progress.stop()
