@@ -152,6 +152,7 @@ def test_central_dp_on_top_of_secure_aggregation(tmp_path) -> None:  # type: ign
         "clip_norm": 0.05,
         "noise_multiplier": 1e-3,
         "accountant": "rdp",
+        "sampling": "fixed",  # Poisson is refused with [secagg]
         "delta": 1e-3,
     }
     plain, plain_dir = simulate(
@@ -194,6 +195,7 @@ def test_a_small_clip_norm_does_not_clip_the_extra_words(tmp_path) -> None:  # t
         "clip_norm": 0.5,
         "noise_multiplier": 1e-3,
         "accountant": "rdp",
+        "sampling": "fixed",
         "delta": 1e-3,
         "adaptive_clipping": True,
         "clipped_count_stddev": 1e-2,

@@ -293,10 +293,26 @@ class ExperimentConfig(_Section):
 
     @property
     def outside_guarantee(self) -> list[str]:
-        """What a DP run releases that its ε does not cover (empty: nothing)."""
+        """What a DP run releases that its ε does not cover (empty: nothing).
+
+        ``"seeded_randomness"``: central or record mode without
+        ``secure_rng``: the noise and the sample come from ``run.seed``,
+        which ``config.toml`` records, so whoever holds it can remove the
+        noise (ε holds only against someone who does not). ``"federated_eval"``:
+        the clients' own evaluation, reported without noise. ``"record_counts"``:
+        record mode releases each client's number of records (it sets DP-SGD's
+        sampling rate and steps, and the server accounts from it).
+        """
         if self.privacy.mode == "none":
             return []
-        return ["federated_eval"] if self.runs_federated_eval else []
+        outside = []
+        if self.privacy.mode in ("central", "record") and not self.privacy.secure_rng:
+            outside.append("seeded_randomness")
+        if self.privacy.mode == "record":
+            outside.append("record_counts")
+        if self.runs_federated_eval:
+            outside.append("federated_eval")
+        return outside
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -332,6 +348,25 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 'privacy.mode = "central" sets its own aggregation (clipping and '
                 'noise); drop [robust] or use privacy.mode = "local" or "record"'
+            )
+        if self.robust.rule == "fltrust" and self.privacy.mode != "none":
+            raise ValueError(
+                'robust.rule = "fltrust" trains the server\'s model every round, '
+                "without noise, on a root set drawn from the clients' own data, "
+                "which differential privacy does not cover; use another rule "
+                '(e.g. "norm_bound") or turn [privacy] off'
+            )
+        if (
+            self.privacy.mode == "central"
+            and self.secagg.protocol != "none"
+            and self.privacy.sampling == "poisson"
+        ):
+            raise ValueError(
+                'privacy.mode = "central" with [secagg] needs privacy.sampling = '
+                '"fixed" (and accountant = "rdp"): with Poisson sampling, whether '
+                "the secure sum can run (it needs at least 2 clients, and its "
+                "threshold follows the number sampled) reveals how many clients "
+                "were sampled, which amplification by sampling assumes secret"
             )
         if self.secagg.protocol != "none" and self.strategy.name == "scaffold":
             raise ValueError(

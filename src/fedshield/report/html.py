@@ -349,8 +349,11 @@ def _privacy_section(privacy: object) -> str:
             (
                 "Released outside the guarantee",
                 ", ".join(str(item) for item in outside),
-                "not covered by ε: turned on by the user (federated evaluation "
-                "reports each round's client-side results without noise)",
+                "not covered by ε (README, 'What leaves a DP run'): "
+                "seeded_randomness: noise and sample reproducible from the seed "
+                "in config.toml (set secure_rng = true); record_counts: each "
+                "client's number of records; federated_eval: client-side "
+                "results without noise",
             )
         )
     return f"<section><h2>Differential privacy</h2>{_kv_table(rows)}</section>"
