@@ -298,3 +298,25 @@ def test_server_state_good_hand_written_header_loads() -> None:
 
     assert state.round_idx == 0
     assert state.params == Params({"w": [1.0]})
+
+
+def test_a_non_finite_metadata_number_round_trips_in_strict_json() -> None:
+    # An unbounded epsilon (PLD at delta = 1e-300) once made the checkpoint's
+    # header say Infinity, which strict JSON parsers refuse.
+    params = Params({"w": np.zeros(3, np.float32)})
+    state = ServerState(
+        round_idx=2,
+        params=params,
+        metadata={"privacy": {"epsilon": float("inf"), "list": [float("-inf"), 1.0]}},
+    )
+    data = state.to_bytes()
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        text = bytes(archive["header"]).decode("utf-8")
+
+    def refuse(name: str) -> float:
+        raise ValueError(name)
+
+    json.loads(text, parse_constant=refuse)  # strict
+    back = ServerState.from_bytes(data)
+    assert back.metadata["privacy"]["epsilon"] == float("inf")
+    assert back.metadata["privacy"]["list"] == [float("-inf"), 1.0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -63,7 +64,10 @@ class ServerState:
             "metadata": self.metadata,
         }
         arrays: dict[str, np.ndarray] = {
-            "header": np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8),
+            "header": np.frombuffer(
+                json.dumps(_tag_floats(header), allow_nan=False).encode("utf-8"),
+                dtype=np.uint8,
+            ),
             "params": np.asarray(self.params.flat),
         }
         for i, key in enumerate(sorted(self.optimizer_state)):
@@ -83,7 +87,12 @@ class ServerState:
         """
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-                header = json.loads(bytes(archive["header"]).decode("utf-8"))
+                header = _untag_floats(
+                    json.loads(
+                        bytes(archive["header"]).decode("utf-8"),
+                        parse_constant=_untagged_constant,
+                    )
+                )
                 if header.get("format") != _FORMAT:
                     found = header.get("format")
                     raise CheckpointError(
@@ -114,3 +123,34 @@ class ServerState:
         except Exception as err:  # corrupt zip, missing key, bad JSON, ...
             raise CheckpointError(f"server state is corrupt: {err}") from err
         return state
+
+
+# The header is strict JSON (no NaN or Infinity, which strict parsers
+# refuse); a non-finite number in the metadata (an unbounded epsilon, say)
+# is written as {"__float__": "inf" | "-inf" | "nan"} and read back as the float.
+_FLOAT_TAG = "__float__"
+
+
+def _tag_floats(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT_TAG: repr(value)}
+    if isinstance(value, Mapping):
+        return {k: _tag_floats(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tag_floats(v) for v in value]
+    return value
+
+
+def _untag_floats(value: Any) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and _FLOAT_TAG in value:
+            return float(value[_FLOAT_TAG])
+        return {k: _untag_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag_floats(v) for v in value]
+    return value
+
+
+def _untagged_constant(name: str) -> float:
+    # Checkpoints written before the header was strict held bare Infinity.
+    return float(name.replace("Infinity", "inf"))
