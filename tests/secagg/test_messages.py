@@ -425,8 +425,11 @@ def test_other_bytes_are_refused(data, match):
         _decode(data)
 
 
-@pytest.mark.parametrize("version", [0, 1, VERSION + 1, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, VERSION + 1, 255])
 def test_other_versions_are_refused(version):
+    # Version 3 too: its clients accept survivor lists without the leader's
+    # signature (second security review, finding 1).
+    assert VERSION == 4
     data = _reply(_vector()).to_bytes()
     _, header, payload = _split(data)
     with pytest.raises(ProtocolError, match=f"version {version} is not {VERSION}"):
@@ -666,7 +669,7 @@ def test_an_advertisement_without_a_field_or_twice_is_refused():
 
 
 def test_share_keys_request_checks_the_seed_reveal_and_the_leader():
-    # Wire version 3: the request reveals the server's seed share and forwards
+    # Since wire version 3: the request reveals the server's seed share and forwards
     # the leader's advertisement; both are checked like any other field.
     msg = ShareKeysRequest(
         session=SESSION,

@@ -135,9 +135,13 @@ def expected_outcome(
     stops when it is dropped or when its neighbourhood holds fewer live
     holders than its threshold; the server needs ``t`` clients per stage, a
     connected survivor set, and ``t_u`` live holders of each secret it rebuilds.
+    In malicious mode the graph seed's leader must survive to sign the
+    survivor list (wire version 4), else the round stops.
     """
     graph, t = server.graph, config.threshold
     everyone = set(graph.clients)
+    assert server._leader is not None
+    leader = server._leader.client_id if config.malicious else None
 
     def closed(c: str) -> set[str]:
         return {c, *graph.neighbours_of(c)}
@@ -156,7 +160,7 @@ def expected_outcome(
         for u in u1 - set(drop.get("share_keys", ()))
         if len(closed(u) & u1) >= t_of(u)
     }
-    if len(u2) < t:
+    if len(u2) < t or (leader is not None and leader not in u2):
         return False, set()
     u3 = {
         u
@@ -165,10 +169,12 @@ def expected_outcome(
     }
     if len(u3) < t or not _connected(graph, u3):
         return False, u3
+    if leader is not None and leader not in u3:
+        return False, u3
     answering = u3
     if config.malicious:
         answering = u3 - set(drop.get("consistency_check", ()))
-        if len(answering) < t:
+        if len(answering) < t or leader not in answering:
             return False, u3
     responders = answering - set(drop.get("unmask", ()))
     if len(responders) < t:
@@ -253,8 +259,13 @@ def test_result_is_the_exact_sum_of_the_survivors(scenario):
     completes, summed = expected_outcome(server, config, drop)
     event("complete graph" if server.graph.is_complete else "sparse graph")
     event("completes" if completes else "aborts")
-    if server.graph.is_complete:
-        # Full graph with >= t clients at every stage: must complete.
+    leader = server._leader.client_id if server._leader is not None else None
+    leader_out = config.malicious and any(
+        leader in drop.get(stage, ()) for stage in STAGES[1:4]
+    )
+    if server.graph.is_complete and not leader_out:
+        # Full graph with >= t clients at every stage: must complete (in
+        # malicious mode, unless the leader dropped before it signed).
         assert completes
     if completes:
         drive(server, clients, drop)

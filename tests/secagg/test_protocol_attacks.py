@@ -13,15 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pytest
 
-from fedshield.errors import ProtocolError
+from fedshield.errors import ConfigError, ProtocolError
 from fedshield.secagg import crypto, protocol, shamir
 from fedshield.secagg.encoding import add_mod, sub_mod
-from fedshield.secagg.graph import build_graph
+from fedshield.secagg.graph import NeighbourGraph, build_graph
 from fedshield.secagg.messages import (
     SERVER_ID,
     Advertisement,
@@ -587,3 +587,650 @@ def test_wrong_shares_beyond_repair_abort_the_round():
     # Three of the six shares of b_c3 are wrong: no 4 good ones are left.
     with pytest.raises(ProtocolError, match=r"self-mask seed of 'c3'.*commitment"):
         _run_with_wrong_shares({"c0": "c3", "c1": "c3", "c2": "c3"})
+
+
+# --------------------------------------------------------------------------
+# Second review, finding 1: one round run twice under one session
+#
+# Malicious-mode SecAgg+ with n = 60, t = 31 and the k fedshield chooses
+# (50; secure, no allow_insecure_neighbours). The server runs round 0 twice
+# with the SAME session, seed share r_S and client list, as a "retry" after
+# an abort: honest devices build a fresh SecAggClient each time and take the
+# session from the server's first message. In run 2 it forwards the run-1
+# leader's advertisement as the leader (signed over the same round binding,
+# so it verifies) and leaves the leader L out. Both runs then have the same
+# round binding and graph seed, hence the same view, so every survivor-list
+# signature of run 1 verifies in run 2 and each client can be made to sign
+# two lists, one per run. The server gets b_T from T's holders under list S1
+# (T survives) and the masking keys of T's mask partners P from their holders
+# under list S2 (P dropped), and unmasks x_T. Wire version 3 relied on
+# counting signatures (t > n / 2) alone, and fell to this (the reviewer's
+# run at n = 100, t = 51 recovered x_T); version 4 requires the leader in
+# every survivor list and among its signers, and L's one client object of
+# that view signs one list.
+
+REPLAY_N = 60
+REPLAY = SecAggConfig(
+    protocol="secagg+",
+    threshold=REPLAY_N // 2 + 1,
+    modulus_bits=16,
+    vector_length=8,
+    malicious=True,
+)
+REPLAY_IDS = tuple(f"c{i:03d}" for i in range(REPLAY_N))
+
+
+@dataclasses.dataclass
+class Replay:
+    """What the replaying server got."""
+
+    errors: dict[str, str]  # each device's first refusal, either run
+    signed_lists: int  # distinct survivor lists that t signatures reached
+    recovered: np.ndarray | None
+    target_input: np.ndarray
+
+
+def _replay_plan(
+    graph: NeighbourGraph, leader: str, t: int
+) -> tuple[str, tuple[str, ...], dict[str, set[str]]] | None:
+    """Target T, its partners P (t_T - 1 neighbours), and holders of each P's key.
+
+    ``S1`` (everyone but L and T's neighbours outside P) and ``S2`` (everyone
+    but L, T and P) must both have ``t`` clients and be connected.
+    """
+    for target in graph.clients:
+        if target == leader:
+            continue
+        near = [v for v in graph.neighbours_of(target) if v != leader]
+        t_target = graph.threshold_of(target, t)
+        if len(near) + 1 < t_target:
+            continue
+        partners = tuple(sorted(near, key=lambda v: -graph.degree(v))[: t_target - 1])
+        a = {target, *partners}
+        s1, s2 = _replay_lists(graph, leader, target, partners)
+        if len(s1) < t or len(s2) < t:
+            continue
+        if not (graph.is_connected(s1) and graph.is_connected(s2)):
+            continue
+        holders: dict[str, set[str]] = {}
+        for v in partners:
+            candidates = [
+                h for h in graph.neighbours_of(v) if h not in a and h != leader
+            ]
+            if len(candidates) < graph.threshold_of(v, t):
+                break
+            holders[v] = set(candidates[: graph.threshold_of(v, t)])
+        else:
+            return target, partners, holders
+    return None
+
+
+def _replay_lists(
+    graph: NeighbourGraph,
+    leader: str,
+    target: str,
+    partners: tuple[str, ...],
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    others = set(graph.neighbours_of(target)) - set(partners)
+    s1 = tuple(c for c in graph.clients if c != leader and c not in others)
+    s2 = tuple(c for c in graph.clients if c not in {leader, target, *partners})
+    return s1, s2
+
+
+def session_replay_attack(*, seen_sessions: bool = False) -> Replay:
+    """Run the replaying server of the block comment above; see :class:`Replay`.
+
+    With ``seen_sessions`` every device keeps one set of the (round, session)
+    pairs it took part in and gives it to each client object it builds.
+    """
+    config, ids, t = REPLAY, REPLAY_IDS, REPLAY.threshold
+    d, b, n = config.vector_length, config.modulus_bits, len(REPLAY_IDS)
+    k = config.neighbour_count(n)
+    signing = {c: crypto.generate_signing_key() for c in ids}
+    table = {c: key.public for c, key in signing.items()}
+    memory: dict[str, set[tuple[int, bytes]]] = {c: set() for c in ids}
+    rng = np.random.default_rng(2)
+    inputs = {c: rng.integers(0, 1 << b, d, dtype=np.uint64) for c in ids}
+    digest = _config_digest(config, n, k)
+    seed_share = os.urandom(32)
+    errors: dict[str, str] = {}
+
+    class Run:
+        def __init__(self, members: Sequence[str], session: bytes) -> None:
+            self.session = session
+            self.clients: dict[str, SecAggClient] = {}
+            self.failed: set[str] = set()
+            for c in members:
+                # (seen_sessions only when asked: the attack runs unchanged
+                # against code that predates it.)
+                guard = {"seen_sessions": memory[c]} if seen_sessions else {}
+                client = SecAggClient(
+                    config, 0, c, signing_key=signing[c], verify_keys=table, **guard
+                )
+                client.set_input(inputs[c])
+                self.clients[c] = client
+            self.ads: dict[str, Advertisement] = {}
+            self.ciphertexts: dict[str, Mapping[str, bytes]] = {}
+            self.masked: dict[str, np.ndarray] = {}
+
+        def head(self, c: str) -> dict[str, object]:
+            return {
+                "session": self.session,
+                "round_idx": 0,
+                "sender": SERVER_ID,
+                "recipient": c,
+            }
+
+        def ask(self, c: str, request: object) -> object | None:
+            if c in self.failed:
+                return None
+            try:
+                reply = self.clients[c].handle(request.to_bytes())  # type: ignore[attr-defined]
+            except ProtocolError as exc:
+                self.failed.add(c)
+                errors.setdefault(c, str(exc))
+                return None
+            return decode(reply, vector_length=d, modulus_bits=b)
+
+        def advertise(self) -> None:
+            commitment = _seed_commitment(self.session, 0, seed_share)
+            for c in self.clients:
+                reply = self.ask(
+                    c,
+                    AdvertiseRequest(
+                        **self.head(c),
+                        clients=ids,
+                        seed_commitment=commitment,
+                        config_digest=digest,
+                    ),
+                )
+                if isinstance(reply, AdvertiseReply):
+                    self.ads[c] = Advertisement(
+                        c,
+                        reply.encryption_key,
+                        reply.masking_key,
+                        reply.self_mask_commitment,
+                        reply.signature,
+                    )
+
+        def share_keys(self, graph: NeighbourGraph, leader: Advertisement):
+            for c in list(self.ads):
+                ads = tuple(
+                    self.ads[v] for v in graph.neighbours_of(c) if v in self.ads
+                )
+                reply = self.ask(
+                    c,
+                    ShareKeysRequest(
+                        **self.head(c),
+                        advertisements=ads,
+                        seed_reveal=seed_share,
+                        leader=leader,
+                    ),
+                )
+                if isinstance(reply, ShareKeysReply):
+                    self.ciphertexts[c] = reply.ciphertexts
+
+        def masked_input(
+            self, graph: NeighbourGraph, withhold: Mapping[str, set[str]]
+        ) -> None:
+            for c in list(self.ciphertexts):
+                forwarded = {
+                    v: self.ciphertexts[v][c]
+                    for v in graph.neighbours_of(c)
+                    if v in self.ciphertexts and v not in withhold.get(c, set())
+                }
+                reply = self.ask(
+                    c, MaskedInputRequest(**self.head(c), ciphertexts=forwarded)
+                )
+                if isinstance(reply, MaskedInputReply):
+                    self.masked[c] = reply.masked_input
+
+        def consistency(
+            self, list_for: Callable[[str], tuple[str, ...] | None]
+        ) -> dict[str, tuple[tuple[str, ...], bytes]]:
+            signatures = {}
+            for c in list(self.masked):
+                survivors = list_for(c)
+                if survivors is None:
+                    continue
+                reply = self.ask(
+                    c, ConsistencyRequest(**self.head(c), survivors=survivors)
+                )
+                if isinstance(reply, ConsistencyReply):
+                    signatures[c] = (survivors, reply.signature)
+            return signatures
+
+    leader = ids[0]
+    for _ in range(20):  # a graph that suits the plan (nearly every one does)
+        session = os.urandom(16)
+        run1 = Run(ids, session)
+        run1.advertise()
+        binding = protocol._round_binding(
+            session, 0, digest, ids, _seed_commitment(session, 0, seed_share)
+        )
+        seed = protocol._graph_seed(binding, seed_share, run1.ads[leader])
+        graph = build_graph(ids, k, seed)
+        plan = _replay_plan(graph, leader, t)
+        if plan is not None:
+            break
+    else:  # pragma: no cover - 20 unsuitable random graphs in a row
+        pytest.fail("no graph suited the replay plan")
+    target, partners, holders = plan
+    s1, s2 = _replay_lists(graph, leader, target, partners)
+    group_a = {target, *partners}
+    # Run 1: honest up to stage 2; the clients of S1 sign S1, the others S2.
+    run1.share_keys(graph, run1.ads[leader])
+    run1.masked_input(graph, {})
+    signed1 = run1.consistency(lambda c: s1 if c in s1 else (s2 if c in s2 else None))
+    # Run 2: the same session, L left out, its run-1 advertisement as leader;
+    # T gets no ciphertext from its neighbours outside P.
+    run2 = Run([c for c in ids if c != leader], session)
+    run2.advertise()
+    run2.share_keys(graph, run1.ads[leader])
+    withhold = {target: set(graph.neighbours_of(target)) - set(partners)}
+    run2.masked_input(graph, withhold)
+    signed2 = run2.consistency(
+        lambda c: s1 if c in group_a else (s2 if c in s2 else None)
+    )
+    on: dict[tuple[str, ...], dict[str, bytes]] = {s1: {}, s2: {}}
+    for signed in (signed1, signed2):
+        for c, (survivors, signature) in signed.items():
+            on[survivors][c] = signature
+    signed_lists = sum(len(signatures) >= t for signatures in on.values())
+    # Unmask, in run 2: b_T from group A under S1, P's keys from B under S2.
+    seed_shares: dict[int, tuple[int, ...]] = {}
+    key_shares: dict[str, dict[int, tuple[int, ...]]] = {v: {} for v in partners}
+    all_holders = set().union(*holders.values())
+    for c in list(run2.masked):
+        if c in group_a:
+            survivors, masks, keys = s1, (target,), ()
+        elif c in all_holders:
+            survivors, masks = s2, ()
+            keys = tuple(sorted(v for v in partners if c in holders[v]))
+        else:
+            continue
+        reply = run2.ask(
+            c,
+            UnmaskRequest(
+                **run2.head(c),
+                survivors=survivors,
+                signatures=on[survivors],
+                self_mask_requests=masks,
+                key_requests=keys,
+            ),
+        )
+        if isinstance(reply, UnmaskReply):
+            x = graph.index(c) + 1
+            for share in reply.self_mask_shares.values():
+                seed_shares[x] = share
+            for owner, share in reply.key_shares.items():
+                key_shares[owner][x] = share
+    recovered = None
+    t_target = graph.threshold_of(target, t)
+    enough = len(seed_shares) >= t_target and all(
+        len(key_shares[v]) >= graph.threshold_of(v, t) for v in partners
+    )
+    if target in run2.masked and enough:
+        b_target = shamir.reconstruct_bytes(seed_shares, t_target, 32)
+        x = sub_mod(run2.masked[target], crypto.expand_mask(b_target, d, b), b)
+        for v in partners:
+            private = crypto.import_private(
+                shamir.reconstruct_bytes(key_shares[v], graph.threshold_of(v, t), 32)
+            )
+            mask = _pairwise_mask(
+                private,
+                run2.ads[target].masking_key,
+                session=session,
+                round_idx=0,
+                u=target,
+                v=v,
+                config=config,
+            )
+            x = sub_mod(x, mask, b) if target < v else add_mod(x, mask, b)
+        recovered = x
+    return Replay(errors, signed_lists, recovered, inputs[target].copy())
+
+
+def _no_leader_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wire version 3's clients: survivor lists need no leader signature."""
+    monkeypatch.setattr(SecAggClient, "_leader_rule", lambda self, *args: None)
+
+
+def test_session_replay_recovers_an_input_without_the_leader_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Positive control: the attack of the review, against version-3 rules."""
+    _no_leader_rule(monkeypatch)
+    outcome = session_replay_attack()
+    assert outcome.errors == {}
+    assert outcome.signed_lists == 2  # every client signed both lists
+    assert outcome.recovered is not None
+    np.testing.assert_array_equal(outcome.recovered, outcome.target_input)
+
+
+def test_session_replay_is_refused_by_the_leader_rule() -> None:
+    outcome = session_replay_attack()
+    assert outcome.recovered is None
+    assert outcome.signed_lists == 0
+    # Every client was asked to sign a list without the leader (in run 1,
+    # and again in run 2) and refused.
+    assert len(outcome.errors) == REPLAY_N - 1
+    assert all(
+        "leaves out the graph seed's leader 'c000'" in e
+        for e in outcome.errors.values()
+    )
+
+
+def test_session_replay_is_refused_by_devices_that_keep_seen_sessions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The optional guard alone (leader rule off) stops the second run."""
+    _no_leader_rule(monkeypatch)
+    outcome = session_replay_attack(seen_sessions=True)
+    assert outcome.recovered is None
+    assert outcome.signed_lists <= 1  # run 1's own list, at most
+    refused = [e for e in outcome.errors.values() if "already took part" in e]
+    assert len(refused) == REPLAY_N - 1  # every device of run 2, at stage 0
+
+
+# The leader rule, stage by stage (full graph, n = 5, t = 3; the leader is c0).
+
+RULE = SecAggConfig(threshold=3, modulus_bits=16, vector_length=4, malicious=True)
+RULE_IDS = [f"c{i}" for i in range(5)]
+
+
+def _malicious_round(
+    config: SecAggConfig, ids: Sequence[str]
+) -> tuple[SecAggServer, dict[str, SecAggClient], dict[str, crypto.SigningKey]]:
+    signing = {c: crypto.generate_signing_key() for c in ids}
+    table = {c: key.public for c, key in signing.items()}
+    server = SecAggServer(config, 0, ids, verify_keys=table)
+    clients = {
+        c: SecAggClient(config, 0, c, signing_key=signing[c], verify_keys=table)
+        for c in ids
+    }
+    for c in ids:
+        clients[c].set_input(np.full(config.vector_length, 1, dtype=np.uint64))
+    return server, clients, signing
+
+
+def _play_until(
+    server: SecAggServer,
+    clients: Mapping[str, SecAggClient],
+    stage: str,
+    *,
+    silent: Mapping[str, str] | None = None,
+) -> None:
+    """Run honestly until ``stage``; ``silent``: client -> stage it drops at."""
+    silent = silent or {}
+    while server.stage != stage:
+        now = str(server.stage)
+        server.receive(
+            {
+                c: clients[c].handle(m)
+                for c, m in server.requests().items()
+                if silent.get(c) != now
+            }
+        )
+
+
+def test_a_survivor_list_without_the_leader_is_not_signed() -> None:
+    server, clients, _ = _malicious_round(RULE, RULE_IDS)
+    _play_until(server, clients, "consistency_check")
+    request = decode(server.requests()["c2"], vector_length=4, modulus_bits=16)
+    assert isinstance(request, ConsistencyRequest)
+    assert request.survivors[0] == "c0"
+    without = dataclasses.replace(request, survivors=request.survivors[1:])
+    with pytest.raises(ProtocolError, match="leaves out the graph seed's leader 'c0'"):
+        clients["c2"].handle(without.to_bytes())
+
+
+def test_a_survivor_list_the_leader_did_not_sign_is_refused() -> None:
+    server, clients, _ = _malicious_round(RULE, RULE_IDS)
+    _play_until(server, clients, "unmask")
+    request = decode(server.requests()["c2"], vector_length=4, modulus_bits=16)
+    assert isinstance(request, UnmaskRequest)
+    assert "c0" in request.signatures
+    # t = 3 valid signatures of the list c2 signed, but not the leader's.
+    others = {c: s for c, s in request.signatures.items() if c != "c0"}
+    assert len(others) >= RULE.threshold
+    forged = dataclasses.replace(request, signatures=others)
+    with pytest.raises(ProtocolError, match="not signed by the graph seed's leader"):
+        clients["c2"].handle(forged.to_bytes())
+
+
+@pytest.mark.parametrize("stage", ["share_keys", "masked_input", "consistency_check"])
+def test_the_server_stops_a_malicious_round_once_the_leader_is_out(stage) -> None:
+    server, clients, _ = _malicious_round(RULE, RULE_IDS)
+    with pytest.raises(ProtocolError, match=f"stage {stage}: the graph seed's leader"):
+        _play_until(server, clients, "done", silent={"c0": stage})
+    assert server.stage == "aborted"
+
+
+def test_a_semi_honest_round_survives_its_leader_dropping() -> None:
+    config = dataclasses.replace(RULE, malicious=False)
+    server = SecAggServer(config, 0, RULE_IDS)
+    clients = {c: SecAggClient(config, 0, c) for c in RULE_IDS}
+    for c in RULE_IDS:
+        clients[c].set_input(np.full(4, 1, dtype=np.uint64))
+    _play_until(server, clients, "done", silent={"c0": "masked_input"})
+    np.testing.assert_array_equal(server.result(), np.full(4, 4, dtype=np.uint64))
+
+
+# --------------------------------------------------------------------------
+# Second review, finding 2: what is left of the server's choice of graph
+#
+# Documented in the module docstring ("Who picks the graph"): the server can
+# restart stage 0 with the leader alone, in a fresh session each time (one
+# message to one client per restart), and run the round with everyone else
+# in the session whose seed suits it. The leader rule does not prevent it
+# (the leader takes part); seen_sessions stops restarts under one session only.
+
+
+def test_stage_zero_restarts_with_the_leader_alone_give_the_server_a_choice() -> None:
+    config = dataclasses.replace(SEEDED, malicious=True)
+    ids, n, k = SEEDED_IDS, len(SEEDED_IDS), 6
+    digest = _config_digest(config, n, k)
+    signing = {c: crypto.generate_signing_key() for c in ids}
+    table = {c: key.public for c, key in signing.items()}
+    seen: dict[str, set[tuple[int, bytes]]] = {c: set() for c in ids}
+
+    def device(c: str) -> SecAggClient:
+        client = SecAggClient(
+            config,
+            0,
+            c,
+            signing_key=signing[c],
+            verify_keys=table,
+            seen_sessions=seen[c],
+        )
+        client.set_input(np.zeros(4, dtype=np.uint64))
+        return client
+
+    def advertise(client: SecAggClient, session: bytes, share: bytes) -> Advertisement:
+        request = AdvertiseRequest(
+            session=session,
+            round_idx=0,
+            sender=SERVER_ID,
+            recipient=client.client_id,
+            clients=tuple(ids),
+            seed_commitment=_seed_commitment(session, 0, share),
+            config_digest=digest,
+        )
+        reply = decode(
+            client.handle(request.to_bytes()), vector_length=4, modulus_bits=16
+        )
+        assert isinstance(reply, AdvertiseReply)
+        return Advertisement(
+            client.client_id,
+            reply.encryption_key,
+            reply.masking_key,
+            reply.self_mask_commitment,
+            reply.signature,
+        )
+
+    target = "c07"
+    candidates = []
+    for _ in range(12):  # 12 fresh sessions, the leader alone
+        session, share = os.urandom(16), os.urandom(32)
+        leader = device("c00")
+        ad = advertise(leader, session, share)
+        binding = protocol._round_binding(
+            session, 0, digest, tuple(ids), _seed_commitment(session, 0, share)
+        )
+        graph = build_graph(ids, k, protocol._graph_seed(binding, share, ad))
+        candidates.append((graph.degree(target), session, share, leader, ad, graph))
+    degree, session, share, leader, leader_ad, chosen = min(
+        candidates, key=lambda c: c[0]
+    )
+    # The round, in the chosen session: everyone else advertises once.
+    clients = {"c00": leader, **{c: device(c) for c in ids[1:]}}
+    ads = {
+        "c00": leader_ad,
+        **{c: advertise(clients[c], session, share) for c in ids[1:]},
+    }
+    for c in ids:
+        near = tuple(ads[v] for v in chosen.neighbours_of(c))
+        if not near:
+            continue
+        request = ShareKeysRequest(
+            session=session,
+            round_idx=0,
+            sender=SERVER_ID,
+            recipient=c,
+            advertisements=near,
+            seed_reveal=share,
+            leader=leader_ad,
+        )
+        clients[c].handle(request.to_bytes())  # accepted: nobody can tell
+    derived = clients[target]._graph
+    assert derived is not None and derived.degree(target) == degree
+    assert degree == min(c[0] for c in candidates)
+    # A restart under the SAME session is refused by a leader that keeps
+    # seen_sessions (it already advertised in it).
+    with pytest.raises(ProtocolError, match="already took part in round 0"):
+        advertise(device("c00"), session, share)
+
+
+# --------------------------------------------------------------------------
+# Second review, finding 3: colluding clients (n_C < 2t - n)
+#
+# n = 7, t = 4, so 2t - n = 1: no colluder is tolerated. The server colludes
+# with one client (it holds its signing key and reads the shares it holds)
+# and shows S1 = {C, c1, c2, c3} (target c1 survives) to c1..c3 and
+# S2 = {C, c4, c5, c6} (c1 dropped) to c4..c6: each list gets t = 4
+# signatures, three honest and the colluder's; b_c1 comes from group 1 plus
+# the colluder's share, s_sk_c1 from group 2 plus the colluder's. With the
+# leader rule both lists must carry the leader's signature, so this works if
+# the colluder is the leader (here c0, the first id) and not otherwise.
+
+COLLUDE = SecAggConfig(threshold=4, modulus_bits=16, vector_length=6, malicious=True)
+COLLUDE_IDS = [f"c{i}" for i in range(7)]
+
+
+def one_colluder(colluder: str) -> tuple[np.ndarray | None, dict[str, str]]:
+    """Run the attack above; returns (what the server computes, refusals)."""
+    server, clients, signing = _malicious_round(COLLUDE, COLLUDE_IDS)
+    rng = np.random.default_rng(5)
+    x = {c: rng.integers(0, 1 << 16, 6, dtype=np.uint64) for c in COLLUDE_IDS}
+    for c in COLLUDE_IDS:
+        clients[c].set_input(x[c])
+    masked: dict[str, np.ndarray] = {}
+    while server.stage != "consistency_check":
+        replies = {c: clients[c].handle(m) for c, m in server.requests().items()}
+        for c, reply in replies.items():
+            msg = decode(reply, vector_length=6, modulus_bits=16)
+            if isinstance(msg, MaskedInputReply):
+                masked[c] = msg.masked_input
+        server.receive(replies)
+    session, view, target = server._session, server._view, "c1"
+    honest = [c for c in COLLUDE_IDS if c not in (colluder, target)]
+    group1, group2 = [target, *honest[:2]], honest[2:]
+    s1 = tuple(sorted([colluder, *group1]))
+    s2 = tuple(sorted([colluder, *group2]))
+    errors: dict[str, str] = {}
+
+    def ask(c: str, request: object) -> object | None:
+        try:
+            data = clients[c].handle(request.to_bytes())  # type: ignore[attr-defined]
+        except ProtocolError as exc:
+            errors.setdefault(c, str(exc))
+            return None
+        return decode(data, vector_length=6, modulus_bits=16)
+
+    def head(c: str) -> dict[str, object]:
+        return {"session": session, "round_idx": 0, "sender": SERVER_ID, "recipient": c}
+
+    signatures: dict[tuple[str, ...], dict[str, bytes]] = {s1: {}, s2: {}}
+    for group, survivors in ((group1, s1), (group2, s2)):
+        for c in group:
+            reply = ask(c, ConsistencyRequest(**head(c), survivors=survivors))
+            if isinstance(reply, ConsistencyReply):
+                signatures[survivors][c] = reply.signature
+    for survivors in (s1, s2):  # the colluder signs both
+        signatures[survivors][colluder] = crypto.sign(
+            signing[colluder],
+            protocol._consistency_message(session, 0, view, survivors),
+        )
+    position = {c: COLLUDE_IDS.index(c) + 1 for c in COLLUDE_IDS}
+    own_b, own_key = clients[colluder]._held[target]
+    b_shares, key_shares = {position[colluder]: own_b}, {position[colluder]: own_key}
+    for group, survivors in ((group1, s1), (group2, s2)):
+        for c in group:
+            reply = ask(
+                c,
+                UnmaskRequest(
+                    **head(c),
+                    survivors=survivors,
+                    signatures=signatures[survivors],
+                    self_mask_requests=(target,) if survivors == s1 else (),
+                    key_requests=(target,) if survivors == s2 else (),
+                ),
+            )
+            if isinstance(reply, UnmaskReply):
+                for share in reply.self_mask_shares.values():
+                    b_shares[position[c]] = share
+                for share in reply.key_shares.values():
+                    key_shares[position[c]] = share
+    if len(b_shares) < 4 or len(key_shares) < 4:
+        return None, errors
+    b_target = shamir.reconstruct_bytes(b_shares, 4, 32)
+    s_target = crypto.import_private(shamir.reconstruct_bytes(key_shares, 4, 32))
+    out = sub_mod(masked[target], crypto.expand_mask(b_target, 6, 16), 16)
+    for v in COLLUDE_IDS:
+        if v != target:
+            mask = _pairwise_mask(
+                s_target,
+                server._ads[v].masking_key,
+                session=session,
+                round_idx=0,
+                u=target,
+                v=v,
+                config=COLLUDE,
+            )
+            out = sub_mod(out, mask, 16) if target < v else add_mod(out, mask, 16)
+    np.testing.assert_array_equal(out, x[target])
+    return out, errors
+
+
+def test_one_colluder_at_2t_minus_n_equal_1_unmasks_a_client_if_it_leads() -> None:
+    """The documented bound is tight: 2t - n = 1 tolerates no colluder."""
+    recovered, errors = one_colluder("c0")
+    assert errors == {}
+    assert recovered is not None
+
+
+def test_one_colluder_that_is_not_the_leader_is_stopped_by_the_leader_rule() -> None:
+    recovered, errors = one_colluder("c6")
+    assert recovered is None
+    # The group shown the list without c0 refuses to sign it.
+    assert all("leaves out the graph seed's leader 'c0'" in errors[c] for c in errors)
+    assert len(errors) == 3
+
+
+def test_colluders_tolerated_is_below_2t_minus_n() -> None:
+    assert COLLUDE.colluders_tolerated(7) == 0  # 2t - n = 1
+    assert dataclasses.replace(COLLUDE, threshold=5).colluders_tolerated(7) == 2
+    assert dataclasses.replace(COLLUDE, threshold=7).colluders_tolerated(9) == 4
+    with pytest.raises(ConfigError, match="not above half"):
+        COLLUDE.colluders_tolerated(8)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedshield.errors import ProtocolError
+from fedshield.errors import ConfigError, ProtocolError
 from fedshield.secagg import crypto, shamir
 from fedshield.secagg.encoding import add_mod, sub_mod
 from fedshield.secagg.messages import (
@@ -30,6 +30,7 @@ from fedshield.secagg.messages import (
     ShareKeysRequest,
     UnmaskReply,
     UnmaskRequest,
+    check_client_id,
     decode,
 )
 from fedshield.secagg.protocol import (
@@ -591,8 +592,10 @@ def test_client_refuses_a_forged_advertisement_forwarded_by_the_server():
     server, clients, _, _ = setup(MALICIOUS, M_IDS)
     impostor = crypto.generate_keypair()
 
+    # (Sent to c2, not to the leader c0: a leader that refuses stops a
+    # malicious-mode round.)
     def tamper(stage: str, cid: str, message: bytes) -> bytes:
-        if (stage, cid) != ("share_keys", "c0"):
+        if (stage, cid) != ("share_keys", "c2"):
             return message
         msg = parse(message, MALICIOUS)
         assert isinstance(msg, ShareKeysRequest)
@@ -606,7 +609,7 @@ def test_client_refuses_a_forged_advertisement_forwarded_by_the_server():
 
     errors: dict[str, str] = {}
     drive(server, clients, tamper_request=tamper, errors=errors)
-    assert "bad signature (forged" in errors["c0"]
+    assert "bad signature (forged" in errors["c2"]
 
 
 def _malicious_unmask_edit(edit) -> Tamper:
@@ -653,7 +656,9 @@ def test_client_refuses_to_sign_a_survivor_list_naming_a_client_that_never_share
     server, clients, _, _ = setup(MALICIOUS, M_IDS)
 
     def tamper(stage: str, cid: str, message: bytes) -> bytes:
-        if (stage, cid) != ("consistency_check", "c0"):
+        # (c1, not the leader c0: without the leader's signature a
+        # malicious-mode round stops at the consistency check.)
+        if (stage, cid) != ("consistency_check", "c1"):
             return message
         msg = parse(message, MALICIOUS)
         assert isinstance(msg, ConsistencyRequest)
@@ -667,7 +672,7 @@ def test_client_refuses_to_sign_a_survivor_list_naming_a_client_that_never_share
         tamper_request=tamper,
         errors=errors,
     )
-    assert "['c4'] that never shared keys" in errors["c0"]
+    assert "['c4'] that never shared keys" in errors["c1"]
 
 
 def test_server_refuses_a_bad_survivor_list_signature():
@@ -903,3 +908,60 @@ def test_requests_carry_the_expected_types():
         ConsistencyRequest,
         UnmaskRequest,
     ]
+
+
+# --------------------------------------------------------------------------
+# Second review, findings 5 and 6: secrets after the round; odd client ids
+
+
+def _secrets(client: SecAggClient) -> dict[str, object]:
+    return {
+        "held shares": client._held,
+        "channel keys": client._channel_keys,
+        "encryption key pair": client._encryption,
+        "masking key pair": client._masking,
+        "self-mask seed": client._self_seed,
+        "input": client._input,
+        "peers": client._peers,
+    }
+
+
+@pytest.mark.parametrize("config", [CONFIG, MALICIOUS])
+def test_clients_hold_no_secret_once_the_round_is_over(config):
+    server, clients, _, _ = setup(config, IDS[:5])
+    drive(server, clients)
+    assert server.stage == "done"
+    for client in clients.values():
+        assert client.stage == "done"
+        assert not any(_secrets(client).values()), _secrets(client)
+
+
+def test_an_aborted_client_holds_no_secret():
+    server, clients, _, _ = setup(CONFIG, IDS)
+    # Up to the masked-input stage: every client holds shares and keys.
+    for _ in range(2):
+        server.receive({c: clients[c].handle(m) for c, m in server.requests().items()})
+    client = clients["c1"]
+    assert client._held and client._channel_keys and client._peers
+    with pytest.raises(ProtocolError):
+        client.handle(b"not a request")
+    assert client.stage == "aborted"
+    assert not any(_secrets(client).values()), _secrets(client)
+
+
+def test_a_client_id_that_utf8_cannot_encode_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="cannot be encoded as UTF-8"):
+        check_client_id("\ud800")
+    check_client_id("clïent-ü")  # non-ASCII is fine
+    with pytest.raises(ConfigError, match="cannot be encoded as UTF-8"):
+        SecAggClient(CONFIG, 0, "a\udfff")
+    # A lone surrogate in the client list (JSON carries it as \ud800).
+    server = SecAggServer(CONFIG, 0, ["a", "zzzzzz", *IDS[:2]])
+    message = server.requests()["a"]
+    assert message.count(b'"zzzzzz"') == 1
+    forged = message.replace(b'"zzzzzz"', b'"\\ud800"')  # same length
+    assert len(forged) == len(message)
+    client = SecAggClient(CONFIG, 0, "a")
+    with pytest.raises(ProtocolError, match="cannot be encoded as UTF-8"):
+        client.handle(forged)
+    assert client.stage == "aborted"

@@ -23,7 +23,7 @@ The graph
     free to grind seeds could look for one that helps clients it colludes
     with. :mod:`fedshield.secagg.protocol` derives it from a server
     commitment and a client's advertisement, after both are fixed, and
-    bounds what is left of the server's influence ("Who picks the graph").
+    says what is left of the server's influence ("Who picks the graph").
 The per-neighbourhood threshold
     Client ``u`` Shamir-shares its secrets among its neighbourhood ``N[u]``
     (itself and its neighbours, ``m_u = deg(u) + 1`` holders) with threshold

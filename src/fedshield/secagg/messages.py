@@ -4,7 +4,7 @@ Every message a party sends is one frozen dataclass below, serialised by
 :meth:`Message.to_bytes` to a binary envelope and parsed back by
 :func:`decode`.
 
-The envelope (wire format :data:`VERSION` 3)
+The envelope (wire format :data:`VERSION` 4)
 --------------------------------------------
 ========  =================  ===================================================
 offset    size               content
@@ -126,7 +126,7 @@ __all__ = [
     "unpack_words",
 ]
 
-VERSION = 3
+VERSION = 4
 """Wire format version; :func:`decode` refuses any other.
 
 Version 1 was UTF-8 JSON throughout (base64 ``uint64`` words for a masked
@@ -137,7 +137,13 @@ seed, an advertisement carries a commitment to the client's self-mask seed
 (``self_mask_commitment``) and, when signed, signs the round's client list
 too, and the share-keys request reveals the server's seed share and forwards
 the advertisement that completes the seed (``seed_reveal``, ``leader``); see
-:mod:`fedshield.secagg.protocol`.
+:mod:`fedshield.secagg.protocol`. Version 4 keeps the messages of version 3
+and changes what a client accepts in malicious mode: the survivor list must
+name the graph seed's leader and carry its signature (a version-3 client
+accepts lists without it, which a server re-running a round under one
+session can exploit), so version-3 parties are refused. The version is part
+of every key-derivation, signature and hash context, so nothing signed or
+derived under version 3 verifies under version 4.
 """
 
 MAGIC = b"\x89FSA"
@@ -471,7 +477,10 @@ class _Fields:
             raise ProtocolError(f"{where}: expected a list of client ids")
         ids = tuple(value)
         if not all(
-            type(item) is str and 0 < len(item) <= MAX_CLIENT_ID_CHARS for item in ids
+            type(item) is str
+            and 0 < len(item) <= MAX_CLIENT_ID_CHARS
+            and item.isascii()
+            for item in ids
         ):
             for item in ids:
                 check_client_id(item, where)  # raises, naming the bad id
@@ -522,13 +531,23 @@ def check_client_id(value: object, where: str = "client id") -> str:
     """Return ``value`` if it is a valid client id, else raise ProtocolError.
 
     A client id is a non-empty string of at most :data:`MAX_CLIENT_ID_CHARS`
-    characters.
+    characters that UTF-8 can encode (every id is hashed and signed as
+    UTF-8: a lone surrogate such as U+D800, which a JSON escape can carry,
+    is refused here rather than failing later with a ``UnicodeEncodeError``).
     """
     if not isinstance(value, str) or not 0 < len(value) <= MAX_CLIENT_ID_CHARS:
         raise ProtocolError(
             f"{where}: a client id is a string of 1 to {MAX_CLIENT_ID_CHARS} "
             f"characters, got {value!r:.80}"
         )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError(
+                f"{where}: client id {value!r:.80} cannot be encoded as UTF-8 "
+                f"({exc.reason} at position {exc.start})"
+            ) from None
     return value
 
 

@@ -55,9 +55,11 @@ see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
    that sum (``d`` words, whatever the number of clients).
    For SecAgg+ the server aborts if ``U3`` is not connected in the graph.
 3. ``consistency_check`` (``malicious`` only, §6): the server sends ``U3``
-   to its members; each checks it and signs it together with its *view*: a
-   hash of its round binding and the graph seed it derived. ``U4``: the
-   signers.
+   to its members; each checks it (in particular that it names the leader)
+   and signs it together with its *view*: a hash of its round binding and
+   the graph seed it derived. ``U4``: the signers. The leader must be among
+   them: a round whose leader drops before signing aborts (the server stops
+   as soon as it sees the leader missing, at stage 1, 2 or 3).
 4. ``unmask``: the server sends ``U3`` (and, when ``malicious``, at least
    ``t`` signatures of it) and asks each client for its share of ``b_v`` for
    every neighbour ``v`` in ``U3`` and of ``s_sk_v`` for every neighbour ``v``
@@ -65,7 +67,8 @@ see :mod:`fedshield.secagg.graph`) and ``N[u] = N(u) + {u}``.
    under both headings, the survivors are a connected set of at least ``t``
    that matches what it saw (and signed), every signer is in the round's
    client list and signed the same view, and every name is a neighbour that
-   shared with it. The server rebuilds ``b_u`` for ``u in U3`` and checks it
+   shared with it; in malicious mode the leader must be among the signers.
+   The server rebuilds ``b_u`` for ``u in U3`` and checks it
    against ``H(b_u)`` (a wrong share cannot corrupt the sum unnoticed: the
    server tries other sets of ``t_u`` shares, then aborts), rebuilds
    ``s_sk_v`` for ``v in U2 - U3`` and checks it against ``s_pk_v``, removes
@@ -89,20 +92,44 @@ shares of ``b_u`` only for survivors and of ``s_sk_u`` only for non-survivors,
 never both for one client, and ``t_u`` is a strict majority of ``u``'s
 holders, so the server reaches the threshold for at most one of the two
 secrets of any client. Against a malicious server (``malicious=True``) this
-needs every honest client to see the same round: the same client list, graph
-and survivor list. Signed advertisements and survivor lists bind exactly
-that (the round binding and the view above), clients verify them against
-their own view, and signers must be in the round's client list, so two
-groups shown two different client lists (or seeds) never accept each other's
-keys or signatures; and for one survivor list, two disjoint sets of signers
-cannot both reach ``t > n / 2``. (Before wire version 3 the signatures
-covered neither the client list nor the seed: with a verification-key table
-larger than the round, a server could show two groups two lists, collect
-``t`` signatures in each, and get ``b_u`` from one group and the masking keys
-of ``u``'s neighbours from the other; ``tests/secagg/test_protocol_attacks.py``
-replays that attack.) A survivor's pairwise masks with surviving neighbours
-therefore stay on; they cancel only in the sum over a connected set of
-survivors, which clients check before revealing anything.
+needs every honest client that reveals anything to see the same round: the
+same client list, graph and survivor list. Signed advertisements and
+survivor lists bind the round as each client saw it (the round binding and
+the view above), clients verify them against their own view, and signers
+must be in the round's client list, so two groups shown two different
+client lists (or seeds) never accept each other's keys or signatures.
+(Before wire version 3 the signatures covered neither the client list nor
+the seed: with a verification-key table larger than the round, a server
+could show two groups two lists, collect ``t`` signatures in each, and get
+``b_u`` from one group and the masking keys of ``u``'s neighbours from the
+other; ``tests/secagg/test_protocol_attacks.py`` replays that attack.)
+Within one view, two rules keep the survivor list unique:
+
+- Counting (Bonawitz §6): an honest client signs one list and reveals only
+  for a list ``t`` clients signed, so two lists need two disjoint sets of
+  honest signers, impossible while ``t > (n + n_C) / 2`` for ``n_C`` clients
+  colluding with the server (:meth:`SecAggConfig.colluders_tolerated`; at
+  ``t = n // 2 + 1`` and odd ``n`` that is no colluder at all).
+- The leader's signature (wire version 4): the list must name the leader
+  and carry its signature. The view hashes the leader's advertisement,
+  which one client object made and only that object accepts as its own, and
+  that object signs once: at most one list per view can carry it, however
+  often the server runs the round. Counting alone fails across runs: in
+  version 3 a server could run a round twice under one session (same client
+  list and seed share) and, in run 2, forward the leader's run-1
+  advertisement as the leader and leave the leader out, so both runs had
+  one view; every client object signed one list, so every client signed
+  two, and the server unmasked a client (n = 100, t = 51;
+  ``tests/secagg/test_protocol_attacks.py`` replays it at n = 60). The
+  leader rule only helps while the leader is honest, and the server picks
+  the leader among the first ``n - t + 1`` advertisers in sort order, so the
+  counting bound is the one to rely on against colluders. A device can also
+  refuse a second run of a (round, session) outright: see
+  ``SecAggClient(seen_sessions=...)``.
+
+A survivor's pairwise masks with surviving neighbours therefore stay on;
+they cancel only in the sum over a connected set of survivors, which clients
+check before revealing anything.
 
 Who picks the graph (SecAgg+)
 -----------------------------
@@ -117,19 +144,43 @@ order (fresh public keys and ``H(b_L)``, unpredictable to anyone else):
   over the round binding, so the server cannot forge it either.
 - ``L`` (or any client) sees only ``H(r_S)`` when it advertises, so it
   cannot steer the seed through its keys.
-- Residual influence: the server decides who is in ``U1``. To get another
-  leader it must exclude every client that sorts before it (each client
-  refuses a leader that sorts after itself or after a neighbour whose keys
-  it receives), so excluding ``j`` advertisers gives it ``j + 1`` candidate
-  seeds, and ``U1`` needs ``t`` clients: at most ``n - t + 1`` seeds in all,
-  each drawn at random, each exclusion visible as a stage-0 drop. Any
-  property of the graph that fails with probability ``p`` per seed fails
-  with probability at most ``(n - t + 1) p`` under this choice, i.e. it
-  costs at most ``log2(n - t + 1)`` bits of the graph's statistical security
-  (10 bits at ``n = 1000``). A server can also abort the round and start
-  another (a new session, new keys, a new seed): that is visible to every
-  client and costs it a whole round. A server colluding with the leader
-  controls the seed; that needs two parties.
+- Residual influence, within one run: the server decides who is in
+  ``U1``. To get another leader it must exclude every client that sorts
+  before it (each client refuses a leader that sorts after itself or after
+  a neighbour whose keys it receives), so excluding ``j`` advertisers gives
+  it ``j + 1`` candidate seeds, at most ``n - t + 1`` as ``U1`` needs ``t``
+  clients, each exclusion visible as a stage-0 drop.
+- Residual influence, across restarts: this is not bounded. Stage 0 is one
+  message to each client, and a client cannot tell a restart from a first
+  try, so the server can ask the leader alone to advertise again (a fresh
+  client object each time, in a fresh session; or in the same session,
+  unless the leader keeps ``seen_sessions``), compute each candidate seed at
+  once (it knows ``r_S``), stop at a graph it likes, and run the round in
+  that session with everyone else, who see one ordinary round. Each restart
+  costs one message to one client and gives one more random seed: with
+  ``R`` restarts the server chooses among about ``R (n - t + 1)`` graphs, so
+  a property that fails with probability ``p`` per seed fails with
+  probability up to ``R (n - t + 1) p`` (``log2(R (n - t + 1))`` bits of the
+  graph's statistical security, ``R`` limited only by the server's
+  patience). Bounding it would take another message round (every client
+  committing to its seed contribution before any is revealed) or a public
+  randomness beacon; the leader rule does not help (the leader takes part).
+  Only the leader sees the restarts (stage-0 requests for one round that go
+  nowhere), so a deployment can watch for it, e.g. by counting the sessions
+  per round in its ``seen_sessions`` store.
+- What a chosen graph buys: against a server alone, no input. Clients check
+  that the survivors are connected and, in malicious mode, that one list is
+  signed, so a bad graph makes a round abort rather than expose anyone.
+  With colluding clients it can: a graph in which a target's neighbourhood
+  holds many colluders (or has few holders, hence a low ``t_u``) lets
+  their shares reach ``t_u``; the bound of
+  :meth:`SecAggConfig.colluders_tolerated` holds per neighbourhood, and the
+  server can pick the neighbourhoods among many random graphs, so keep the
+  number of colluders well below it.
+- A server colluding with the leader controls the seed outright (it tells
+  the leader ``r_S`` before it advertises, and the leader draws keys until
+  the seed suits them). As the server decides who leads, that is any one
+  client among the first ``n - t + 1`` ids in sort order.
 - In semi-honest mode nothing is signed: the server is trusted to follow
   the protocol, seed derivation included.
 
@@ -147,17 +198,29 @@ Threat model and deployment notes
   protection against an active server.
 - Malicious server (``malicious=True``, Bonawitz §6): every advertisement and
   survivor list is signed, so a client refuses substituted keys, a
-  different client list or seed, and inconsistent survivor lists. With the
-  threshold above ``n / 2`` the server learns only sums of at least ``t``
-  clients' inputs. Clients follow the protocol; corrupted clients colluding
-  with the server are not modelled beyond what the thresholds give.
+  different client list or seed, and inconsistent survivor lists. The
+  server learns only sums of at least ``t`` clients' inputs as long as
+  fewer than ``2t - n`` clients collude with it
+  (:meth:`SecAggConfig.colluders_tolerated`: none at ``t = n // 2 + 1``
+  for odd ``n``, fewer than ``n / 3`` at ``t > 2n/3``, Bonawitz §6); for
+  SecAgg+ per neighbourhood, on a graph the server can re-draw (above).
+  The graph seed's leader must survive until it has signed the survivor
+  list, or the round aborts.
+- A malicious client can abort a round without being identified: with a
+  wrong commitment ``H(b_u)`` no set of shares rebuilds a matching seed and
+  unmasking fails, and the server cannot tell a lying ``u`` from lying
+  holders (a wrong commitment is signed like a right one). Dropping is
+  tolerated; such misbehaviour is only detected, never survived.
 - With ``malicious=True`` every client holds an Ed25519 signing key and
   knows every client's verification key. The simulation passes them in
   (``verify_keys``); in deployment a PKI provides them (for instance client
   certificates checked by the transport), never the server itself.
-- Secrets (X25519 private keys, self-mask seeds, held shares) live only
-  inside :class:`SecAggClient`; the client drops its references to its seed
-  and masking key once its masked input is sent.
+- Secrets (X25519 private keys, self-mask seeds, held shares, channel
+  keys) live only inside :class:`SecAggClient`; the client drops its
+  references to its seed and masking key once its masked input is sent,
+  and to every secret of the round once it has answered the unmask
+  request or aborted. (Python cannot wipe memory: dropping the references
+  is what it can do.)
 - A client raises on anything invalid and is then aborted for the round.
 """
 
@@ -169,7 +232,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableSet, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, TypedDict
@@ -264,6 +327,11 @@ class SecAggConfig:
         Shamir threshold (per neighbourhood for SecAgg+, see
         :func:`~fedshield.secagg.graph.local_threshold`). ``t >= 2`` and,
         for ``n`` clients, ``n / 2 < t <= n`` (checked when ``n`` is known).
+        With ``malicious``, ``t`` also bounds the clients that may collude
+        with the server: fewer than ``2 t - n``
+        (:meth:`colluders_tolerated`; none at ``t = n // 2 + 1`` for odd
+        ``n``). Bonawitz et al. §6 take ``t > 2 n / 3``, which tolerates
+        fewer than ``n / 3``.
     modulus_bits
         ``b`` in ``[1, 64]``: inputs and masks are ``uint64`` words mod ``2**b``.
     vector_length
@@ -279,6 +347,8 @@ class SecAggConfig:
     malicious
         Defend against a malicious server (Bonawitz §6): signed key
         advertisements and a consistency-check round. Needs signing keys.
+        The graph seed's leader must then survive to the consistency check
+        and sign it, or the round aborts (module docstring).
     security_parameter
         σ for the choice of ``k`` (SecAgg+).
     expected_dropout
@@ -363,6 +433,34 @@ class SecAggConfig:
                 f"from the other and unmask it (Bonawitz et al. §4, §6); use "
                 f"threshold >= {n // 2 + 1}"
             )
+
+    def colluders_tolerated(self, num_clients: int) -> int:
+        """How many clients may collude with a malicious server: ``max(0, 2t - n - 1)``.
+
+        Against a malicious server one survivor list is enforced by counting
+        signatures: an honest client reveals shares only for a list that
+        ``t`` clients signed, and signs one list. ``n_C`` colluding clients
+        sign every list, so two lists each reach ``t`` signatures once
+        ``(n - n_C) / 2 + n_C >= t``: the server then gets a client's
+        self-mask shares under one list and its masking-key shares under the
+        other, and unmasks it. Safe needs ``t > (n + n_C) / 2`` (Bonawitz et
+        al. §6), i.e. ``n_C < 2t - n``; ``t > 2n/3`` tolerates fewer than
+        ``n / 3``. (The leader's required signature also keeps the list
+        unique while the leader is honest, but the server chooses the leader
+        among the first ``n - t + 1`` advertisers in sort order, so this
+        bound is the one to count on.) For SecAgg+ the same holds in each
+        neighbourhood, ``n_C(u) < 2 t_u - m_u`` with ``m_u = deg(u) + 1``;
+        the graph spreads colluders at random, and the server can re-draw it
+        ("Who picks the graph"), so leave a margin. Whatever ``n_C``, the
+        sum itself tells the colluders the total of the honest survivors.
+
+        Raises
+        ------
+        ConfigError
+            If :meth:`check_clients` fails.
+        """
+        self.check_clients(num_clients)
+        return max(0, 2 * self.threshold - num_clients - 1)
 
     def neighbour_count(self, num_clients: int) -> int:
         """``k`` for ``n`` clients: ``n - 1`` for SecAgg; chosen or given for SecAgg+.
@@ -661,6 +759,18 @@ class SecAggClient:
         (a masked-input reply is ``ceil(d b / 8)`` bytes). An in-process
         driver that never retransmits may pass ``False`` to free them at
         once; a repeated request is then refused as out of order.
+    seen_sessions
+        Optional set of ``(round_idx, session)`` pairs this device has
+        already taken part in, which the deployment keeps (and persists
+        across restarts) and passes to every client object it builds. The
+        client refuses a round whose pair is in it and adds the pair when it
+        answers its first request. A server that runs one round twice under
+        one session could otherwise show a fresh client object the same
+        round again and reuse what the first one signed ("Why the server
+        cannot unmask one client" in the module docstring); the leader rule
+        already stops that while the leader is honest, this stops it for
+        every client that keeps the set. It does not stop a server from
+        asking in *fresh* sessions ("Who picks the graph").
 
     Raises
     ------
@@ -670,8 +780,12 @@ class SecAggClient:
     Notes
     -----
     All secrets of the round (private keys, the self-mask seed, the shares
-    this client holds) stay inside this object. After any error the client
-    is ``aborted`` and answers nothing more.
+    this client holds, channel keys, the peers' advertisements) stay inside
+    this object, and it drops them when the round ends: after its unmask
+    reply, or on any error (the client is then ``aborted`` and answers
+    nothing more). Only the last request and reply are kept (``idempotent``)
+    so that a retransmitted unmask request gets the same reply: they hold
+    what was sent to the server, nothing more.
     """
 
     def __init__(
@@ -683,6 +797,7 @@ class SecAggClient:
         signing_key: crypto.SigningKey | None = None,
         verify_keys: Mapping[str, bytes] | None = None,
         idempotent: bool = True,
+        seen_sessions: MutableSet[tuple[int, bytes]] | None = None,
     ) -> None:
         _require_int("round_idx", round_idx, low=0)
         _check_participant_id(client_id)
@@ -703,6 +818,7 @@ class SecAggClient:
         self._signing_key = signing_key
         self._verify_keys = dict(verify_keys or {})
         self._idempotent = bool(idempotent)
+        self._seen_sessions = seen_sessions
         self._last: tuple[bytes, bytes] | None = None
         self._stage = Stage.ADVERTISE_KEYS
         self._session: bytes | None = None
@@ -839,7 +955,7 @@ class SecAggClient:
                 "out of order)"
             )
         if self._session is None:
-            self._session = msg.session
+            self._enter_session(msg.session)
         elif msg.session != self._session:
             raise ProtocolError(
                 "request of another protocol session (replayed) refused"
@@ -862,18 +978,38 @@ class SecAggClient:
         elif isinstance(msg, UnmaskRequest):
             reply = self._unmask(msg)
             self._stage = Stage.DONE
+            self._forget()
         else:
             raise ProtocolError(f"a {msg.TYPE} is not a request")
         return reply
 
-    def _abort(self) -> None:
-        self._stage = Stage.ABORTED
-        self._last = None
+    def _enter_session(self, session: bytes) -> None:
+        """Take the session of the first request, unless this device saw it."""
+        seen = self._seen_sessions
+        if seen is not None:
+            key = (self.round_idx, bytes(session))
+            if key in seen:
+                raise ProtocolError(
+                    f"client {self.client_id!r} already took part in round "
+                    f"{self.round_idx} under this session: a round run again under "
+                    "the same session is refused (seen_sessions)"
+                )
+            seen.add(key)
+        self._session = session
+
+    def _forget(self) -> None:
+        """Drop every secret of the round (at its end, or on abort)."""
         self._encryption = self._masking = None
         self._self_seed = None
         self._input = None
-        self._held.clear()
-        self._channel_keys.clear()
+        self._held = {}
+        self._channel_keys = {}
+        self._peers = {}
+
+    def _abort(self) -> None:
+        self._stage = Stage.ABORTED
+        self._last = None
+        self._forget()
 
     def _reply_head(self) -> _Head:
         assert self._session is not None
@@ -1190,6 +1326,8 @@ class SecAggClient:
                 f"the survivor list names {survivors[0]!r}, which sorts before the "
                 f"graph seed's leader {self._leader!r}"
             )
+        if self.config.malicious:
+            self._leader_rule(survivors, None)
         t = self.config.threshold
         if len(survivors) < t:
             raise ProtocolError(
@@ -1292,6 +1430,7 @@ class SecAggClient:
                 f"the consistency check needed {t} signatures of the survivor list, "
                 f"got {len(signers)}"
             )
+        self._leader_rule(msg.survivors, signers)
         # Signed over this client's own view (client list, seed): a signature
         # made for another list or graph does not verify.
         message = _consistency_message(
@@ -1308,6 +1447,32 @@ class SecAggClient:
                     f"the signature of {v!r} on the survivor list does not verify "
                     "(forged, or made for another client list or graph)"
                 ) from exc
+
+    def _leader_rule(
+        self, survivors: Sequence[str], signers: Mapping[str, bytes] | None
+    ) -> None:
+        """Malicious mode: the leader survives and signed (``signers``, if given).
+
+        The graph seed hashes the leader's advertisement, and only the client
+        object that made it accepts it as its own, so only that object holds
+        this view as leader, and it signs one survivor list: with its
+        signature required, at most one survivor list per view can ever be
+        accepted, even across runs of a round under one session (module
+        docstring, "Why the server cannot unmask one client").
+        """
+        leader = self._leader
+        if leader not in survivors:
+            raise ProtocolError(
+                f"the survivor list leaves out the graph seed's leader {leader!r}: "
+                "in malicious mode every survivor list must carry the leader's "
+                "signature, so a round whose leader dropped stops"
+            )
+        if signers is not None and leader not in signers:
+            raise ProtocolError(
+                f"the survivor list is not signed by the graph seed's leader "
+                f"{leader!r}: in malicious mode the leader's signature is required "
+                "(it signs one survivor list per round)"
+            )
 
     def _require_graph(self) -> NeighbourGraph:
         assert self._graph is not None
@@ -1798,6 +1963,7 @@ class SecAggServer:
             self._require(len(members), f"stage {stage}")
             self._set_stage(Stage.SHARE_KEYS, members)
         elif stage is Stage.SHARE_KEYS:
+            self._require_leader(members, stage)
             self._ciphertexts = {
                 c: m.ciphertexts
                 for c, m in accepted.items()
@@ -1807,6 +1973,7 @@ class SecAggServer:
         elif stage is Stage.MASKED_INPUT:
             # Their vectors are in self._sum already (receive_one).
             self._survivors = members
+            self._require_leader(members, stage)
             if not self.graph.is_connected(members):
                 raise ProtocolError(
                     "the survivors are not connected in the neighbour graph: unmasking "
@@ -1817,6 +1984,7 @@ class SecAggServer:
             else:
                 self._enter_unmask(members)
         elif stage is Stage.CONSISTENCY_CHECK:
+            self._require_leader(members, stage)
             self._signatures = {
                 c: m.signature
                 for c, m in accepted.items()
@@ -1847,6 +2015,24 @@ class SecAggServer:
             else:
                 kept.append(cid)
         return tuple(kept)
+
+    def _require_leader(self, members: Sequence[str], stage: Stage) -> None:
+        """Malicious mode: stop once the leader is out (clients would refuse).
+
+        Every client requires the leader in the survivor list and among its
+        signers (:meth:`SecAggClient._leader_rule`), so a round whose leader
+        did not answer ``stage`` cannot complete; stop now, saying why.
+        """
+        if not self.config.malicious:
+            return
+        assert self._leader is not None
+        leader = self._leader.client_id
+        if leader not in members:
+            raise ProtocolError(
+                f"stage {stage}: the graph seed's leader {leader!r} did not answer; "
+                "in malicious mode every client needs the leader in the survivor "
+                "list and its signature on it, so the round stops"
+            )
 
     def _set_stage(self, stage: Stage, active: tuple[str, ...]) -> None:
         self._stage = stage
