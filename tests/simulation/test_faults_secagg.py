@@ -316,3 +316,37 @@ def test_explicit_neighbours_below_the_secure_minimum_are_refused_by_the_config(
         ).neighbour_count(10)
     with pytest.raises(ConfigError, match="applies only to"):
         _config(secagg={"protocol": "secagg", "allow_insecure_neighbours": True})
+
+
+def test_malicious_mode_defaults_to_a_threshold_above_two_thirds() -> None:
+    # Bonawitz et al. §6: t > 2n/3, so that fewer than n/3 colluding clients
+    # are tolerated (n_C < 2t - n). At n = 9 the semi-honest default 2/3
+    # gives t = 6 = 2n/3; malicious mode gets 7.
+    from fedshield.api.experiment import secure_settings
+
+    assert SecureAggregation().threshold_for(9) == 6
+    assert SecureAggregation(malicious=True).threshold_for(9) == 7
+    assert SecureAggregation(malicious=True).threshold_for(10) == 7
+    assert SecureAggregation(threshold=2 / 3, malicious=True).threshold_for(9) == 6
+    for malicious, expected in ((False, 6), (True, 7)):
+        config = _config(secagg={"protocol": "secagg", "malicious": malicious})
+        settings = secure_settings(config)  # type: ignore[arg-type]
+        assert settings is not None and settings.threshold_for(9) == expected
+        config_t = settings.protocol_config(9, 20, 4)
+        assert config_t.colluders_tolerated(9) == 2 * expected - 9 - 1
+
+
+def test_a_malicious_threshold_that_tolerates_no_colluder_is_warned_about(
+    caplog,  # type: ignore[no-untyped-def]
+) -> None:
+    # t = 6 of n = 11: 2t - n = 1, so one client colluding with the server
+    # is enough to unmask another (tests/secagg/test_protocol_attacks.py).
+    with caplog.at_level("WARNING", logger="fedshield.simulation.secure"):
+        SecureAggregation(threshold=6, malicious=True).check(11, 8)
+    assert "colluding with a single client" in caplog.text
+    assert "leave it unset for 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedshield.simulation.secure"):
+        SecureAggregation(malicious=True).check(11, 8)  # t = 8: 2t - n = 5
+        SecureAggregation(threshold=6).check(11, 8)  # semi-honest
+    assert caplog.text == ""

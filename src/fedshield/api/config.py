@@ -189,10 +189,15 @@ class PrivacySection(_Section):
 
 
 class SecAggSection(_Section):
-    """``[secagg]``: secure aggregation (the server learns only the sum)."""
+    """``[secagg]``: secure aggregation (the server learns only the sum).
+
+    ``threshold`` unset: ``ceil(2n/3)`` of a round's ``n`` clients, and with
+    ``malicious`` the smallest ``t > 2n/3`` (Bonawitz et al. §6; see
+    :class:`fedshield.simulation.secure.SecureAggregation`).
+    """
 
     protocol: Literal["none", "secagg", "secagg+"] = "none"
-    threshold: float = Field(2.0 / 3.0, gt=0)
+    threshold: float | None = Field(None, gt=0)
     clip: float = Field(1.0, gt=0)
     precision_bits: int = Field(24, ge=8, le=40)
     neighbours: int | None = Field(None, ge=2)

@@ -112,7 +112,11 @@ class SecureAggregation:
         ``"secagg+"`` (Bell et al. 2020, a sparse random graph).
     threshold
         Fewest clients needed at every stage: a fraction of the round's
-        clients in (0.5, 1] or, when > 1, a number of clients.
+        clients in (0.5, 1] or, when > 1, a number of clients. None (the
+        default): ``ceil(2 n / 3)``, and with ``malicious`` the smallest
+        ``t > 2 n / 3`` (``2 n // 3 + 1``, Bonawitz et al. §6), which
+        tolerates fewer than ``n / 3`` clients colluding with the server
+        (:meth:`~fedshield.secagg.protocol.SecAggConfig.colluders_tolerated`).
     clip
         Range of each encoded value (``w_k Δ_k``): values outside
         ``[-clip, clip]`` are clipped and counted.
@@ -124,6 +128,8 @@ class SecureAggregation:
         ``allow_insecure_neighbours``.
     malicious
         Signed key advertisements and the consistency check (Bonawitz §6).
+        :meth:`check` logs a warning when ``2 t - n <= 1``: the protocol
+        then tolerates no client colluding with the server.
     security_parameter
         SecAgg+'s statistical security parameter ``σ`` (bits).
     expected_dropout
@@ -138,7 +144,7 @@ class SecureAggregation:
     """
 
     protocol: Literal["secagg", "secagg+"] = "secagg"
-    threshold: float = 2.0 / 3.0
+    threshold: float | None = None
     clip: float = 1.0
     precision_bits: int = 24
     neighbours: int | None = None
@@ -157,7 +163,10 @@ class SecureAggregation:
             If ``t`` would exceed the clients, or be at most half of them
             (two disjoint halves could then each pass for the survivors).
         """
-        if self.threshold <= 1.0:
+        if self.threshold is None:
+            n = num_clients
+            t = 2 * n // 3 + 1 if self.malicious else -(-2 * n // 3)
+        elif self.threshold <= 1.0:
             t = math.ceil(self.threshold * num_clients - 1e-9)
         else:
             t = int(self.threshold)
@@ -229,6 +238,19 @@ class SecureAggregation:
         config = self.protocol_config(num_clients, bits, vector_length)
         config.check_clients(num_clients)
         config.neighbour_count(num_clients)
+        if self.malicious and config.colluders_tolerated(num_clients) == 0:
+            t = config.threshold
+            logger.warning(
+                "[secagg] malicious = true with threshold %d of %d clients "
+                "(2t - n = %d): a malicious server colluding with a single client "
+                "could unmask an honest client's update (it needs 2t - n > n_C "
+                "colluders, Bonawitz et al. section 6); raise the threshold, e.g. "
+                "leave it unset for %d (above 2n/3)",
+                t,
+                num_clients,
+                2 * t - num_clients,
+                2 * num_clients // 3 + 1,
+            )
 
     def stages(self) -> tuple[str, ...]:
         """The protocol's stages in order (for fault injection)."""
