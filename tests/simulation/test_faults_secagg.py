@@ -30,15 +30,30 @@ def _config(**sections: dict[str, object]) -> object:
 
 def test_faults_draw_each_client_with_its_probability() -> None:
     faults = Faults(0.3)
-    rng = np.random.default_rng(0)
     clients = [str(i) for i in range(20_000)]
-    drops = faults.draw(clients, ("a", "b", "c"), rng)
+    drops = faults.draw(clients, ("a", "b", "c"), seed=0, round_idx=0)
     assert abs(len(drops) / 20_000 - 0.3) < 5 * (0.21 / 20_000) ** 0.5
     counts = [sum(1 for s in drops.values() if s == x) for x in "abc"]
     assert max(counts) - min(counts) < 0.1 * len(drops)
-    assert Faults(0.0).draw(clients, ("a",), rng) == {}
+    assert Faults(0.0).draw(clients, ("a",), seed=0, round_idx=0) == {}
     with pytest.raises(ConfigError, match="dropout"):
         Faults(1.0)
+
+
+def test_a_clients_fate_does_not_depend_on_who_else_was_sampled() -> None:
+    # Drawn by position in the sample, one client more (or fewer) would move
+    # every later client's fate: under central DP one client's presence
+    # would change the sum by more than its own clipped update.
+    faults = Faults(0.3)
+    stages = ("fit", "a", "b")
+    others = [str(i) for i in range(1, 200, 3)]
+    for round_idx in range(20):
+        alone = faults.draw(others, stages, seed=4, round_idx=round_idx)
+        for extra in (["0"], ["0", "2", "5"]):
+            more = faults.draw(extra + others, stages, seed=4, round_idx=round_idx)
+            assert {c: s for c, s in more.items() if c in others} == alone
+        assert faults.draw(others[::-1], stages, seed=4, round_idx=round_idx) == alone
+        assert alone != faults.draw(others, stages, seed=5, round_idx=round_idx)
 
 
 def test_dropouts_without_secure_aggregation_are_recorded_and_survived(

@@ -72,7 +72,8 @@ def run_round(
 
     With ``secure``, the round's updates are combined by secure aggregation
     (only their sum is learned); with ``faults``, sampled clients drop out at
-    a random stage of the round, drawn from ``seed`` and the round.
+    a random stage of the round, drawn from ``seed``, the round and the
+    client.
 
     A stateful strategy (SCAFFOLD) needs ``client_states``; the new client
     states of a completed round are written to it before this returns.
@@ -89,9 +90,7 @@ def run_round(
     drop_at: dict[ClientId, str] = {}
     if faults is not None:
         stages = ("fit", *(secure.stages() if secure is not None else ()))
-        drop_at = faults.draw(
-            plan.clients, stages, derive_rng(seed, "faults", round_idx)
-        )
+        drop_at = faults.draw(plan.clients, stages, seed=seed, round_idx=round_idx)
     protocol = FitRound(
         strategy,
         state,

@@ -87,18 +87,27 @@ class Faults:
         self,
         clients: Sequence[ClientId],
         stages: Sequence[str],
-        rng: np.random.Generator,
+        *,
+        seed: int,
+        round_idx: int,
     ) -> dict[ClientId, str]:
-        """The stage at which each dropping client drops (uniform over ``stages``)."""
+        """The stage at which each dropping client drops (uniform over ``stages``).
+
+        Each client's fate comes from its own stream, ``derive_rng(seed,
+        "faults", round_idx, client_id)``: whether a client drops does not
+        depend on which other clients were sampled (a client added to the
+        sample changes no other client's fate).
+        """
+        from fedshield.core import derive_rng
+
         if self.dropout == 0.0 or not stages:
             return {}
-        drops = rng.random(len(clients)) < self.dropout
-        where = rng.integers(len(stages), size=len(clients))
-        return {
-            cid: stages[int(k)]
-            for cid, drop, k in zip(clients, drops, where, strict=True)
-            if drop
-        }
+        drops: dict[ClientId, str] = {}
+        for cid in clients:
+            rng = derive_rng(seed, "faults", round_idx, cid)
+            if rng.random() < self.dropout:
+                drops[cid] = stages[int(rng.integers(len(stages)))]
+        return drops
 
 
 @dataclass(frozen=True)
