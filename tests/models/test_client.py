@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from fedshield.core import Client, EvalConfig, FitConfig
+from fedshield.core import Client, EvalConfig, FitConfig, validate_update
 from fedshield.errors import ConfigError
 from fedshield.models import TorchClient, TorchModel, build_module
+from fedshield.privacy.records import DP_SGD_CLIP, DP_SGD_SIGMA
 
 
 @pytest.fixture
@@ -139,3 +140,20 @@ def test_pickle_round_trip_fits_identically(
     b = clone.fit(params, config, np.random.default_rng(4))
     assert a.delta == b.delta
     assert a.metrics == b.metrics
+
+
+def test_a_diverged_dp_sgd_update_is_sent_as_zeros(
+    client: TorchClient, model: TorchModel
+) -> None:
+    # Record-level DP-SGD whose noised steps overflow: the update is zeros
+    # (post-processing of the noised steps), never a NaN or infinite update
+    # that the server would reject, telling that training diverged.
+    params = model.init_params(0)
+    options = {DP_SGD_CLIP: 1.0, DP_SGD_SIGMA: 100.0}
+    config = FitConfig(round_idx=0, lr=1e38, epochs=2, options=options)
+    trained, _ = client._fit_dp_sgd(params, config, np.random.default_rng(1))
+    assert not trained.is_finite()  # what DP-SGD alone gives
+    update = client.fit(params, config, np.random.default_rng(1))
+    validate_update(update, params.spec)
+    assert not np.any(update.delta.flat)
+    assert set(update.metrics) == {"dp_sgd/sampling_rate", "dp_sgd/steps"}

@@ -199,6 +199,23 @@ def test_secure_randomness_differs_between_runs():
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_update_is_encoded_as_zero(bad):
+    # Whether training diverged depends on the data: encoded like the zero
+    # update (same words from the same randomness), never an error.
+    dp = ddg.DistributedDp(clip_norm=1.0, noise_multiplier=1.0, modulus_bits=16)
+    params = dp.parameters(dimension=50, num_clients=3, threshold=2)
+    delta = np.full(50, 0.01)
+    delta[7] = bad
+    words, _ = ddg.encode(
+        delta, params, clip_norm=1.0, rotation_seed=3, random_bytes=_bytes(5)
+    )
+    zero, _ = ddg.encode(
+        np.zeros(50), params, clip_norm=1.0, rotation_seed=3, random_bytes=_bytes(5)
+    )
+    np.testing.assert_array_equal(words, zero)
+
+
 def _no_noise(monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(
         ddg, "discrete_gaussian", lambda count, sigma, rb: np.zeros(count, np.int64)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedshield.core import ClientUpdate, FitConfig, Params
+from fedshield.core import ClientUpdate, FitConfig, Params, validate_update
 from fedshield.errors import ConfigError
 from fedshield.models import TorchClient, TorchModel, build_module
 from fedshield.privacy import noise as noise_module
@@ -57,6 +57,21 @@ def test_the_noise_is_always_secure(monkeypatch: pytest.MonkeyPatch) -> None:
     options = {LOCAL_CLIP: 1.0, LOCAL_SIGMA: 1.0}
     assert privatize(delta, options) != privatize(delta, options)
     assert keys == [32, 16, 32, 16]  # one fresh AES key and counter per update
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_update_is_sent_as_a_noised_zero(bad: float) -> None:
+    # Whether local training diverged depends on the data: it must not show
+    # (an all-NaN vector, which the server rejects by name).
+    values = np.zeros(20_000)
+    values[:3] = (bad, 1.0, -2.0)
+    out = privatize(_delta(values), {LOCAL_CLIP: 0.5, LOCAL_SIGMA: 2.0})
+    sent = np.asarray(out.flat, np.float64)
+    assert np.isfinite(sent).all()
+    n = sent.size
+    assert abs(sent.mean()) < 5 * 1.0 / math.sqrt(n)
+    assert abs(sent.std() - 1.0) < 5 * 1.0 / math.sqrt(2 * n)
+    validate_update(ClientUpdate("a", out, LOCAL_NUM_EXAMPLES), out.spec)
 
 
 @pytest.mark.parametrize(
@@ -120,6 +135,21 @@ def test_the_server_sees_no_clip_bit_no_count_and_no_metrics(
         assert update.num_examples == LOCAL_NUM_EXAMPLES == 1
         assert dict(update.metrics) == {}
         assert update.extras == {} and update.state == {}
+
+
+def test_a_client_whose_training_diverges_sends_a_valid_update(
+    client: TorchClient,
+) -> None:
+    params = client.model.init_params(0)
+    diverging = FitConfig(round_idx=0, lr=1e38, epochs=3)
+    plain = client.fit(params, diverging, np.random.default_rng(1))
+    assert not plain.delta.is_finite()  # what training alone gives
+    config = FitConfig(
+        round_idx=0, lr=1e38, epochs=3, options={LOCAL_CLIP: 0.1, LOCAL_SIGMA: 1.0}
+    )
+    update = client.fit(params, config, np.random.default_rng(1))
+    validate_update(update, params.spec)  # accepted, like any other
+    assert update.num_examples == LOCAL_NUM_EXAMPLES and dict(update.metrics) == {}
 
 
 def test_the_server_weights_local_updates_equally() -> None:

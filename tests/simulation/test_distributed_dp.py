@@ -289,6 +289,22 @@ def test_no_training_metrics_leave_the_clients_in_distributed_mode(tmp_path) -> 
         assert "train_loss" not in record and "train_accuracy" not in record
 
 
+def test_a_client_whose_training_diverges_is_never_rejected(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # lr = 1e38 makes every client's training diverge (NaN update and loss).
+    # Its own half of secure aggregation encodes a non-finite update as zero
+    # and reports no metrics: the server cannot reject it, which would tell
+    # whether its training diverged (a function of its data).
+    config = _config(
+        privacy=DDP, client={"lr": 1e38, "epochs": 3}, strategy={"clients_per_round": 6}
+    )
+    summary, run_dir = simulate(config, out=tmp_path / "nan", write_report=False)
+    assert summary["status"] == "completed"
+    records = RunDirectory(run_dir).read_metrics()
+    assert [r["rejected_updates"] for r in records] == [0] * 4
+    assert all(r["num_clients"] == r["sampled_clients"] > 0 for r in records)
+    assert not (run_dir / "failures.jsonl").exists()
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("mode", ["distributed", "central"])
 def test_a_release_before_a_failed_server_step_stays_accounted(tmp_path, mode) -> None:  # type: ignore[no-untyped-def]

@@ -313,6 +313,13 @@ def build_update(
     accuracy and whether the update was clipped would reach the server
     un-noised); the strategy weights local-DP updates equally.
 
+    When the round asks for record-level DP-SGD and the trained model is
+    not finite (the noised steps diverged), the update is all zeros: a
+    function of the noised steps alone, so it costs nothing more, and the
+    server never sees (and rejects) a NaN or infinite update, whose
+    rejection would tell whether training diverged. Local DP treats a
+    non-finite update the same way (:func:`~fedshield.privacy.local.privatize`).
+
     For SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, option II) it
     also computes the new client control variate
     ``c_i+ = c_i - c + (x - y_i) / (K lr)``, with ``K`` the number of local
@@ -322,6 +329,8 @@ def build_update(
     """
     delta = new - params
     reported = num_examples
+    if wants_dp_sgd(config.options) and not delta.is_finite():
+        delta = Params.zeros(delta.spec)  # post-processing of the noised steps
     if wants_local_dp(config.options):
         # Local DP: only the clipped and noised update leaves the client.
         delta = privatize(delta, config.options)

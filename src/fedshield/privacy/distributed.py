@@ -616,9 +616,14 @@ def encode(
     Returns the ``d'`` words for secure aggregation and what the client
     measured: ``clipped`` (1 if its update was above the clip norm) and
     ``rounding_tries``.
+
+    A ``delta`` with a NaN or infinite value (local training diverged) is
+    encoded as the zero update, noised like any other: whether training
+    diverged depends on the client's data and must not show.
     """
     x = np.zeros(params.padded, dtype=np.float64)
-    x[: params.dimension] = delta
+    if np.isfinite(delta).all():
+        x[: params.dimension] = delta
     norm = math.sqrt(_norm_sq(x))
     clipped = norm > clip_norm
     if clipped:

@@ -51,6 +51,11 @@ def wants_local_dp(options: Mapping[str, object]) -> bool:
 def privatize(delta: Params, options: Mapping[str, object]) -> Params:
     """Clip ``delta`` to ``C`` and add Gaussian noise of std ``σC``.
 
+    A ``delta`` with a NaN or infinite value (local training diverged) is
+    taken as the zero update, clipped and noised like any other: whether
+    training diverged depends on the client's data, so it must not show
+    (an all-NaN vector, which the server would reject by name).
+
     The noise comes from a fresh
     :class:`~fedshield.privacy.noise.SecureGaussian`: two calls never draw
     the same noise, whatever the run's seed.
@@ -78,10 +83,14 @@ def privatize(delta: Params, options: Mapping[str, object]) -> Params:
     sigma = _positive(options, LOCAL_SIGMA)
     from fedshield.privacy.noise import SecureGaussian
 
-    norm = delta.norm()
-    factor = 1.0 if norm <= clip else clip / norm
+    values = np.asarray(delta.flat, dtype=np.float64)
+    if np.isfinite(values).all():
+        norm = delta.norm()
+        factor = 1.0 if norm <= clip else clip / norm
+    else:
+        values, factor = np.zeros_like(values), 1.0
     noise = SecureGaussian().sample(delta.spec.size, sigma * clip)
-    noised = np.asarray(delta.flat, dtype=np.float64) * factor + noise
+    noised = values * factor + noise
     return Params.from_flat(noised.astype(np.float32), delta.spec, copy=False)
 
 

@@ -244,7 +244,7 @@ class FitRound:
         for reply in self._answers(self._without_dropped(replies, "fit"), "fit"):
             try:
                 update = validate_update(
-                    reply.value, spec, max_examples=self._max_examples
+                    self._as_encoded(reply.value), spec, max_examples=self._max_examples
                 )
                 if update.client_id != reply.client_id:
                     raise InvalidUpdateError(
@@ -361,6 +361,28 @@ class FitRound:
             messages=dict.fromkeys(self._plan.clients, message_eval),
             timeout_s=self._timeout_s,
         )
+
+    def _as_encoded(self, value: object) -> object:
+        """A reply as the server may check it.
+
+        With distributed DP each client's half of secure aggregation encodes
+        the client's own update (:func:`fedshield.privacy.distributed.
+        encode`, which takes a NaN or infinite update as zero) and reports
+        no training metrics: neither is seen, so neither is rejected, in the
+        clear (whether local training diverged depends on the client's
+        data). Other rounds check what the client sent.
+        """
+        if (
+            self._secure is None
+            or getattr(self._dp_rule(), "distributed", None) is None
+            or not isinstance(value, ClientUpdate)
+            or not isinstance(value.delta, Params)
+        ):
+            return value
+        delta = value.delta
+        if delta.spec == self._state.params.spec and not delta.is_finite():
+            delta = Params.zeros(delta.spec)
+        return replace(value, delta=delta, metrics={})
 
     def _without_dropped(
         self, replies: Iterable[StageReply], stage: str
