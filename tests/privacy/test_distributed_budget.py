@@ -170,3 +170,103 @@ def test_calibrated_noise_fits_every_survivor_count_and_every_mix(target, rounds
     # Just enough: a little less noise breaks the budget at some survivor count.
     q = parameters(z * 0.999)
     assert max(_cost(q, n, rounds) for n in range(25, 51)) > target
+
+
+def _secagg_strategy(target: float, n: int, z: float = 4.0, bits: int = 12) -> DpFedAvg:
+    from fedshield.simulation.secure import SecureAggregation
+
+    return DpFedAvg(
+        base=FedAvg(),
+        privacy=PrivacySettings(
+            mode="distributed",
+            clip_norm=1.0,
+            noise_multiplier=z,
+            delta=1e-5,
+            accountant="rdp",
+            target_epsilon=target,
+            distributed_bits=bits,
+        ),
+        sampler=CountSampler(n),
+        num_clients=n,
+        threshold_for=SecureAggregation(protocol="secagg").threshold_for,
+    )
+
+
+def _worst_alone(strategy: DpFedAvg, dimension: int, trained: int) -> float:
+    """The costliest single release of a round built for ``trained`` clients."""
+    assert strategy.threshold_for is not None
+    p = strategy.privacy.distributed().parameters(
+        dimension=dimension,
+        num_clients=trained,
+        threshold=strategy.threshold_for(trained),
+    )
+    return max(epsilon([e], strategy.privacy.delta) for e in ddg_round_events(p))
+
+
+def test_a_round_built_for_fewer_clients_than_sampled_is_checked_too():
+    # The privacy review's case: d = 650, z = 4, 12 bits, 4 clients sampled.
+    # If one fails at fit, secure aggregation runs for 3 (threshold 2), and
+    # its release with 3 survivors costs 1.0608, more than any release of
+    # the round of 4 (1.0566), which was all the check looked at.
+    d, n = 650, 4
+    probe = _secagg_strategy(1.0, n)
+    sampled = _worst_alone(probe, d, n)
+    worst = max(_worst_alone(probe, d, m) for m in range(2, n + 1))
+    assert sampled == pytest.approx(1.0566, abs=1e-4)
+    assert worst == pytest.approx(1.0608, abs=1e-4)
+    clients = [f"c{i}" for i in range(n)]
+    state = probe.init(Params({"w": np.zeros(d, np.float32)}))
+    tight = _secagg_strategy((sampled + worst) / 2, n)
+    with pytest.raises(PrivacyBudgetExceeded, match=f"to {worst:.4g}, above"):
+        tight.configure(state, clients, rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match=f"one round alone costs epsilon {worst:.4g}"):
+        tight.check(n, d)
+    roomy = _secagg_strategy(worst * 1.0001, n)
+    roomy.check(n, d)
+    assert (
+        len(roomy.configure(state, clients, rng=np.random.default_rng(0)).clients) == n
+    )
+
+
+SETTINGS = {  # name: (strategy, sampled clients, dimension)
+    "tau matters": (lambda: _strategy(1e9), N, D),
+    "review": (lambda: _secagg_strategy(1e9, 4), 4, 650),
+    "plenty of noise": (lambda: _secagg_strategy(1e9, 12, z=1.0, bits=20), 12, 650),
+    "little noise": (lambda: _secagg_strategy(1e9, 16, z=0.5, bits=12), 16, 64),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_the_kept_releases_bound_every_release_of_every_smaller_round(
+    name: str,
+) -> None:
+    # Pruned to the releases no other bounds: every release of a round
+    # built for any number of clients from 2 to n is bounded, at every
+    # order, by one that is kept, so the worst case over them is the same.
+    build, n, d = SETTINGS[name]
+    strategy = build()
+    assert strategy.threshold_for is not None
+    kept = strategy._distributed_releases(d, n)
+    every = []
+    for m in range(2, n + 1):
+        try:
+            p = strategy.privacy.distributed().parameters(
+                dimension=d, num_clients=m, threshold=strategy.threshold_for(m)
+            )
+        except ConfigError:
+            continue
+        every.extend(ddg_round_events(p))
+    assert 1 <= len(kept) < len(every) and set(kept) <= set(every)
+    curves = np.array([ddg_rdp(ORDERS, **_fields(e)) for e in kept])
+    for event in every:
+        curve = ddg_rdp(ORDERS, **_fields(event))
+        assert (curves >= curve).all(axis=1).any()
+    past = np.zeros((1, 0))
+    assert ddg_worst_epsilon([], past, DELTA, then=kept) == pytest.approx(
+        ddg_worst_epsilon([], past, DELTA, then=every), rel=1e-12
+    )
+    # Built up from smaller rounds (as Poisson sampling asks), the same set.
+    fresh = build()
+    for m in (3, n - 1, n):
+        fresh._distributed_releases(d, m)
+    assert fresh._distributed_releases(d, n) == kept

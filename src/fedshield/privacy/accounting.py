@@ -87,6 +87,8 @@ __all__ = [
     "ddg_rdp",
     "ddg_round_events",
     "ddg_tau",
+    "ddg_undominated",
+    "ddg_undominated_releases",
     "ddg_worst_epsilon",
     "calibrate_distributed_noise",
     "epsilon",
@@ -643,6 +645,88 @@ def _ddg_curves(orders: np.ndarray, events: Sequence[DpEventSpec]) -> np.ndarray
             raise ConfigError(f"not a distributed discrete Gaussian event: {spec!r}")
         curves[row] = spec.count * ddg_rdp(orders, **_ddg_fields(spec))
     return curves
+
+
+def ddg_undominated(events: Sequence[DpEventSpec]) -> tuple[DpEventSpec, ...]:
+    """``events`` less those whose RDP curve another's bounds at every order.
+
+    Composed after anything, a release whose curve (:func:`ddg_rdp` at the
+    accountant's orders) lies nowhere above another's costs no more ε than
+    that one, so a worst case over ``events`` (``then`` of
+    :func:`ddg_worst_epsilon`) needs only the rest. Of equal curves, the
+    first is kept; the order of ``events`` is kept.
+
+    Raises
+    ------
+    ConfigError
+        When an event is not a distributed discrete Gaussian.
+    """
+    if not events:
+        return ()
+    orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    curves = _ddg_curves(orders, events)
+    # A curve that bounds another has a sum at least as large: visiting by
+    # decreasing sum (stable), every curve that could bound one comes first.
+    kept: list[int] = []
+    for i in np.argsort(-curves.sum(axis=1), kind="stable"):
+        if kept and bool((curves[kept] >= curves[i]).all(axis=1).any()):
+            continue
+        kept.append(int(i))
+    return tuple(events[i] for i in sorted(kept))
+
+
+def ddg_undominated_releases(
+    parameters: Any, keep: Sequence[DpEventSpec] = ()
+) -> tuple[DpEventSpec, ...]:
+    """:func:`ddg_undominated` of ``keep`` and ``ddg_round_events(parameters)``.
+
+    For a worst case over the releases of many rounds (one per number of
+    clients that may finish training), without building every event: the
+    round's RDP curves are computed at once, and a release that one of
+    ``keep`` or of the round's own costliest releases (those on the
+    pointwise maximum) bounds at every order, with a relative margin of
+    1e-9 for rounding, is left out before the exact comparison.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`ddg_rdp` (a noise share below 1/2 unit).
+    """
+    orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    low, high = int(parameters.threshold), int(parameters.num_clients)
+    if low > high:
+        return ddg_undominated(keep)
+
+    def event(survivors: int) -> DpEventSpec:  # as ddg_round_events builds it
+        return DpEventSpec.distributed_discrete_gaussian(
+            num_clients=survivors,
+            noise_std_per_client=parameters.noise_std,
+            l2_sensitivity=parameters.l2_sensitivity,
+            dimension=parameters.padded,
+        )
+
+    first = event(low)
+    ddg_rdp(orders, **_ddg_fields(first))  # validates the noise share
+    sigma, d = float(parameters.noise_std), int(parameters.padded)
+    survivors = np.arange(low, high + 1)
+    # ddg_rdp of every survivor count at once; τ (ddg_tau) from one cumsum.
+    k = np.arange(1, high, dtype=np.float64)
+    terms = np.exp(-2.0 * math.pi**2 * sigma**2 * k / (k + 1.0))
+    tau = 10.0 * np.concatenate(([0.0], np.cumsum(terms)))[survivors - 1]
+    scale = float(parameters.l2_sensitivity) / (np.sqrt(survivors) * sigma)
+    curves = np.minimum(
+        orders[None, :] * (scale**2 / 2.0)[:, None] + (tau * d)[:, None],
+        orders[None, :] / 2.0 * ((scale + tau * math.sqrt(d)) ** 2)[:, None],
+    )
+    tops = np.unique(curves.argmax(axis=0))
+    bounds = np.vstack([_ddg_curves(orders, keep), curves[tops]])
+    above = curves * (1.0 + 1e-9)
+    bounded: np.ndarray = np.any(
+        np.all(bounds[:, None, :] >= above[None, :, :], axis=2), axis=0
+    )
+    bounded[tops] = False
+    rest = [event(int(n)) for n, out in zip(survivors, bounded, strict=True) if not out]
+    return ddg_undominated([*keep, *rest])
 
 
 def ddg_worst_epsilon(

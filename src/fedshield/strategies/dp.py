@@ -70,7 +70,7 @@ from fedshield.privacy.accounting import (
     AccountantKind,
     DpEventSpec,
     PrivacyLedger,
-    ddg_round_events,
+    ddg_undominated_releases,
     ddg_worst_epsilon,
     epsilon,
 )
@@ -629,8 +629,9 @@ class DpFedAvg:
         if self.privacy.mode == "record":
             self._check_record_budget(record, clients)
         elif self.privacy.mode == "distributed" and clients:
-            # Checked for the round as sampled: a larger round has a coarser
-            # granularity and a larger sensitivity in integer units.
+            # Checked for the round as sampled and for every smaller number
+            # of clients that may finish training (its own granularity and
+            # noise share: a smaller round can cost more).
             self._check_distributed_budget(record, state.params.spec.size, len(clients))
         local = replace(self.base.local, round_idx=state.round_idx)
         aggregator: Aggregator | None = None
@@ -849,20 +850,71 @@ class DpFedAvg:
     ) -> DpEventSpec:
         """The costliest release, alone, of a round of ``num_clients``.
 
-        For a round of ``num_clients`` (default: the expected number), which
-        completes with any number of survivors from the threshold to all of
-        them (:func:`~fedshield.privacy.accounting.ddg_round_events`; ε is
-        not monotone in the survivors): the one whose single round costs the
-        most ε.
+        For a round of ``num_clients`` (default: the expected number): of
+        every release it can make (:meth:`_distributed_releases`), the one
+        whose single round costs the most ε.
         """
         n = max(2, num_clients or round(self._expected))
-        t = self.threshold_for(n) if self.threshold_for is not None else n
-        params = self.privacy.distributed().parameters(
-            dimension=dimension, num_clients=n, threshold=t
-        )
-        events = ddg_round_events(params)
+        events = self._distributed_releases(dimension, n)
         costs = [epsilon([e], self.privacy.delta) for e in events]
         return events[costs.index(max(costs))]
+
+    def _distributed_releases(
+        self, dimension: int, num_clients: int
+    ) -> tuple[DpEventSpec, ...]:
+        """Every release a round sampled with ``num_clients`` can make.
+
+        Secure aggregation runs for the ``n'`` clients that trained, any
+        number from ``min_clients`` (at least 2; fewer abort the round) to
+        all sampled (some may fail at fit), with ``n'``'s own threshold and
+        discrete Gaussian, and completes with any number of survivors from
+        that threshold to ``n'`` (:func:`~fedshield.privacy.accounting.
+        ddg_round_events`). ε is monotone in neither (a smaller ``n'`` has
+        a finer granularity but fewer noise shares), so every pair counts;
+        those another bounds at every order are left out (:func:`~fedshield.
+        privacy.accounting.ddg_undominated_releases`). A ``n'`` whose round
+        cannot be built (threshold or parameters refused) aborts: it
+        releases nothing. The set for ``n`` is the set for ``n − 1`` plus
+        round ``n``'s releases, so each is built once from the last one
+        cached.
+
+        Raises
+        ------
+        ConfigError
+            If the round as sampled cannot be built.
+        """
+        distributed = self.privacy.distributed()
+
+        def parameters(trained: int) -> Any:
+            t = (
+                self.threshold_for(trained)
+                if self.threshold_for is not None
+                else trained
+            )
+            return distributed.parameters(
+                dimension=dimension, num_clients=trained, threshold=t
+            )
+
+        parameters(num_clients)  # the round as sampled: refused if it cannot run
+        built: dict[int, tuple[DpEventSpec, ...]] = self._cache.setdefault(
+            f"ddg_releases/{dimension}", {}
+        )
+        if num_clients in built:
+            return built[num_clients]
+        lowest = max(2, self.base.min_clients)
+        below = [m for m in built if m < num_clients]
+        trained = max(below) if below else lowest - 1
+        releases = built[trained] if below else ()
+        while trained < num_clients:
+            trained += 1
+            try:
+                round_ = parameters(trained)
+            except ConfigError:
+                round_ = None  # such a round aborts in secure aggregation
+            if round_ is not None:
+                releases = ddg_undominated_releases(round_, releases)
+            built[trained] = releases
+        return releases
 
     def _local_epsilon(self, participations: int) -> float:
         if participations == 0:
@@ -921,18 +973,12 @@ class DpFedAvg:
         target = self.privacy.target_epsilon
         if target is None:
             return
-        # The worst case: any client takes part again, in a round completed
-        # by any number of survivors from the threshold to all sampled (ε is
-        # not monotone in the survivors, so every count is checked).
-        n = max(2, num_clients)
-        t = self.threshold_for(n) if self.threshold_for is not None else n
-        params = self.privacy.distributed().parameters(
-            dimension=dimension, num_clients=n, threshold=t
-        )
+        # The worst case: any client takes part again, in a round built for
+        # any number of clients that trained and completed by any number of
+        # survivors (ε is monotone in neither, so every pair is checked).
+        releases = self._distributed_releases(dimension, max(2, num_clients))
         histograms = list(dict(record["participation"]).values()) or [{}]
-        after = self._distributed_epsilon(
-            record["events"], histograms, ddg_round_events(params)
-        )
+        after = self._distributed_epsilon(record["events"], histograms, releases)
         self._refuse_above(target, record, after)
 
     def _refuse_above(
