@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -162,6 +165,70 @@ def test_a_resumed_run_reports_the_same_epsilon(tmp_path) -> None:  # type: igno
     a = RunDirectory(tmp_path / "full").read_metrics()
     b = RunDirectory(tmp_path / "part").read_metrics()
     assert [r["epsilon"] for r in a] == [r["epsilon"] for r in b]
+
+
+class _StopAt:
+    """A backend that counts who was asked to train and is stopped (Ctrl-C)
+    at stage ``stage`` of round 2, once (``stopped`` is shared by the runs)."""
+
+    def __init__(
+        self, inner: Any, stage: str, asked: Counter[str], stopped: list[bool]
+    ) -> None:
+        self.inner, self.stage, self.asked, self.stopped = inner, stage, asked, stopped
+
+    def run_stage(self, request: Any, *, client_fn: Any, seed: int) -> Any:
+        if request.stage == "fit":
+            self.asked.update(list(request.messages))
+        if request.stage == self.stage and request.round_idx == 1 and not self.stopped:
+            self.stopped.append(True)
+            raise KeyboardInterrupt
+        return self.inner.run_stage(request, client_fn=client_fn, seed=seed)
+
+    def end_round(self) -> None:
+        self.inner.end_round()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_round_stopped_after_its_sum_was_unmasked_is_charged_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Round 2's sum is unmasked (released), then the run stops before its
+    # checkpoint (in federated evaluation). The round was checkpointed
+    # charged before its clients trained, at the costliest release it could
+    # make: the resumed run, which repeats round 2, counts both.
+    import fedshield.api.run as run_module
+
+    config = _config(
+        privacy=DDP,
+        strategy={"clients_per_round": 6},
+        run={"rounds": 3, "federated_eval": True},
+    )
+    simulate(config, out=tmp_path / "full", write_report=False)
+    full = [r["epsilon"] for r in RunDirectory(tmp_path / "full").read_metrics()]
+    asked: Counter[str] = Counter()
+    stopped: list[bool] = []
+    make = run_module.make_backend
+    monkeypatch.setattr(
+        run_module,
+        "make_backend",
+        lambda *a, **k: _StopAt(make(*a, **k), "evaluate", asked, stopped),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, out=tmp_path / "part", write_report=False)
+    cut = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert cut["status"] == "interrupted" and cut["rounds"] == 1
+    # Round 2 as charged bounds round 2 as it was.
+    assert cut["epsilon"] >= full[1] * (1 - 1e-9) and cut["epsilon"] > full[0]
+    resumed, run_dir = simulate(
+        config, out=tmp_path / "part", resume=True, write_report=False
+    )
+    participation = (
+        RunDirectory(run_dir).load_checkpoint().metadata["privacy"]["participation"]
+    )
+    assert {cid: sum(h.values()) for cid, h in participation.items()} == dict(asked)
+    assert resumed["epsilon"] > full[-1]
 
 
 @pytest.mark.parametrize("protocol", ["secagg", "secagg+"])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -335,6 +338,92 @@ def test_a_resumed_run_reports_the_same_epsilon(tmp_path) -> None:  # type: igno
     a = RunDirectory(tmp_path / "full").read_metrics()
     b = RunDirectory(tmp_path / "part").read_metrics()
     assert [r["epsilon"] for r in a] == [r["epsilon"] for r in b]
+
+
+class _StopAfterFit:
+    """A backend that counts who was asked to train, and is stopped (Ctrl-C)
+    once the fit stage of round ``stop_in`` (1-based) has reached the server,
+    the first time only (``stopped`` is shared by the runs)."""
+
+    def __init__(
+        self, inner: Any, stop_in: int, asked: Counter[str], stopped: list[bool]
+    ) -> None:
+        self.inner, self.stop_in = inner, stop_in
+        self.asked, self.stopped = asked, stopped
+
+    def run_stage(self, request: Any, *, client_fn: Any, seed: int) -> Any:
+        replies = list(self.inner.run_stage(request, client_fn=client_fn, seed=seed))
+        if request.stage == "fit":
+            self.asked.update(list(request.messages))
+            if request.round_idx + 1 == self.stop_in and not self.stopped:
+                self.stopped.append(True)
+                raise KeyboardInterrupt
+        return iter(replies)
+
+    def end_round(self) -> None:
+        self.inner.end_round()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_a_round_interrupted_after_its_release_is_charged_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The round is checkpointed charged before its clients train: stopped
+    # after round 2's updates reached the server, the resumed run (which
+    # repeats round 2, freshly noised) is charged for both releases.
+    import fedshield.api.run as run_module
+
+    asked: Counter[str] = Counter()
+    stopped_once: list[bool] = []
+    make = run_module.make_backend
+    monkeypatch.setattr(
+        run_module,
+        "make_backend",
+        lambda *a, **k: _StopAfterFit(make(*a, **k), 2, asked, stopped_once),
+    )
+    privacy = {
+        "mode": mode,
+        "clip_norm": 0.5,
+        "noise_multiplier": 2.0 if mode == "local" else 1.0,
+        "accountant": "rdp",
+    }
+    config = _config(privacy, rounds=3)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, out=tmp_path / "r", write_report=False)
+    stopped = json.loads((tmp_path / "r" / "summary.json").read_text())
+    asked_before = Counter(asked)
+    summary, run_dir = simulate(
+        config, out=tmp_path / "r", resume=True, write_report=False
+    )
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    record = RunDirectory(run_dir).load_checkpoint().metadata["privacy"]
+    if mode == "local":
+        assert record["participation"] == dict(asked)
+        expected = _local_reference(max(asked.values()), sigma=2.0)
+        expected_stopped = _local_reference(max(asked_before.values()), sigma=2.0)
+    else:
+        # Four releases: rounds 1, 2 (interrupted), 2 again, 3.
+        assert sum(len(e["rounds"]) for e in record["ledger"]["events"]) == 4
+        expected = _reference_epsilon(0.2, 1.0, 4, 1e-5)
+        expected_stopped = _reference_epsilon(0.2, 1.0, 2, 1e-5)
+    assert summary["epsilon"] == pytest.approx(expected, rel=1e-6)
+    # The interrupted run's summary already counts round 2's release.
+    assert stopped["status"] == "interrupted" and stopped["rounds"] == 1
+    assert stopped["epsilon"] == pytest.approx(expected_stopped, rel=1e-6)
+
+
+def _local_reference(participations: int, sigma: float) -> float:
+    """Local mode's epsilon: Gaussian releases of multiplier sigma / 2 (RDP)."""
+    reference = rdp.RdpAccountant()
+    reference.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(sigma / 2.0), participations
+        )
+    )
+    return float(reference.get_epsilon(1e-5))
 
 
 def test_a_local_run_noises_updates_on_the_client(tmp_path) -> None:  # type: ignore[no-untyped-def]

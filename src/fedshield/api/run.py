@@ -350,9 +350,11 @@ def _simulate(
         raise
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user"
+        final_state = _charged_on_disk(run_dir, final_state)
         raise
     except BaseException as err:
         status, error = "failed", f"internal error: {type(err).__name__}: {err}"
+        final_state = _charged_on_disk(run_dir, final_state)
         raise
     finally:
         backend.close()
@@ -375,6 +377,22 @@ def _simulate(
         if write_report and config.run.report:
             _write_report(run_dir.path, prefetch)
     return summary, run_dir.path
+
+
+def _charged_on_disk(run_dir: RunDirectory, state: ServerState) -> ServerState:
+    """The checkpoint's state when it charges the round that was cut short.
+
+    A DP round is checkpointed charged before its clients train (see
+    :func:`~fedshield.simulation.run_rounds`): a run stopped inside it has
+    spent what that checkpoint says, which the summary reports.
+    """
+    try:
+        saved = run_dir.load_checkpoint()
+    except FedShieldError:
+        return state
+    if saved.round_idx != state.round_idx or "privacy" not in saved.metadata:
+        return state
+    return saved
 
 
 def _write_report(path: Path, prefetch: ReportPrefetch | None) -> None:

@@ -17,9 +17,16 @@ from fedshield.simulation.rounds import CollusionFn, FitRound, RoundResult
 from fedshield.simulation.rundir import FAILURES, METRICS, RunDirectory
 from fedshield.simulation.secure import Faults, SecureAggregation
 from fedshield.simulation.state_store import StateStore
-from fedshield.strategies import PrivateRelease, Strategy
+from fedshield.strategies import PrivateRelease, RoundPlan, Strategy
 
-__all__ = ["EvaluateFn", "RoundCallback", "drive_round", "run_round", "run_rounds"]
+__all__ = [
+    "BeforeFitFn",
+    "EvaluateFn",
+    "RoundCallback",
+    "drive_round",
+    "run_round",
+    "run_rounds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,9 @@ EvaluateFn = Callable[[Params], Mapping[str, float]]
 
 RoundCallback = Callable[[ServerState, Mapping[str, Any]], None]
 """Called after each completed round with the new state and its record."""
+
+BeforeFitFn = Callable[[ServerState, RoundPlan], None]
+"""Called with a round's state and plan before its clients are asked to train."""
 
 
 def drive_round(
@@ -67,6 +77,7 @@ def run_round(
     faults: Faults | None = None,
     colluders: Collection[ClientId] = (),
     collude: CollusionFn | None = None,
+    before_fit: BeforeFitFn | None = None,
 ) -> RoundResult:
     """Plan and run round ``state.round_idx``; return how it ended.
 
@@ -77,6 +88,10 @@ def run_round(
 
     A stateful strategy (SCAFFOLD) needs ``client_states``; the new client
     states of a completed round are written to it before this returns.
+
+    ``before_fit(state, plan)`` is called once the round is planned, before
+    its stage ``fit`` is sent to the clients (:func:`run_rounds` checkpoints
+    a DP round's privacy cost there).
 
     Randomness comes from ``seed`` and the round index only, so the same
     round gives the same result whether it runs after round ``r − 1`` in one
@@ -91,6 +106,8 @@ def run_round(
     if faults is not None:
         stages = ("fit", *(secure.stages() if secure is not None else ()))
         drop_at = faults.draw(plan.clients, stages, seed=seed, round_idx=round_idx)
+    if before_fit is not None:
+        before_fit(state, plan)
     protocol = FitRound(
         strategy,
         state,
@@ -146,6 +163,18 @@ def run_rounds(
     (:class:`RunDirectory`); before returning or raising, this waits until
     they have.
 
+    With a DP strategy (:class:`~fedshield.strategies.PrivateRelease`) and
+    ``run_dir``, each round is charged before it releases anything: once
+    the round is planned and before its clients are asked to train, the
+    checkpoint is replaced by the old state charged for the round
+    (:meth:`~fedshield.strategies.PrivateRelease.charge_before`: same
+    round index and parameters), and this waits until it is on disk. The
+    completed round's checkpoint (charged once, from the uncharged state)
+    then replaces it. A run interrupted in between resumes from the charged
+    state and runs the round again, which is charged again: the ledger
+    counts every release the clients made (distributed mode: the
+    interrupted one at the worst it could have cost).
+
     Raises
     ------
     RoundFailedError
@@ -157,6 +186,7 @@ def run_rounds(
     if eval_every < 1:
         raise ConfigError(f"`eval_every` must be >= 1; got {eval_every}")
     backend = backend if backend is not None else SequentialBackend()
+    before_fit = _charge_first(strategy, run_dir, client_states)
     try:
         while state.round_idx < rounds:
             started = time.perf_counter()
@@ -175,6 +205,7 @@ def run_rounds(
                 faults=faults,
                 colluders=colluders,
                 collude=collude,
+                before_fit=before_fit,
             )
             round_number = state.round_idx + 1
             if run_dir is not None and result.failures:
@@ -234,3 +265,20 @@ def run_rounds(
     if run_dir is not None:
         run_dir.flush()  # the last rounds' files may still be on their way
     return state
+
+
+def _charge_first(
+    strategy: Strategy, run_dir: RunDirectory | None, client_states: StateStore | None
+) -> BeforeFitFn | None:
+    """Checkpoint a DP round's cost before its clients release anything."""
+    if run_dir is None or not isinstance(strategy, PrivateRelease):
+        return None
+
+    def charge(state: ServerState, plan: RoundPlan) -> None:
+        charged = strategy.charge_before(state, plan)
+        if charged is state:
+            return  # nothing to charge (no client sampled)
+        run_dir.save_checkpoint(charged, client_states=client_states)
+        run_dir.flush()  # on disk before the first client trains
+
+    return charge

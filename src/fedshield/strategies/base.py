@@ -101,13 +101,22 @@ class PrivateRelease(Protocol):
     """A strategy whose outputs must stay within a privacy guarantee.
 
     DP-FedAvg (:class:`~fedshield.strategies.dp.DpFedAvg`): the round loop
-    writes only what :meth:`released` keeps of a round's metrics, and a
-    round that ends without an update still costs what it spent
-    (:meth:`charge_unfinished`).
+    writes only what :meth:`released` keeps of a round's metrics, a round
+    that ends without an update still costs what it spent
+    (:meth:`charge_unfinished`), and a round is checkpointed charged
+    (:meth:`charge_before`) before its clients train.
     """
 
     def released(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The part of a round's server-side metrics that may leave the server."""
+
+    def charge_before(self, state: ServerState, plan: RoundPlan) -> ServerState:
+        """``state`` with (at least) the privacy cost of ``plan``'s round recorded.
+
+        Before the round's clients train: the round loop checkpoints it, so
+        that a run stopped inside the round resumes charged for it. The
+        parameters and round index are ``state``'s.
+        """
 
     def charge_unfinished(self, state: ServerState, plan: RoundPlan) -> ServerState:
         """``state`` with the privacy cost of ``plan``'s round recorded.

@@ -696,6 +696,28 @@ class DpFedAvg:
         record = self._spend(state, plan, aggregate)
         return new.evolve(metadata={**new.metadata, "privacy": record})
 
+    def charge_before(self, state: ServerState, plan: RoundPlan) -> ServerState:
+        """``state`` charged for ``plan``'s round before its clients train.
+
+        Central, local and record mode: :meth:`charge_unfinished` (the
+        round's own cost). Distributed mode, whose release is known only
+        once the sum is unmasked: every release the round could make that no
+        other bounds at every RDP order (:meth:`_distributed_releases`:
+        usually one, which then bounds them all), each charged once to every
+        sampled client, which costs at least what the round will.
+        """
+        if self.privacy.mode != "distributed":
+            return self.charge_unfinished(state, plan)
+        if not plan.clients:
+            return state
+        record = dict(self._record(state))
+        releases = self._distributed_releases(
+            state.params.spec.size, len(plan.clients), strict=False
+        )
+        self._charge_distributed(record, plan, releases)
+        record["rounds"] = int(record.get("rounds", 0)) + 1
+        return state.evolve(metadata={**state.metadata, "privacy": record})
+
     def charge_unfinished(self, state: ServerState, plan: RoundPlan) -> ServerState:
         """``state`` with the cost of a round that ended without an update.
 
@@ -812,16 +834,24 @@ class DpFedAvg:
         self, record: dict[str, Any], plan: RoundPlan, aggregate: Aggregate
     ) -> None:
         """Account a completed distributed round for every sampled client."""
-        spec = _distributed_event(aggregate.measurements)
+        self._charge_distributed(
+            record, plan, [_distributed_event(aggregate.measurements)]
+        )
+
+    def _charge_distributed(
+        self, record: dict[str, Any], plan: RoundPlan, specs: Sequence[DpEventSpec]
+    ) -> None:
+        """Charge each of ``specs`` once to every client sampled in ``plan``."""
         events = list(record["events"])
-        key = spec.to_json()
-        if key not in events:
-            events.append(key)
-        index = str(events.index(key))
         counts = {cid: dict(h) for cid, h in dict(record["participation"]).items()}
-        for cid in plan.clients:
-            histogram = counts.setdefault(cid, {})
-            histogram[index] = int(histogram.get(index, 0)) + 1
+        for spec in specs:
+            key = spec.to_json()
+            if key not in events:
+                events.append(key)
+            index = str(events.index(key))
+            for cid in plan.clients:
+                histogram = counts.setdefault(cid, {})
+                histogram[index] = int(histogram.get(index, 0)) + 1
         record["events"] = events
         record["participation"] = counts
         record["epsilon"] = self._distributed_epsilon(events, counts.values())
@@ -860,7 +890,7 @@ class DpFedAvg:
         return events[costs.index(max(costs))]
 
     def _distributed_releases(
-        self, dimension: int, num_clients: int
+        self, dimension: int, num_clients: int, *, strict: bool = True
     ) -> tuple[DpEventSpec, ...]:
         """Every release a round sampled with ``num_clients`` can make.
 
@@ -881,7 +911,7 @@ class DpFedAvg:
         Raises
         ------
         ConfigError
-            If the round as sampled cannot be built.
+            With ``strict``, if the round as sampled cannot be built.
         """
         distributed = self.privacy.distributed()
 
@@ -895,7 +925,8 @@ class DpFedAvg:
                 dimension=dimension, num_clients=trained, threshold=t
             )
 
-        parameters(num_clients)  # the round as sampled: refused if it cannot run
+        if strict:
+            parameters(num_clients)  # the round as sampled: refused if it cannot run
         built: dict[int, tuple[DpEventSpec, ...]] = self._cache.setdefault(
             f"ddg_releases/{dimension}", {}
         )
