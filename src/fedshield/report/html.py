@@ -323,6 +323,14 @@ _PRIVACY_FIELDS = (
 )
 
 
+_OUTSIDE_REASONS: Final[Mapping[str, str]] = {
+    "seeded_randomness": "the noise and the sample are reproducible from the "
+    "seed in config.toml (set [privacy] secure_rng = true)",
+    "record_counts": "each client's number of records is released",
+    "federated_eval": "the clients' own evaluation is reported without noise",
+}
+
+
 def _privacy_section(privacy: object) -> str:
     """The accountant's verdict, and where the noise came from."""
     if not isinstance(privacy, Mapping):
@@ -345,15 +353,17 @@ def _privacy_section(privacy: object) -> str:
     )
     outside = privacy.get("outside_guarantee")
     if isinstance(outside, list | tuple) and outside:
+        # What this run released that its epsilon does not cover, and why
+        # (README, "What leaves a DP run, and what ε covers").
+        reasons = "; ".join(
+            f"{item}: {_OUTSIDE_REASONS.get(str(item), 'see the README')}"
+            for item in outside
+        )
         rows.append(
             (
                 "Released outside the guarantee",
                 ", ".join(str(item) for item in outside),
-                "not covered by ε (README, 'What leaves a DP run'): "
-                "seeded_randomness: noise and sample reproducible from the seed "
-                "in config.toml (set secure_rng = true); record_counts: each "
-                "client's number of records; federated_eval: client-side "
-                "results without noise",
+                f"not covered by ε: {reasons}",
             )
         )
     return f"<section><h2>Differential privacy</h2>{_kv_table(rows)}</section>"
