@@ -112,6 +112,16 @@ def report(rows: list[dict[str, Any]]) -> None:
             f"Configuration: `examples/privacy/{study}.toml`.",
             "",
         ]
+        if study.startswith("record"):
+            lines += [
+                "Accounted for one record replaced (each client's record count "
+                "is public: it sets DP-SGD's sampling rate and steps), with "
+                "dp-accounting's PLD under `REPLACE_ONE`; re-run on 2026-12-07 "
+                "when record mode moved from add-or-remove-one to replace-one, "
+                "so the same targets now calibrate a larger σ than in earlier "
+                "versions of this table.",
+                "",
+            ]
         lines += [
             "| target ε | ε reported (max over seeds) | σ | test accuracy "
             "| seconds per run |",

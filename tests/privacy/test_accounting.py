@@ -378,8 +378,10 @@ def test_fixed_sampling_with_pld_is_refused():
             population=100,
             sample_size=10,
         )
-    with pytest.raises(UnsupportedEventError, match=message):
-        make_accountant("pld", replace_one=True)
+    # A replace-one PLD accountant is built (record mode's Poisson events need
+    # it); fixed-size sampling is refused by the events' check above.
+    accountant = make_accountant("pld", replace_one=True)
+    assert accountant.neighboring_relation == REPLACE_ONE
 
 
 @pytest.mark.parametrize(("population", "sample_size"), [(1000, 10), (100, 100)])
@@ -421,7 +423,139 @@ def test_ledger_refuses_mixing_neighbouring_relations():
             ledger.record(1, other)
         with pytest.raises(UnsupportedEventError, match="one sampling scheme"):
             ledger.epsilon_if(other)
+    # Fixed-size sampling and replace-one Poisson share the relation, but no
+    # accountant takes both.
+    with pytest.raises(UnsupportedEventError):
+        ledger.record(1, DpEventSpec(1.0, "poisson", 0.1, replace_one=True))
     assert len(ledger) == 1 and ledger.epsilon() == before
+
+
+# --- replace-one Poisson sampling (record mode: the record count is public) ----
+
+
+@pytest.mark.parametrize(("q", "sigma", "steps"), [(64 / 6000, 1.0, 940), *TABLE])
+def test_replace_one_poisson_equals_dp_accountings_pld_replace_one(q, sigma, steps):
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+        steps,
+    )
+    expected = (
+        reference_accountant("pld", REPLACE_ONE).compose(event).get_epsilon(DELTA)
+    )
+    spec = DpEventSpec(
+        sigma, sampling="poisson", sampling_rate=q, count=steps, replace_one=True
+    )
+    assert spec.is_replace_one
+    assert epsilon([spec], DELTA, "pld") == pytest.approx(expected, rel=REL)
+    ledger = PrivacyLedger("pld", DELTA)
+    ledger.record(0, spec)
+    assert ledger.epsilon() == pytest.approx(expected, rel=REL)
+    add_remove = DpEventSpec(sigma, sampling="poisson", sampling_rate=q, count=steps)
+    assert epsilon([add_remove], DELTA, "pld") < epsilon([spec], DELTA, "pld")
+
+
+def test_the_reviews_example_is_2_95_under_replace_one():
+    # n = 6000, batch 64 (q = 64/6000, 94 steps an epoch), 10 rounds of one
+    # epoch, sigma = 1, delta = 1e-5: 1.904 for add or remove, 2.954 replaced.
+    common = {"sampling": "poisson", "sampling_rate": 64 / 6000, "count": 940}
+    assert epsilon([DpEventSpec(1.0, **common)], DELTA) == pytest.approx(
+        1.904, abs=1e-3
+    )
+    replaced = DpEventSpec(1.0, **common, replace_one=True)
+    assert epsilon([replaced], DELTA) == pytest.approx(2.954, abs=1e-3)
+
+
+def test_replace_one_poisson_with_rdp_is_refused():
+    spec = DpEventSpec(1.0, "poisson", 0.01, count=10, replace_one=True)
+    message = "only the PLD accountant supports for Poisson sampling"
+    with pytest.raises(UnsupportedEventError, match=message):
+        epsilon([spec], DELTA, "rdp")
+    ledger = PrivacyLedger("rdp", DELTA)
+    with pytest.raises(UnsupportedEventError, match=message):
+        ledger.record(0, spec)
+    assert len(ledger) == 0
+    with pytest.raises(UnsupportedEventError, match=message):
+        calibrate_noise_multiplier(
+            1.0, DELTA, sampling_rate=0.01, steps=10, accountant="rdp", replace_one=True
+        )
+
+
+def test_replace_one_does_not_mix_with_add_or_remove():
+    ledger = PrivacyLedger("pld", DELTA)
+    ledger.record(0, DpEventSpec(1.0, "poisson", 0.01, replace_one=True))
+    before = ledger.epsilon()
+    for other in (DpEventSpec(1.0, "poisson", 0.01), DpEventSpec(1.0)):
+        with pytest.raises(UnsupportedEventError, match="one relation"):
+            ledger.record(1, other)
+    assert len(ledger) == 1 and ledger.epsilon() == before
+
+
+def test_calibration_under_replace_one_meets_the_target_with_a_larger_sigma():
+    kwargs = {"sampling_rate": 64 / 6000, "steps": 940}
+    sigma = calibrate_noise_multiplier(2.0, DELTA, replace_one=True, **kwargs)
+    old = calibrate_noise_multiplier(2.0, DELTA, **kwargs)
+    assert sigma > old
+    spec = DpEventSpec(sigma, "poisson", 64 / 6000, count=940, replace_one=True)
+    assert 1.99 < epsilon([spec], DELTA) <= 2.0
+
+
+def test_replace_one_json_round_trip_and_old_json():
+    spec = DpEventSpec(1.0, "poisson", 0.01, count=5, replace_one=True)
+    data = json.loads(json.dumps(spec.to_json()))
+    assert data["replace_one"] is True
+    assert DpEventSpec.from_json(data) == spec
+    # Add-or-remove specs write what they always did: JSON without the field
+    # (ledgers and checkpoints written before it existed) reads as add/remove.
+    old = DpEventSpec(1.0, "poisson", 0.01, count=5)
+    assert "replace_one" not in old.to_json()
+    old_json = {
+        "noise_multiplier": 1.0,
+        "sampling": "poisson",
+        "sampling_rate": 0.01,
+        "count": 5,
+    }
+    assert DpEventSpec.from_json(old_json) == old
+    ledger_json = {
+        "format": "fedshield.privacy_ledger",
+        "version": 1,
+        "accountant": "pld",
+        "delta": DELTA,
+        "events": [
+            {
+                "spec": {
+                    "noise_multiplier": 1.0,
+                    "sampling": "poisson",
+                    "sampling_rate": 0.01,
+                    "count": 5,
+                },
+                "rounds": [0, 1],
+            }
+        ],
+    }
+    ledger = PrivacyLedger.from_json(ledger_json)
+    assert ledger.events == ((0, old), (1, old))
+    assert "replace_one" not in ledger.to_json()["events"][0]["spec"]
+    replaced = PrivacyLedger("pld", DELTA, [(0, spec)])
+    assert PrivacyLedger.from_json(
+        json.loads(json.dumps(replaced.to_json()))
+    ).events == ((0, spec),)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sampling": "fixed", "population": 10, "sample_size": 2}, "always"),
+        ({"replace_one": 1}, "true or false"),
+    ],
+)
+def test_replace_one_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DpEventSpec(1.0, **{"replace_one": True, **kwargs})
+    with pytest.raises(ConfigError, match="Gaussian mechanism only"):
+        DpEventSpec(
+            2.0, mechanism="distributed_discrete_gaussian", num_clients=4,
+            noise_std_per_client=1.0, l2_sensitivity=1.0, dimension=3, replace_one=True,
+        )  # fmt: skip
 
 
 def test_ledger_validates_rounds_delta_and_accountant():

@@ -487,7 +487,6 @@ def _record_config(**privacy: object) -> object:
         "mode": "record",
         "clip_norm": 1.0,
         "noise_multiplier": 1.2,
-        "accountant": "rdp",
         "delta": 1e-4,
         **privacy,
     }
@@ -510,14 +509,72 @@ def test_a_record_run_accounts_each_clients_records(tmp_path) -> None:  # type: 
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.2)),
             steps,
         )
-        reference = rdp.RdpAccountant()
+        # The record count is public (it sets q and the steps), so the
+        # neighbours are one record replaced: dp-accounting's PLD, REPLACE_ONE.
+        reference = pld.PLDAccountant(
+            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+            value_discretization_interval=1e-3,
+        )
         reference.compose(event)
         assert privacy["client_epsilon"][cid] == pytest.approx(
             reference.get_epsilon(1e-4), rel=1e-6
         )
+        add_or_remove = pld.PLDAccountant(value_discretization_interval=1e-3)
+        add_or_remove.compose(event)
+        assert privacy["client_epsilon"][cid] > add_or_remove.get_epsilon(1e-4)
     assert summary["epsilon"] == max(privacy["client_epsilon"].values())
     records = RunDirectory(run_dir).read_metrics()
     assert [r["epsilon"] for r in records] == sorted(r["epsilon"] for r in records)
+
+
+def test_record_mode_with_the_rdp_accountant_is_refused_before_round_1() -> None:
+    from fedshield.api.experiment import build_federation
+
+    message = 'record mode is accounted under replace-one.*accountant = "pld"'
+    with pytest.raises(ConfigError, match=message):
+        _record_config(accountant="rdp")
+    federation = build_federation(_record_config())  # type: ignore[arg-type]
+    base = FedAvg()
+    with pytest.raises(ConfigError, match=message):
+        DpFedAvg(
+            base=base,
+            sampler=base.sampler,
+            privacy=PrivacySettings(
+                mode="record", clip_norm=1.0, noise_multiplier=1.2, delta=1e-4,
+                accountant="rdp",
+            ),
+            num_clients=5,
+            client_sizes=federation.train_sizes(),
+        )  # fmt: skip
+
+
+def test_record_calibration_meets_the_target_under_replace_one() -> None:
+    from fedshield.api.experiment import build_federation, build_strategy
+
+    config = _record_config(noise_multiplier=None, target_epsilon=3.0)
+    sizes = build_federation(config).train_sizes()  # type: ignore[arg-type]
+    strategy = build_strategy(config, num_clients=5, client_sizes=sizes)  # type: ignore[arg-type]
+    sigma = strategy.privacy.noise_multiplier  # type: ignore[attr-defined]
+
+    def replace_one(n: int) -> float:
+        # dp-accounting itself: 3 rounds of one epoch, batch 32, REPLACE_ONE.
+        q = min(1.0, 32 / n)
+        reference = pld.PLDAccountant(
+            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+            value_discretization_interval=1e-3,
+        )
+        reference.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(
+                    q, dp_accounting.GaussianDpEvent(sigma)
+                ),
+                max(1, round(1 / q)) * 3,
+            )
+        )
+        return float(reference.get_epsilon(1e-4))
+
+    worst = max(replace_one(n) for n in sizes.values())
+    assert 2.97 < worst <= 3.0 + 1e-9
 
 
 def test_record_mode_refuses_the_vectorised_backend_and_a_large_delta() -> None:

@@ -453,15 +453,21 @@ def test_record_step_sensitivity_is_what_the_accountant_assumes(path: str) -> No
     loud = (x[:1] * 40.0, np.array([(y[0] + 1) % 3]))
     quiet = (x[1:2], y[1:2])
 
-    def one_step(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
+    def one_step(
+        xs: np.ndarray, ys: np.ndarray, *, classes: int = 3, zero: bool = False
+    ) -> tuple[np.ndarray, float]:
         model = TorchModel(
             functools.partial(
-                build_module, "mlp", input_shape=(8,), num_classes=3, hidden=(16,)
+                build_module, "mlp", input_shape=(8,), num_classes=classes,
+                hidden=(16,),
             ),
             input_shape=(8,),
-        )
+        )  # fmt: skip
         bound = model._get_bound()
-        bound.load(model.init_params(0))
+        params = model.init_params(0)
+        if zero:
+            params = Params({k: np.zeros_like(v) for k, v in params.items()})
+        bound.load(params)
         noise = _RecordedNoise()
         step = _make_step(
             model,
@@ -488,12 +494,41 @@ def test_record_step_sensitivity_is_what_the_accountant_assumes(path: str) -> No
         added = one_step(np.concatenate([x, extra_x]), np.concatenate([y, extra_y]))
         assert added[1] == base[1] == sigma * clip
         worst = max(worst, float(np.linalg.norm(added[0] - base[0])) / base[1])
-    # The server accounts each step as the Poisson-subsampled Gaussian at sigma
-    # (add or remove one record).
-    event = record_level_event(100, batch_size=10, epochs=1, noise_multiplier=sigma)
-    assert event.noise_multiplier == sigma and event.sampling == "poisson"
+    # One record added or removed moves the noised sum by at most C.
     assert worst * sigma <= 1.0 + 1e-4
     assert worst * sigma >= 0.99
+
+    # One record replaced (the record count is public, so this is the
+    # relation): its clipped gradient moves from g to g', up to 2C apart.
+    replaced = 0.0
+    for swap_x, swap_y in (loud, quiet):
+        xs, ys = x.copy(), y.copy()
+        xs[0], ys[0] = swap_x[0], swap_y[0]
+        swapped = one_step(xs, ys)
+        replaced = max(replaced, float(np.linalg.norm(swapped[0] - base[0])) / base[1])
+    # The worst case: a record whose clipped gradient points the other way. At
+    # zero weights a 2-class model's gradient is (p - e_y) with p = (1/2, 1/2)
+    # on the last bias only: labels 0 and 1 give opposite gradients of norm
+    # 1/sqrt(2) > C, clipped to +C and -C.
+    zx = rng.normal(size=(4, 8)).astype(np.float32)
+    zy = np.array([0, 1, 0, 1])
+    zero_base = one_step(zx, zy, classes=2, zero=True)
+    flipped = zy.copy()
+    flipped[0] = 1
+    opposite = one_step(zx, flipped, classes=2, zero=True)
+    assert zero_base[1] == opposite[1] == sigma * clip
+    shift = float(np.linalg.norm(opposite[0] - zero_base[0])) / zero_base[1]
+    assert shift == pytest.approx(2.0 / sigma, rel=1e-5)
+    replaced = max(replaced, shift)
+    # The server accounts each step as the Poisson-subsampled Gaussian at sigma
+    # under replace-one neighbours: dp-accounting's PLD then models the
+    # replaced record's contribution moving from +C to -C, a shift of 2C, in
+    # units of the noise std sigma*C: 2/sigma, i.e. 2 once times sigma.
+    event = record_level_event(100, batch_size=10, epochs=1, noise_multiplier=sigma)
+    assert event.noise_multiplier == sigma and event.sampling == "poisson"
+    assert event.is_replace_one
+    assert replaced * event.noise_multiplier <= 2.0 + 1e-4
+    assert replaced * event.noise_multiplier >= 1.99
 
 
 def test_a_record_mode_client_sends_no_unnoised_metrics() -> None:

@@ -181,6 +181,11 @@ class PrivacySection(_Section):
                 f"privacy.mode = {self.mode!r} needs noise_multiplier, or "
                 "target_epsilon to calibrate it from"
             )
+        if self.mode == "record" and self.accountant == "rdp":
+            raise ValueError(
+                "record mode is accounted under replace-one, which only the PLD "
+                'accountant supports for Poisson sampling: set accountant = "pld"'
+            )
         if self.adaptive_clipping and self.mode != "central":
             raise ValueError(
                 'privacy.adaptive_clipping applies to mode = "central" only'
@@ -304,17 +309,16 @@ class ExperimentConfig(_Section):
         ``secure_rng``: the noise and the sample come from ``run.seed``,
         which ``config.toml`` records, so whoever holds it can remove the
         noise (ε holds only against someone who does not). ``"federated_eval"``:
-        the clients' own evaluation, reported without noise. ``"record_counts"``:
-        record mode releases each client's number of records (it sets DP-SGD's
-        sampling rate and steps, and the server accounts from it).
+        the clients' own evaluation, reported without noise. Record mode's
+        record counts are not listed: they are public by construction, and
+        its ε is accounted for one record replaced (neighbours of the same
+        size), so the count is part of the neighbouring relation.
         """
         if self.privacy.mode == "none":
             return []
         outside = []
         if self.privacy.mode in ("central", "record") and not self.privacy.secure_rng:
             outside.append("seeded_randomness")
-        if self.privacy.mode == "record":
-            outside.append("record_counts")
         if self.runs_federated_eval:
             outside.append("federated_eval")
         return outside

@@ -660,7 +660,8 @@ def _record_strategy(
 
     A missing ``noise_multiplier`` is calibrated so that every client stays
     within ``target_epsilon`` even if it takes part in every round: one
-    calibration per distinct client size, the largest σ kept.
+    calibration per distinct client size, the largest σ kept, under
+    replace-one neighbours (the record counts are public).
     """
     from fedshield.privacy.accounting import calibrate_noise_multiplier
     from fedshield.privacy.records import dp_sgd_rate
@@ -684,6 +685,7 @@ def _record_strategy(
                     steps=steps * c.epochs * config.run.rounds,
                     accountant=p.accountant,
                     sampling="poisson",
+                    replace_one=True,
                 )
             )
         sigma = max(sigmas)

@@ -270,8 +270,10 @@ def train_dp_sgd(
         sampled in the last epoch (each counted once per step it took part
         in, computed before that step's update; ``nan`` when the last epoch
         sampled none); and ``DpEventSpec(noise_multiplier=sigma,
-        sampling="poisson", sampling_rate=q, count=T)``, the event to
-        compose. The metrics are computed from the raw data and are **not**
+        sampling="poisson", sampling_rate=q, count=T, replace_one=True)``,
+        the event to compose (under replace-one neighbours: the number of
+        records sets q and T, so it is public; PLD accountant only). The
+        metrics are computed from the raw data and are **not**
         differentially private: do not release them where the model must be.
 
     Raises
@@ -413,6 +415,7 @@ def _train(
             sampling="poisson",
             sampling_rate=float(q),
             count=config.epochs * steps_per_epoch,
+            replace_one=True,
         )
     return bound.read(), metrics, event
 

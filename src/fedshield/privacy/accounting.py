@@ -45,13 +45,17 @@ Accountants
 
 Neighbouring relations
 ----------------------
-Poisson sampling and no sampling are accounted under add-or-remove-one;
-fixed-size sampling without replacement only under replace-one, and only by
-the RDP accountant. A composition never mixes the two: ``dp-accounting``'s
-RDP accountant refuses Poisson sampling under replace-one, and a Gaussian
-event's ``noise_multiplier`` is relative to the sensitivity under one
-relation, so reinterpreting it under the other would be wrong. Mixing raises
-:class:`~fedshield.errors.UnsupportedEventError`.
+Poisson sampling and no sampling are accounted under add-or-remove-one
+unless the spec says ``replace_one=True`` (record mode, whose record counts
+are public, so neighbouring data sets have the same size); fixed-size
+sampling without replacement always under replace-one. Replace-one Poisson
+sampling is accounted only by the PLD accountant (``dp-accounting``'s RDP
+accountant refuses it; its PLD accountant models the replaced record's
+contribution moving from +C to -C, with the same ``noise_multiplier``);
+fixed-size sampling only by the RDP accountant. A composition never mixes
+the two relations: a Gaussian event's ``noise_multiplier`` is relative to
+the sensitivity under one relation, so reinterpreting it under the other
+would be wrong. Mixing raises :class:`~fedshield.errors.UnsupportedEventError`.
 """
 
 from __future__ import annotations
@@ -128,9 +132,14 @@ _FIXED_WITH_PLD = (
     'accountant = "rdp" or Poisson sampling'
 )
 _MIXED_RELATIONS = (
-    "cannot compose fixed-size sampling (accounted under replace-one "
-    "neighbours) with Poisson or no sampling (add-or-remove-one neighbours): "
-    "use one sampling scheme for the whole run"
+    "cannot compose events accounted under replace-one neighbours (fixed-size "
+    "sampling, or replace_one=True as in record mode) with events accounted "
+    "under add-or-remove-one neighbours: use one sampling scheme and one "
+    "relation for the whole run"
+)
+_REPLACE_ONE_WITH_RDP = (
+    "record mode is accounted under replace-one, which only the PLD accountant "
+    'supports for Poisson sampling: set accountant = "pld"'
 )
 _MIXED_DDG = (
     "cannot compose distributed discrete Gaussian rounds with Gaussian events in "
@@ -207,8 +216,9 @@ class DpEventSpec:
     noise_multiplier
         σ: the noise standard deviation divided by the L2 sensitivity under
         the event's neighbouring relation (add-or-remove-one for ``"poisson"``
-        and ``"none"``, replace-one for ``"fixed"``; for a sum of updates
-        clipped to norm C the replace-one sensitivity is up to 2 C). Must be
+        and ``"none"`` unless ``replace_one``, replace-one for ``"fixed"``; for
+        a sum of updates clipped to norm C the replace-one sensitivity is up
+        to 2 C, which the accountants model themselves). Must be
         finite and > 0: a release without privacy loss needs no event at all.
     sampling
         ``"poisson"``: each record (client) takes part independently with
@@ -242,6 +252,13 @@ class DpEventSpec:
         the same integer units (after scaling and rounding).
     dimension
         Distributed discrete Gaussian only: the model dimension d.
+    replace_one
+        Account a ``"poisson"`` or ``"none"`` Gaussian event under replace-one
+        neighbours (one record replaced by another; the data set's size is
+        public) instead of add-or-remove-one. Poisson replace-one is
+        accounted by the PLD accountant only. ``"fixed"`` is always
+        replace-one and leaves this ``False``. Written to JSON only when
+        ``True``, so JSON without it reads as ``False``.
 
     Raises
     ------
@@ -275,6 +292,7 @@ class DpEventSpec:
     noise_std_per_client: float | None = None
     l2_sensitivity: float | None = None
     dimension: int | None = None
+    replace_one: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -299,6 +317,25 @@ class DpEventSpec:
         self._check_sampling()
         set_(self, "count", _at_least("count", self.count, 1))
         self._check_mechanism()
+        self._check_replace_one()
+
+    def _check_replace_one(self) -> None:
+        if not isinstance(self.replace_one, bool):
+            raise ConfigError(
+                f"replace_one must be true or false; got {self.replace_one!r}"
+            )
+        if not self.replace_one:
+            return
+        if self.sampling == "fixed":
+            raise ConfigError(
+                'sampling = "fixed" is always accounted under replace-one; '
+                "leave replace_one unset"
+            )
+        if self.mechanism != "gaussian":
+            raise ConfigError(
+                "replace_one applies to the Gaussian mechanism only; a "
+                "distributed discrete Gaussian is accounted under add-or-remove-one"
+            )
 
     def _check_sampling(self) -> None:
         set_ = object.__setattr__
@@ -445,9 +482,10 @@ class DpEventSpec:
         Returns
         -------
         bool
-            True for fixed-size sampling, False (add-or-remove-one) otherwise.
+            True for fixed-size sampling or ``replace_one``, False
+            (add-or-remove-one) otherwise.
         """
-        return self.sampling == "fixed"
+        return self.sampling == "fixed" or self.replace_one
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         """The ``dp_accounting`` event this spec describes.
@@ -491,12 +529,14 @@ class DpEventSpec:
         Returns
         -------
         dict
-            Every field that is not ``None``.
+            Every field that is not ``None``, and ``replace_one`` only when
+            ``True`` (so an add-or-remove-one spec writes what it always did).
         """
         return {
             field.name: getattr(self, field.name)
             for field in dataclasses.fields(self)
             if getattr(self, field.name) is not None
+            and not (field.name == "replace_one" and not self.replace_one)
         }
 
     @classmethod
@@ -893,13 +933,14 @@ def make_accountant(
     Parameters
     ----------
     kind
-        ``"pld"``: ``PLDAccountant(ADD_OR_REMOVE_ONE,
+        ``"pld"``: ``PLDAccountant(neighboring_relation=...,
         value_discretization_interval=...)``;
         ``"rdp"``: ``RdpAccountant(orders=None (library defaults),
         neighboring_relation=...)``.
     replace_one
-        Account under replace-one neighbours (needed for fixed-size sampling;
-        RDP only) instead of add-or-remove-one.
+        Account under replace-one neighbours instead of add-or-remove-one:
+        fixed-size sampling (RDP only) and ``replace_one`` specs (Poisson
+        replace-one: PLD only; :func:`epsilon` checks which).
     value_discretization_interval
         The PLD's grid step (default
         :data:`PLD_VALUE_DISCRETIZATION_INTERVAL`); see
@@ -915,9 +956,6 @@ def make_accountant(
     ------
     ConfigError
         When ``kind`` is neither ``"pld"`` nor ``"rdp"``.
-    UnsupportedEventError
-        For ``kind="pld"`` with ``replace_one=True``: fedshield accounts
-        replace-one only for fixed-size sampling, which PLD cannot account.
     """
     kind = _check_kind(kind)
     relation = (
@@ -927,34 +965,34 @@ def make_accountant(
     )
     if kind == "rdp":
         return rdp.RdpAccountant(neighboring_relation=relation)
-    if replace_one:
-        raise UnsupportedEventError(_FIXED_WITH_PLD)
     return pld.PLDAccountant(
         neighboring_relation=relation,
         value_discretization_interval=value_discretization_interval,
     )
 
 
-def _pld_release(unit: DpEventSpec, total: int) -> tuple[float, float, int]:
-    """(σ, q, times) of the PLD ``PLDAccountant`` builds for ``unit``.
+def _pld_release(unit: DpEventSpec, total: int) -> tuple[float, float, int, bool]:
+    """(σ, q, times, replace-one) of the PLD ``PLDAccountant`` builds for ``unit``.
 
     One PLD of the Gaussian with std σ, subsampled at q, self-composed
-    ``times`` times.
+    ``times`` times, under replace-one or add-or-remove-one.
     """
     if unit.sampling == "poisson":
         assert unit.sampling_rate is not None
-        return unit.noise_multiplier, unit.sampling_rate, total
+        return unit.noise_multiplier, unit.sampling_rate, total, unit.replace_one
     # A plain Gaussian repeated `total` times is one Gaussian of std σ/sqrt(total).
-    return unit.noise_multiplier / math.sqrt(total), 1.0, 1
+    return unit.noise_multiplier / math.sqrt(total), 1.0, 1, unit.replace_one
 
 
-def _adjacencies(q: float) -> tuple[Any, ...]:
+def _adjacencies(q: float, replace_one: bool = False) -> tuple[Any, ...]:
     kinds = pld.privacy_loss_mechanism.AdjacencyType
+    if replace_one:
+        return (kinds.REPLACE,)
     return (kinds.REMOVE,) if q == 1.0 else (kinds.REMOVE, kinds.ADD)
 
 
 @functools.lru_cache(maxsize=256)
-def _pld_release_width(sigma: float, q: float) -> float:
+def _pld_release_width(sigma: float, q: float, replace_one: bool = False) -> float:
     """The span of one release's privacy loss (nats) in the library's PLD.
 
     The bounds ``from_gaussian_mechanism`` builds its grid between (its
@@ -962,7 +1000,7 @@ def _pld_release_width(sigma: float, q: float) -> float:
     building the grid: ``width / interval + 1`` points.
     """
     widths: list[float] = []
-    for adjacency in _adjacencies(q):
+    for adjacency in _adjacencies(q, replace_one):
         loss = pld.privacy_loss_mechanism.GaussianPrivacyLoss(
             sigma, sampling_prob=q, adjacency_type=adjacency
         )
@@ -973,7 +1011,9 @@ def _pld_release_width(sigma: float, q: float) -> float:
 
 
 @functools.lru_cache(maxsize=256)
-def _pld_composed_points(sigma: float, q: float, times: int, interval: float) -> int:
+def _pld_composed_points(
+    sigma: float, q: float, times: int, interval: float, replace_one: bool = False
+) -> int:
     """Grid points of the PLD of ``times`` releases (both adjacencies).
 
     ``self_compose`` keeps only the range its Chernoff bound
@@ -982,14 +1022,23 @@ def _pld_composed_points(sigma: float, q: float, times: int, interval: float) ->
     :data:`PLD_MAX_RELEASE_POINTS` points) without the FFT. Never more than
     ``times`` times one release's points.
     """
-    single = math.ceil(_pld_release_width(sigma, q) / interval) + 2
+    adjacencies = len(_adjacencies(q, replace_one))
+    single = math.ceil(_pld_release_width(sigma, q, replace_one) / interval) + 2
     if times == 1 or (single - 1) * times + 1 <= PLD_MAX_POINTS // 2:
-        return len(_adjacencies(q)) * ((single - 1) * times + 1)
+        return adjacencies * ((single - 1) * times + 1)
+    relation = (
+        dp_accounting.NeighboringRelation.REPLACE_ONE
+        if replace_one
+        else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
     release = pld.privacy_loss_distribution.from_gaussian_mechanism(
-        sigma, value_discretization_interval=interval, sampling_prob=q
+        sigma,
+        value_discretization_interval=interval,
+        sampling_prob=q,
+        neighboring_relation=relation,
     )
     points = 0
-    for name in ("_pmf_remove", "_pmf_add")[: len(_adjacencies(q))]:
+    for name in ("_pmf_remove", "_pmf_add")[:adjacencies]:
         probs = getattr(getattr(release, name, None), "_probs", None)
         if probs is None:
             # Not the dense PMF this was written against: the plain bound.
@@ -1027,15 +1076,17 @@ def pld_value_discretization_interval(events: Sequence[DpEventSpec]) -> float:
     interval = PLD_VALUE_DISCRETIZATION_INTERVAL
     if not releases:
         return interval
-    widest = max(_pld_release_width(sigma, q) for sigma, q, _ in releases)
+    widest = max(
+        _pld_release_width(sigma, q, replace) for sigma, q, _, replace in releases
+    )
     # ceil() at both ends of the grid adds up to two points.
     interval = max(interval, widest / (PLD_MAX_RELEASE_POINTS - 2))
     for _ in range(8):
         if interval > PLD_MAX_INTERVAL:
             break
         points = sum(
-            _pld_composed_points(sigma, q, times, interval)
-            for sigma, q, times in releases
+            _pld_composed_points(sigma, q, times, interval, replace)
+            for sigma, q, times, replace in releases
         )
         if points <= PLD_MAX_POINTS:
             return interval
@@ -1053,13 +1104,17 @@ def pld_value_discretization_interval(events: Sequence[DpEventSpec]) -> float:
 
 def _relation(specs: Iterable[DpEventSpec], kind: AccountantKind) -> bool:
     """Whether ``specs`` are accounted under replace-one; refuse what cannot be."""
+    specs = list(specs)
     relations = {spec.is_replace_one for spec in specs}
     if len(relations) > 1:
         raise UnsupportedEventError(_MIXED_RELATIONS)
-    replace_one = relations == {True}
-    if replace_one and kind == "pld":
+    if relations != {True}:
+        return False
+    if kind == "pld" and any(spec.sampling == "fixed" for spec in specs):
         raise UnsupportedEventError(_FIXED_WITH_PLD)
-    return replace_one
+    if kind == "rdp" and any(spec.sampling != "fixed" for spec in specs):
+        raise UnsupportedEventError(_REPLACE_ONE_WITH_RDP)
+    return True
 
 
 def _group(specs: Iterable[DpEventSpec]) -> dict[DpEventSpec, int]:
@@ -1205,6 +1260,7 @@ def calibrate_noise_multiplier(
     sampling: Sampling = "poisson",
     population: int | None = None,
     sample_size: int | None = None,
+    replace_one: bool = False,
 ) -> float:
     """The smallest σ whose ``steps`` releases stay within ``target_epsilon``.
 
@@ -1229,6 +1285,9 @@ def calibrate_noise_multiplier(
         RDP only) or ``"none"``.
     population, sample_size
         For ``sampling="fixed"``.
+    replace_one
+        Account Poisson or no sampling under replace-one neighbours (see
+        :class:`DpEventSpec`; Poisson replace-one needs the PLD accountant).
 
     Returns
     -------
@@ -1242,7 +1301,8 @@ def calibrate_noise_multiplier(
         ``MAX_NOISE_MULTIPLIER`` (unreachable) or is met even below
         ``MIN_NOISE_MULTIPLIER`` (too loose to mean anything).
     UnsupportedEventError
-        For fixed-size sampling with the PLD accountant.
+        For fixed-size sampling with the PLD accountant, or Poisson
+        replace-one with the RDP accountant.
     """
     if not _is_real(target_epsilon) or not 0 < float(target_epsilon) < math.inf:
         raise ConfigError(
@@ -1261,9 +1321,10 @@ def calibrate_noise_multiplier(
             population=population,
             sample_size=sample_size,
             count=steps,
+            replace_one=replace_one,
         )
 
-    replace_one = _relation([spec_for(1.0)], kind)
+    relation = _relation([spec_for(1.0)], kind)
 
     def eps(sigma: float) -> float:
         return _epsilon_of_groups(_group([spec_for(sigma)]), delta, kind)
@@ -1284,7 +1345,7 @@ def calibrate_noise_multiplier(
         interval = pld_value_discretization_interval([spec_for(low)])
     sigma = dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant(
-            kind, replace_one=replace_one, value_discretization_interval=interval
+            kind, replace_one=relation, value_discretization_interval=interval
         ),
         lambda value: spec_for(value).to_dp_event(),
         target,

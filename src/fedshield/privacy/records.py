@@ -5,7 +5,9 @@ through :class:`~fedshield.core.FitConfig` options (the keys below); the
 client runs it (``fedshield.models.dp_sgd``) and the server accounts each
 client's own data from the same rule, :func:`record_level_event`: Poisson
 sampling of records at rate ``q = min(1, batch_size / n)``, ``round(1/q)``
-steps per epoch, the Gaussian mechanism with multiplier ``σ`` at each step.
+steps per epoch, the Gaussian mechanism with multiplier ``σ`` at each step,
+accounted under replace-one neighbours (the record count ``n`` is public)
+by the PLD accountant.
 """
 
 from __future__ import annotations
@@ -77,8 +79,13 @@ def record_level_event(
     Examples
     --------
     >>> e = record_level_event(1000, batch_size=32, epochs=2, noise_multiplier=1.0)
-    >>> e.sampling, e.sampling_rate, e.count
-    ('poisson', 0.032, 62)
+    >>> e.sampling, e.sampling_rate, e.count, e.is_replace_one
+    ('poisson', 0.032, 62, True)
+
+    The event is accounted under replace-one neighbours: ``n`` is public
+    (FedAvg's weight; it sets ``q`` and the steps), so neighbouring data sets
+    differ in one record replaced, not one added or removed. Only the PLD
+    accountant accounts it.
     """
     from fedshield.privacy.accounting import DpEventSpec
 
@@ -88,4 +95,5 @@ def record_level_event(
         sampling="poisson",
         sampling_rate=rate,
         count=steps * epochs * rounds,
+        replace_one=True,
     )

@@ -326,7 +326,6 @@ _PRIVACY_FIELDS = (
 _OUTSIDE_REASONS: Final[Mapping[str, str]] = {
     "seeded_randomness": "the noise and the sample are reproducible from the "
     "seed in config.toml (set [privacy] secure_rng = true)",
-    "record_counts": "each client's number of records is released",
     "federated_eval": "the clients' own evaluation is reported without noise",
 }
 

@@ -526,6 +526,11 @@ class DpFedAvg:
                 f"{self.privacy.mode} mode); choose delta < "
                 f"{1.0 / self.num_clients:.3g}"
             )
+        if self.privacy.mode == "record" and self.privacy.accountant == "rdp":
+            raise ConfigError(
+                "record mode is accounted under replace-one, which only the PLD "
+                'accountant supports for Poisson sampling: set accountant = "pld"'
+            )
         if (
             isinstance(self.sampler, CountSampler)
             and self.privacy.accountant != "rdp"
