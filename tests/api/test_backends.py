@@ -38,6 +38,19 @@ def test_auto_picks_vectorised_when_the_model_allows_it():
     assert resolve_backend("process", _dropout_model()) == "process"
 
 
+def test_a_dp_run_with_a_deadline_never_times_clients_by_chunk():
+    # The vectorised backend times a chunk of clients together: under DP one
+    # client's data would decide whether others time out.
+    mlp = TorchModel(lambda: build_module("mlp", input_shape=(64,), num_classes=10))
+    assert resolve_backend("auto", mlp, privacy_mode="central", timeout_s=5.0) == (
+        "sequential"
+    )
+    assert resolve_backend("auto", mlp, privacy_mode="central") == "vectorised"
+    assert resolve_backend("auto", mlp, timeout_s=5.0) == "vectorised"
+    with pytest.raises(ConfigError, match="timeout_s"):
+        resolve_backend("vectorised", mlp, privacy_mode="local", timeout_s=5.0)
+
+
 def test_vectorised_refuses_a_model_it_cannot_run_naming_layer_and_alternative():
     with pytest.raises(ConfigError) as info:
         resolve_backend("vectorised", _dropout_model())

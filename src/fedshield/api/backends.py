@@ -24,19 +24,39 @@ BACKENDS = ("auto", "sequential", "vectorised", "process", "ray")
 """Values of ``run.backend``; ``auto`` picks the fastest that fits the model."""
 
 
-def resolve_backend(name: str, model: TorchModel, *, privacy_mode: str = "none") -> str:
+def resolve_backend(
+    name: str,
+    model: TorchModel,
+    *,
+    privacy_mode: str = "none",
+    timeout_s: float | None = None,
+) -> str:
     """The concrete backend for ``name`` (``auto``: vectorised if it can be).
 
     Record-level DP-SGD trains each client on its own (per-record clipping
-    and noise), so ``auto`` is ``sequential`` then.
+    and noise), so ``auto`` is ``sequential`` then. So is a DP run with a
+    stage deadline (``timeout_s``): the vectorised backend times a chunk of
+    clients together, so one client's data would decide whether others
+    time out, a coupling the DP analysis does not cover.
 
     Raises
     ------
     ConfigError
         If ``vectorised`` is asked for a model it cannot train (the message
-        names the layer and the backend that will work), or with record-level
-        DP-SGD.
+        names the layer and the backend that will work), with record-level
+        DP-SGD, or with a deadline under DP.
     """
+    if privacy_mode != "none" and timeout_s is not None:
+        if name == "vectorised":
+            raise ConfigError(
+                "run.backend = 'vectorised' with run.timeout_s under [privacy]: "
+                "it times a chunk of clients together, so one client's training "
+                "time would decide whether others time out; use backend = "
+                "'auto', 'sequential', 'process' or 'ray', or drop timeout_s"
+            )
+        if name == "auto":
+            logger.info("backend auto: sequential (a DP run with timeout_s)")
+            return "sequential"
     if privacy_mode == "record":
         if name == "vectorised":
             raise ConfigError(

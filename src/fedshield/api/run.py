@@ -234,7 +234,10 @@ def _simulate(
     else:
         strategy.check(len(federation.client_ids))
     backend_name = resolve_backend(
-        config.run.backend, federation.model, privacy_mode=config.privacy.mode
+        config.run.backend,
+        federation.model,
+        privacy_mode=config.privacy.mode,
+        timeout_s=config.run.timeout_s,
     )
     if config.privacy.mode == "record":
         from fedshield.models.dp_sgd import check_dp_sgd
