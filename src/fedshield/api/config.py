@@ -414,13 +414,9 @@ class ExperimentConfig(_Section):
             return
         if sa.allow_insecure_neighbours:
             return
-        total = self.data.num_clients
-        per_round = self.strategy.clients_per_round
-        if per_round is not None:
-            n = min(per_round, total)
-        else:
-            fraction = self.strategy.fraction or 1.0
-            n = max(1, math.ceil(fraction * total - 1e-9))
+        from fedshield.api.experiment import client_sampler
+
+        n = client_sampler(self).expected_count(self.data.num_clients)
         if n < 2 or sa.neighbours > n - 1:
             return  # refused before round 1 with its own message
         from fedshield.secagg.protocol import check_neighbours

@@ -137,8 +137,8 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
         "target_epsilon": p.target_epsilon,
         "sampling": p.sampling,
         "secure_rng": p.secure_rng,
-        # Released by the run but not covered by epsilon (opted in by the
-        # user: run.federated_eval = true).
+        # Released by the run but not covered by epsilon (README, "What
+        # leaves a DP run"): the seeded default, federated evaluation.
         "outside_guarantee": config.outside_guarantee,
         **extra,
     }

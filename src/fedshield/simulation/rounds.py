@@ -29,6 +29,7 @@ from fedshield.core import (
     validate_update,
 )
 from fedshield.errors import InvalidUpdateError
+from fedshield.privacy.distributed import DistributedDp
 from fedshield.simulation.protocol import (
     ClientFailure,
     EvaluateIns,
@@ -374,7 +375,7 @@ class FitRound:
         """
         if (
             self._secure is None
-            or getattr(self._dp_rule(), "distributed", None) is None
+            or self._distributed() is None
             or not isinstance(value, ClientUpdate)
             or not isinstance(value.delta, Params)
         ):
@@ -421,7 +422,7 @@ class FitRound:
             clip_norm=dp_rule.clip_norm if dp_rule is not None else None,
             norm_bound=self._norm_bound(),
             # Distributed DP (strategies.dp.DistributedSum): the clients noise.
-            distributed=getattr(dp_rule, "distributed", None),
+            distributed=self._distributed(),
         )
         self._metrics.update(result.metrics)
         for cid, stage in result.dropped.items():
@@ -471,6 +472,11 @@ class FitRound:
         """The round's central-DP rule (DP-FedAvg's ``DpMean``), or None."""
         rule = self._plan.aggregator
         return rule if isinstance(rule, ClippedSumRelease) else None
+
+    def _distributed(self) -> DistributedDp | None:
+        """Distributed DP's mechanism (strategies.dp.DistributedSum), or None."""
+        mechanism = getattr(self._dp_rule(), "distributed", None)
+        return mechanism if isinstance(mechanism, DistributedDp) else None
 
     def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
         # Evaluation failures never fail a round, but they are recorded.
