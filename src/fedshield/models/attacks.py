@@ -63,6 +63,8 @@ ATTACK_KINDS = (
     "free_rider",
 )
 COLLUDING = ("alie", "ipm")
+LABEL_ATTACKS = ("label_flip", "backdoor")
+"""Attacks that rewrite class labels: classification models only."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,12 @@ class MaliciousClient:
         ``backdoor``'s model-replacement factor.
     max_examples
         The largest sample count the server accepts (free rider's claim).
+
+    Raises
+    ------
+    ConfigError
+        If the attack rewrites class labels (``label_flip``, ``backdoor``)
+        and the model is a regression model (its targets are not classes).
     """
 
     def __init__(
@@ -188,6 +196,13 @@ class MaliciousClient:
         boost: float,
         max_examples: int,
     ) -> None:
+        task = getattr(inner.model, "task", "classification")
+        if spec.kind in LABEL_ATTACKS and task != "classification":
+            raise ConfigError(
+                f"[attack] kind = {spec.kind!r} needs class labels, but the "
+                f"model's task is {task!r}; use a model-poisoning attack "
+                "(sign_flip, gaussian, alie, ipm or free_rider) instead"
+            )
         self.client_id = inner.client_id
         self._inner = inner
         self._spec = spec

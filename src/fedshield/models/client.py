@@ -37,9 +37,11 @@ class TorchClient:
         The model adapter; clients in one process may share it (it holds no
         parameters), but not across threads.
     x_train, y_train
-        Local training inputs and integer labels. Converted once to
-        C-contiguous ``float32`` / ``int64`` so every round uses them without
-        copying. May be empty; :meth:`fit` then raises.
+        Local training inputs and integer labels (real targets when the
+        model's ``task`` is ``"regression"``). Converted once to
+        C-contiguous ``float32`` / ``int64`` (``float32`` targets for
+        regression) so every round uses them without copying. May be empty;
+        :meth:`fit` then raises.
     x_test, y_test
         Optional local test split (both or neither).
 
@@ -83,10 +85,13 @@ class TorchClient:
             )
         self.client_id = client_id
         self._model = model
+        regression = getattr(model, "task", "classification") == "regression"
         self._x_train = _as_inputs(x_train)
-        self._y_train = _as_labels(y_train)
+        self._y_train = _as_labels(y_train, regression=regression)
         self._x_test = None if x_test is None else _as_inputs(x_test)
-        self._y_test = None if y_test is None else _as_labels(y_test)
+        self._y_test = (
+            None if y_test is None else _as_labels(y_test, regression=regression)
+        )
         problems = [
             f"`x_{split}` has {len(x)} rows but `y_{split}` has {len(y)}"
             for split, x, y in (
@@ -144,8 +149,10 @@ class TorchClient:
         -------
         ClientUpdate
             ``delta = new - params``, ``num_examples`` = local training set
-            size, and the training ``"loss"`` and ``"accuracy"``; with local
-            DP the noised delta alone (see :func:`build_update`).
+            size, and the training ``"loss"`` and ``"accuracy"`` (for
+            regression ``"loss"``, ``"rmse"`` and ``"mae"``); with
+            record-level DP-SGD none of these, only what the DP step spent;
+            with local DP the noised delta alone (see :func:`build_update`).
 
         Raises
         ------
@@ -200,9 +207,10 @@ class TorchClient:
         )
         # The client's own record of what it spent this round (the server
         # accounts the same event from the client's size, which record mode
-        # treats as public). The training loss and accuracy are left out:
-        # they are computed from the records without noise, so they would
-        # reach the server outside the records' guarantee.
+        # treats as public). The training metrics (loss and accuracy, or
+        # loss, RMSE and MAE for regression) are all left out: they are
+        # computed from the records without noise, so they would reach the
+        # server outside the records' guarantee.
         del metrics
         return new, {
             "dp_sgd/sampling_rate": float(event.sampling_rate or 0.0),
@@ -243,9 +251,15 @@ def _as_inputs(x: np.ndarray) -> np.ndarray:
     return np.require(x, dtype=np.float32, requirements=["C", "W"])
 
 
-def _as_labels(y: np.ndarray) -> np.ndarray:
+def _as_labels(y: np.ndarray, *, regression: bool = False) -> np.ndarray:
     labels = np.asarray(y)
     kind = labels.dtype.kind
+    if regression:
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels.reshape(-1)
+        if kind in "iuf":
+            return np.require(labels, dtype=np.float32, requirements=["C", "W"])
+        return labels  # TorchModel rejects it on first use, naming the dtype
     if kind in "iu" or (kind == "f" and bool(np.all(np.mod(labels, 1) == 0))):
         return np.require(labels, dtype=np.int64, requirements=["C", "W"])
     return labels  # TorchModel rejects it on first use, naming the dtype

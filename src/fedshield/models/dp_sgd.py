@@ -11,7 +11,8 @@ itself.
 Two ways to get the per-example gradients, chosen per model:
 
 * a plain chain of ``Linear`` layers, elementwise activations and
-  ``Flatten`` under cross-entropy (the built-in logistic and MLP models) is
+  ``Flatten`` under cross-entropy (the built-in logistic and MLP models) or
+  the regression loss (mean squared error of one output) is
   differentiated by hand, and never materialises a per-example gradient:
   per-example norms come from the layers' inputs and output gradients, and
   the clipped sum is one matrix product per layer (:func:`_chain_clipped_sum`);
@@ -40,8 +41,11 @@ from fedshield.models.torch_model import (
     LossFn,
     TorchModel,
     _Bound,
+    _error_sums,
     _num_correct,
     _proximal_mu,
+    _regression_metrics,
+    regression_loss,
 )
 from fedshield.models.vectorised import (
     _BATCH_MIXING_LAYERS,
@@ -172,7 +176,7 @@ def check_dp_sgd(model: TorchModel) -> None:
     if shape is None:
         return
     x = torch.zeros((2, *shape), dtype=torch.float32)
-    y = torch.zeros(2, dtype=torch.int64)
+    y = model._dummy_targets(2)
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     buffer = torch.zeros(sum(p.numel() for p in module.parameters()))
     clipped_sum = _general_clipped_sum(module, model._loss_fn, names, buffer, 1.0)
@@ -269,7 +273,8 @@ def train_dp_sgd(
         The trained parameters; ``{"loss", "accuracy"}`` over the examples
         sampled in the last epoch (each counted once per step it took part
         in, computed before that step's update; ``nan`` when the last epoch
-        sampled none); and ``DpEventSpec(noise_multiplier=sigma,
+        sampled none), ``{"loss", "rmse", "mae"}`` for a regression model;
+        and ``DpEventSpec(noise_multiplier=sigma,
         sampling="poisson", sampling_rate=q, count=T, replace_one=True)``,
         the event to compose (under replace-one neighbours: the number of
         records sets q and T, so it is public; PLD accountant only). The
@@ -388,11 +393,14 @@ def _train(
         SecureRandom() if noise.secure else rng
     )
     bound.module.train()
+    regression = model.is_regression
     loss_sum = 0.0
     correct = 0
+    sq_sum = abs_sum = 0.0
     seen = 0
     for _ in range(config.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
+        sq_sum = abs_sum = 0.0
         for _ in range(steps_per_epoch):
             idx = torch.from_numpy(_poisson_sample(sampler, n, q))
             xb = xt.index_select(0, idx)
@@ -400,12 +408,21 @@ def _train(
             out, losses = step(xb, yb)
             if idx.numel():
                 loss_sum += float(losses.to(torch.float64).sum())
-                correct += int(_num_correct(out, yb))
+                if regression:
+                    sq, ab = _error_sums(out, yb)
+                    sq_sum += float(sq)
+                    abs_sum += float(ab)
+                else:
+                    correct += int(_num_correct(out, yb))
                 seen += int(idx.numel())
-    metrics = {
-        "loss": loss_sum / seen if seen else math.nan,
-        "accuracy": correct / seen if seen else math.nan,
-    }
+    metrics: dict[str, float]
+    if regression:
+        metrics = _regression_metrics(loss_sum, sq_sum, abs_sum, seen)
+    else:
+        metrics = {
+            "loss": loss_sum / seen if seen else math.nan,
+            "accuracy": correct / seen if seen else math.nan,
+        }
     event = None
     if dp.noise_multiplier > 0:
         from fedshield.privacy.accounting import DpEventSpec
@@ -504,16 +521,20 @@ def _choose_clipped_sum(
 ) -> _ClippedSumFn:
     module = model._get_bound().module
     layers = _linear_chain(module)
+    regression = model._loss_fn is regression_loss
     is_chain = (
         layers is not None
-        and model._loss_fn is functional.cross_entropy
+        and (model._loss_fn is functional.cross_entropy or regression)
         and _has_vector_inputs(layers, input_ndim)
+        and (not regression or _single_output(layers))
     )
     if path == "chain" and not is_chain:
         raise ConfigError("the model is not a plain chain the fast path can handle")
     if is_chain and path != "general":
         assert layers is not None
-        return _chain_clipped_sum(layers, params, grad_flat, clip_norm)
+        return _chain_clipped_sum(
+            layers, params, grad_flat, clip_norm, regression=regression
+        )
     names = [name for name, p in params.items() if p.requires_grad]
     general = _general_clipped_sum(module, model._loss_fn, names, grad_flat, clip_norm)
 
@@ -521,6 +542,16 @@ def _choose_clipped_sum(
         return _run_or_refuse(module, model._loss_fn, general, xb, yb)
 
     return checked
+
+
+def _single_output(layers: Sequence[_ChainLayer]) -> bool:
+    """Whether the chain's last ``Linear`` gives one output per example."""
+    linears = [layer for kind, _, layer in layers if kind == "linear"]
+    return (
+        bool(linears)
+        and isinstance(linears[-1], nn.Linear)
+        and (linears[-1].out_features == 1)
+    )
 
 
 def _has_vector_inputs(layers: Sequence[_ChainLayer], input_ndim: int) -> bool:
@@ -570,12 +601,15 @@ def _chain_clipped_sum(
     params: dict[str, nn.Parameter],
     grad_flat: Tensor,
     clip_norm: float,
+    *,
+    regression: bool = False,
 ) -> _ClippedSumFn:
     """Clipped per-example gradient sum of a plain chain, derived by hand.
 
     Forward once on the batch keeping every layer's input and output; the
     per-example output gradient of cross-entropy is ``softmax(z_i) -
-    onehot(y_i)``; back through the chain (``dh = dz @ W``, activations by
+    onehot(y_i)`` (of the regression loss ``(z_i - y_i)^2``, with one
+    output, ``2 (z_i - y_i)``); back through the chain (``dh = dz @ W``, activations by
     :func:`_activation_grad`) keeping each ``Linear``'s ``dz``. Squared
     per-example norms add up over layers as ``||dz_i||^2 (||h_i||^2 + 1)``
     (the 1 for a trainable bias), computed in float64; then per ``Linear``
@@ -614,11 +648,17 @@ def _chain_clipped_sum(
                 out = layer(h)
             saved.append((h, out))
             h = out
-        log_probs = torch.log_softmax(h, dim=1)
-        losses = functional.nll_loss(log_probs, yb, reduction="none")
-        # d loss_i / d logits_i = softmax(z_i) - onehot(y_i), per example.
-        grad = log_probs.exp_()
-        grad.scatter_add_(1, yb.unsqueeze(1), minus_one.expand(yb.shape[0], 1))
+        if regression:
+            diff = h - yb.unsqueeze(1)  # (B, 1)
+            losses = diff.square().squeeze(1)
+            # d loss_i / d z_i = 2 (z_i - y_i), per example.
+            grad = diff.mul(2.0)
+        else:
+            log_probs = torch.log_softmax(h, dim=1)
+            losses = functional.nll_loss(log_probs, yb, reduction="none")
+            # d loss_i / d logits_i = softmax(z_i) - onehot(y_i), per example.
+            grad = log_probs.exp_()
+            grad.scatter_add_(1, yb.unsqueeze(1), minus_one.expand(yb.shape[0], 1))
         sq_norms: Tensor | None = None
         kept: list[tuple[_LinearPlan, Tensor, Tensor]] = []  # (plan, dz, input)
         for index in range(len(layers) - 1, first_linear - 1, -1):

@@ -21,13 +21,40 @@ from torch.nn import functional
 from fedshield.core import FitConfig, Params, ParamSpec
 from fedshield.errors import ConfigError
 
-__all__ = ["TorchModel"]
+__all__ = ["TASKS", "TorchModel", "regression_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, targets)`` returning the mean loss of a batch."""
 
+TASKS: tuple[str, ...] = ("classification", "regression")
+"""What a :class:`TorchModel` learns: class labels or one real value."""
+
 _PROXIMAL_MU = "proximal_mu"
 _SEED_BOUND = 2**63
+
+
+def regression_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error of one output per example: the regression loss.
+
+    Parameters
+    ----------
+    outputs
+        The model's outputs, ``(n, 1)`` or ``(n,)``; reshaped to the
+        targets' shape ``(n,)``.
+    targets
+        ``float32`` targets, ``(n,)``.
+
+    Returns
+    -------
+    Tensor
+        ``mean((outputs - targets) ** 2)``, a scalar.
+
+    Examples
+    --------
+    >>> float(regression_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])))
+    2.5
+    """
+    return functional.mse_loss(outputs.reshape(targets.shape), targets)
 
 
 class _Bound:
@@ -85,16 +112,24 @@ class TorchModel:
         silently stay local.
     loss_fn
         ``loss_fn(outputs, targets)`` giving the mean loss over a batch;
-        targets are ``int64`` class labels. Defaults to cross-entropy.
+        targets are ``int64`` class labels (classification) or ``float32``
+        values (regression). Defaults to cross-entropy for classification
+        and :func:`regression_loss` (mean squared error) for regression.
     input_shape
         Shape of one example. Inputs arriving flat, ``(n, d)`` with
         ``d = prod(input_shape)``, are reshaped (as a view) to
         ``(n, *input_shape)`` before the forward pass.
+    task
+        ``"classification"`` (integer class labels; metrics ``"loss"``
+        and ``"accuracy"``) or ``"regression"`` (one real target per
+        example, the module giving ``(n, 1)`` or ``(n,)`` outputs; metrics
+        ``"loss"``, ``"rmse"`` and ``"mae"``).
 
     Raises
     ------
     ConfigError
-        If ``input_shape`` has a non-positive size. Problems with the module
+        If ``input_shape`` has a non-positive size or ``task`` is not one
+        of :data:`TASKS`. Problems with the module
         itself are raised (all together) on first use: :attr:`spec`,
         :meth:`init_params`, :meth:`train` or :meth:`evaluate`.
 
@@ -108,7 +143,7 @@ class TorchModel:
     wherever torch draws from it.
     """
 
-    __slots__ = ("_bound", "_input_shape", "_loss_fn", "_module_fn")
+    __slots__ = ("_bound", "_input_shape", "_loss_fn", "_module_fn", "_task")
 
     def __init__(
         self,
@@ -116,7 +151,13 @@ class TorchModel:
         *,
         loss_fn: LossFn | None = None,
         input_shape: tuple[int, ...] | None = None,
+        task: str = "classification",
     ) -> None:
+        if task not in TASKS:
+            raise ConfigError(
+                f"`task` of TorchModel must be one of {', '.join(map(repr, TASKS))}; "
+                f"got {task!r}."
+            )
         if not callable(module_fn):
             raise ConfigError(
                 f"`module_fn` of TorchModel must be callable; got {module_fn!r}."
@@ -132,11 +173,20 @@ class TorchModel:
                 )
             input_shape = tuple(int(s) for s in input_shape)
         self._module_fn = module_fn
-        self._loss_fn: LossFn = (
-            loss_fn if loss_fn is not None else functional.cross_entropy
-        )
+        self._task = task
+        self._loss_fn: LossFn = loss_fn if loss_fn is not None else _default_loss(task)
         self._input_shape = input_shape
         self._bound: _Bound | None = None
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``: what the model learns."""
+        return self._task
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether :attr:`task` is ``"regression"``."""
+        return self._task == "regression"
 
     @property
     def spec(self) -> ParamSpec:
@@ -203,7 +253,8 @@ class TorchModel:
             Inputs, ``(n, *input_shape)`` or ``(n, d)``; used without a copy
             when already C-contiguous, writable ``float32``.
         y
-            Integer class labels, ``(n,)``.
+            Integer class labels, ``(n,)``; for regression real targets,
+            ``(n,)`` or ``(n, 1)``.
         config
             ``epochs``, ``batch_size``, ``lr``, ``momentum`` and
             ``weight_decay`` of ``torch.optim.SGD``; ``options["proximal_mu"]``
@@ -222,7 +273,9 @@ class TorchModel:
         tuple of (Params, dict)
             The trained parameters, and ``{"loss", "accuracy"}`` averaged over
             the examples of the last epoch (as seen during that epoch; the loss
-            excludes the proximal term).
+            excludes the proximal term). For regression ``{"loss", "rmse",
+            "mae"}`` instead: root mean squared and mean absolute error over
+            the same examples.
 
         Raises
         ------
@@ -264,13 +317,18 @@ class TorchModel:
         )
         generator = torch.Generator().manual_seed(shuffle_seed)
         batch_size = config.batch_size
+        regression = self.is_regression
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
+        sq_sum = torch.zeros((), dtype=torch.float64)
+        abs_sum = torch.zeros((), dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             for _ in range(config.epochs):
                 loss_sum.zero_()
                 correct.zero_()
+                sq_sum.zero_()
+                abs_sum.zero_()
                 order = torch.randperm(n, generator=generator)
                 for start in range(0, n, batch_size):
                     idx = order[start : start + batch_size]
@@ -287,8 +345,18 @@ class TorchModel:
                     optimizer.step()
                     with torch.no_grad():
                         loss_sum += loss.detach() * idx.shape[0]
-                        correct += _num_correct(out.detach(), yb)
-        metrics = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+                        if regression:
+                            sq, ab = _error_sums(out.detach(), yb)
+                            sq_sum += sq
+                            abs_sum += ab
+                        else:
+                            correct += _num_correct(out.detach(), yb)
+        if regression:
+            metrics = _regression_metrics(
+                float(loss_sum), float(sq_sum), float(abs_sum), n
+            )
+        else:
+            metrics = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
         return bound.read(), metrics
 
     def evaluate(
@@ -299,7 +367,7 @@ class TorchModel:
         *,
         batch_size: int = 1024,
     ) -> dict[str, float]:
-        """Evaluate ``params`` on labelled data.
+        """Evaluate ``params`` on labelled data (or targets, for regression).
 
         Parameters
         ----------
@@ -308,7 +376,8 @@ class TorchModel:
         x
             Inputs, as for :meth:`train`.
         y
-            Integer class labels, ``(n,)``.
+            Integer class labels, ``(n,)``, or regression targets, as for
+            :meth:`train`.
         batch_size
             Examples per forward pass (does not change the result beyond
             floating-point rounding).
@@ -319,8 +388,9 @@ class TorchModel:
             ``"loss"`` (mean of ``loss_fn``), ``"accuracy"`` and
             ``"num_examples"``; plus ``"roc_auc"`` when the model is binary
             (two output logits, scored by their difference, or one logit) and
-            ``y`` holds both labels 0 and 1. With no examples only
-            ``{"num_examples": 0.0}``.
+            ``y`` holds both labels 0 and 1. For regression ``"loss"``,
+            ``"rmse"``, ``"mae"`` and ``"num_examples"``. With no examples
+            only ``{"num_examples": 0.0}``.
 
         Raises
         ------
@@ -341,6 +411,8 @@ class TorchModel:
         bound.load(params)
         module = bound.module
         module.eval()
+        if self.is_regression:
+            return self._evaluate_regression(module, xt, yt, int(batch_size))
         loss_sum = 0.0
         correct = 0
         scores: list[np.ndarray] = []
@@ -368,6 +440,29 @@ class TorchModel:
             metrics["roc_auc"] = float(roc_auc_score(labels, np.concatenate(scores)))
         return metrics
 
+    def _evaluate_regression(
+        self, module: nn.Module, xt: Tensor, yt: Tensor, batch_size: int
+    ) -> dict[str, float]:
+        n = int(yt.shape[0])
+        loss_sum = sq_sum = abs_sum = 0.0
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                xb = xt[start : start + batch_size]
+                yb = yt[start : start + batch_size]
+                out = module(xb)
+                loss_sum += float(self._loss_fn(out, yb)) * int(yb.shape[0])
+                sq, ab = _error_sums(out, yb)
+                sq_sum += float(sq)
+                abs_sum += float(ab)
+        metrics = _regression_metrics(loss_sum, sq_sum, abs_sum, n)
+        metrics["num_examples"] = float(n)
+        return metrics
+
+    def _dummy_targets(self, *shape: int) -> Tensor:
+        """Zero targets of the task's dtype (for checks on a dummy batch)."""
+        dtype = torch.float32 if self.is_regression else torch.int64
+        return torch.zeros(shape, dtype=dtype)
+
     def _get_bound(self) -> _Bound:
         if self._bound is None:
             self._bound = _Bound(_build(self._module_fn))
@@ -383,12 +478,7 @@ class TorchModel:
         # np.require copies only when needed; torch.from_numpy then shares
         # memory (it needs a writable array, though it never writes to it).
         xa = np.require(x, dtype=np.float32, requirements=["C", "W"])
-        ya = np.asarray(y)
-        if ya.ndim != 1:
-            raise ValueError(f"y must be one-dimensional; got shape {ya.shape}")
-        if not _is_integral(ya):
-            raise ValueError(f"y must hold integer class labels; got dtype {ya.dtype}")
-        ya = np.require(ya, dtype=np.int64, requirements=["C", "W"])
+        ya = _targets(np.asarray(y), self._task)
         if xa.ndim < 1 or xa.shape[0] != ya.shape[0]:
             raise ValueError(
                 f"x and y must have the same number of rows; got x {xa.shape} "
@@ -412,16 +502,77 @@ class TorchModel:
             "module_fn": self._module_fn,
             "loss_fn": self._loss_fn,
             "input_shape": self._input_shape,
+            "task": self._task,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._module_fn = state["module_fn"]
         self._loss_fn = state["loss_fn"]
         self._input_shape = state["input_shape"]
+        self._task = state.get("task", "classification")
         self._bound = None
 
     def __repr__(self) -> str:
-        return f"TorchModel({self._module_fn!r}, input_shape={self._input_shape})"
+        task = "" if self._task == "classification" else f", task={self._task!r}"
+        return f"TorchModel({self._module_fn!r}, input_shape={self._input_shape}{task})"
+
+
+def _default_loss(task: str) -> LossFn:
+    return regression_loss if task == "regression" else functional.cross_entropy
+
+
+def _targets(ya: np.ndarray, task: str) -> np.ndarray:
+    """``y`` as C-contiguous ``int64`` labels or ``float32`` regression targets."""
+    if task == "regression":
+        if ya.ndim == 2 and ya.shape[1] == 1:
+            ya = ya.reshape(-1)
+        if ya.ndim != 1:
+            raise ValueError(
+                "regression targets y must be one value per example, (n,) or "
+                f"(n, 1); got shape {ya.shape}"
+            )
+        if ya.dtype.kind not in "iuf":
+            raise ValueError(
+                f"regression targets y must be numbers; got dtype {ya.dtype}"
+            )
+        out = np.require(ya, dtype=np.float32, requirements=["C", "W"])
+        if not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out))[0])
+            raise ValueError(
+                f"regression targets y must be finite; row {bad} is {out[bad]}"
+            )
+        return out
+    if ya.ndim != 1:
+        raise ValueError(f"y must be one-dimensional; got shape {ya.shape}")
+    if not _is_integral(ya):
+        hint = (
+            " (real-valued targets: use task = 'regression')"
+            if ya.dtype.kind == "f"
+            else ""
+        )
+        raise ValueError(
+            f"y must hold integer class labels; got dtype {ya.dtype}{hint}"
+        )
+    return np.require(ya, dtype=np.int64, requirements=["C", "W"])
+
+
+def _error_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums of squared and of absolute errors (float64) of regression outputs."""
+    diff = out.reshape(y.shape).to(torch.float64) - y.to(torch.float64)
+    return diff.square().sum(), diff.abs().sum()
+
+
+def _regression_metrics(
+    loss_sum: float, sq_sum: float, abs_sum: float, n: int
+) -> dict[str, float]:
+    """``{"loss", "rmse", "mae"}`` from sums over ``n`` examples."""
+    if n == 0:
+        return {"loss": math.nan, "rmse": math.nan, "mae": math.nan}
+    return {
+        "loss": loss_sum / n,
+        "rmse": math.sqrt(sq_sum / n),
+        "mae": abs_sum / n,
+    }
 
 
 def _build(module_fn: Callable[[], nn.Module]) -> nn.Module:

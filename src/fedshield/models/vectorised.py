@@ -31,6 +31,8 @@ from fedshield.models.torch_model import (
     LossFn,
     TorchModel,
     _proximal_mu,
+    _regression_metrics,
+    regression_loss,
 )
 
 __all__ = ["check_vectorisable", "train_many"]
@@ -100,7 +102,7 @@ def check_vectorisable(model: TorchModel) -> None:
         for name, p in module.named_parameters()
     }
     x = torch.zeros((2, 2, *shape), dtype=torch.float32)
-    y = torch.zeros((2, 2), dtype=torch.int64)
+    y = model._dummy_targets(2, 2)
     mask = torch.ones((2, 2), dtype=torch.bool)
     step = _make_step(module, model._loss_fn)
     module.train()
@@ -155,7 +157,8 @@ def train_many(
     -------
     list of (Params, dict)
         Per data set, in order: the trained parameters and ``{"loss",
-        "accuracy"}`` over the examples of the last epoch.
+        "accuracy"}`` over the examples of the last epoch (``{"loss",
+        "rmse", "mae"}`` for a regression model, as :meth:`TorchModel.train`).
 
     Raises
     ------
@@ -178,7 +181,9 @@ def train_many(
     batch; a shorter batch (the last of an epoch) is padded and the padding
     masked, so that the gradient is the mean over the real examples, as the
     sequential mean loss gives: cross-entropy (the default ``loss_fn``)
-    marks padded targets with ``ignore_index``; any other ``loss_fn`` is
+    marks padded targets with ``ignore_index``, the regression loss
+    (:func:`~fedshield.models.torch_model.regression_loss`) averages the
+    masked squared errors; any other ``loss_fn`` is
     evaluated per example (inner vmap over batches of one) and averaged as
     ``sum(mask * loss) / count``, so it must be a mean of per-example terms.
     The reported loss is ``loss_fn`` of each client's unpadded batch, as
@@ -290,6 +295,7 @@ class _Trainer:
         bound = model._get_bound()
         self.module = bound.module
         self.loss_fn = model._loss_fn
+        self.regression = model.is_regression
         self.config = config
         self.mu = mu
         self.spec = params.spec
@@ -399,10 +405,13 @@ class _Trainer:
                 [torch.zeros_like(self.start) if v is None else v for v in shifts]
             )
         momentum_buf: Tensor | None = None
-        # Each step's mean loss and correct predictions per client, kept for
-        # the steps of the last epoch (TorchModel.train's metrics).
+        # Each step's mean loss and correct predictions (regression: sums of
+        # squared and absolute errors) per client, kept for the steps of the
+        # last epoch (TorchModel.train's metrics).
         step_loss = torch.zeros((k_all, total), dtype=torch.float32)
-        step_correct = torch.zeros((k_all, total), dtype=torch.int64)
+        step_stats = torch.zeros(
+            (k_all, total, 2 if self.regression else 1), dtype=torch.float64
+        )
         anchor = self.start
         lr, momentum, wd, mu = config.lr, config.momentum, config.weight_decay, self.mu
         active_np = counts_np > 0
@@ -460,9 +469,8 @@ class _Trainer:
                 # parameter by parameter (no concatenated gradient).
                 for name in self.names:
                     views_w[name].add_(grads[name], alpha=-lr)
-                hits = (_predictions(out) == yb).logical_and_(mask_t).sum(dim=1)
                 step_loss[:, t] = losses
-                step_correct[:, t] = hits
+                step_stats[:, t] = _step_stats(out, yb, mask_t, self.regression)
                 continue
             g = torch.cat([grads[name].reshape(k, -1) for name in self.names], dim=1)
             if mu > 0:
@@ -489,28 +497,47 @@ class _Trainer:
             w_new = w.add(g, alpha=-lr)
             if self.fixed is not None:
                 w_new = torch.where(self.fixed, w, w_new)
-            hits = (_predictions(out) == yb).logical_and_(mask_t).sum(dim=1)
+            stats = _step_stats(out, yb, mask_t, self.regression)
             if who is None:
                 flat = w_new
                 step_loss[:, t] = losses
-                step_correct[:, t] = hits
+                step_stats[:, t] = stats
             else:
                 flat.index_copy_(0, who, w_new)
                 step_loss[who, t] = losses
-                step_correct[who, t] = hits
+                step_stats[who, t] = stats
 
         # Metrics of the last epoch, as TorchModel.train accumulates them:
         # each batch's float32 mean loss times its size, summed in float64.
         in_last = torch.from_numpy(in_last_np)
         weighted = (step_loss * counts.to(torch.float32)).to(torch.float64)
         loss_sum = torch.where(in_last, weighted, 0.0).sum(dim=1).tolist()
-        correct = torch.where(in_last, step_correct, 0).sum(dim=1).tolist()
+        sums = torch.where(in_last.unsqueeze(2), step_stats, 0.0).sum(dim=1).tolist()
         trained = flat.numpy()
         results: list[tuple[Params, dict[str, float]]] = []
         for k, n in enumerate(counts_n):
             new = Params.from_flat(trained[k].copy(), self.spec, copy=False)
-            results.append((new, {"loss": loss_sum[k] / n, "accuracy": correct[k] / n}))
+            if self.regression:
+                sq_sum, abs_sum = sums[k]
+                metrics = _regression_metrics(loss_sum[k], sq_sum, abs_sum, n)
+            else:
+                metrics = {"loss": loss_sum[k] / n, "accuracy": sums[k][0] / n}
+            results.append((new, metrics))
         return results
+
+
+def _step_stats(out: Tensor, y: Tensor, mask: Tensor, regression: bool) -> Tensor:
+    """Per client, ``(K, 1)`` correct predictions or ``(K, 2)`` error sums.
+
+    For regression the sums of squared and of absolute errors over the real
+    (unmasked) examples, in float64, as :meth:`TorchModel.train` adds them.
+    """
+    if regression:
+        diff = out.reshape(y.shape).to(torch.float64) - y.to(torch.float64)
+        diff = torch.where(mask, diff, 0.0)
+        return torch.stack([diff.square().sum(dim=1), diff.abs().sum(dim=1)], dim=1)
+    hits = (_predictions(out) == y).logical_and_(mask).sum(dim=1)
+    return hits.to(torch.float64).unsqueeze(1)
 
 
 def _predictions(out: Tensor) -> Tensor:
@@ -540,6 +567,15 @@ def _masked_mean_loss(
 
         return cross_entropy
 
+    if loss_fn is regression_loss:
+
+        def squared_error(out: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+            weights = mask.to(out.dtype)
+            diff = out.reshape(y.shape) - y
+            return (diff * diff * weights).sum() / weights.sum().clamp(min=1.0)
+
+        return squared_error
+
     def one(out: Tensor, y: Tensor) -> Tensor:
         return loss_fn(out.unsqueeze(0), y.unsqueeze(0))
 
@@ -560,12 +596,15 @@ def _make_step(module: nn.Module, loss_fn: LossFn) -> _StepFn:
     """The vectorised gradient step for ``module`` and ``loss_fn``.
 
     A plain chain of ``Linear`` layers and elementwise activations under
-    cross-entropy (the built-in logistic and MLP models) gets a hand-batched
-    step (:func:`_chain_step`); anything else the general ``vmap`` one.
+    cross-entropy (the built-in logistic and MLP models) or the regression
+    loss gets a hand-batched step (:func:`_chain_step`); anything else the
+    general ``vmap`` one.
     """
     layers = _linear_chain(module)
     if layers is not None and loss_fn is functional.cross_entropy:
         return _chain_step(layers)
+    if layers is not None and loss_fn is regression_loss:
+        return _chain_step(layers, regression=True)
     return _vmap_step(module, loss_fn)
 
 
@@ -670,7 +709,7 @@ def _activation_grad(
     return grad  # Identity
 
 
-def _chain_step(layers: Sequence[_ChainLayer]) -> _StepFn:
+def _chain_step(layers: Sequence[_ChainLayer], *, regression: bool = False) -> _StepFn:
     """Gradient step of a plain chain, batched over clients and derived by hand.
 
     Forward: each ``Linear`` of client ``k`` is a batched matrix product
@@ -689,6 +728,11 @@ def _chain_step(layers: Sequence[_ChainLayer]) -> _StepFn:
     decompositions ``vmap`` of cross-entropy needs (a third of a second at
     start-up). An output of another rank than (clients, batch, classes)
     falls back to the ``vmap`` step.
+
+    With ``regression`` the loss is the mean squared error of the one output
+    per example, ``mean((z - y)^2)`` over the real examples, and ``dz = 2 (z -
+    y) * mask / count``; an output with more than one column falls back to
+    the ``vmap`` step (which then reports the shape mismatch).
     """
     fallback: list[_StepFn] = []
 
@@ -716,18 +760,24 @@ def _chain_step(layers: Sequence[_ChainLayer]) -> _StepFn:
                 out = layer(h)
             saved.append((h, out))
             h = out
-        if h.ndim != 3:
+        if h.ndim != 3 or (regression and h.shape[-1] != 1):
             if not fallback:
                 fallback.append(
                     _vmap_step(
                         nn.Sequential(*[lay for _, _, lay in layers]),
-                        functional.cross_entropy,
+                        regression_loss if regression else functional.cross_entropy,
                     )
                 )
             return fallback[0](params, x, y, mask)
         # scale[k, i] = 1 / (client k's real examples) for a real example, 0
         # for padding (whose label, read from a real row, is a valid index).
         scale = mask / mask.sum(dim=1, keepdim=True).clamp_(min=1)
+        if regression:
+            diff = h.squeeze(-1) - y
+            losses = (diff * diff * scale).sum(dim=1)
+            # d(sum_k loss_k)/d z = 2 (z - y) * scale
+            dz = (diff * scale).mul_(2.0).unsqueeze(-1)
+            return _chain_backward(layers, params, saved, dz, k), h, losses
         log_probs = torch.log_softmax(h, dim=-1)
         target = y.unsqueeze(-1)
         picked = log_probs.gather(-1, target).squeeze(-1)
@@ -736,27 +786,38 @@ def _chain_step(layers: Sequence[_ChainLayer]) -> _StepFn:
         dz = log_probs.exp_()
         dz.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=h.dtype))
         dz.mul_(scale.unsqueeze(-1))
-        grads: dict[str, Tensor] = {}
-        grad = dz
-        for index in range(len(layers) - 1, -1, -1):
-            kind, name, layer = layers[index]
-            inp, out = saved[index]
-            if kind == "linear":
-                weight = params[f"{name}.weight"]
-                g3 = grad.reshape(k, -1, grad.shape[-1])
-                in3 = inp.reshape(k, -1, inp.shape[-1])
-                grads[f"{name}.weight"] = torch.bmm(g3.transpose(1, 2), in3)
-                if f"{name}.bias" in params:
-                    grads[f"{name}.bias"] = g3.sum(dim=1)
-                if index > 0:
-                    grad = torch.bmm(g3, weight).view(inp.shape)
-            elif kind == "flatten":
-                grad = grad.view(inp.shape)
-            else:
-                grad = _activation_grad(layer, inp, out, grad)
-        return {n: grads[n] for n in params}, h, losses
+        return _chain_backward(layers, params, saved, dz, k), h, losses
 
     return step
+
+
+def _chain_backward(
+    layers: Sequence[_ChainLayer],
+    params: dict[str, Tensor],
+    saved: Sequence[tuple[Tensor, Tensor]],
+    dz: Tensor,
+    k: int,
+) -> dict[str, Tensor]:
+    """Per-client gradients of a chain, from the gradient ``dz`` at its output."""
+    grads: dict[str, Tensor] = {}
+    grad = dz
+    for index in range(len(layers) - 1, -1, -1):
+        kind, name, layer = layers[index]
+        inp, out = saved[index]
+        if kind == "linear":
+            weight = params[f"{name}.weight"]
+            g3 = grad.reshape(k, -1, grad.shape[-1])
+            in3 = inp.reshape(k, -1, inp.shape[-1])
+            grads[f"{name}.weight"] = torch.bmm(g3.transpose(1, 2), in3)
+            if f"{name}.bias" in params:
+                grads[f"{name}.bias"] = g3.sum(dim=1)
+            if index > 0:
+                grad = torch.bmm(g3, weight).view(inp.shape)
+        elif kind == "flatten":
+            grad = grad.view(inp.shape)
+        else:
+            grad = _activation_grad(layer, inp, out, grad)
+    return {n: grads[n] for n in params}
 
 
 def _diagnose(
