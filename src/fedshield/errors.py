@@ -10,7 +10,8 @@ code  meaning
 0     success
 1     unexpected internal error (a bug: please report it)
 2     command-line usage error
-10    configuration invalid (:class:`ConfigError`)
+10    configuration invalid (:class:`ConfigError`); the user's own
+      data files are malformed (:class:`DataFileError`)
 11    configuration file missing or unreadable (:class:`ConfigFileError`)
 12    data set not installed or unreadable (:class:`DataUnavailableError`)
 13    partition cannot be built as asked (:class:`PartitionError`)
@@ -30,6 +31,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "ConfigFileError",
+    "DataFileError",
     "DataUnavailableError",
     "FedShieldError",
     "InvalidUpdateError",
@@ -62,6 +64,16 @@ class ConfigFileError(ConfigError):
     """Raised when a configuration file is missing, unreadable or not TOML."""
 
     exit_code = 11
+
+
+class DataFileError(ConfigError):
+    """Raised when the user's own data files are missing or malformed.
+
+    The message names the file and, where it applies, the column, the row
+    and the offending value. Raised while loading, before any training.
+    """
+
+    exit_code = 10
 
 
 class DataUnavailableError(FedShieldError):

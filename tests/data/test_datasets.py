@@ -89,7 +89,7 @@ def test_load_dataset_digits_shapes_and_scale() -> None:
     assert ds.is_test is None
 
 
-def test_load_dataset_breast_cancer_is_standardised() -> None:
+def test_load_dataset_breast_cancer_is_raw_with_every_column_numeric() -> None:
     ds = load_dataset("breast_cancer")
 
     assert ds.x.shape == (569, 30)
@@ -97,8 +97,11 @@ def test_load_dataset_breast_cancer_is_standardised() -> None:
     assert ds.num_classes == 2
     assert np.bincount(ds.y).tolist() == [212, 357]
     assert len(ds.feature_names) == 30
-    np.testing.assert_allclose(ds.x.mean(axis=0), 0.0, atol=1e-5)
-    np.testing.assert_allclose(ds.x.std(axis=0), 1.0, rtol=1e-4)
+    # Raw values: standardised later, per client (preprocess_per_client).
+    assert ds.x[0, 0] == pytest.approx(17.99)
+    assert ds.numeric_columns is not None
+    assert ds.numeric_columns.all()
+    assert np.isfinite(ds.x).all()
 
 
 # heart ------------------------------------------------------------------------
@@ -109,10 +112,14 @@ def heart() -> Dataset:
     return load_dataset("heart")
 
 
-def test_heart_has_920_rows_four_hospitals_and_no_nan(heart: Dataset) -> None:
+def test_heart_has_920_rows_four_hospitals_and_nan_only_in_numeric_columns(
+    heart: Dataset,
+) -> None:
     assert len(heart) == 920
     assert heart.x.shape[0] == 920
-    assert not np.isnan(heart.x).any()
+    assert heart.numeric_columns is not None
+    assert np.isnan(heart.x[:, heart.numeric_columns]).any()
+    assert np.isfinite(heart.x[:, ~heart.numeric_columns]).all()
     assert heart.x.dtype == np.float32
     assert heart.groups is not None
     names, sizes = np.unique(heart.groups, return_counts=True)
@@ -165,21 +172,24 @@ def test_heart_missing_indicators_match_raw_file(heart: Dataset) -> None:
     np.testing.assert_array_equal(heart.x[:, col["thal=missing"]], missing("thal"))
 
 
-def test_heart_numeric_columns_are_median_imputed_then_standardised(
+def test_heart_numeric_columns_are_raw_values_with_nan_for_missing(
     heart: Dataset,
 ) -> None:
     rows = heart_rows()
     raw = np.array([float(r["chol"]) if r["chol"] else 0.0 for r in rows])
-    observed = raw[raw > 0]
-    imputed = np.where(raw > 0, raw, np.median(observed))
-    expected = (imputed - imputed.mean()) / imputed.std()
+    expected = np.where(raw > 0, raw, np.nan)  # empty and 0 are missing
     col = heart.feature_names.index("chol")
 
-    np.testing.assert_allclose(heart.x[:, col], expected, rtol=1e-5, atol=1e-5)
-    for name in ("age", "trestbps", "chol", "thalch", "oldpeak", "ca"):
+    np.testing.assert_allclose(heart.x[:, col], expected, rtol=1e-6)
+    numeric = ("age", "trestbps", "chol", "thalch", "oldpeak", "ca")
+    assert heart.numeric_columns is not None
+    assert [
+        n for n, m in zip(heart.feature_names, heart.numeric_columns, strict=True) if m
+    ] == list(numeric)
+    for name in numeric:
         column = heart.x[:, heart.feature_names.index(name)]
-        assert abs(float(column.mean())) < 1e-5
-        assert abs(float(column.std()) - 1.0) < 1e-4
+        missing = heart.x[:, heart.feature_names.index(f"{name}_missing")]
+        np.testing.assert_array_equal(np.isnan(column), missing == 1.0)
 
 
 def test_heart_categoricals_are_one_hot_with_missing_level(heart: Dataset) -> None:

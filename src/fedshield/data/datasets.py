@@ -25,7 +25,10 @@ import numpy as np
 
 from fedshield.errors import ConfigError, DataUnavailableError
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "split_test"]
+__all__ = ["DATASETS", "TASKS", "Dataset", "load_dataset", "split_test"]
+
+TASKS: tuple[str, ...] = ("classification", "regression")
+"""Values of :attr:`Dataset.task`."""
 
 DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "heart", "fashion_mnist")
 """Names :func:`load_dataset` accepts."""
@@ -42,9 +45,11 @@ class Dataset:
     x
         ``float32`` features of shape ``(n, num_features)``.
     y
-        ``int64`` labels of shape ``(n,)`` with values in ``0 .. num_classes-1``.
+        ``int64`` labels of shape ``(n,)`` with values in ``0 .. num_classes-1``
+        (classification), or finite ``float32`` targets of shape ``(n,)``
+        (regression).
     num_classes
-        Number of classes.
+        Number of classes; 1 for regression.
     input_shape
         Shape of one example as a model sees it, e.g. ``(1, 28, 28)`` for
         images or ``(num_features,)`` for tabular data; its product must be
@@ -57,6 +62,13 @@ class Dataset:
     is_test
         Boolean mask of an official test split (``fashion_mnist``); ``None``
         when the data set has none.
+    task
+        ``"classification"`` or ``"regression"``.
+    numeric_columns
+        Boolean mask over the columns of ``x``: the columns that
+        :func:`~fedshield.data.preprocess.preprocess_per_client` imputes and
+        standardises per client. They may hold NaN (missing); every other
+        column must be finite. ``None`` when no column needs it.
 
     Raises
     ------
@@ -85,6 +97,8 @@ class Dataset:
     feature_names: tuple[str, ...] = ()
     groups: np.ndarray | None = None
     is_test: np.ndarray | None = None
+    task: str = "classification"
+    numeric_columns: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         problems = _dataset_problems(self)
@@ -108,7 +122,8 @@ class Dataset:
         -------
         Dataset
             A new data set with the selected rows of ``x``, ``y``, ``groups``
-            and ``is_test``; name, classes, shapes and feature names are kept.
+            and ``is_test``; name, classes, shapes, feature names, task and
+            ``numeric_columns`` are kept.
         """
         idx = np.asarray(indices)
         return Dataset(
@@ -120,6 +135,8 @@ class Dataset:
             feature_names=self.feature_names,
             groups=None if self.groups is None else self.groups[idx],
             is_test=None if self.is_test is None else self.is_test[idx],
+            task=self.task,
+            numeric_columns=self.numeric_columns,
         )
 
 
@@ -127,17 +144,14 @@ def _dataset_problems(ds: Dataset) -> list[str]:
     problems: list[str] = []
     if ds.x.ndim != 2 or ds.x.dtype != np.float32:
         problems.append(f"x must be 2-D float32; got {ds.x.ndim}-D {ds.x.dtype}")
-    if ds.y.ndim != 1 or ds.y.dtype != np.int64:
-        problems.append(f"y must be 1-D int64; got {ds.y.ndim}-D {ds.y.dtype}")
+    if ds.task not in TASKS:
+        problems.append(f"task must be one of {TASKS}; got {ds.task!r}")
+    elif ds.task == "regression":
+        problems += _regression_label_problems(ds)
+    else:
+        problems += _class_label_problems(ds)
     if ds.x.shape[:1] != ds.y.shape[:1]:
         problems.append(f"x has {ds.x.shape[0]} rows but y has {ds.y.shape[0]}")
-    if ds.num_classes < 1:
-        problems.append(f"num_classes must be >= 1; got {ds.num_classes}")
-    elif ds.y.size and (ds.y.min() < 0 or ds.y.max() >= ds.num_classes):
-        problems.append(
-            f"labels must lie in 0..{ds.num_classes - 1}; "
-            f"got {ds.y.min()}..{ds.y.max()}"
-        )
     if ds.x.ndim == 2 and int(np.prod(ds.input_shape)) != ds.x.shape[1]:
         problems.append(
             f"input_shape {ds.input_shape} does not hold {ds.x.shape[1]} features"
@@ -153,7 +167,67 @@ def _dataset_problems(ds: Dataset) -> list[str]:
             )
     if ds.is_test is not None and ds.is_test.dtype != np.bool_:
         problems.append(f"is_test must be bool; got {ds.is_test.dtype}")
+    problems += _finite_problems(ds)
     return problems
+
+
+def _class_label_problems(ds: Dataset) -> list[str]:
+    if ds.y.ndim != 1 or ds.y.dtype != np.int64:
+        return [f"y must be 1-D int64; got {ds.y.ndim}-D {ds.y.dtype}"]
+    if ds.num_classes < 1:
+        return [f"num_classes must be >= 1; got {ds.num_classes}"]
+    if ds.y.size and (ds.y.min() < 0 or ds.y.max() >= ds.num_classes):
+        return [
+            f"labels must lie in 0..{ds.num_classes - 1}; "
+            f"got {ds.y.min()}..{ds.y.max()}"
+        ]
+    return []
+
+
+def _regression_label_problems(ds: Dataset) -> list[str]:
+    problems: list[str] = []
+    if ds.y.ndim != 1 or ds.y.dtype != np.float32:
+        problems.append(
+            f"y must be 1-D float32 for regression; got {ds.y.ndim}-D {ds.y.dtype}"
+        )
+    elif not np.isfinite(ds.y).all():
+        problems.append(
+            f"regression targets must be finite; row {_first(~np.isfinite(ds.y))} "
+            "is not"
+        )
+    if ds.num_classes != 1:
+        problems.append(f"num_classes must be 1 for regression; got {ds.num_classes}")
+    return problems
+
+
+def _finite_problems(ds: Dataset) -> list[str]:
+    if ds.x.ndim != 2:
+        return []
+    mask = ds.numeric_columns
+    if mask is not None:
+        if mask.dtype != np.bool_ or mask.shape != (ds.x.shape[1],):
+            return [
+                f"numeric_columns must be a bool mask of shape ({ds.x.shape[1]},); "
+                f"got {mask.dtype} {mask.shape}"
+            ]
+        others = ds.x[:, ~mask]
+    else:
+        others = ds.x
+    if others.size and not np.isfinite(others).all():
+        bad = ~np.isfinite(ds.x)
+        if mask is not None:
+            bad[:, mask] = False
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        name = ds.feature_names[col] if ds.feature_names else f"column {col}"
+        return [
+            f"x holds a non-finite value (row {row}, {name!r}) outside "
+            "numeric_columns; only numeric_columns may hold NaN"
+        ]
+    return []
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
 
 
 def load_dataset(name: str) -> Dataset:
@@ -163,7 +237,7 @@ def load_dataset(name: str) -> Dataset:
     ----------
     name
         One of :data:`DATASETS`: ``"digits"`` (scikit-learn 8x8 digits),
-        ``"breast_cancer"`` (WDBC, standardised), ``"heart"`` (UCI Heart
+        ``"breast_cancer"`` (WDBC, raw values), ``"heart"`` (UCI Heart
         Disease, four hospitals as natural clients) or ``"fashion_mnist"``
         (from the Debian package ``dataset-fashion-mnist``).
 
@@ -200,6 +274,8 @@ def split_test(
     dataset: Dataset, *, test_fraction: float, rng: np.random.Generator
 ) -> tuple[Dataset, Dataset]:
     """Split a data set into train and test parts, stratified by label.
+
+    Regression data (``task == "regression"``) is split plainly at random.
 
     Parameters
     ----------
@@ -248,6 +324,10 @@ def split_test(
         )
     if dataset.is_test is not None:
         test_mask = dataset.is_test.copy()
+    elif dataset.task == "regression":
+        test_mask = np.zeros(len(dataset), dtype=np.bool_)
+        num = round(len(dataset) * test_fraction)
+        test_mask[rng.permutation(len(dataset))[:num]] = True
     else:
         test_mask = _stratified_test_mask(dataset.y, test_fraction, rng)
     num_test = int(test_mask.sum())
@@ -326,33 +406,25 @@ def _load_digits() -> Dataset:
 
 
 def _load_breast_cancer() -> Dataset:
-    """Load WDBC with z-scored features.
+    """Load WDBC with its raw feature values.
 
-    The mean and standard deviation are computed over all 569 rows (pooled
-    before any train/test split or partition), a simplification that leaks
-    global statistics into every client.
+    Every column is marked in ``numeric_columns``: it is standardised per
+    client by :func:`~fedshield.data.preprocess.preprocess_per_client`, with
+    each client's own statistics (nothing pooled across clients).
     """
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer()
-    raw = np.asarray(bunch.data, dtype=np.float64)
+    raw = np.asarray(bunch.data, dtype=np.float32)
     return Dataset(
         "breast_cancer",
-        _standardise(raw).astype(np.float32),
+        raw,
         np.asarray(bunch.target, dtype=np.int64),
         num_classes=2,
         input_shape=(raw.shape[1],),
         feature_names=tuple(str(f) for f in bunch.feature_names),
+        numeric_columns=np.ones(raw.shape[1], dtype=np.bool_),
     )
-
-
-def _standardise(columns: np.ndarray) -> np.ndarray:
-    mean = columns.mean(axis=0)
-    std = columns.std(axis=0)
-    # A constant column stays at 0 instead of becoming 0/0.
-    std = np.where(std > 0, std, 1.0)
-    out: np.ndarray = (columns - mean) / std
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -404,19 +476,18 @@ def _load_heart() -> Dataset:
     (the ``dataset`` column); ``id`` and ``dataset`` are not features.
 
     Features, in file order: each numeric column (age, trestbps, chol,
-    thalch, oldpeak, ca) becomes its value, median-imputed then z-scored,
-    followed by a 0/1 ``<name>_missing`` indicator; each categorical column
-    (sex, cp, fbs, restecg, exang, slope, thal) becomes one-hot
-    ``<name>=<level>`` columns, plus ``<name>=missing`` when the column has
-    missing values. Empty cells are missing, and so are ``trestbps == 0`` and
-    ``chol == 0``.
+    thalch, oldpeak, ca) becomes its raw value, NaN where missing, followed
+    by a 0/1 ``<name>_missing`` indicator; each categorical column (sex, cp,
+    fbs, restecg, exang, slope, thal) becomes one-hot ``<name>=<level>``
+    columns, plus ``<name>=missing`` when the column has missing values.
+    Empty cells are missing, and so are ``trestbps == 0`` and ``chol == 0``.
 
     Notes
     -----
-    The medians, means and standard deviations are computed over the pooled
-    920 rows of all four hospitals. That is a simplification: a real
-    federation would compute them per site or with a federated protocol, and
-    pooled statistics leak a little information across clients.
+    The six numeric value columns are marked in ``numeric_columns`` and left
+    raw: :func:`~fedshield.data.preprocess.preprocess_per_client` imputes
+    (median) and standardises them with each hospital's own statistics, so
+    no statistic is pooled across clients.
     """
     raw = _read_heart_bytes()
     digest = hashlib.sha256(raw).hexdigest()
@@ -445,6 +516,7 @@ def _load_heart() -> Dataset:
             names += [f"{feature}={level}" for level in level_names]
     x = np.column_stack(blocks).astype(np.float32)
     y = (np.array([int(v) for v in table["num"]]) > 0).astype(np.int64)
+    numeric = {f for f, levels in _HEART_FEATURES.items() if levels is None}
     return Dataset(
         "heart",
         x,
@@ -453,6 +525,7 @@ def _load_heart() -> Dataset:
         input_shape=(x.shape[1],),
         feature_names=tuple(names),
         groups=np.array(table["dataset"], dtype=np.str_),
+        numeric_columns=np.array([n in numeric for n in names], dtype=np.bool_),
     )
 
 
@@ -463,8 +536,7 @@ def _heart_numeric(feature: str, cells: Sequence[str]) -> tuple[np.ndarray, ...]
     is_missing = np.isnan(values)
     if is_missing.all():
         raise DataUnavailableError(f"column {feature!r} has no observed values")
-    values[is_missing] = np.median(values[~is_missing])
-    return _standardise(values), is_missing
+    return values, is_missing
 
 
 def _heart_onehot(
