@@ -312,8 +312,51 @@ def test_partition_bad_arguments_raise_config_error(kwargs, fragment) -> None:
 
 
 def test_partition_non_integer_labels_raise_config_error() -> None:
-    with pytest.raises(ConfigError, match="1-D integer array"):
-        partition(np.zeros(5), 2, method="iid", rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="1-D integer"):
+        partition(np.array(["a"] * 5), 2, method="iid", rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="1-D integer"):
+        partition(np.zeros((5, 2)), 2, method="iid", rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("method", ["iid", "quantity"])
+def test_partition_regression_targets_with_label_free_methods(method: str) -> None:
+    targets = np.linspace(-1.0, 1.0, 20, dtype=np.float32)
+
+    parts = partition(targets, 4, method=method, rng=np.random.default_rng(0))
+
+    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+
+
+def test_partition_regression_targets_natural() -> None:
+    groups = np.array(["a", "b"] * 5)
+
+    parts = partition(
+        np.zeros(10, dtype=np.float32),
+        2,
+        method="natural",
+        rng=np.random.default_rng(0),
+        groups=groups,
+    )
+
+    assert [p.tolist() for p in parts] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+
+
+@pytest.mark.parametrize("method", ["dirichlet", "shards"])
+def test_partition_label_skew_on_regression_targets_says_what_to_use(
+    method: str,
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        partition(
+            np.zeros(10, dtype=np.float32),
+            2,
+            method=method,
+            rng=np.random.default_rng(0),
+        )
+
+    message = str(info.value)
+    assert info.value.exit_code == 10
+    assert "regression" in message
+    assert "'iid', 'quantity' or 'natural'" in message
 
 
 def test_partition_reports_every_bad_argument_at_once() -> None:

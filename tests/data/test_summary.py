@@ -127,3 +127,28 @@ def test_summarize_partition_id_count_mismatch_raises() -> None:
             client_ids=["a"],
             method="iid",
         )
+
+
+def test_summarize_partition_regression_counts_every_row_in_one_bin() -> None:
+    targets = np.array([0.5, -2.0, 3.25, 1.0, 7.0], dtype=np.float32)
+    parts = [np.array([0, 1]), np.array([2, 3, 4])]
+
+    summary = summarize_partition(
+        parts, targets, num_classes=1, client_ids=["a", "b"], method="iid"
+    )
+
+    assert summary.num_samples == (2, 3)
+    assert summary.label_counts.shape == (2, 1)
+    assert summary.label_counts.tolist() == [[2], [3]]
+    assert PartitionSummary.from_json(summary.to_json()) == summary
+
+
+def test_summarize_partition_regression_needs_one_class() -> None:
+    with pytest.raises(ConfigError, match="num_classes must be 1"):
+        summarize_partition(
+            [np.array([0])],
+            np.array([0.5]),
+            num_classes=2,
+            client_ids=["a"],
+            method="iid",
+        )

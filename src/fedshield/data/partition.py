@@ -26,6 +26,7 @@ _DIRICHLET_MAX_TRIES: Final = 10
 """How many Dirichlet draws :func:`partition` makes before giving up."""
 
 _MAX_LISTED: Final = 5
+_LABEL_SKEW: Final = frozenset({"dirichlet", "shards"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,9 @@ def partition(
     Parameters
     ----------
     labels
-        Integer class label of each row, shape ``(n,)``.
+        Integer class label of each row, shape ``(n,)``; or float regression
+        targets, which only the label-free methods (``"iid"``,
+        ``"quantity"``, ``"natural"``) accept.
     num_clients
         Number of clients, ``1 <= num_clients <= n``.
     method
@@ -106,7 +109,8 @@ def partition(
         If an argument is invalid: ``num_clients`` not in ``1..n``, ``alpha``
         not > 0, ``sigma`` < 0, ``shards_per_client`` < 1 or more shards than
         rows, an unknown ``method``, ``"natural"`` without ``groups`` or with
-        ``num_clients`` different from the number of groups.
+        ``num_clients`` different from the number of groups, or a label-skew
+        method (``"dirichlet"``, ``"shards"``) on regression targets.
     PartitionError
         If a client would get fewer than ``min_samples`` rows. The message
         names the client, its size and what to change.
@@ -201,9 +205,16 @@ def _validate(
 ) -> None:
     problems: list[str] = []
     n = labels.shape[0] if labels.ndim == 1 else 0
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    if labels.ndim == 1 and np.issubdtype(labels.dtype, np.floating):
+        if method in _LABEL_SKEW:
+            problems.append(
+                f"method {method!r} skews class labels, but these labels are "
+                "regression targets (floats); use 'iid', 'quantity' or 'natural'"
+            )
+    elif labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         problems.append(
-            f"`labels` must be a 1-D integer array; got {labels.ndim}-D {labels.dtype}"
+            "`labels` must be a 1-D integer (or, for regression, float) array; "
+            f"got {labels.ndim}-D {labels.dtype}"
         )
     if method not in _METHODS:
         close = difflib.get_close_matches(str(method), PARTITIONS, n=1)

@@ -183,9 +183,11 @@ def summarize_partition(
     parts
         One index array per client (as returned by ``partition``).
     labels
-        Label of every row, values in ``0 .. num_classes-1``.
+        Label of every row, values in ``0 .. num_classes-1``; or float
+        regression targets, which are all counted in one bin (then
+        ``num_classes`` must be 1).
     num_classes
-        Number of classes.
+        Number of classes (1 for regression).
     client_ids
         One id per client, in the order of ``parts``.
     method
@@ -215,6 +217,17 @@ def summarize_partition(
     ... )
     >>> s.num_samples, s.label_counts.tolist()
     ((2, 2), [[1, 1, 0], [0, 1, 1]])
+
+    Regression targets fill one bin:
+
+    >>> summarize_partition(
+    ...     [np.array([0]), np.array([1, 2])],
+    ...     np.array([0.5, 2.0, -1.0]),
+    ...     num_classes=1,
+    ...     client_ids=["a", "b"],
+    ...     method="iid",
+    ... ).label_counts.tolist()
+    [[1], [2]]
     """
     labels = np.asarray(labels)
     if len(client_ids) != len(parts):
@@ -222,6 +235,13 @@ def summarize_partition(
             f"`client_ids` must have one id per part ({len(parts)}); "
             f"got {len(client_ids)}"
         )
+    if np.issubdtype(labels.dtype, np.floating):
+        if num_classes != 1:
+            raise ConfigError(
+                "`labels` are floats (regression targets); num_classes must be "
+                f"1; got {num_classes}"
+            )
+        labels = np.zeros(labels.shape, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ConfigError(
             f"`labels` must lie in 0..{num_classes - 1}; "
