@@ -58,27 +58,184 @@ class RunSection(_Section):
     report: bool = True
 
 
-class DataSection(_Section):
-    """``[data]``: which data set and how it is split across clients."""
+BUNDLED_DATASETS = ("digits", "breast_cancer", "heart", "fashion_mnist")
+"""Data sets that ship with fedshield (no ``path``)."""
+USER_DATASETS = ("csv", "parquet", "npz", "images", "python")
+"""The user's own data: files at ``path``, or a Python ``factory``."""
+TABULAR_KEYS = ("label", "features", "categorical", "client_column")
+"""``[data]`` keys that name columns (``csv`` and ``parquet`` only)."""
 
-    dataset: Literal["digits", "breast_cancer", "heart", "fashion_mnist"] = "digits"
-    partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "iid"
+
+class DataSection(_Section):
+    """``[data]``: which data set and how it is split across clients.
+
+    ``dataset`` is a bundled set (``digits``, ``breast_cancer``, ``heart``,
+    ``fashion_mnist``) or the user's own: ``csv`` / ``parquet`` (``path`` a
+    file, or a folder of one file per client whose stem is the client id;
+    ``label`` the label column; ``features`` default every other column;
+    ``categorical`` one-hot, string columns are categorical anyway;
+    ``client_column`` a column naming each row's client), ``npz`` (arrays
+    ``x``, ``y`` and optionally ``client``; or a folder of one file per
+    client), ``images`` (``path/<client>/<class>/*.png`` or
+    ``path/<class>/*.png``, resized to ``image_size``) or ``python``
+    (``factory = "file.py:load"`` returning ``{client_id: (x, y)}``).
+    ``partition`` unset: ``natural`` when the data names the clients, else
+    ``iid``; ``num_clients`` unset: the data's clients, else 10.
+    """
+
+    dataset: Literal[
+        "digits",
+        "breast_cancer",
+        "heart",
+        "fashion_mnist",
+        "csv",
+        "parquet",
+        "npz",
+        "images",
+        "python",
+    ] = "digits"
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] | None = (
+        None
+    )
     alpha: float = Field(0.5, gt=0)
     shards: int = Field(2, ge=1)
     sigma: float = Field(1.0, gt=0)
-    num_clients: int = Field(10, ge=1)
+    num_clients: int | None = Field(None, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
     min_samples: int = Field(2, ge=1)
+    path: str | None = Field(None, min_length=1)
+    label: str | None = Field(None, min_length=1)
+    features: list[str] | None = Field(None, min_length=1)
+    categorical: list[str] = Field(default_factory=list)
+    client_column: str | None = Field(None, min_length=1)
+    test_path: str | None = Field(None, min_length=1)
+    classes: list[str] | None = Field(None, min_length=1)
+    image_size: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None, min_length=2, max_length=2
+    )
+    image_mode: Literal["L", "RGB"] = "RGB"
+    factory: str | None = Field(None, min_length=3)
+    max_file_mb: float = Field(1024.0, gt=0)
+    standardize: bool = True
+
+    @property
+    def is_user_data(self) -> bool:
+        """Whether the data set is the user's own (files or a factory)."""
+        return self.dataset in USER_DATASETS
+
+    @property
+    def partition_method(self) -> str:
+        """``partition``, or its default (see the class docstring)."""
+        if self.partition is not None:
+            return self.partition
+        return "natural" if self.names_clients else "iid"
+
+    @property
+    def names_clients(self) -> bool:
+        """Whether the configuration says the data itself names the clients.
+
+        True for ``client_column`` and the ``python`` factory; a ``path``
+        that is a folder of per-client files is known only once read.
+        """
+        return self.client_column is not None or self.dataset == "python"
+
+    @model_validator(mode="after")
+    def _keys_fit_dataset(self) -> DataSection:
+        d = self.dataset
+        given = {
+            key
+            for key in (
+                "path",
+                "label",
+                "features",
+                "client_column",
+                "test_path",
+                "classes",
+                "image_size",
+                "factory",
+            )
+            if getattr(self, key) is not None
+        } | ({"categorical"} if self.categorical else set())
+        if d in BUNDLED_DATASETS:
+            if given:
+                raise ValueError(
+                    f"data.{sorted(given)[0]} applies to your own data "
+                    f"(dataset = {' | '.join(USER_DATASETS)}), not to the bundled "
+                    f"data set {d!r}"
+                )
+            return self
+        if d == "python":
+            if self.factory is None:
+                raise ValueError(
+                    'dataset = "python" needs factory = "file.py:load" (a function '
+                    "returning {client_id: (x, y)})"
+                )
+            extra = given - {"factory", "classes"}
+        else:
+            if self.factory is not None:
+                raise ValueError(
+                    f'data.factory applies to dataset = "python", not {d!r}'
+                )
+            if self.path is None:
+                raise ValueError(
+                    f"dataset = {d!r} needs path (a file, or a folder of one file "
+                    "per client)"
+                    if d != "images"
+                    else 'dataset = "images" needs path (a folder of '
+                    "<client>/<class>/ or <class>/ image folders)"
+                )
+            extra = set()
+            if d in ("csv", "parquet"):
+                if self.label is None:
+                    raise ValueError(
+                        f'dataset = {d!r} needs label = "<column>" (the column '
+                        "holding each row's label)"
+                    )
+                extra = given & {"image_size"}
+            else:
+                extra = given & {*TABULAR_KEYS, "categorical"}
+                if d != "images":
+                    extra |= given & {"image_size"}
+        if extra:
+            key = sorted(extra)[0]
+            raise ValueError(f"data.{key} does not apply to dataset = {d!r}")
+        return self
 
 
 class ModelSection(_Section):
-    """``[model]``: the network trained."""
+    """``[model]``: the network trained.
 
-    kind: Literal["logistic", "mlp", "cnn"] = "mlp"
+    ``kind = "python"`` takes the user's own ``torch.nn.Module`` from
+    ``factory`` (``"path/to/file.py:build"`` or ``"package.module:build"``,
+    a callable with no arguments; relative paths resolve against the config
+    file), with ``input_shape`` the shape of one example if the data's is not
+    the one the model wants. ``task``: ``"classification"`` (cross-entropy;
+    accuracy) or ``"regression"`` (mean squared error; RMSE and MAE).
+    """
+
+    kind: Literal["logistic", "mlp", "cnn", "python"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64], max_length=16
     )
+    factory: str | None = Field(None, min_length=3)
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, max_length=8
+    )
+    task: Literal["classification", "regression"] = "classification"
+
+    @model_validator(mode="after")
+    def _factory_for_python(self) -> ModelSection:
+        if self.kind == "python" and self.factory is None:
+            raise ValueError(
+                'model.kind = "python" needs factory = "path/to/file.py:build" '
+                "(a function returning a torch.nn.Module)"
+            )
+        if self.kind != "python" and self.factory is not None:
+            raise ValueError(
+                f'model.factory applies to kind = "python"; kind is {self.kind!r}'
+            )
+        return self
 
 
 class ClientSection(_Section):
@@ -388,21 +545,72 @@ class ExperimentConfig(_Section):
                 "variates (they would leak unclipped, unnoised information); "
                 "use another strategy, e.g. fedavg or fedadam"
             )
-        self._check_secagg_neighbours()
-        sampled = self.strategy.clients_per_round
-        if sampled is not None and sampled > self.data.num_clients:
-            raise ValueError(
-                f"strategy.clients_per_round ({sampled}) must be <= "
-                f"data.num_clients ({self.data.num_clients})"
-            )
-        if self.strategy.min_clients > self.data.num_clients:
-            raise ValueError(
-                f"strategy.min_clients ({self.strategy.min_clients}) must be <= "
-                f"data.num_clients ({self.data.num_clients})"
-            )
+        if self.model.task == "regression":
+            self._check_regression()
+        num_clients = self.expected_num_clients
+        if num_clients is None:  # the data names its clients: checked once read
+            return self
+        self.check_secagg_neighbours(num_clients)
+        self.check_client_counts(num_clients)
         return self
 
-    def _check_secagg_neighbours(self) -> None:
+    @property
+    def expected_num_clients(self) -> int | None:
+        """The number of clients, when the configuration alone says it.
+
+        ``data.num_clients`` if set; else 10 for a bundled data set split by
+        a partitioner; ``None`` when the user's data names its clients (a
+        ``client_column``, a folder of per-client files, a factory): the
+        count is known once the data is read.
+        """
+        if self.data.num_clients is not None:
+            return self.data.num_clients
+        if self.data.is_user_data or self.data.partition == "natural":
+            return None
+        return 10
+
+    def check_client_counts(self, num_clients: int) -> None:
+        """Refuse ``[strategy]`` counts above the federation's ``num_clients``.
+
+        Raises
+        ------
+        ValueError
+            Naming the key and both numbers.
+        """
+        sampled = self.strategy.clients_per_round
+        if sampled is not None and sampled > num_clients:
+            raise ValueError(
+                f"strategy.clients_per_round ({sampled}) must be <= the number "
+                f"of clients ({num_clients})"
+            )
+        if self.strategy.min_clients > num_clients:
+            raise ValueError(
+                f"strategy.min_clients ({self.strategy.min_clients}) must be <= "
+                f"the number of clients ({num_clients})"
+            )
+
+    def _check_regression(self) -> None:
+        if self.data.partition in ("dirichlet", "shards"):
+            raise ValueError(
+                f"data.partition = {self.data.partition!r} splits by class label, "
+                'which model.task = "regression" has not; use "iid", "quantity" '
+                'or "natural"'
+            )
+        if self.attack.kind in ("label_flip", "backdoor"):
+            raise ValueError(
+                f"attack.kind = {self.attack.kind!r} changes class labels, which "
+                'model.task = "regression" has not; use a model-poisoning attack '
+                '(e.g. "sign_flip", "gaussian", "alie", "ipm")'
+            )
+        if self.data.dataset in ("digits", "breast_cancer", "heart", "fashion_mnist"):
+            raise ValueError(
+                f'model.task = "regression" needs numeric labels; the bundled '
+                f"data set {self.data.dataset!r} is a classification data set"
+            )
+        if self.data.classes is not None:
+            raise ValueError('data.classes does not apply to model.task = "regression"')
+
+    def check_secagg_neighbours(self, num_clients: int) -> None:
         """Refuse ``[secagg] neighbours`` below the secure minimum for a round.
 
         A round has the clients ``[strategy]`` samples (``clients_per_round``
@@ -416,7 +624,7 @@ class ExperimentConfig(_Section):
             return
         from fedshield.api.experiment import client_sampler
 
-        n = client_sampler(self).expected_count(self.data.num_clients)
+        n = client_sampler(self).expected_count(num_clients)
         if n < 2 or sa.neighbours > n - 1:
             return  # refused before round 1 with its own message
         from fedshield.secagg.protocol import check_neighbours
@@ -502,19 +710,35 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word such as `heart` is taken as a string
 
 
+ALTERNATIVES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("strategy", "fraction"): ("clients_per_round",),
+    ("strategy", "clients_per_round"): ("fraction",),
+}
+"""Keys that exclude each other: a ``--set`` of one drops the file's other."""
+
+
 def apply_overrides(
     data: Mapping[str, Any], overrides: Sequence[str]
 ) -> dict[str, Any]:
     """Apply ``key=value`` overrides (values parsed as TOML) to nested ``data``.
 
+    An override replaces its alternative from ``data`` (:data:`ALTERNATIVES`):
+    ``strategy.clients_per_round=10`` on a file that sets
+    ``strategy.fraction`` drops the fraction. Two alternatives both given on
+    the command line are still refused.
+
     Examples
     --------
     >>> apply_overrides({"model": {"kind": "mlp"}}, ["model.hidden=[64, 32]"])
     {'model': {'kind': 'mlp', 'hidden': [64, 32]}}
+    >>> apply_overrides({"strategy": {"fraction": 0.5}},
+    ...                 ["strategy.clients_per_round=10"])
+    {'strategy': {'clients_per_round': 10}}
     """
     result: dict[str, Any] = {
         k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()
     }
+    overridden: set[tuple[str, ...]] = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -534,6 +758,11 @@ def apply_overrides(
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
             node = child
         node[last] = _parse_value(text.strip())
+        overridden.add((*path, last))
+        if len(path) == 1:
+            for other in ALTERNATIVES.get((path[0], last), ()):
+                if (path[0], other) not in overridden:
+                    node.pop(other, None)
     return result
 
 
@@ -563,4 +792,53 @@ def load_config(path: Path | None, overrides: Sequence[str] = ()) -> ExperimentC
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigFileError(f"{path} is not valid TOML: {err}") from None
-    return parse_config(apply_overrides(data, overrides))
+        data = resolve_paths(data, Path(path).resolve().parent)
+    return parse_config(resolve_paths(apply_overrides(data, overrides), Path.cwd()))
+
+
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("data", "path"),
+    ("data", "test_path"),
+    ("data", "factory"),
+    ("model", "factory"),
+)
+"""Keys holding a file path (or ``file.py:name``), resolved by :func:`resolve_paths`."""
+
+
+def resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with the relative paths of :data:`PATH_KEYS` made absolute.
+
+    A file's paths resolve against its own folder (so a config runs from any
+    working directory, and its run folder's ``config.toml`` still points at
+    the same files); ``--set`` values against the working directory. A
+    ``"package.module:name"`` reference is left as it is.
+
+    Examples
+    --------
+    >>> out = resolve_paths({"model": {"factory": "m.py:build"}}, Path("/cfg"))
+    >>> out["model"]["factory"]
+    '/cfg/m.py:build'
+    >>> resolve_paths({"model": {"factory": "pkg.mod:build"}}, Path("/cfg"))
+    {'model': {'factory': 'pkg.mod:build'}}
+    """
+    result: dict[str, Any] = {
+        k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()
+    }
+    for section, key in PATH_KEYS:
+        node = result.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        target, sep, name = value.rpartition(":") if key == "factory" else ("", "", "")
+        if key == "factory":
+            if not (sep and target.endswith(".py")):
+                continue
+            node[key] = f"{_absolute(target, base)}:{name}"  # type: ignore[index]
+        else:
+            node[key] = _absolute(value, base)  # type: ignore[index]
+    return result
+
+
+def _absolute(path: str, base: Path) -> str:
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else base / expanded)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -243,73 +244,137 @@ class Federation:
         return {cid: len(self.client_fn.local_split(cid)[0]) for cid in self.client_ids}
 
 
-def build_federation(config: ExperimentConfig) -> Federation:
+UserClients = Mapping[Any, tuple[Any, Any]]
+"""In-memory clients for :func:`build_federation`: ``{client_id: (x, y)}``."""
+
+
+def build_federation(
+    config: ExperimentConfig,
+    *,
+    model_fn: Callable[[], Any] | None = None,
+    clients: UserClients | None = None,
+    test: tuple[Any, Any] | None = None,
+) -> Federation:
     """Load the data, partition it and build the model, as ``config`` says.
+
+    Parameters
+    ----------
+    config
+        The experiment.
+    model_fn
+        The user's model (a callable returning a ``torch.nn.Module``), in
+        place of ``[model]``'s kind (the Python API's ``model_fn``).
+    clients
+        The user's data held in memory, ``{client_id: (x, y)}``, in place of
+        ``[data]``'s data set; each key is a client.
+    test
+        ``(x, y)``: the server's test set for ``clients`` (default: a
+        ``test_fraction`` of every client's rows).
 
     Raises
     ------
     ConfigError
         If the partition does not fit the data set (e.g. ``natural`` on a
-        data set without natural clients, or the wrong number of clients).
+        data set without natural clients, or the wrong number of clients),
+        the user's data or model is malformed (the message names the file,
+        column and row, or the layer).
     DataUnavailableError
         If the data set is not installed.
     PartitionError
         If a client would get fewer than ``min_samples`` examples.
     """
-    from fedshield.models import TorchModel, build_module
+    from fedshield.data.preprocess import preprocess_per_client
 
     data, seed = config.data, config.run.seed
-    dataset = load_dataset(data.dataset)
-    train, test = split_test(
-        dataset, test_fraction=data.test_fraction, rng=derive_rng(seed, "test-split")
+    dataset, test_set, names = _load_data(config, clients, test)
+    if dataset.task != config.model.task:
+        raise ConfigError(
+            f'model.task = "{config.model.task}" but the data is a '
+            f'{dataset.task} data set; set model.task = "{dataset.task}"'
+        )
+    if test_set is None:
+        dataset, test_set = split_test(
+            dataset,
+            test_fraction=data.test_fraction,
+            rng=derive_rng(seed, "test-split"),
+        )
+    train = dataset
+    method = (
+        data.partition
+        if data.partition is not None
+        else ("natural" if names is not None else "iid")
     )
-    groups = train.groups
-    if data.partition == "natural":
-        if groups is None:
+    if method == "natural":
+        if train.groups is None:
             raise ConfigError(
-                f"data.partition = 'natural' needs a data set with natural clients; "
-                f"{data.dataset!r} has none. Use 'heart' or another partition"
+                "data.partition = 'natural' needs data that names its clients; "
+                f"{data.dataset!r} does not. Use another partition, or (your own "
+                "data) a client_column or a folder of one file per client"
             )
-        names = natural_client_names(groups)
-        if data.num_clients != len(names):
+        found = natural_client_names(train.groups)
+        if names is not None and len(found) != len(names):
+            missing = sorted(set(names) - set(found))
             raise ConfigError(
-                f"data.num_clients must be {len(names)} for the natural partition "
-                f"of {data.dataset!r} ({', '.join(names)}); got {data.num_clients}"
+                f"client(s) {', '.join(missing)} have no training rows once the "
+                "test rows are held out; give them more rows or lower "
+                "data.test_fraction"
             )
-        client_ids: Sequence[str] = names
+        if data.num_clients is not None and data.num_clients != len(found):
+            raise ConfigError(
+                f"data.num_clients must be {len(found)} for the natural partition "
+                f"of {data.dataset!r} ({', '.join(found[:12])}"
+                f"{', ...' if len(found) > 12 else ''}); got {data.num_clients}, "
+                "or leave it unset"
+            )
+        client_ids: Sequence[str] = found
     else:
-        client_ids = [str(i) for i in range(data.num_clients)]
+        if names is not None:
+            raise ConfigError(
+                f"data.partition = {method!r}, but the data already names its "
+                f"{len(names)} clients (a client_column, a folder of per-client "
+                "files or a factory); drop data.partition, or give one file "
+                "without client_column to be partitioned"
+            )
+        count = data.num_clients if data.num_clients is not None else 10
+        client_ids = [str(i) for i in range(count)]
+    if config.expected_num_clients is None:  # the count is known only now
+        try:
+            config.check_client_counts(len(client_ids))
+            config.check_secagg_neighbours(len(client_ids))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     parts = partition(
         train.y,
-        data.num_clients,
-        method=data.partition,
+        len(client_ids),
+        method=method,
         rng=derive_rng(seed, "partition"),
         alpha=data.alpha,
         shards_per_client=data.shards,
         sigma=data.sigma,
-        groups=groups,
+        groups=train.groups,
         min_samples=data.min_samples,
+    )
+    by_client = dict(zip(client_ids, parts, strict=True))
+    train, test_set = preprocess_per_client(
+        train,
+        by_client,
+        test_set,
+        test_owner=test_set.groups if method == "natural" else None,
+        standardize=data.standardize,
     )
     summary = summarize_partition(
         parts,
         train.y,
-        num_classes=dataset.num_classes,
+        num_classes=train.num_classes,
         client_ids=client_ids,
-        method=data.partition,
+        method=method,
     )
-    module_fn = functools.partial(
-        build_module,
-        config.model.kind,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        hidden=tuple(config.model.hidden),
-    )
-    model = TorchModel(module_fn, input_shape=dataset.input_shape)
-    attack = _attack(config, tuple(client_ids), summary, dataset.num_classes)
-    clients = DatasetClients(
+    model = _build_model(config, train, model_fn)
+    attack = _attack(config, tuple(client_ids), summary, train.num_classes)
+    federation_clients = DatasetClients(
         model,
         train,
-        dict(zip(client_ids, parts, strict=True)),
+        by_client,
         client_test_fraction=data.client_test_fraction,
         seed=seed,
         attack=attack,
@@ -317,13 +382,139 @@ def build_federation(config: ExperimentConfig) -> Federation:
     return Federation(
         model=model,
         client_ids=tuple(client_ids),
-        client_fn=clients,
-        test=test,
+        client_fn=federation_clients,
+        test=test_set,
         partition=summary,
-        dataset=data.dataset,
+        dataset=data.dataset if clients is None else "python",
         train=train,
         attack=attack,
     )
+
+
+def _load_data(
+    config: ExperimentConfig,
+    clients: UserClients | None,
+    test: tuple[Any, Any] | None,
+) -> tuple[Dataset, Dataset | None, tuple[str, ...] | None]:
+    """The whole data set, its test set if separate, and its clients' names.
+
+    The names are ``None`` when the data does not name its clients (a
+    partitioner splits it).
+    """
+    data = config.data
+    task = config.model.task
+    if clients is not None:
+        user = _in_memory(clients, test, task=task)
+    elif not data.is_user_data:
+        if test is not None:
+            raise ConfigError("test= applies only with clients= (your own data)")
+        dataset = load_dataset(data.dataset)
+        names = (
+            tuple(natural_client_names(dataset.groups))
+            if data.partition == "natural" and dataset.groups is not None
+            else None
+        )
+        return dataset, None, names
+    else:
+        from fedshield.core.imports import CallableRef
+        from fedshield.data.user import UserDataSpec, load_user_data
+
+        user = load_user_data(
+            UserDataSpec(
+                kind=data.dataset,
+                path=Path(data.path).resolve() if data.path else None,
+                label=data.label,
+                features=tuple(data.features) if data.features else None,
+                categorical=tuple(data.categorical),
+                client_column=data.client_column,
+                test_path=Path(data.test_path).resolve() if data.test_path else None,
+                task=task,
+                classes=tuple(data.classes) if data.classes else None,
+                image_size=(
+                    (data.image_size[0], data.image_size[1])
+                    if data.image_size
+                    else None
+                ),
+                image_mode=data.image_mode,
+                factory=(
+                    CallableRef(data.factory, what="data.factory")
+                    if data.factory
+                    else None
+                ),
+                max_file_mb=data.max_file_mb,
+            )
+        )
+    return user.train, user.test, user.client_ids
+
+
+class _GivenClients:
+    """The Python API's ``clients=`` in the shape of a ``data.factory``.
+
+    The arrays go through the same checks and encoding as a factory's
+    return value (:func:`fedshield.data.user.load_user_data`).
+    """
+
+    spec = "clients="
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def resolve(self) -> Callable[[], Any]:
+        return lambda: self.value
+
+
+def _in_memory(clients: UserClients, test: tuple[Any, Any] | None, *, task: str) -> Any:
+    """``clients`` (and ``test``) as the user data of ``dataset = "python"``."""
+    from fedshield.core.imports import CallableRef
+    from fedshield.data.user import UserDataSpec, load_user_data
+
+    given = (dict(clients), test) if test is not None else dict(clients)
+    factory = cast(CallableRef, _GivenClients(given))
+    return load_user_data(UserDataSpec(kind="python", factory=factory, task=task))
+
+
+def _build_model(
+    config: ExperimentConfig, train: Dataset, model_fn: Callable[[], Any] | None
+) -> TorchModel:
+    """``[model]``'s network (or ``model_fn``) for ``train``'s shape and labels."""
+    from fedshield.models import TorchModel, build_module
+
+    m = config.model
+    num_outputs = train.num_classes
+    if model_fn is None and m.kind != "python":
+        module_fn = functools.partial(
+            build_module,
+            m.kind,
+            input_shape=train.input_shape,
+            num_classes=num_outputs,
+            hidden=tuple(m.hidden),
+        )
+        return TorchModel(module_fn, input_shape=train.input_shape, task=m.task)
+    from fedshield.models.factory import user_torch_model
+
+    if model_fn is None:
+        from fedshield.core.imports import CallableRef
+
+        assert m.factory is not None
+        model_fn = CallableRef(m.factory, what="model.factory")
+    shapes = [tuple(m.input_shape)] if m.input_shape else [train.input_shape]
+    flat = (int(np.prod(train.input_shape)),)
+    if not m.input_shape and flat != train.input_shape:
+        shapes.append(flat)  # a model of flat inputs (e.g. Linear) on images
+    first: ConfigError | None = None
+    for shape in shapes:
+        try:
+            return user_torch_model(
+                model_fn,
+                input_shape=shape,
+                num_classes=num_outputs,
+                task=m.task,
+                privacy_mode=config.privacy.mode,
+            )
+        except ConfigError as err:
+            first = first or err
+    assert first is not None
+    raise first
 
 
 def _attack(
@@ -433,10 +624,17 @@ def build_strategy(
         weighted=s.weighted,
     )
     if config.privacy.mode != "none":
+        population = num_clients or config.expected_num_clients
+        if population is None:
+            raise ConfigError(
+                "differential privacy needs the number of clients (its δ and "
+                "sampling rate refer to them): pass num_clients, or build the "
+                "federation first"
+            )
         return _dp_strategy(
             config,
             fedavg,
-            num_clients if num_clients else config.data.num_clients,
+            population,
             client_sizes,
             federation.model.spec.size if federation is not None else None,
         )

@@ -6,11 +6,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel
 
-from fedshield.core import Client, ClientId, FitConfig, ServerState
+from fedshield.api.config import ExperimentConfig, PrivacySection, parse_config
+from fedshield.core import Client, ClientId, ServerState
 from fedshield.errors import ConfigError, RoundFailedError
 from fedshield.simulation import ClientStateStore, SequentialBackend, run_round
-from fedshield.strategies import FedAvg, Scaffold, ServerSgd
+from fedshield.strategies import FedAvg, PrivateRelease, Scaffold
 
 if TYPE_CHECKING:
     import torch
@@ -48,19 +50,121 @@ class FederatedProcess:
     """
 
     def __init__(
-        self, model: TorchModel, strategy: FedAvg | Scaffold, *, seed: int = 0
+        self,
+        model: TorchModel,
+        strategy: FedAvg | Scaffold | None = None,
+        *,
+        seed: int = 0,
+        config: ExperimentConfig | None = None,
     ) -> None:
+        if strategy is None and config is None:
+            raise ConfigError("FederatedProcess needs a strategy or a config")
         self.model = model
-        self.strategy = strategy
+        self.config = config
         self.seed = seed
         self._backend = SequentialBackend()
+        # Under [privacy] the strategy depends on the population (the clients
+        # the first round is given): built then, and kept.
+        self._population: tuple[ClientId, ...] | None = None
+        self.strategy: Any = strategy
+        if strategy is None:
+            assert config is not None
+            self.strategy = self._build(None)
         # Stateful strategies (SCAFFOLD): the clients' state between rounds,
         # kept here as the clients' own disks would keep it.
-        self.client_states = ClientStateStore() if strategy.is_stateful else None
+        self.client_states = ClientStateStore() if self.strategy.is_stateful else None
+
+    @property
+    def _private(self) -> bool:
+        return self.config is not None and self.config.privacy.mode != "none"
+
+    def _build(self, clients: Mapping[ClientId, Client] | None) -> Any:
+        """The configured strategy for ``clients`` (None: before any round)."""
+        from fedshield.api.experiment import build_strategy
+
+        assert self.config is not None
+        if self.config.robust.rule == "fltrust":
+            raise ConfigError(
+                'robust.rule = "fltrust" needs a root data set on the server, '
+                "which fs.fedavg does not have; use fs.simulate or another rule"
+            )
+        if self._private and clients is None:
+            # A placeholder of the right kind until the population is known.
+            return build_strategy(
+                self.config.model_copy(update={"privacy": PrivacySection()})
+            )
+        sizes = None
+        if clients is not None and self.config.privacy.mode == "record":
+            sizes = {cid: _num_examples(c) for cid, c in clients.items()}
+        strategy: Any = build_strategy(
+            self.config,
+            num_clients=len(clients) if clients is not None else None,
+            client_sizes=sizes,
+        )
+        if clients is not None:
+            if self._private:
+                strategy.check(len(clients), dimension=self.model.spec.size)
+            else:
+                strategy.check(len(clients))
+            secure = self._secure()
+            if secure is not None:
+                from fedshield.api.experiment import client_sampler
+                from fedshield.simulation.secure import EXTRA_WORDS
+
+                distributed = (
+                    strategy.privacy.distributed()
+                    if self.config.privacy.mode == "distributed"
+                    else None
+                )
+                secure.check(
+                    client_sampler(self.config).expected_count(len(clients)),
+                    self.model.spec.size + EXTRA_WORDS,
+                    distributed=distributed,
+                )
+        return strategy
+
+    def _secure(self) -> Any:
+        from fedshield.api.experiment import secure_settings
+
+        return secure_settings(self.config) if self.config is not None else None
 
     def initialize(self) -> ServerState:
         """The state before round 0 (parameters initialised from ``seed``)."""
-        return self.strategy.init(self.model.init_params(self.seed))
+        state: ServerState = self.strategy.init(self.model.init_params(self.seed))
+        return state
+
+    def _strategy_for(
+        self, state: ServerState, clients: Mapping[ClientId, Client]
+    ) -> tuple[Any, ServerState]:
+        """The strategy for this round's clients, and the state it continues.
+
+        Under differential privacy the first round's clients are the
+        population: the accountant's sampling rate and δ < 1/N refer to it,
+        so every later round must be given the same clients.
+        """
+        if not self._private:
+            return self.strategy, state
+        ids = tuple(sorted(clients))
+        if self._population is None:
+            self.strategy = self._build(clients)
+            self._population = ids
+        elif ids != self._population:
+            raise ConfigError(
+                "under [privacy] every round must be given the same clients "
+                f"(the population of {len(self._population)} the accountant "
+                f"assumes); got {len(ids)} clients, "
+                f"{len(set(ids) ^ set(self._population))} of them different. "
+                "Pass the whole population each round: fedshield samples from "
+                "it (strategy.fraction or clients_per_round)"
+            )
+        if "privacy" not in state.metadata:
+            if state.round_idx != 0:
+                raise ConfigError(
+                    "this state has no privacy ledger but is past round 0: "
+                    "start from this process's initialize()"
+                )
+            state = self.strategy.init(state.params)
+        return self.strategy, state
 
     def _clients(self, client_data: ClientData) -> dict[ClientId, Client]:
         from fedshield.models import TorchClient
@@ -111,11 +215,12 @@ class FederatedProcess:
             If fewer than ``min_clients`` clients return a valid update.
         """
         clients = self._clients(client_data)
+        strategy, state = self._strategy_for(state, clients)
         # A client may not claim more examples than the largest data set here.
         sizes = [getattr(c, "num_train_examples", None) for c in clients.values()]
         known = [n for n in sizes if isinstance(n, int)]
         result = run_round(
-            self.strategy,
+            strategy,
             state,
             client_fn=clients.__getitem__,
             client_ids=list(clients),
@@ -123,13 +228,23 @@ class FederatedProcess:
             backend=self._backend,
             max_examples=max(known) if known and len(known) == len(sizes) else None,
             client_states=self.client_states,
+            secure=self._secure(),
         )
         if not result.completed:
             details = "; ".join(
                 f"{f.client_id} ({f.kind}): {f.message}" for f in result.failures[:5]
             )
-            raise RoundFailedError(f"{result.message}. Failures: {details}")
+            raise RoundFailedError(
+                f"{result.message}. Failures: {details}", state=result.state
+            )
         metrics = dict(result.metrics)
+        if isinstance(strategy, PrivateRelease):
+            # Only what the guarantee covers leaves a DP round.
+            metrics = strategy.released(metrics)
+        privacy = result.state.metadata.get("privacy")
+        if isinstance(privacy, Mapping):
+            metrics["epsilon"] = privacy.get("epsilon")
+            metrics["delta"] = privacy.get("delta")
         metrics["failures"] = [f.to_json() for f in result.failures]
         return result.state, metrics
 
@@ -148,10 +263,16 @@ def fedavg(
     lr: float = 0.05,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
-    server_lr: float = 1.0,
+    server_lr: float | None = None,
     min_clients: int = 1,
     input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
+    task: str = "classification",
+    rounds: int | None = None,
+    strategy: Mapping[str, Any] | BaseModel | None = None,
+    privacy: Mapping[str, Any] | BaseModel | None = None,
+    secagg: Mapping[str, Any] | BaseModel | None = None,
+    robust: Mapping[str, Any] | BaseModel | None = None,
 ) -> FederatedProcess:
     """Federated averaging of a PyTorch model, as an iterative process.
 
@@ -160,15 +281,41 @@ def fedavg(
     model_fn
         Builds the ``torch.nn.Module`` (called once).
     epochs, batch_size, lr, momentum, weight_decay
-        Local SGD on each client.
+        Local SGD on each client (``[client]``).
     server_lr
-        Server learning rate (1 is plain FedAvg).
+        Server learning rate (default: 1, plain FedAvg; the server
+        optimizer's own default for ``fedadam`` and the like).
     min_clients
         Fewest valid updates for a round to count.
     input_shape
         Shape of one example when inputs arrive flattened.
     seed
-        Seeds initialisation and local shuffling.
+        Seeds initialisation, sampling, noise (unless ``secure_rng``) and
+        local shuffling.
+    task
+        ``"classification"`` (cross-entropy; accuracy) or ``"regression"``
+        (mean squared error; RMSE and MAE).
+    rounds
+        The rounds planned (``run.rounds``): what ``privacy.target_epsilon``
+        is calibrated for.
+    strategy, privacy, secagg, robust
+        The TOML sections of the same names, as dicts (or the typed
+        sections of :mod:`fedshield.api.config`), validated by the same
+        schema with the same messages: sampling and the server optimizer,
+        differential privacy (ε then comes back in every round's metrics),
+        secure aggregation, a robust rule.
+
+    Raises
+    ------
+    ConfigError
+        If a key is unknown or a value invalid (naming it).
+
+    Notes
+    -----
+    Under ``privacy``, the first :meth:`FederatedProcess.next` fixes the
+    population: pass every client each round, and fedshield samples from
+    them (``strategy.fraction`` or ``clients_per_round``, default every
+    client), so that the accountant's sampling assumption holds.
 
     Examples
     --------
@@ -181,21 +328,77 @@ def fedavg(
     >>> state, metrics = process.next(state, data)
     >>> state.round_idx, metrics["num_clients"]
     (1, 3)
+    >>> private = fs.fedavg(lambda: torch.nn.Linear(4, 2), privacy={
+    ...     "mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0})
+    >>> state, metrics = private.next(private.initialize(), data)
+    >>> metrics["epsilon"] > 0
+    True
     """
     from fedshield.models import TorchModel
 
-    strategy = FedAvg(
-        server_opt=ServerSgd(server_lr),
-        local=FitConfig(
-            round_idx=0,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-        ),
-        min_clients=min_clients,
+    sections: dict[str, Any] = {
+        "run": {"seed": seed, **({"rounds": rounds} if rounds is not None else {})},
+        "client": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+        },
+        "model": {"task": task},
+        # The clients come with each round; the data section only says so.
+        "data": {"dataset": "python", "factory": _GIVEN_EACH_ROUND},
+        "strategy": {
+            **({"server_lr": server_lr} if server_lr is not None else {}),
+            "min_clients": min_clients,
+            **_section("strategy", strategy),
+        },
+    }
+    for name, value in (("privacy", privacy), ("secagg", secagg), ("robust", robust)):
+        if value is not None:
+            sections[name] = _section(name, value)
+    config = parse_config(sections)
+    model = TorchModel(model_fn, input_shape=input_shape, task=config.model.task)
+    return FederatedProcess(model, seed=seed, config=config)
+
+
+_GIVEN_EACH_ROUND = "fedshield.api.process:clients_given_each_round"
+
+
+def clients_given_each_round() -> None:
+    """The data of :func:`fedshield.fedavg`'s config: given to each ``next``.
+
+    Raises
+    ------
+    ConfigError
+        Always: an iterative process has no data of its own.
+    """
+    raise ConfigError(
+        "an iterative process's clients come with each call to next(state, "
+        "client_data); use fs.simulate(config, clients=...) to run a whole "
+        "configured simulation on your data"
     )
-    return FederatedProcess(
-        TorchModel(model_fn, input_shape=input_shape), strategy, seed=seed
+
+
+def _section(name: str, value: Mapping[str, Any] | BaseModel | None) -> dict[str, Any]:
+    """A section given as a dict or a typed section, as a plain dict."""
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ConfigError(
+        f"{name}= must be a dict of [{name}] keys or a typed section; "
+        f"got {type(value).__name__}"
     )
+
+
+def _num_examples(client: Client) -> int:
+    n = getattr(client, "num_train_examples", None)
+    if not isinstance(n, int):
+        raise ConfigError(
+            "record-level DP needs each client's number of training examples "
+            "(num_train_examples); give (x, y) arrays"
+        )
+    return n

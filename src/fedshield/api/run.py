@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from fedshield.api.backends import make_backend, resolve_backend
-from fedshield.api.config import ExperimentConfig
+from fedshield.api.config import ExperimentConfig, load_config, parse_config
 from fedshield.api.experiment import (
     Federation,
+    UserClients,
     build_federation,
     build_strategy,
     client_sampler,
@@ -68,24 +69,49 @@ def _summary(
     wall_seconds: float,
     error: str | None = None,
 ) -> dict[str, Any]:
+    regression = config.model.task == "regression"
+    headline = "rmse" if regression else "accuracy"
     last_eval: dict[str, Any] = next(
-        (r for r in reversed(records) if r.get("accuracy") is not None), {}
+        (r for r in reversed(records) if r.get(headline) is not None), {}
+    )
+    num_clients = (
+        len(federation.client_ids)
+        if federation is not None
+        else config.expected_num_clients
     )
     summary: dict[str, Any] = {
         "name": config.run.name,
         "status": status,
         "rounds": state.round_idx if state is not None else 0,
         "planned_rounds": config.run.rounds,
+        "task": config.model.task,
         "accuracy": last_eval.get("accuracy"),
         "loss": last_eval.get("loss"),
         "wall_seconds": round(wall_seconds, 3),
-        "dataset": config.data.dataset,
-        "partition": config.data.partition,
+        "dataset": (
+            federation.dataset if federation is not None else config.data.dataset
+        ),
+        "partition": (
+            federation.partition.method
+            if federation is not None
+            else config.data.partition_method
+        ),
         "strategy": config.strategy.name,
         "model": config.model.kind,
-        "num_clients": config.data.num_clients,
+        "num_clients": num_clients,
+        # The sampling rule as resolved (a --set of clients_per_round
+        # replaces the file's fraction, and the other way round).
+        "fraction": config.strategy.fraction,
+        "clients_per_round": (
+            client_sampler(config).expected_count(num_clients)
+            if num_clients is not None
+            else config.strategy.clients_per_round
+        ),
         "seed": config.run.seed,
     }
+    if regression:
+        summary["rmse"] = last_eval.get("rmse")
+        summary["mae"] = last_eval.get("mae")
     if "roc_auc" in last_eval:
         summary["roc_auc"] = last_eval["roc_auc"]
     privacy = state.metadata.get("privacy") if state is not None else None
@@ -145,8 +171,11 @@ def _privacy_summary(config: ExperimentConfig, record: Any) -> dict[str, Any]:
 
 
 def simulate(
-    config: ExperimentConfig,
+    config: ExperimentConfig | Mapping[str, Any] | str | Path,
     *,
+    model_fn: Callable[[], Any] | None = None,
+    clients: UserClients | None = None,
+    test: tuple[Any, Any] | None = None,
     out: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -171,6 +200,15 @@ def simulate(
         Any configuration, data, checkpoint or round failure (after the
         summary is written when the run had started).
 
+    ``config`` is an :class:`ExperimentConfig`, a mapping of TOML sections
+    (validated by the same schema, with the same messages) or the path of a
+    TOML file. ``model_fn`` (a callable returning a ``torch.nn.Module``)
+    replaces ``[model]``'s network, ``clients`` (``{client_id: (x, y)}``
+    numpy arrays, each key a client) ``[data]``'s data set, with ``test =
+    (x, y)`` the server's test set (default: ``data.test_fraction`` of the
+    rows). Every other section applies as in ``fedshield simulate``:
+    differential privacy, secure aggregation, robust rules, attacks.
+
     Notes
     -----
     With ``prefetch_report`` (what ``fedshield simulate`` does), the report
@@ -179,12 +217,19 @@ def simulate(
     :mod:`fedshield.report.prefetch`); if the helper fails, the report is
     written here as usual.
     """
+    if isinstance(config, str | Path):
+        config = load_config(Path(config))
+    elif not isinstance(config, ExperimentConfig):
+        config = parse_config(config)
     prefetch: ReportPrefetch | None = None
     if prefetch_report and write_report and config.run.report:
         prefetch = ReportPrefetch.start()
     try:
         return _simulate(
             config,
+            model_fn=model_fn,
+            clients=clients,
+            test=test,
             out=out,
             resume=resume,
             overwrite=overwrite,
@@ -202,6 +247,9 @@ def simulate(
 def _simulate(
     config: ExperimentConfig,
     *,
+    model_fn: Callable[[], Any] | None,
+    clients: UserClients | None,
+    test: tuple[Any, Any] | None,
     out: Path | None,
     resume: bool,
     overwrite: bool,
@@ -214,7 +262,7 @@ def _simulate(
     started = time.perf_counter()
     run_dir = RunDirectory(out if out is not None else Path("runs") / config.run.name)
     # Build (and so validate) everything before touching the folder.
-    federation = build_federation(config)
+    federation = build_federation(config, model_fn=model_fn, clients=clients, test=test)
     strategy = build_strategy(
         config,
         num_clients=len(federation.client_ids),
@@ -372,6 +420,8 @@ def _simulate(
             error=error,
         )
         summary["backend"] = backend_name
+        if model_fn is not None:
+            summary["model"] = "python"
         if federation.attack is not None:
             summary["attack"] = federation.attack.to_json()
         run_dir.write_json(SUMMARY, summary)

@@ -46,6 +46,8 @@ MAX_TABLE_ROWS: Final = 200
 
 _SUMMARY_FIELDS: Final[tuple[tuple[str, str], ...]] = (
     ("accuracy", "Final test accuracy"),
+    ("rmse", "Final test RMSE"),
+    ("mae", "Final test MAE"),
     ("loss", "Final test loss"),
     ("rounds", "Rounds"),
     ("wall_seconds", "Wall time"),
@@ -61,6 +63,9 @@ _METRIC_LABELS: Final[Mapping[str, str]] = {
     "accuracy": "Test accuracy",
     "loss": "Test loss",
     "federated_accuracy": "Federated accuracy",
+    "rmse": "Test RMSE",
+    "mae": "Test MAE",
+    "federated_rmse": "Federated RMSE",
     "federated_loss": "Federated loss",
     "train_loss": "Train loss",
     "num_clients": "Clients",
@@ -280,13 +285,13 @@ def _summary_section(
     rows: list[tuple[str, object, str | None]] = []
     for key, label in _SUMMARY_FIELDS:
         value = summary.get(key)
-        if value is None and key in ("accuracy", "loss"):
+        if value is None and key in ("accuracy", "rmse", "mae", "loss"):
             # A run that stopped early has no final numbers; the last
             # evaluated round is the next best thing, labelled as such.
             last = _last_evaluated(metrics, key)
             if last is not None:
                 last_round, last_value = last
-                noun = "accuracy" if key == "accuracy" else "loss"
+                noun = {"rmse": "RMSE", "mae": "MAE"}.get(key, key)
                 label = f"Last test {noun} (round {last_round})"
                 value = last_value
         if value is None:

@@ -49,6 +49,13 @@ _PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ),
     ),
     (
+        "RMSE",
+        (
+            ("rmse", "test (centralised)"),
+            ("federated_rmse", "federated (client-side)"),
+        ),
+    ),
+    (
         "Loss",
         (
             ("loss", "test (centralised)"),
@@ -192,6 +199,14 @@ def plot_training_curves(metrics: Sequence[Mapping[str, Any]]) -> str | None:
     ]
     if not any(rounds for _, series in panels for _, rounds, _ in series):
         return None
+    # Accuracy for classification, RMSE for regression: the RMSE panel
+    # shows only with data, and then replaces an empty accuracy panel.
+    has = {title: any(r for _, r, _ in series) for title, series in panels}
+    panels = [
+        (title, series)
+        for title, series in panels
+        if has[title] or title == "Loss" or (title == "Accuracy" and not has["RMSE"])
+    ]
     privacy = [("ε (δ fixed)", *metric_series(metrics, "epsilon"))]
     if privacy[0][1]:
         # A DP run: the accountant's ε after each round, beside accuracy.

@@ -10,6 +10,7 @@ model on their local test splits.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -332,7 +333,9 @@ class FitRound:
             # secure sum (secure_sum's train_loss/train_accuracy): the server
             # learns them only as sums (and not at all with distributed DP).
             self._metrics.update(
-                _weighted_means(train_rows, ("loss", "accuracy"), prefix="train_")
+                _weighted_means(
+                    train_rows, ("loss", "accuracy", "mae"), prefix="train_"
+                )
             )
         new_state = self._strategy.apply(
             self._state, aggregate, plan=self._plan, rng=self._rng
@@ -500,9 +503,13 @@ class FitRound:
             values = _finite_numbers(reply.value)
             rows.append((values["num_examples"], values))
         self._metrics["federated_eval_clients"] = len(rows)
-        self._metrics.update(
-            _weighted_means(rows, ("accuracy", "loss"), prefix="federated_")
-        )
+        means = _weighted_means(rows, ("accuracy", "loss", "mae"), prefix="federated_")
+        if "federated_loss" in means and any("rmse" in m for _, m in rows):
+            # Regression: the loss is the mean squared error, so the RMSE of
+            # every client's test rows together is its square root (a mean
+            # of the clients' RMSEs would not be).
+            means["federated_rmse"] = math.sqrt(max(means["federated_loss"], 0.0))
+        self._metrics.update(means)
         return self._finish(completed=True)
 
     def _answers(

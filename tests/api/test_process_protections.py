@@ -1,0 +1,147 @@
+"""fs.fedavg with the TOML sections: DP, SecAgg and robust rules from Python."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+
+import fedshield as fs
+from fedshield.api.config import PrivacySection, StrategySection
+from fedshield.errors import ConfigError
+
+
+def _model() -> torch.nn.Module:
+    return torch.nn.Linear(4, 2)
+
+
+def _clients(n: int = 6, rows: int = 20, seed: int = 0) -> dict[str, tuple]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in range(n):
+        x = rng.normal(size=(rows, 4)).astype(np.float32)
+        out[f"c{k}"] = (x, (x[:, 0] > 0).astype(np.int64))
+    return out
+
+
+CENTRAL = {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.2}
+
+
+def test_central_dp_reports_the_accountants_epsilon_each_round():
+    process = fs.fedavg(_model, privacy=CENTRAL)
+    state = process.initialize()
+    data = _clients()
+    for _ in range(3):
+        state, metrics = process.next(state, data)
+    # Every client every round (fraction 1, Poisson at rate 1): three
+    # Gaussian releases of sensitivity C at noise σC, add-or-remove.
+    # Reference from dp-accounting directly (not through fedshield).
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(1.2)),
+        3,
+    )
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    rdp_eps = accountant.get_epsilon(1e-5)
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(event)
+    expected = pld.get_epsilon(1e-5)
+    assert math.isclose(metrics["epsilon"], expected, rel_tol=0.02)
+    assert metrics["epsilon"] < rdp_eps
+    assert metrics["delta"] == 1e-5
+    # Under DP the clients' unnoised training metrics do not leave the round.
+    assert "train_loss" not in metrics and "train_accuracy" not in metrics
+
+
+def test_the_dp_round_adds_noise_of_the_configured_scale():
+    data = _clients()
+    plain = fs.fedavg(_model, lr=0.1)
+    private = fs.fedavg(_model, lr=0.1, privacy={**CENTRAL, "clip_norm": 100.0})
+    s0 = plain.initialize()
+    a, _ = plain.next(s0, data)
+    b, _ = private.next(private.initialize(), data)
+    # Clip 100 never binds: the difference is the noise σC/n per coordinate.
+    gap = (b.params.flat - a.params.flat).std()
+    assert 100 * 1.2 / 6 * 0.3 < gap < 100 * 1.2 / 6 * 3
+
+
+def test_typed_sections_are_accepted_like_dicts():
+    process = fs.fedavg(
+        _model,
+        privacy=PrivacySection(**CENTRAL),
+        strategy=StrategySection(fraction=0.5),
+    )
+    _, metrics = process.next(process.initialize(), _clients())
+    assert metrics["epsilon"] > 0
+
+
+def test_bad_keys_get_the_schemas_messages():
+    with pytest.raises(ConfigError, match=r"privacy\.clip_nrom: unknown key"):
+        fs.fedavg(_model, privacy={"mode": "central", "clip_nrom": 1.0})
+    with pytest.raises(ConfigError, match="needs clip_norm"):
+        fs.fedavg(_model, privacy={"mode": "central", "noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="must be a dict"):
+        fs.fedavg(_model, robust=["median"])  # type: ignore[arg-type]
+
+
+def test_the_population_is_fixed_under_privacy():
+    process = fs.fedavg(_model, privacy=CENTRAL)
+    state, _ = process.next(process.initialize(), _clients(6))
+    with pytest.raises(ConfigError, match="same clients"):
+        process.next(state, _clients(4))
+
+
+def test_secagg_round_equals_the_clear_round_up_to_quantisation():
+    data = _clients()
+    clear = fs.fedavg(_model, lr=0.1)
+    secure = fs.fedavg(_model, lr=0.1, secagg={"protocol": "secagg"})
+    a, _ = clear.next(clear.initialize(), data)
+    b, metrics = secure.next(secure.initialize(), data)
+    assert np.allclose(a.params.flat, b.params.flat, atol=1e-4)
+    assert metrics["secagg/aborted"] == 0.0
+
+
+def test_secagg_plus_with_central_dp():
+    process = fs.fedavg(
+        _model,
+        privacy={**CENTRAL, "sampling": "fixed", "accountant": "rdp"},
+        secagg={"protocol": "secagg+"},
+    )
+    _, metrics = process.next(process.initialize(), _clients(8))
+    assert metrics["epsilon"] > 0 and "dp/noise_std" in metrics
+
+
+def test_a_robust_rule_resists_an_outlier_client():
+    data = _clients(7)
+    x, y = data["c0"]
+    data["c0"] = (x * 1e4, y)  # one client's data blows its update up
+    mean = fs.fedavg(_model, lr=0.1)
+    median = fs.fedavg(_model, lr=0.1, robust={"rule": "median"})
+    a, _ = mean.next(mean.initialize(), data)
+    b, _ = median.next(median.initialize(), data)
+    s0 = mean.initialize().params.flat
+    assert np.linalg.norm(b.params.flat - s0) < 0.1 * np.linalg.norm(a.params.flat - s0)
+
+
+def test_fltrust_is_refused_with_a_reason():
+    with pytest.raises(ConfigError, match="root data set"):
+        fs.fedavg(_model, robust={"rule": "fltrust"})
+
+
+def test_regression_task_reports_rmse():
+    rng = np.random.default_rng(1)
+    data = {}
+    for k in range(3):
+        x = rng.normal(size=(30, 4)).astype(np.float32)
+        data[str(k)] = (x, (x @ np.array([1, -2, 0.5, 0], np.float32)))
+    process = fs.fedavg(lambda: torch.nn.Linear(4, 1), task="regression", lr=0.1)
+    state = process.initialize()
+    for _ in range(15):
+        state, metrics = process.next(state, data)
+    assert "train_rmse" in metrics or "train_loss" in metrics
+    x, y = data["0"]
+    result = process.evaluate(state, x, y)
+    assert result["rmse"] < 0.5 and "accuracy" not in result
