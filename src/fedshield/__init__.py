@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     # api
     "fedavg": "fedshield.api",
     "FederatedProcess": "fedshield.api",
+    "simulate": "fedshield.api",
+    "ExperimentConfig": "fedshield.api",
+    "load_config": "fedshield.api",
     # errors
     "FedShieldError": "fedshield.errors",
     "ConfigError": "fedshield.errors",
@@ -38,6 +41,7 @@ __all__ = [
     "ClientUpdate",
     "ConfigError",
     "EvalConfig",
+    "ExperimentConfig",
     "FedShieldError",
     "FederatedProcess",
     "FitConfig",
@@ -47,10 +51,18 @@ __all__ = [
     "WeightedMean",
     "__version__",
     "fedavg",
+    "load_config",
+    "simulate",
 ]
 
 if TYPE_CHECKING:
-    from fedshield.api import FederatedProcess, fedavg
+    from fedshield.api import (
+        ExperimentConfig,
+        FederatedProcess,
+        fedavg,
+        load_config,
+        simulate,
+    )
     from fedshield.core import (
         Aggregate,
         Aggregator,
