@@ -374,6 +374,7 @@ def test_images_of_different_sizes_need_image_size(tmp_path: Path) -> None:
 
     assert "2.png" in message
     assert "image_size" in message
+    assert "class-folder layout" in message
 
 
 def test_images_mixed_layout_is_named(tmp_path: Path) -> None:
@@ -685,3 +686,43 @@ def test_spec_validation(kwargs: dict, fragment: str) -> None:
         UserDataSpec(**kwargs)
 
     assert fragment in str(info.value)
+
+
+# Regression data sets ---------------------------------------------------------
+
+
+def test_regression_dataset_validation_and_random_split() -> None:
+    from fedshield.data import Dataset, split_test
+
+    ds = Dataset(
+        "r",
+        np.zeros((10, 1), dtype=np.float32),
+        np.linspace(0, 1, 10, dtype=np.float32),
+        num_classes=1,
+        input_shape=(1,),
+        task="regression",
+    )
+
+    train, test = split_test(ds, test_fraction=0.3, rng=np.random.default_rng(0))
+
+    assert (len(train), len(test)) == (7, 3)
+    assert train.task == test.task == "regression"
+    assert sorted([*train.y.tolist(), *test.y.tolist()]) == sorted(ds.y.tolist())
+    with pytest.raises(ConfigError, match="finite"):
+        Dataset(
+            "r",
+            np.zeros((1, 1), dtype=np.float32),
+            np.array([np.nan], dtype=np.float32),
+            num_classes=1,
+            input_shape=(1,),
+            task="regression",
+        )
+    with pytest.raises(ConfigError, match="num_classes must be 1"):
+        Dataset(
+            "r",
+            np.zeros((1, 1), dtype=np.float32),
+            np.array([0.5], dtype=np.float32),
+            num_classes=2,
+            input_shape=(1,),
+            task="regression",
+        )

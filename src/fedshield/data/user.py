@@ -1023,6 +1023,7 @@ def _image_layout(path: Path) -> tuple[bool, list[Path]]:
 @dataclass
 class _ImageReader:
     spec: UserDataSpec
+    layout: str
     size: tuple[int, int] | None = None  # (height, width) of the first image
     first: Path | None = None
 
@@ -1039,7 +1040,8 @@ class _ImageReader:
                 pixels = np.asarray(converted, dtype=np.float32) / np.float32(255.0)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataFileError(
-                f"cannot read image {str(file)!r}: {type(err).__name__}: {err}"
+                f"cannot read image {str(file)!r} ({self.layout}): "
+                f"{type(err).__name__}: {err}"
             ) from err
         size = (int(pixels.shape[0]), int(pixels.shape[1]))
         if self.size is None:
@@ -1047,8 +1049,9 @@ class _ImageReader:
         elif size != self.size:
             raise DataFileError(
                 f"image {str(file)!r} is {size[0]}x{size[1]} (height x width) but "
-                f"{str(self.first)!r} is {self.size[0]}x{self.size[1]}; set "
-                "data.image_size = [height, width] to resize every image"
+                f"{str(self.first)!r} is {self.size[0]}x{self.size[1]} "
+                f"({self.layout}); set data.image_size = [height, width] to "
+                "resize every image"
             )
         # (H, W) grey or (H, W, C) colour -> channels first.
         pixels = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, 2, 0)
@@ -1081,8 +1084,8 @@ def _read_class_folders(
 
 
 def _load_images(spec: UserDataSpec, path: Path) -> UserData:
-    reader = _ImageReader(spec)
     per_client, top = _image_layout(path)
+    reader = _ImageReader(spec, _PER_CLIENT if per_client else _CLASSES)
     train: list[_Labelled] = []
     if per_client:
         for client_dir in top:
