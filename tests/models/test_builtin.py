@@ -20,22 +20,27 @@ def test_all_names_exist() -> None:
         "fedshield.models.builtin",
         "fedshield.models.torch_model",
         "fedshield.models.client",
+        "fedshield.models.factory",
     ):
         module = importlib.import_module(module_name)
         for name in module.__all__:
             assert hasattr(module, name), f"{module_name}.{name}"
     assert set(fedshield.models.__all__) == {
         "MODEL_KINDS",
+        "TASKS",
         "DpSgdConfig",
         "TorchClient",
         "TorchModel",
         "build_module",
         "build_update",
         "check_dp_sgd",
+        "check_user_model",
         "check_vectorisable",
         "local_correction",
+        "regression_loss",
         "train_dp_sgd",
         "train_many",
+        "user_torch_model",
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from fedshield.errors import ConfigError
@@ -23,6 +24,21 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "sequential", "vectorised", "process", "ray")
 """Values of ``run.backend``; ``auto`` picks the fastest that fits the model."""
 
+# Reasons already given for auto not picking vectorised (once per process).
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(reason: str) -> None:
+    """Log at WARNING why ``auto`` falls back, once per distinct reason."""
+    with _WARNED_LOCK:
+        if reason in _WARNED:
+            return
+        _WARNED.add(reason)
+    logger.warning(
+        "run.backend = 'auto' uses 'sequential', not 'vectorised': %s", reason
+    )
+
 
 def resolve_backend(
     name: str,
@@ -37,7 +53,11 @@ def resolve_backend(
     and noise), so ``auto`` is ``sequential`` then. So is a DP run with a
     stage deadline (``timeout_s``): the vectorised backend times a chunk of
     clients together, so one client's data would decide whether others
-    time out, a coupling the DP analysis does not cover.
+    time out, a coupling the DP analysis does not cover. When ``auto``
+    cannot use ``vectorised`` because of the model (a layer vmap cannot
+    batch, Dropout, BatchNorm) or the deadline, it says why in a WARNING
+    log record, once per distinct reason in a process (a sweep of runs
+    does not repeat it).
 
     Raises
     ------
@@ -55,7 +75,10 @@ def resolve_backend(
                 "'auto', 'sequential', 'process' or 'ray', or drop timeout_s"
             )
         if name == "auto":
-            logger.info("backend auto: sequential (a DP run with timeout_s)")
+            _warn_once(
+                "a DP run with run.timeout_s (the vectorised backend times a "
+                "chunk of clients together)"
+            )
             return "sequential"
     if privacy_mode == "record":
         if name == "vectorised":
@@ -75,7 +98,7 @@ def resolve_backend(
     except ConfigError as err:
         if name == "vectorised":
             raise ConfigError(f"run.backend = 'vectorised': {err}") from None
-        logger.info("backend auto: sequential (%s)", err)
+        _warn_once(str(err))
         return "sequential"
     return "vectorised"
 

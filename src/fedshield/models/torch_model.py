@@ -113,8 +113,11 @@ class TorchModel:
     loss_fn
         ``loss_fn(outputs, targets)`` giving the mean loss over a batch;
         targets are ``int64`` class labels (classification) or ``float32``
-        values (regression). Defaults to cross-entropy for classification
-        and :func:`regression_loss` (mean squared error) for regression.
+        values (regression; the outputs are then reshaped to the targets'
+        shape ``(n,)`` before ``loss_fn`` sees them, so that an ``(n, 1)``
+        output never broadcasts against them). Defaults to cross-entropy
+        for classification and :func:`regression_loss` (mean squared error)
+        for regression.
     input_shape
         Shape of one example. Inputs arriving flat, ``(n, d)`` with
         ``d = prod(input_shape)``, are reshaped (as a view) to
@@ -174,7 +177,7 @@ class TorchModel:
             input_shape = tuple(int(s) for s in input_shape)
         self._module_fn = module_fn
         self._task = task
-        self._loss_fn: LossFn = loss_fn if loss_fn is not None else _default_loss(task)
+        self._loss_fn: LossFn = _task_loss(task, loss_fn)
         self._input_shape = input_shape
         self._bound: _Bound | None = None
 
@@ -517,8 +520,33 @@ class TorchModel:
         return f"TorchModel({self._module_fn!r}, input_shape={self._input_shape}{task})"
 
 
-def _default_loss(task: str) -> LossFn:
-    return regression_loss if task == "regression" else functional.cross_entropy
+def _task_loss(task: str, loss_fn: LossFn | None) -> LossFn:
+    if task != "regression":
+        return functional.cross_entropy if loss_fn is None else loss_fn
+    if loss_fn is None or loss_fn is regression_loss:
+        return regression_loss
+    return _FlatOutputs(loss_fn)
+
+
+class _FlatOutputs:
+    """A regression ``loss_fn`` given outputs shaped as the targets, ``(n,)``."""
+
+    __slots__ = ("loss_fn",)
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.loss_fn(outputs.reshape(targets.shape), targets)
+
+    def __getstate__(self) -> LossFn:
+        return self.loss_fn
+
+    def __setstate__(self, state: LossFn) -> None:
+        self.loss_fn = state
+
+    def __repr__(self) -> str:
+        return f"{self.loss_fn!r} (outputs as (n,))"
 
 
 def _targets(ya: np.ndarray, task: str) -> np.ndarray:
