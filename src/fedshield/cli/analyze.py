@@ -58,6 +58,7 @@ from fedshield.api.config import (
     apply_overrides,
     load_config,
     parse_config,
+    resolve_paths,
 )
 from fedshield.errors import ConfigError, FedShieldError
 
@@ -181,10 +182,19 @@ def _check_fraction(fraction: float) -> None:
         )
 
 
-def _clients_per_round(config: ExperimentConfig) -> int:
+def _num_clients(config: ExperimentConfig) -> int:
+    """The federation's clients: from the config, or (own data) once read."""
+    known = config.expected_num_clients
+    if known is not None:
+        return known
+    from fedshield.api import build_federation
+
+    return len(build_federation(config).client_ids)
+
+
+def _clients_per_round(config: ExperimentConfig, num_clients: int) -> int:
     """The round's expected number of clients, as ``[strategy]`` samples them."""
     s = config.strategy
-    num_clients = config.data.num_clients
     if s.clients_per_round is not None:
         return min(s.clients_per_round, num_clients)
     fraction = s.fraction if s.fraction is not None else 1.0
@@ -247,7 +257,12 @@ def plan_pairs(
         max_norm = config.robust.max_norm or DEFAULT_MAX_NORM
     if not (math.isfinite(max_norm) and max_norm > 0):
         raise ConfigError(f"--max-norm must be > 0; got {max_norm}")
-    data = tomllib.loads(Path(config_path).read_text("utf-8"))
+    # Relative paths (own data, own model) resolve against the file's folder,
+    # as load_config resolves them.
+    data = resolve_paths(
+        tomllib.loads(Path(config_path).read_text("utf-8")),
+        Path(config_path).resolve().parent,
+    )
     # Each column sets its rule from scratch: a [robust] key of the file
     # that another rule does not take would refuse that column.
     robust = data.get("robust")
@@ -258,7 +273,8 @@ def plan_pairs(
         data,
         [o for o in overrides if o.partition("=")[0].strip() != "robust.max_norm"],
     )
-    per_round = _clients_per_round(config)
+    num_clients = _num_clients(config)
+    per_round = _clients_per_round(config, num_clients)
     # ⌊fraction × n⌋, safe from 0.29 × 100 = 28.999999999999996.
     f = math.floor(fraction * per_round + 1e-9)
     name = config.run.name
@@ -299,8 +315,8 @@ def plan_pairs(
         f"f (for {', '.join(sorted(RULES_WITH_F))})": f,
         "norm_bound max_norm": max_norm,
         "rounds": config.run.rounds,
-        "data": f"{config.data.dataset} ({config.data.partition}), "
-        f"{config.data.num_clients} clients",
+        "data": f"{config.data.dataset} ({config.data.partition_method}), "
+        f"{num_clients} clients",
         "model": config.model.kind,
         "strategy": config.strategy.name,
         "seed": config.run.seed,

@@ -66,7 +66,7 @@ def run_simulate(
         if not as_json:
             console.print(
                 f"[bold]{config.run.name}[/]: {config.strategy.name} on "
-                f"{federation.dataset} ({config.data.partition}), "
+                f"{federation.dataset} ({federation.partition.method}), "
                 f"{len(federation.client_ids)} clients, "
                 f"{federation.model.spec.size:,} parameters, "
                 f"{config.run.rounds} rounds"
