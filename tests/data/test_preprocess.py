@@ -167,7 +167,48 @@ def test_heart_per_hospital_means_are_zero_after_preprocessing() -> None:
     # A test row owned by a hospital equals that hospital's transform of it.
     np.testing.assert_array_equal(test.x, train.x[:50])
     # Pooled statistics would not centre each hospital: the raw hospital
-    # means of age differ by years.
+    # means of age differ by years (age is stored as years / 100).
     age = heart.feature_names.index("age")
-    raw_means = [float(np.nanmean(heart.x[idx, age])) for idx in parts]
+    raw_means = [float(np.nanmean(heart.x[idx, age])) * 100 for idx in parts]
     assert max(raw_means) - min(raw_means) > 3.0
+
+
+def test_fit_none_uses_no_statistic_of_any_record() -> None:
+    # Record-level DP: changing one record must leave every other row as it
+    # was (a client median or mean would move them all).
+    base = [[1.0], [3.0], [np.nan], [5.0]]
+    other = [[1000.0], [3.0], [np.nan], [5.0]]
+    outs = []
+    for rows in (base, other):
+        ds = make(rows, numeric=[True])
+        train, _ = preprocess_per_client(
+            ds, {"a": np.arange(4)}, ds.subset(np.arange(1)), fit="none"
+        )
+        outs.append(train.x[:, 0])
+    np.testing.assert_array_equal(outs[0][1:], outs[1][1:])
+    assert outs[0][2] == 0.0  # missing becomes 0; its indicator says so
+    # With the clients' statistics, one record moves the others.
+    moved = []
+    for rows in (base, other):
+        ds = make(rows, numeric=[True])
+        train, _ = preprocess_per_client(ds, {"a": np.arange(4)}, ds.subset([0]))
+        moved.append(train.x[:, 0])
+    assert not np.array_equal(moved[0][1:], moved[1][1:])
+
+
+def test_own_test_statistics_do_not_depend_on_training_rows() -> None:
+    # Under DP the server's evaluation must not see the clients' training
+    # statistics: the test rows are scaled with their owners' test rows.
+    test = make([[2.0], [4.0], [10.0], [20.0]], numeric=[True])
+    owner = np.array(["a", "a", "b", "b"])
+    results = []
+    for shift in (0.0, 500.0):
+        train = make([[1.0 + shift], [3.0], [7.0], [9.0]], numeric=[True])
+        parts = {"a": np.array([0, 1]), "b": np.array([2, 3])}
+        _, out = preprocess_per_client(train, parts, test, owner, test_statistics="own")
+        results.append(out.x.copy())
+        _, by_owner = preprocess_per_client(train, parts, test, owner)
+        results.append(by_owner.x.copy())
+    own_0, owner_0, own_1, owner_1 = results
+    np.testing.assert_array_equal(own_0, own_1)
+    assert not np.array_equal(owner_0, owner_1)

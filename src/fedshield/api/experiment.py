@@ -355,12 +355,20 @@ def build_federation(
         min_samples=data.min_samples,
     )
     by_client = dict(zip(client_ids, parts, strict=True))
+    private = config.privacy.mode != "none"
     train, test_set = preprocess_per_client(
         train,
         by_client,
         test_set,
         test_owner=test_set.groups if method == "natural" else None,
         standardize=data.standardize,
+        # Record-level DP protects each record: no statistic over a client's
+        # records may shape how the others are trained (see preprocess).
+        fit="none" if config.privacy.mode == "record" else "client",
+        # Under DP the server's evaluation (released every round) must not
+        # depend on the clients' training rows: each hospital's test rows
+        # are scaled with their own statistics.
+        test_statistics="own" if private else "owner",
     )
     summary = summarize_partition(
         parts,

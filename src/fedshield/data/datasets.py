@@ -476,7 +476,9 @@ def _load_heart() -> Dataset:
     (the ``dataset`` column); ``id`` and ``dataset`` are not features.
 
     Features, in file order: each numeric column (age, trestbps, chol,
-    thalch, oldpeak, ca) becomes its raw value, NaN where missing, followed
+    thalch, oldpeak, ca) becomes its value divided by a fixed public scale
+    (age / 100, trestbps / 200, chol / 600, thalch / 200, oldpeak / 5,
+    ca / 3: not a statistic of the data), NaN where missing, followed
     by a 0/1 ``<name>_missing`` indicator; each categorical column (sex, cp,
     fbs, restecg, exang, slope, thal) becomes one-hot ``<name>=<level>``
     columns, plus ``<name>=missing`` when the column has missing values.
@@ -484,10 +486,11 @@ def _load_heart() -> Dataset:
 
     Notes
     -----
-    The six numeric value columns are marked in ``numeric_columns`` and left
-    raw: :func:`~fedshield.data.preprocess.preprocess_per_client` imputes
+    The six numeric value columns are marked in ``numeric_columns``:
+    :func:`~fedshield.data.preprocess.preprocess_per_client` imputes
     (median) and standardises them with each hospital's own statistics, so
-    no statistic is pooled across clients.
+    no statistic is pooled across clients (under record-level DP it uses no
+    statistic at all, and the fixed scales keep the features of order 1).
     """
     raw = _read_heart_bytes()
     digest = hashlib.sha256(raw).hexdigest()
@@ -529,6 +532,20 @@ def _load_heart() -> Dataset:
     )
 
 
+# Fixed, public scales of the numeric columns (round upper ends of their
+# clinical ranges in the UCI data dictionary), not statistics of the data:
+# every site can apply them alone, and record-level DP, which may use no
+# statistic of the records, still gets features of order 1.
+_HEART_SCALES: Final[Mapping[str, float]] = {
+    "age": 100.0,
+    "trestbps": 200.0,
+    "chol": 600.0,
+    "thalch": 200.0,
+    "oldpeak": 5.0,
+    "ca": 3.0,
+}
+
+
 def _heart_numeric(feature: str, cells: Sequence[str]) -> tuple[np.ndarray, ...]:
     values = np.array([float(c) if c else np.nan for c in cells])
     if feature in _ZERO_MEANS_MISSING:
@@ -536,7 +553,7 @@ def _heart_numeric(feature: str, cells: Sequence[str]) -> tuple[np.ndarray, ...]
     is_missing = np.isnan(values)
     if is_missing.all():
         raise DataUnavailableError(f"column {feature!r} has no observed values")
-    return values, is_missing
+    return values / _HEART_SCALES[feature], is_missing
 
 
 def _heart_onehot(

@@ -36,6 +36,8 @@ def preprocess_per_client(
     test_owner: np.ndarray | None = None,
     *,
     standardize: bool = True,
+    fit: str = "client",
+    test_statistics: str = "owner",
 ) -> tuple[Dataset, Dataset]:
     """Impute and standardise the numeric columns with each client's statistics.
 
@@ -55,6 +57,20 @@ def preprocess_per_client(
         transformed with statistics computed over the test set itself.
     standardize
         Whether to z-score after imputing (``False``: impute only).
+    fit
+        ``"client"``: each client's own statistics, as above. ``"none"``:
+        no statistic of any record is used: a missing value becomes 0 (its
+        ``<column>_missing`` indicator says it was missing) and nothing is
+        scaled. Record-level DP needs this: a client's median, mean or
+        standard deviation depends on every one of its records, so scaling
+        by them would let one record change how all the others are
+        trained on, which the DP-SGD analysis does not cover.
+    test_statistics
+        With ``test_owner``: ``"owner"`` transforms each test row with its
+        owner's *training* statistics (as the site itself would);
+        ``"own"`` with the statistics of the owner's *test* rows, so that
+        what the server's evaluation releases does not depend on any
+        client's training data (what a DP run needs).
 
     Returns
     -------
@@ -110,7 +126,18 @@ def preprocess_per_client(
             f"{_count(test.numeric_columns)}) but the training set has "
             f"{train.x.shape[1]} (numeric: {_count(mask)}); they must match"
         )
+    if fit not in ("client", "none") or test_statistics not in ("owner", "own"):
+        raise ConfigError(
+            "preprocess_per_client: fit must be 'client' or 'none' and "
+            "test_statistics 'owner' or 'own'; got "
+            f"fit={fit!r}, test_statistics={test_statistics!r}"
+        )
     cols = np.flatnonzero(mask)
+    if fit == "none":
+        x, tx = train.x.astype(np.float64), test.x.astype(np.float64)
+        x[:, cols] = np.nan_to_num(x[:, cols], nan=0.0)
+        tx[:, cols] = np.nan_to_num(tx[:, cols], nan=0.0)
+        return _with_x(train, x), _with_x(test, tx)
     stats: dict[str, _Stats] = {}
     x = train.x.astype(np.float64)
     covered = np.zeros(len(train), dtype=np.bool_)
@@ -131,6 +158,17 @@ def preprocess_per_client(
     if test_owner is None:
         block = tx[:, cols]
         tx[:, cols] = _apply(block, _fit(block, standardize=standardize))
+    elif test_statistics == "own":
+        owner = np.asarray(test_owner).astype(np.str_)
+        if owner.shape != (len(test),):
+            raise ConfigError(
+                f"preprocess_per_client: test_owner must have shape ({len(test)},)"
+                f" (one client id per test row); got {owner.shape}"
+            )
+        for client_id in np.unique(owner).tolist():
+            rows = np.flatnonzero(owner == client_id)
+            block = tx[np.ix_(rows, cols)]
+            tx[np.ix_(rows, cols)] = _apply(block, _fit(block, standardize=standardize))
     else:
         _apply_owned(tx, cols, np.asarray(test_owner), stats, test)
     return _with_x(train, x), _with_x(test, tx)
