@@ -168,7 +168,7 @@ def test_the_same_through_fs_simulate_and_fs_fedavg(project, tmp_path):
         )
 
     path = config(project, private=True)
-    summary, folder = fs.simulate(
+    summary, _ = fs.simulate(
         path, model_fn=model_fn, out=tmp_path / "py", write_report=False
     )
     assert summary["epsilon"] > 0 and summary["model"] == "python"
