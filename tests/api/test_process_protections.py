@@ -52,8 +52,10 @@ def test_central_dp_reports_the_accountants_epsilon_each_round():
     assert math.isclose(metrics["epsilon"], expected, rel_tol=0.02)
     assert metrics["epsilon"] < rdp_eps
     assert metrics["delta"] == 1e-5
-    # Under DP the clients' unnoised training metrics do not leave the round.
+    # Under DP the clients' unnoised training metrics do not leave the round,
+    # nor (central mode) who was sampled: no counts, no failures list.
     assert "train_loss" not in metrics and "train_accuracy" not in metrics
+    assert "num_clients" not in metrics and "failures" not in metrics
 
 
 def test_the_dp_round_adds_noise_of_the_configured_scale():

@@ -245,7 +245,12 @@ class FederatedProcess:
         if isinstance(privacy, Mapping):
             metrics["epsilon"] = privacy.get("epsilon")
             metrics["delta"] = privacy.get("delta")
-        metrics["failures"] = [f.to_json() for f in result.failures]
+        if not (
+            self._private and self.config and self.config.privacy.mode == "central"
+        ):
+            # Central DP keeps who was sampled secret (amplification by
+            # sampling assumes it), and a failure names a sampled client.
+            metrics["failures"] = [f.to_json() for f in result.failures]
         return result.state, metrics
 
     def evaluate(
