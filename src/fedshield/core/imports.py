@@ -120,8 +120,9 @@ class CallableRef:
                 f"{self.what} = {self.spec!r}: {name!r} in {where} is a "
                 f"{type(value).__name__}, not a function"
             )
-        self._resolved = value
-        return value
+        function: Callable[..., Any] = value
+        self._resolved = function
+        return function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the referenced callable (importing it on first use)."""
