@@ -111,6 +111,15 @@ class UserDataSpec:
     max_file_mb: float = 1024.0
 
     def __post_init__(self) -> None:
+        # Paths may be given as strings (the Python API); kept as Path.
+        for name in ("path", "test_path"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+        for name in ("features", "categorical", "classes"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         problems: list[str] = []
         if self.kind not in USER_DATA_KINDS:
             problems.append(f"kind must be one of {USER_DATA_KINDS}; got {self.kind!r}")
