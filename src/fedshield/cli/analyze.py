@@ -368,6 +368,9 @@ def _row_of_run(
         rounds=rounds,
         epsilon=_number(summary.get("epsilon")),
         error=_one_line(str(error)) if error else None,
+        # Regression models (accuracy None): final test RMSE and MAE.
+        rmse=_number(summary.get("rmse")),
+        mae=_number(summary.get("mae")),
     )
     return row
 

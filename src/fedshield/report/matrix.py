@@ -16,7 +16,10 @@ A row is a mapping with these keys (absent keys count as None):
     own requirement refused the pair before round 1) or ``"failed"`` (the run
     raised).
 ``accuracy``
-    Final test accuracy, a fraction in [0, 1].
+    Final test accuracy, a fraction in [0, 1]; None for a regression model.
+``rmse``
+    Final test RMSE of a regression model (``[model] task = "regression"``),
+    in the label's unit; lower is better. None for a classifier.
 ``asr``
     Attack success rate of a backdoor (the share of triggered test inputs
     classified as the target), a fraction; None for other attacks.
@@ -28,9 +31,13 @@ Verdicts (:func:`classify`): a cell under attack *fails* when its accuracy
 drop exceeds :data:`ACCURACY_DROP_THRESHOLD` or its ASR exceeds
 :data:`ASR_THRESHOLD`. The accuracy drop is a fraction (not points): the
 same defence's no-attack accuracy minus this accuracy, rounded to 4
-decimals. A failure the literature predicts (:data:`KNOWN_FAILURES`) is
-*known*; any other is *unexpected*. A refused pair is not a failure of the
-defence: it is reported as ``refused: <message>``.
+decimals. A regression cell (a run with an RMSE and no accuracy) fails
+instead when its RMSE rise (:func:`rmse_rise`: its RMSE minus the same
+defence's no-attack RMSE, relative to the latter, rounded to 4 decimals)
+exceeds :data:`RMSE_RISE_THRESHOLD`. A failure the literature predicts
+(:data:`KNOWN_FAILURES`) is *known*; any other is *unexpected*. A refused
+pair is not a failure of the defence: it is reported as
+``refused: <message>``.
 """
 
 from __future__ import annotations
@@ -55,11 +62,13 @@ __all__ = [
     "COLUMNS",
     "KNOWN_FAILURES",
     "NO_ATTACK",
+    "RMSE_RISE_THRESHOLD",
     "MatrixFiles",
     "Verdict",
     "accuracy_drop",
     "classify",
     "render_matrix",
+    "rmse_rise",
     "tabulate",
     "write_matrix",
 ]
@@ -69,6 +78,10 @@ ACCURACY_DROP_THRESHOLD: Final = 0.05
 
 ASR_THRESHOLD: Final = 0.5
 """A cell fails when its backdoor attack success rate exceeds this."""
+
+RMSE_RISE_THRESHOLD: Final = 0.10
+"""A regression cell fails when its RMSE rise exceeds this (0.10: an RMSE 10 %
+above the same defence's no-attack RMSE)."""
 
 NO_ATTACK: Final = "none"
 """The attack name of each defence's baseline run."""
@@ -85,9 +98,15 @@ COLUMNS: Final[tuple[str, ...]] = (
     "rounds",
     "epsilon",
     "error",
+    "rmse",
+    "rmse_rise",
 )
 """Columns of ``matrix.csv``, in order. ``accuracy``, ``accuracy_drop`` and
-``asr`` are fractions with 4 decimals; empty cells mean "not measured"."""
+``asr`` are fractions with 4 decimals; empty cells mean "not measured".
+``rmse`` (regression models only; 6 significant digits, in the label's unit)
+and ``rmse_rise`` (relative, 4 decimals: 0.1000 = 10 % worse than the
+defence's no-attack run) come last so that the earlier columns keep their
+positions."""
 
 _ALIE_REASON = (
     "ALIE sends updates within a few standard deviations of the benign mean, "
@@ -186,10 +205,20 @@ def _number(value: object) -> float | None:
 
 
 def _is_run(row: Mapping[str, Any]) -> bool:
-    """Whether the row is a run that finished with an accuracy."""
+    """Whether the row is a run that finished with an accuracy or an RMSE."""
     return row.get("status") not in (_REFUSED, _FAILED) and (
-        _number(row.get("accuracy")) is not None
+        _number(row.get("accuracy")) is not None or _number(row.get("rmse")) is not None
     )
+
+
+def _measure(row: Mapping[str, Any], key: str) -> float | None:
+    """``row[key]`` as a finite number if the row is a finished run, else None."""
+    return _number(row.get(key)) if _is_run(row) else None
+
+
+def _is_regression(row: Mapping[str, Any]) -> bool:
+    """Whether the row is a finished regression run (an RMSE, no accuracy)."""
+    return _measure(row, "rmse") is not None and _measure(row, "accuracy") is None
 
 
 def accuracy_drop(
@@ -218,12 +247,56 @@ def accuracy_drop(
     >>> accuracy_drop({"accuracy": 0.5}, {"status": "refused"}) is None
     True
     """
-    if baseline is None or not _is_run(row) or not _is_run(baseline):
+    if baseline is None:
         return None
-    drop = float(baseline["accuracy"]) - float(row["accuracy"])
+    accuracy, base = _measure(row, "accuracy"), _measure(baseline, "accuracy")
+    if accuracy is None or base is None:
+        return None
+    drop = base - accuracy
     # Rounded as the CSV shows it, so the verdict agrees with the table
     # (0.90 - 0.85 is 0.05000000000000004 in binary floating point).
     return round(drop, 4) + 0.0
+
+
+def rmse_rise(
+    row: Mapping[str, Any], baseline: Mapping[str, Any] | None
+) -> float | None:
+    """The row's RMSE above the baseline's, relative to it, rounded to 4 decimals.
+
+    ``(rmse - baseline_rmse) / baseline_rmse``: 0.1 means 10 % worse than the
+    same defence without attack; negative means better.
+
+    Parameters
+    ----------
+    row
+        A run under attack.
+    baseline
+        The same defence's no-attack run, or None.
+
+    Returns
+    -------
+    float or None
+        None when either run has no RMSE (a classifier, refused, failed,
+        missing) or the baseline's RMSE is 0 (no relative rise exists).
+
+    Examples
+    --------
+    >>> rmse_rise({"rmse": 0.55}, {"rmse": 0.5})
+    0.1
+    >>> rmse_rise({"rmse": 0.4}, {"rmse": 0.5})
+    -0.2
+    >>> rmse_rise({"rmse": 0.4}, {"rmse": 0.0}) is None
+    True
+    >>> rmse_rise({"rmse": 0.4}, {"status": "failed"}) is None
+    True
+    """
+    if baseline is None:
+        return None
+    rmse, base = _measure(row, "rmse"), _measure(baseline, "rmse")
+    if rmse is None or base is None or base == 0:
+        return None
+    # Rounded as the CSV shows it, so the verdict agrees with the table.
+    return round((rmse - base) / base, 4) + 0.0
 
 
 def _error(row: Mapping[str, Any]) -> str:
@@ -245,8 +318,9 @@ def classify(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> Verd
     -------
     Verdict
         ``failure`` when the accuracy drop exceeds
-        :data:`ACCURACY_DROP_THRESHOLD` or the ASR exceeds
-        :data:`ASR_THRESHOLD`; known when the pair is in
+        :data:`ACCURACY_DROP_THRESHOLD`, the ASR exceeds
+        :data:`ASR_THRESHOLD` or (regression) the RMSE rise exceeds
+        :data:`RMSE_RISE_THRESHOLD`; known when the pair is in
         :data:`KNOWN_FAILURES`.
 
     Examples
@@ -260,6 +334,9 @@ def classify(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> Verd
     >>> classify({"attack": "none", "defence": "bulyan", "status": "refused",
     ...           "error": "Bulyan needs n >= 7"}, None).reasons
     ('refused: Bulyan needs n >= 7',)
+    >>> classify({"attack": "gaussian", "defence": "median", "rmse": 0.6},
+    ...          {"attack": "none", "defence": "median", "rmse": 0.5}).reasons
+    ('RMSE rise 0.2000 > 0.1',)
     """
     status = row.get("status")
     if status == _REFUSED:
@@ -271,24 +348,33 @@ def classify(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> Verd
         return Verdict("baseline")
     reference = KNOWN_FAILURES.get((attack, defence))
     drop = accuracy_drop(row, baseline)
+    rise = rmse_rise(row, baseline)
     asr = _number(row.get("asr"))
     reasons = []
     if drop is not None and drop > ACCURACY_DROP_THRESHOLD:
         reasons.append(f"accuracy drop {drop:.4f} > {ACCURACY_DROP_THRESHOLD}")
+    if rise is not None and rise > RMSE_RISE_THRESHOLD:
+        reasons.append(f"RMSE rise {rise:.4f} > {RMSE_RISE_THRESHOLD}")
     if asr is not None and asr > ASR_THRESHOLD:
         reasons.append(f"attack success rate {asr:.4f} > {ASR_THRESHOLD}")
     if reasons:
         outcome: Outcome = "known_failure" if reference else "unexpected_failure"
         return Verdict(outcome, tuple(reasons), reference)
-    if drop is None:
+    if drop is None and rise is None:
         why = (
             "its no-attack run was refused"
             if baseline is not None and baseline.get("status") == _REFUSED
             else "its no-attack run did not finish"
         )
+        if _is_regression(row):
+            if baseline is not None and _measure(baseline, "rmse") == 0:
+                why = "its no-attack RMSE is 0"
+            measure = "RMSE"
+        else:
+            measure = "accuracy"
         return Verdict(
             "undetermined",
-            (f"no baseline accuracy for {defence}: {why}",),
+            (f"no baseline {measure} for {defence}: {why}",),
             reference,
         )
     return Verdict("held", (), reference)
@@ -304,7 +390,7 @@ def _order(values: Iterable[str], first: str | None = None) -> list[str]:
 
 
 def tabulate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with ``accuracy_drop`` and ``verdict`` filled in.
+    """The rows with ``accuracy_drop``, ``rmse_rise`` and ``verdict`` filled in.
 
     Parameters
     ----------
@@ -330,11 +416,9 @@ def tabulate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         verdict = classify(row, baseline)
         entry: dict[str, Any] = {key: row.get(key) for key in COLUMNS}
         entry.update({k: v for k, v in row.items() if k not in entry})
-        entry["accuracy_drop"] = (
-            None
-            if str(row.get("attack")) == NO_ATTACK
-            else accuracy_drop(row, baseline)
-        )
+        is_baseline = str(row.get("attack")) == NO_ATTACK
+        entry["accuracy_drop"] = None if is_baseline else accuracy_drop(row, baseline)
+        entry["rmse_rise"] = None if is_baseline else rmse_rise(row, baseline)
         entry["verdict"] = verdict.outcome
         entry["_verdict"] = verdict
         table.append(entry)
@@ -344,8 +428,12 @@ def tabulate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # -- CSV ---------------------------------------------------------------------
 
 _FOUR_DECIMALS: Final = frozenset(
-    {"accuracy", "accuracy_drop", "asr", "seconds_per_round", "epsilon"}
+    {"accuracy", "accuracy_drop", "asr", "seconds_per_round", "epsilon", "rmse_rise"}
 )
+
+
+_SIGNIFICANT: Final = frozenset({"rmse"})
+"""Columns in the label's unit, of any scale: 6 significant digits."""
 
 
 def _csv_value(key: str, value: object) -> str:
@@ -354,6 +442,8 @@ def _csv_value(key: str, value: object) -> str:
     number = _number(value)
     if key in _FOUR_DECIMALS and number is not None:
         return f"{number:.4f}"
+    if key in _SIGNIFICANT and number is not None:
+        return f"{number:.6g}"
     return str(value)
 
 
@@ -375,6 +465,23 @@ _CELL_MARKS: Final[Mapping[str, str]] = {
 }
 
 
+def _regression_table(table: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the table is of a regression model: RMSEs and no accuracy."""
+    return any(_is_regression(r) for r in table) and not any(
+        _measure(r, "accuracy") is not None for r in table
+    )
+
+
+def _regression_lines(row: Mapping[str, Any]) -> list[str]:
+    lines = [f"rmse {float(row['rmse']):.4g}"]
+    rise = _number(row.get("rmse_rise"))
+    if row["_verdict"].outcome == "baseline":
+        lines.append("baseline")
+    elif rise is not None:
+        lines.append(f"{rise:+.1%}")
+    return lines
+
+
 def _cell_text(row: Mapping[str, Any] | None) -> str:
     if row is None:
         return "—"
@@ -383,7 +490,10 @@ def _cell_text(row: Mapping[str, Any] | None) -> str:
         return "refused"
     if verdict.outcome == "failed":
         return "error"
-    lines = [f"{float(row['accuracy']):.2f}"]
+    if _is_regression(row):
+        lines = _regression_lines(row)
+    else:
+        lines = [f"{float(row['accuracy']):.2f}"]
     asr = _number(row.get("asr"))
     if asr is not None:
         lines.append(f"asr {asr:.2f}")
@@ -393,10 +503,30 @@ def _cell_text(row: Mapping[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def _heat_value(row: Mapping[str, Any] | None, regression: bool) -> float:
+    """The colour value of a cell: accuracy, or (regression) the RMSE rise."""
+    if row is None or not _is_run(row):
+        return math.nan
+    if not regression:
+        accuracy = _number(row.get("accuracy"))
+        return math.nan if accuracy is None else accuracy
+    if row["_verdict"].outcome == "baseline":
+        return 0.0  # the reference of its own column
+    rise = _number(row.get("rmse_rise"))
+    return math.nan if rise is None else rise
+
+
 def _draw_heat_map(table: Sequence[Mapping[str, Any]], title: str) -> bytes:
-    """The accuracy heat map (attacks × defences) as PNG bytes."""
+    """The heat map (attacks × defences) as PNG bytes.
+
+    Classification: coloured by test accuracy, 0 (red) to 1 (green).
+    Regression: by RMSE rise over the defence's no-attack run, 0 (green; the
+    baselines, by definition) to ``2 * RMSE_RISE_THRESHOLD`` and above (red);
+    the cells show the RMSE itself.
+    """
     from matplotlib.patches import Rectangle
 
+    regression = _regression_table(table)
     attacks = _order((str(r["attack"]) for r in table), first=NO_ATTACK)
     defences = _order(str(r["defence"]) for r in table)
     cells = {(str(r["attack"]), str(r["defence"])): r for r in table}
@@ -404,26 +534,38 @@ def _draw_heat_map(table: Sequence[Mapping[str, Any]], title: str) -> bytes:
     for (i, attack), (j, defence) in (
         (a, d) for a in enumerate(attacks) for d in enumerate(defences)
     ):
-        row = cells.get((attack, defence))
-        if row is not None and _is_run(row):
-            values[i, j] = float(row["accuracy"])
+        values[i, j] = _heat_value(cells.get((attack, defence)), regression)
 
     fig = _new_figure(
         min(2.4 + 1.15 * len(defences), 16.0), min(1.6 + 0.62 * len(attacks), 12.0)
     )
     ax = fig.add_subplot()
     from matplotlib import colormaps
+    from matplotlib.ticker import PercentFormatter
 
-    cmap = colormaps["RdYlGn"].with_extremes(bad="#d0d7de")
+    if regression:
+        # Lower is better: green at no rise, red from twice the threshold on
+        # (values beyond either end take the end's colour).
+        cmap = colormaps["RdYlGn_r"].with_extremes(bad="#d0d7de")
+        vmax, label = 2 * RMSE_RISE_THRESHOLD, "RMSE rise over no-attack run"
+    else:
+        cmap = colormaps["RdYlGn"].with_extremes(bad="#d0d7de")
+        vmax, label = 1.0, "test accuracy"
     image = ax.imshow(
         np.ma.masked_invalid(values),
         cmap=cmap,
         vmin=0.0,
-        vmax=1.0,
+        vmax=vmax,
         aspect="auto",
         interpolation="nearest",
     )
-    fig.colorbar(image, ax=ax, pad=0.01).set_label("test accuracy")
+    colorbar = fig.colorbar(image, ax=ax, pad=0.01)
+    colorbar.set_label(label)
+    if regression:
+        # 0, threshold / 2, threshold, ...: the threshold is a tick.
+        colorbar.set_ticks([vmax * k / 4 for k in range(5)])
+        colorbar.formatter = PercentFormatter(xmax=1.0, decimals=0)
+        colorbar.update_ticks()
     ax.set_xticks(range(len(defences)))
     ax.set_xticklabels(defences, rotation=30, ha="right")
     ax.set_yticks(range(len(attacks)))
@@ -490,6 +632,12 @@ _HEADERS: Final[tuple[tuple[str, str, bool], ...]] = (
     ("note", "Note", False),
 )
 
+_REGRESSION_HEADERS: Final[Mapping[str, tuple[str, str, bool]]] = {
+    "accuracy": ("rmse", "RMSE", True),
+    "accuracy_drop": ("rmse_rise", "RMSE rise", True),
+}
+"""In a regression table, the accuracy columns give way to these."""
+
 
 def _pair(row: Mapping[str, Any]) -> str:
     return f"{row['attack']} against {row['defence']}"
@@ -511,12 +659,20 @@ def _verdict_section(table: Sequence[Mapping[str, Any]]) -> str:
         for r in attacked
         if r["_verdict"].outcome in ("held", "known_failure", "unexpected_failure")
     ]
-    rule = (
-        f"A cell fails when its accuracy drop (the same defence's no-attack "
-        f"accuracy minus its accuracy, as a fraction) exceeds "
-        f"{ACCURACY_DROP_THRESHOLD} or the backdoor's attack success rate exceeds "
-        f"{ASR_THRESHOLD}."
-    )
+    if _regression_table(table):
+        rule = (
+            f"Regression model (lower RMSE is better): a cell fails when its "
+            f"RMSE rise (its RMSE minus the same defence's no-attack RMSE, "
+            f"relative to the latter) exceeds {RMSE_RISE_THRESHOLD} "
+            f"({RMSE_RISE_THRESHOLD:.0%} worse)."
+        )
+    else:
+        rule = (
+            f"A cell fails when its accuracy drop (the same defence's no-attack "
+            f"accuracy minus its accuracy, as a fraction) exceeds "
+            f"{ACCURACY_DROP_THRESHOLD} or the backdoor's attack success rate "
+            f"exceeds {ASR_THRESHOLD}."
+        )
     paragraphs = [rule]
     if not known and not unexpected:
         paragraphs.append(
@@ -606,6 +762,8 @@ def _html_cell(key: str, row: Mapping[str, Any]) -> str:
         return f"<td>{_esc('; '.join(note))}</td>" if note else "<td></td>"
     value = row.get(key)
     number = _number(value)
+    if number is not None and key in _SIGNIFICANT:
+        return f'<td class="num">{number:.6g}</td>'
     if number is not None:
         return f'<td class="num">{number:.4f}</td>'
     if value is None:
@@ -616,8 +774,9 @@ def _html_cell(key: str, row: Mapping[str, Any]) -> str:
 def _table_section(table: Sequence[Mapping[str, Any]]) -> str:
     has_epsilon = any(_number(r.get("epsilon")) is not None for r in table)
     has_asr = any(_number(r.get("asr")) is not None for r in table)
+    regression = _regression_table(table)
     headers = [
-        h
+        _REGRESSION_HEADERS.get(h[0], h) if regression else h
         for h in _HEADERS
         if (h[0] != "epsilon" or has_epsilon) and (h[0] != "asr" or has_asr)
     ]
@@ -630,11 +789,19 @@ def _table_section(table: Sequence[Mapping[str, Any]]) -> str:
         "<tr>" + "".join(_html_cell(key, row) for key, _, _ in headers) + "</tr>"
         for row in table
     )
+    note = (
+        "RMSE is the final test root mean squared error, in the label's unit "
+        "(lower is better). The RMSE rise is this RMSE minus the same "
+        "defence's no-attack RMSE, relative to the latter (0.1000 = 10 % "
+        "worse; negative: better)."
+        if regression
+        else "Accuracy, accuracy drop and ASR are fractions (0.05 = 5 points). "
+        "The accuracy drop is the same defence's no-attack accuracy minus "
+        "this accuracy."
+    )
     return (
         "<section><h2>All runs</h2>"
-        '<p class="note">Accuracy, accuracy drop and ASR are fractions '
-        "(0.05 = 5 points). The accuracy drop is the same defence's no-attack "
-        "accuracy minus this accuracy.</p>"
+        f'<p class="note">{note}</p>'
         f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
         f"<tbody>{body}</tbody></table></div></section>"
     )
@@ -711,11 +878,28 @@ def render_matrix(
     """
     import base64
 
+    if _regression_table(table):
+        heading, note, alt = (
+            "RMSE under attack",
+            "Rows: attacks (none = no attack); columns: defences. Each cell "
+            "shows its test RMSE; the colour is its RMSE rise over the same "
+            "defence's no-attack run, from green (0: the baselines) to red "
+            f"({2 * RMSE_RISE_THRESHOLD:.0%} and above). Failing cells (a rise "
+            f"above {RMSE_RISE_THRESHOLD:.0%}) are framed in red; grey cells "
+            "have no RMSE rise.",
+            "Heat map of test RMSE rise per attack and defence",
+        )
+    else:
+        heading, note, alt = (
+            "Accuracy under attack",
+            "Rows: attacks (none = no attack); columns: defences. "
+            "Failing cells are framed in red; grey cells have no accuracy.",
+            "Heat map of test accuracy per attack and defence",
+        )
     figure = (
-        "<section><h2>Accuracy under attack</h2>"
-        '<p class="note">Rows: attacks (none = no attack); columns: defences. '
-        "Failing cells are framed in red; grey cells have no accuracy.</p>"
-        '<img alt="Heat map of test accuracy per attack and defence" '
+        f"<section><h2>{heading}</h2>"
+        f'<p class="note">{note}</p>'
+        f'<img alt="{alt}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
         "</section>"
         if png is not None
@@ -779,7 +963,9 @@ def write_matrix(
     -----
     ``matrix.csv`` has the :data:`COLUMNS`; ``accuracy_drop`` is a fraction
     with 4 decimals (0.0500 = 5 points), empty for baselines and where a
-    run has no accuracy.
+    run has no accuracy. For a regression model ``accuracy`` and
+    ``accuracy_drop`` are empty and ``rmse`` and ``rmse_rise`` (relative,
+    4 decimals; empty for baselines) are filled instead.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
