@@ -147,3 +147,92 @@ def test_regression_task_reports_rmse():
     x, y = data["0"]
     result = process.evaluate(state, x, y)
     assert result["rmse"] < 0.5 and "accuracy" not in result
+
+
+def _record(privacy_extra=None):
+    return {
+        "mode": "record",
+        "clip_norm": 1.0,
+        "noise_multiplier": 1.0,
+        **(privacy_extra or {}),
+    }
+
+
+def test_record_mode_refuses_clients_whose_data_changed_size():
+    # The review's attack: 2,000 rows in round 1, then 20, accounted at the
+    # first round's sampling rate (batch / 2,000) instead of batch / 20.
+    process = fs.fedavg(_model, batch_size=10, privacy=_record())
+    state, _ = process.next(process.initialize(), _clients(2, rows=200))
+    with pytest.raises(ConfigError, match="has 20 records this round but had 200"):
+        process.next(state, _clients(2, rows=20))
+
+
+def test_a_state_of_a_process_with_other_noise_cannot_continue():
+    weak = fs.fedavg(_model, privacy={**CENTRAL, "mode": "local"})
+    state, _ = weak.next(weak.initialize(), _clients())
+    strong = fs.fedavg(
+        _model, privacy={**CENTRAL, "mode": "local", "noise_multiplier": 50.0}
+    )
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        strong.next(state, _clients())
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_replaying_an_old_state_is_refused(mode):
+    process = fs.fedavg(_model, privacy={**CENTRAL, "mode": mode})
+    s0 = process.initialize()
+    s1, first = process.next(s0, _clients())
+    _, second = process.next(s1, _clients())
+    assert second["epsilon"] > first["epsilon"]
+    for old in (s0, s1):  # each was charged: continuing from it under-reports
+        with pytest.raises(ConfigError, match="older than the last round"):
+            process.next(old, _clients())
+
+
+def test_a_failed_round_is_charged_and_its_state_must_be_continued():
+    from fedshield.errors import RoundFailedError
+
+    data = _clients(4)
+    x, _ = data["c3"]
+    data["c3"] = (x, np.full(len(x), 7))  # a label the model has no logit for
+    process = fs.fedavg(_model, min_clients=4, privacy={**CENTRAL, "mode": "local"})
+    s0 = process.initialize()
+    with pytest.raises(RoundFailedError) as failed:
+        process.next(s0, data)
+    spent = failed.value.state.metadata["privacy"]["epsilon"]
+    assert spent > 0  # three clients sent noised updates: charged
+    with pytest.raises(ConfigError, match="older than the last round"):
+        process.next(s0, data)  # the retry pattern that dropped the charge
+
+
+@pytest.mark.parametrize("mode", ["record", "local"])
+def test_client_enforced_dp_takes_only_arrays(mode):
+    from fedshield.core import ClientUpdate
+
+    class Liar:
+        client_id = "liar"
+        num_train_examples = 10
+
+        def fit(self, params, config, rng):
+            return ClientUpdate(params.like(np.full(params.size, 0.5)), 10, {})
+
+        def evaluate(self, params, config):
+            return {}
+
+    process = fs.fedavg(_model, privacy={**CENTRAL, "mode": mode})
+    with pytest.raises(ConfigError, match=r"must be \(x, y\) arrays"):
+        process.next(process.initialize(), {"liar": Liar(), **_clients(3)})
+
+
+def test_keys_equal_as_strings_are_one_client_and_refused():
+    data = _clients(2)
+    with pytest.raises(ConfigError, match="same client"):
+        fs.fedavg(_model).next(
+            fs.fedavg(_model).initialize(), {1: data["c0"], "1": data["c1"]}
+        )
+
+
+def test_secagg_checks_run_without_privacy_too():
+    process = fs.fedavg(_model, secagg={"protocol": "secagg+", "neighbours": 2})
+    with pytest.raises(ConfigError, match="neighbours"):
+        process.next(process.initialize(), _clients(12))

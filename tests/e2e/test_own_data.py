@@ -299,3 +299,36 @@ def test_missing_model_file_and_function_are_refused(project, tmp_path):
 def test_output_size_must_match_the_classes(project, tmp_path):
     message = _refused(project, tmp_path, 'model.factory="model.py:regressor"')
     assert "2 classes" in message
+
+
+def test_a_builtin_model_on_regression_data(tmp_path):
+    rng = np.random.default_rng(2)
+    clients = {}
+    for k in range(3):
+        x = rng.normal(size=(40, 4)).astype(np.float32)
+        clients[f"s{k}"] = (x, x @ np.array([1.0, -1.0, 0.5, 0.0], np.float32))
+    summary, _ = fs.simulate(
+        {
+            "run": {"rounds": 30, "report": False},
+            "model": {"kind": "mlp", "hidden": [16], "task": "regression"},
+            "client": {"lr": 0.1},
+        },
+        clients=clients,
+        out=tmp_path / "mlp",
+    )
+    assert summary["task"] == "regression" and summary["accuracy"] is None
+    assert summary["rmse"] < 0.6  # the labels' own spread is about 1.5
+
+
+def test_resume_refuses_data_files_that_changed(project, tmp_path):
+    path = config(project, rounds=2)
+    out = tmp_path / "resumed"
+    assert cli("simulate", str(path), "--out", str(out), cwd=project).returncode == 0
+    south = project / "clients" / "south.csv"
+    south.write_text("\n".join(south.read_text().splitlines()[:-5]) + "\n")
+    proc = cli(
+        "simulate", str(path), "--out", str(out), "--resume",
+        "--set", "run.rounds=3", cwd=project,
+    )  # fmt: skip
+    assert proc.returncode == 14, proc.stderr
+    assert "other data" in proc.stderr + proc.stdout

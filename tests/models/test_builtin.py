@@ -124,9 +124,14 @@ def test_build_module_cnn_three_widths_raises() -> None:
 
 def test_build_module_reports_every_problem_at_once() -> None:
     with pytest.raises(ConfigError) as info:
-        build_module("mlp", input_shape=(0,), num_classes=1, hidden=(-3,))
+        build_module("mlp", input_shape=(0,), num_classes=0, hidden=(-3,))
 
     message = str(info.value)
     assert "`input_shape`" in message
     assert "`num_classes`" in message
     assert "`hidden`" in message
+
+
+def test_one_output_is_a_regression_head() -> None:
+    module = build_module("mlp", input_shape=(5,), num_classes=1, hidden=(8,))
+    assert module(torch.zeros(3, 5)).shape == (3, 1)

@@ -360,15 +360,15 @@ def build_federation(
         train,
         by_client,
         test_set,
-        test_owner=test_set.groups if method == "natural" else None,
+        # Under DP the server's evaluation (released every round) must not
+        # depend on the clients' training rows: the test set is then scaled
+        # with its own statistics, as the server's own site (per owner, a
+        # hospital with a handful of test rows would lose its signal).
+        test_owner=test_set.groups if method == "natural" and not private else None,
         standardize=data.standardize,
         # Record-level DP protects each record: no statistic over a client's
         # records may shape how the others are trained (see preprocess).
         fit="none" if config.privacy.mode == "record" else "client",
-        # Under DP the server's evaluation (released every round) must not
-        # depend on the clients' training rows: each hospital's test rows
-        # are scaled with their own statistics.
-        test_statistics="own" if private else "owner",
     )
     summary = summarize_partition(
         parts,
@@ -412,6 +412,10 @@ def _load_data(
     data = config.data
     task = config.model.task
     if clients is not None:
+        if data.is_user_data and data.path is not None:
+            raise ConfigError(
+                f"clients= and data.path = {data.path!r} both give the data; drop one"
+            )
         user = _in_memory(clients, test, task=task)
     elif not data.is_user_data:
         if test is not None:

@@ -66,6 +66,13 @@ class FederatedProcess:
         # Under [privacy] the strategy depends on the population (the clients
         # the first round is given): built then, and kept.
         self._population: tuple[ClientId, ...] | None = None
+        # Record mode: each client's record count, fixed by the first round
+        # (the accountant's sampling rate of DP-SGD's batches is batch/count).
+        self._sizes: dict[ClientId, int] | None = None
+        # The privacy record of the last state a round produced (completed or
+        # not): DP charges every round run, so no older state may continue.
+        self._spent: Mapping[str, Any] | None = None
+        self._checked = False
         self.strategy: Any = strategy
         if strategy is None:
             assert config is not None
@@ -96,32 +103,39 @@ class FederatedProcess:
         sizes = None
         if clients is not None and self.config.privacy.mode == "record":
             sizes = {cid: _num_examples(c) for cid, c in clients.items()}
+            self._sizes = sizes
         strategy: Any = build_strategy(
             self.config,
             num_clients=len(clients) if clients is not None else None,
             client_sizes=sizes,
         )
-        if clients is not None:
-            if self._private:
-                strategy.check(len(clients), dimension=self.model.spec.size)
-            else:
-                strategy.check(len(clients))
-            secure = self._secure()
-            if secure is not None:
-                from fedshield.api.experiment import client_sampler
-                from fedshield.simulation.secure import EXTRA_WORDS
-
-                distributed = (
-                    strategy.privacy.distributed()
-                    if self.config.privacy.mode == "distributed"
-                    else None
-                )
-                secure.check(
-                    client_sampler(self.config).expected_count(len(clients)),
-                    self.model.spec.size + EXTRA_WORDS,
-                    distributed=distributed,
-                )
         return strategy
+
+    def _check(self, strategy: Any, clients: Mapping[ClientId, Client]) -> None:
+        """The checks ``fedshield simulate`` runs before round 1, once."""
+        if self._checked:
+            return
+        assert self.config is not None
+        if self._private:
+            strategy.check(len(clients), dimension=self.model.spec.size)
+        else:
+            strategy.check(len(clients))
+        secure = self._secure()
+        if secure is not None:
+            from fedshield.api.experiment import client_sampler
+            from fedshield.simulation.secure import EXTRA_WORDS
+
+            distributed = (
+                strategy.privacy.distributed()
+                if self.config.privacy.mode == "distributed"
+                else None
+            )
+            secure.check(
+                client_sampler(self.config).expected_count(len(clients)),
+                self.model.spec.size + EXTRA_WORDS,
+                distributed=distributed,
+            )
+        self._checked = True
 
     def _secure(self) -> Any:
         from fedshield.api.experiment import secure_settings
@@ -143,6 +157,8 @@ class FederatedProcess:
         so every later round must be given the same clients.
         """
         if not self._private:
+            if self.config is not None:
+                self._check(self.strategy, clients)
             return self.strategy, state
         ids = tuple(sorted(clients))
         if self._population is None:
@@ -157,14 +173,70 @@ class FederatedProcess:
                 "Pass the whole population each round: fedshield samples from "
                 "it (strategy.fraction or clients_per_round)"
             )
+        self._check(self.strategy, clients)
+        if self._sizes is not None:
+            sizes = {cid: _num_examples(c) for cid, c in clients.items()}
+            changed = sorted(c for c in sizes if sizes[c] != self._sizes.get(c))
+            if changed:
+                cid = changed[0]
+                raise ConfigError(
+                    f"record-level DP: client {cid!r} has {sizes[cid]} records "
+                    f"this round but had {self._sizes.get(cid)} in the first; "
+                    "DP-SGD's sampling rate (batch / records) is accounted for "
+                    "the first round's counts, so each client's data must stay "
+                    "the same size"
+                )
         if "privacy" not in state.metadata:
+            if self._spent is not None:
+                raise ConfigError(
+                    "this state is older than the last round this process ran "
+                    "(it has no privacy ledger; ε spent so far "
+                    f"{self._spent.get('epsilon')}): every round run is charged; "
+                    "continue from the latest state"
+                )
             if state.round_idx != 0:
                 raise ConfigError(
                     "this state has no privacy ledger but is past round 0: "
                     "start from this process's initialize()"
                 )
             state = self.strategy.init(state.params)
+        self._check_spent(state.metadata["privacy"])
         return self.strategy, state
+
+    def _check_spent(self, record: Mapping[str, Any]) -> None:
+        """Refuse a state whose privacy record is not this process's latest.
+
+        DP charges every round that ran, completed or not; continuing from an
+        older state (or a state of a process with other noise) would report
+        less than was spent.
+        """
+        settings = self.strategy.privacy
+        for key, ours in (
+            ("mode", settings.mode),
+            ("noise_multiplier", settings.noise_multiplier),
+            ("accountant", settings.accountant),
+            ("delta", settings.delta),
+        ):
+            if record.get(key) != ours:
+                raise ConfigError(
+                    f"this state's privacy record has {key} = {record.get(key)!r}, "
+                    f"this process {ours!r}: its ε was spent under other settings "
+                    "and cannot be continued here"
+                )
+        if self._spent is None:
+            return
+        behind = int(record.get("rounds", 0)) < int(self._spent.get("rounds", 0))
+        less = float(record.get("epsilon") or 0.0) < float(
+            self._spent.get("epsilon") or 0.0
+        )
+        if behind or less:
+            raise ConfigError(
+                "this state is older than the last round this process ran "
+                f"(its ε {record.get('epsilon')}, spent so far "
+                f"{self._spent.get('epsilon')}): every round run is charged, "
+                "completed or not; continue from the latest state (after a "
+                "failed round: RoundFailedError.state)"
+            )
 
     def _clients(self, client_data: ClientData) -> dict[ClientId, Client]:
         from fedshield.models import TorchClient
@@ -177,7 +249,23 @@ class FederatedProcess:
         if not items:
             raise ConfigError("client_data must hold at least one client; got none")
         clients: dict[ClientId, Client] = {}
+        client_side = (
+            self._private
+            and self.config is not None
+            and (self.config.privacy.mode in ("record", "local", "distributed"))
+        )
         for cid, value in items:
+            if client_side and not (
+                isinstance(value, tuple)
+                or (isinstance(value, TorchClient) and value.model is self.model)
+            ):
+                assert self.config is not None
+                raise ConfigError(
+                    f'privacy.mode = "{self.config.privacy.mode}" is enforced by '
+                    "each client (its clipping and noise), so client_data must be "
+                    "(x, y) arrays, which this process trains with its own model; "
+                    f"client_data[{cid!r}] is a {type(value).__name__}"
+                )
             if isinstance(value, Client):
                 # A client object signs its updates with its own id.
                 own = getattr(value, "client_id", None)
@@ -193,6 +281,11 @@ class FederatedProcess:
                     raise ConfigError(f"two clients in client_data have id {cid!r}")
                 clients[cid] = value
             elif isinstance(value, tuple) and len(value) == 2:
+                if cid in clients:
+                    raise ConfigError(
+                        f"two clients in client_data have id {cid!r} (keys are "
+                        "compared as strings: 1 and '1' are the same client)"
+                    )
                 x, y = value
                 clients[cid] = TorchClient(
                     cid, self.model, x_train=np.asarray(x), y_train=np.asarray(y)
@@ -230,6 +323,9 @@ class FederatedProcess:
             client_states=self.client_states,
             secure=self._secure(),
         )
+        spent = result.state.metadata.get("privacy") if result.state else None
+        if isinstance(spent, Mapping):
+            self._spent = spent
         if not result.completed:
             details = "; ".join(
                 f"{f.client_id} ({f.kind}): {f.message}" for f in result.failures[:5]
@@ -352,7 +448,7 @@ def fedavg(
         },
         "model": {"task": task},
         # The clients come with each round; the data section only says so.
-        "data": {"dataset": "python", "factory": _GIVEN_EACH_ROUND},
+        "data": {"dataset": "python", "factory": IN_PYTHON},
         "strategy": {
             **({"server_lr": server_lr} if server_lr is not None else {}),
             "min_clients": min_clients,
@@ -367,21 +463,25 @@ def fedavg(
     return FederatedProcess(model, seed=seed, config=config)
 
 
-_GIVEN_EACH_ROUND = "fedshield.api.process:clients_given_each_round"
+IN_PYTHON = "fedshield.api.process:clients_given_in_python"
+"""``data.factory`` of a configuration whose clients Python hands over."""
 
 
-def clients_given_each_round() -> None:
-    """The data of :func:`fedshield.fedavg`'s config: given to each ``next``.
+def clients_given_in_python() -> None:
+    """The data of a config whose clients come from Python, not from files.
+
+    ``fs.fedavg``'s clients come with each ``next(state, client_data)``;
+    ``fs.simulate(config, clients=...)`` takes them as an argument.
 
     Raises
     ------
     ConfigError
-        Always: an iterative process has no data of its own.
+        Always: such a configuration has no data of its own.
     """
     raise ConfigError(
-        "an iterative process's clients come with each call to next(state, "
-        "client_data); use fs.simulate(config, clients=...) to run a whole "
-        "configured simulation on your data"
+        "this configuration's clients are given from Python (each call to "
+        "next(state, client_data), or fs.simulate(config, clients=...)); it "
+        "has no data of its own to load"
     )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tomli_w
 
 from fedshield.api.backends import make_backend, resolve_backend
@@ -57,6 +58,21 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     data["run"].pop("rounds", None)
     text = json.dumps(data, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def data_fingerprint(federation: Federation) -> str:
+    """A hash of the federation's data: its clients, their sizes and labels.
+
+    Stored in the checkpoint, so that ``--resume`` refuses data that changed
+    under the same configuration (the user's files, or ``clients=``): the
+    partition, and record-level DP's accounting, assumed the old data.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(federation.partition.to_json(), sort_keys=True).encode())
+    for array in (federation.train.x, federation.train.y):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _summary(
@@ -220,7 +236,18 @@ def simulate(
     if isinstance(config, str | Path):
         config = load_config(Path(config))
     elif not isinstance(config, ExperimentConfig):
-        config = parse_config(config)
+        sections = {
+            k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()
+        }
+        if clients is not None:
+            # The data is the clients given; a [data] naming files of its own
+            # is refused by build_federation.
+            from fedshield.api.process import IN_PYTHON
+
+            data = sections.setdefault("data", {})
+            if isinstance(data, dict) and "dataset" not in data:
+                data.update(dataset="python", factory=IN_PYTHON)
+        config = parse_config(sections)
     prefetch: ReportPrefetch | None = None
     if prefetch_report and write_report and config.run.report:
         prefetch = ReportPrefetch.start()
@@ -308,6 +335,7 @@ def _simulate(
         if strategy.is_stateful and not resume
         else None
     )
+    data_print = data_fingerprint(federation)
     if resume:
         state = run_dir.load_checkpoint()
         found = state.metadata.get("fingerprint")
@@ -316,6 +344,15 @@ def _simulate(
                 f"the checkpoint in {run_dir.path} was written by a different "
                 f"configuration (fingerprint {found}, this one {fingerprint}); only "
                 "run.rounds may change on resume"
+            )
+        found_data = state.metadata.get("data_fingerprint")
+        if found_data is not None and found_data != data_print:
+            # The config names files (or the data came from Python): they
+            # changed. Record-level DP's accounting assumed the old sizes.
+            raise CheckpointError(
+                f"the checkpoint in {run_dir.path} was written for other data "
+                f"(the clients, their sizes or labels differ: fingerprint "
+                f"{found_data}, now {data_print}); resume with the same data"
             )
         if config.run.rounds < state.round_idx:
             raise ConfigError(
@@ -332,7 +369,9 @@ def _simulate(
     else:
         params = federation.model.init_params(config.run.seed)
         state = strategy.init(params)
-        state = state.evolve(metadata={"fingerprint": fingerprint})
+        state = state.evolve(
+            metadata={"fingerprint": fingerprint, "data_fingerprint": data_print}
+        )
         run_dir.write_json(PARTITION, federation.partition.to_json())
         run_dir.save_checkpoint(state, client_states=client_states)
     run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))

@@ -469,7 +469,11 @@ def _print_matrix(
     attacks = list(dict.fromkeys(str(r["attack"]) for r in table_rows))
     defences = list(dict.fromkeys(str(r["defence"]) for r in table_rows))
     cells = {(str(r["attack"]), str(r["defence"])): r for r in table_rows}
-    table = Table(title="accuracy (attack × defence)")
+    regression = any(
+        r.get("accuracy") is None and r.get("rmse") is not None for r in table_rows
+    )
+    metric = "rmse" if regression else "accuracy"
+    table = Table(title=f"{'RMSE' if regression else 'accuracy'} (attack × defence)")
     table.add_column("attack")
     for defence in defences:
         table.add_column(defence, justify="right")
@@ -489,10 +493,10 @@ def _print_matrix(
             outcome = row["verdict"]
             if outcome == "refused":
                 text = "refused"
-            elif outcome == "failed" or row.get("accuracy") is None:
+            elif outcome == "failed" or row.get(metric) is None:
                 text = "error"
             else:
-                text = f"{row['accuracy']:.4f}"
+                text = f"{row[metric]:.4g}" if regression else f"{row[metric]:.4f}"
                 if outcome == "known_failure":
                     text += " (known)"
                 elif outcome == "unexpected_failure":

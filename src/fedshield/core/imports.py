@@ -144,7 +144,7 @@ class CallableRef:
         )
 
     def __hash__(self) -> int:
-        return hash((self.spec, self.base_dir))
+        return hash((self.spec, self.path))
 
     def __repr__(self) -> str:
         return f"CallableRef({self.spec!r})"

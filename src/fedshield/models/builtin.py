@@ -97,8 +97,11 @@ def _check_sizes(
         problems.append(
             f"`input_shape` must be a non-empty tuple of positive sizes; got {shape}"
         )
-    if isinstance(num_classes, bool) or int(num_classes) < 2:
-        problems.append(f"`num_classes` must be >= 2; got {num_classes!r}")
+    if isinstance(num_classes, bool) or int(num_classes) < 1:
+        problems.append(
+            f"`num_classes` must be >= 2 (classification) or 1 (one output: "
+            f"regression); got {num_classes!r}"
+        )
     widths = list(hidden)
     if any(int(h) < 1 for h in widths):
         problems.append(f"`hidden` widths must be positive; got {widths}")
