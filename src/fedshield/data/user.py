@@ -13,6 +13,18 @@ per client later, see :mod:`fedshield.data.preprocess`) followed by a 0/1
 ``<col>_missing`` indicator when any value is missing; categorical columns
 become one-hot ``<col>=<level>`` columns. Nothing is downloaded and nothing
 is unpickled.
+
+By default this schema (which columns are categorical, their levels, which
+columns get a missing indicator, the class set) is derived from the records,
+so the model's input width and output size can reveal a rare value, a
+missing cell or a rare label. Under differential privacy the caller sets
+:attr:`UserDataSpec.declared`: the schema then comes from the spec alone
+(``classes``, ``levels``) and every record is checked against it.
+
+``max_file_mb`` bounds the memory the data takes: each file (CSV on disk,
+Parquet and NPZ uncompressed, each image decoded to float32) and the total
+over all files read, training and test together (factor 1: the same
+number of MiB bounds one file and the sum).
 """
 
 from __future__ import annotations
@@ -21,10 +33,13 @@ import csv
 import difflib
 import importlib
 import math
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from types import MappingProxyType
+from typing import IO, Any, Final
 
 import numpy as np
 
@@ -88,7 +103,30 @@ class UserDataSpec:
         ``"python"``: a reference to a function returning
         ``{client_id: (x, y)}`` or ``({client_id: (x, y)}, (x_test, y_test))``.
     max_file_mb
-        Files larger than this (in MiB) are refused before they are read.
+        Memory limit in MiB, checked before anything is decoded. It applies
+        to each file (a CSV file's size on disk; a Parquet file's
+        uncompressed row groups; an NPZ file's uncompressed arrays; an
+        image's decoded float32 pixels, height x width x channels x 4 bytes
+        at its full size, which the decoder needs) and, with the same
+        number, to the total over all files read, training and test
+        together (images: their float32 pixels after ``image_size``).
+    declared
+        Whether the encoding must not depend on the records (set under
+        differential privacy): classification needs ``classes``; a column is
+        categorical exactly when ``levels`` declares its levels (every
+        ``categorical`` column must), else numeric; every numeric column
+        gets its ``<col>_missing`` indicator and every categorical column
+        its ``<col>=missing`` column, whether or not a cell is missing.
+        A label outside ``classes``, a level outside ``levels`` or a text
+        in a numeric column is a :class:`~fedshield.errors.DataFileError`.
+        When False the schema is derived from the records.
+    levels
+        Declared levels of categorical columns (CSV and Parquet), in
+        one-hot order: ``{column: (level, ...)}``, compared as strings. Such
+        a column is encoded with exactly these levels (with or without
+        ``declared``); a value outside them is a
+        :class:`~fedshield.errors.DataFileError`. ``"missing"`` and the
+        texts read as a missing cell (``""``, ``NA``, ...) are not levels.
 
     Raises
     ------
@@ -109,6 +147,8 @@ class UserDataSpec:
     image_mode: str = "RGB"
     factory: CallableRef | None = None
     max_file_mb: float = 1024.0
+    declared: bool = False
+    levels: Mapping[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         # Paths may be given as strings (the Python API); kept as Path.
@@ -121,6 +161,10 @@ class UserDataSpec:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         problems: list[str] = []
+        if self.levels is not None:
+            object.__setattr__(
+                self, "levels", _normalised_levels(self.levels, problems)
+            )
         if self.kind not in USER_DATA_KINDS:
             problems.append(f"kind must be one of {USER_DATA_KINDS}; got {self.kind!r}")
         if self.task not in TASKS:
@@ -155,8 +199,70 @@ class UserDataSpec:
             problems.append(
                 f"classes must be distinct and non-empty; got {self.classes!r}"
             )
+        problems += self._schema_problems()
         if problems:
             raise ConfigError("invalid data spec: " + "; ".join(problems))
+
+    def _schema_problems(self) -> list[str]:
+        """Problems with ``declared`` and ``levels``."""
+        problems: list[str] = []
+        if self.levels and self.kind not in ("csv", "parquet"):
+            problems.append(
+                f"data.levels applies to kind 'csv' and 'parquet', not {self.kind!r}"
+            )
+        if not self.declared:
+            return problems
+        if self.task == "classification" and self.classes is None:
+            problems.append(
+                "a declared schema (differential privacy) needs the class set in "
+                "data.classes: it may not be read from the records"
+            )
+        undeclared = [c for c in self.categorical if c not in (self.levels or {})]
+        if undeclared:
+            problems.append(
+                f"a declared schema (differential privacy) needs the levels of "
+                f"every categorical column in data.levels; "
+                f"{_listed(undeclared)} (data.categorical) "
+                f"{'has' if len(undeclared) == 1 else 'have'} none"
+            )
+        return problems
+
+
+def _normalised_levels(
+    levels: object, problems: list[str]
+) -> Mapping[str, tuple[str, ...]]:
+    """``levels`` as a read-only mapping of string tuples; problems appended."""
+    if not isinstance(levels, Mapping):
+        problems.append(
+            f"levels must map column names to lists of levels; got "
+            f"{type(levels).__name__}"
+        )
+        return MappingProxyType({})
+    out: dict[str, tuple[str, ...]] = {}
+    for column, values in levels.items():
+        if not isinstance(column, str) or isinstance(values, str | bytes):
+            problems.append(
+                f"levels must map column names to lists of levels; got "
+                f"{column!r}: {values!r}"
+            )
+            continue
+        if not isinstance(values, Iterable):
+            problems.append(f"levels of {column!r} must be a list; got {values!r}")
+            continue
+        texts = tuple(_label_text(v) for v in values)
+        if not texts or len(set(texts)) != len(texts):
+            problems.append(
+                f"levels of {column!r} must be distinct and non-empty; got {texts!r}"
+            )
+        reserved = [t for t in texts if t == _MISSING_LEVEL or _is_missing(t)]
+        if reserved:
+            problems.append(
+                f"levels of {column!r} include {_listed(reserved)}, which "
+                f"{'stands' if len(reserved) == 1 else 'stand'} for a missing "
+                f"cell (the column {column}={_MISSING_LEVEL}); leave it out"
+            )
+        out[column] = texts
+    return MappingProxyType(out)
 
 
 @dataclass(frozen=True)
@@ -248,18 +354,66 @@ def _size_text(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.1f} MB"
 
 
-def _check_size(path: Path, spec: UserDataSpec) -> None:
+_RAISE_LIMIT: Final = (
+    "fedshield holds the whole data set in memory, so the limit applies to "
+    "each file and to the total of all files (splitting the data into one "
+    "file per client does not lift it). Raise data.max_file_mb if the machine "
+    "has the memory"
+)
+
+
+def _limit_bytes(spec: UserDataSpec) -> float:
+    return spec.max_file_mb * 2**20
+
+
+def _file_over_limit(spec: UserDataSpec, subject: str, size: int) -> DataFileError:
+    return DataFileError(
+        f"{subject} is {_size_text(size)}, larger than the limit of "
+        f"{spec.max_file_mb:g} MB (data.max_file_mb) for one file; {_RAISE_LIMIT}"
+    )
+
+
+def _check_size(path: Path, spec: UserDataSpec) -> int:
+    """The file's size on disk; a DataFileError if it is over the limit."""
     try:
         size = path.stat().st_size
     except OSError as err:
         raise DataFileError(f"cannot read {str(path)!r}: {err}") from err
-    if size > spec.max_file_mb * 2**20:
-        raise DataFileError(
-            f"{str(path)!r} is {_size_text(size)}, larger than the limit of "
-            f"{spec.max_file_mb:g} MB (data.max_file_mb); fedshield holds the "
-            "whole data set in memory. Raise data.max_file_mb if the machine "
-            "has the memory, or split the data into one file per client"
-        )
+    if size > _limit_bytes(spec):
+        raise _file_over_limit(spec, repr(str(path)), size)
+    return size
+
+
+@dataclass
+class _Budget:
+    """Running total of the bytes the data takes, against data.max_file_mb.
+
+    ``what`` names the things counted (``"data files"``, ``"decoded
+    images"``) and ``unit`` how their size is measured.
+    """
+
+    spec: UserDataSpec
+    what: str
+    unit: str = ""
+    total: int = 0
+    count: int = 0
+
+    def add(self, path: Path, size: int) -> None:
+        """Count one file; a DataFileError if it or the total is over the limit."""
+        limit = _limit_bytes(self.spec)
+        unit = f" {self.unit}" if self.unit else ""
+        if size > limit:
+            raise _file_over_limit(self.spec, f"{str(path)!r}{unit}", size)
+        self.total += size
+        self.count += 1
+        if self.total > limit:
+            raise DataFileError(
+                f"the {self.what} total {_size_text(self.total)}{unit} with "
+                f"{str(path)!r} ({self.count} so far, training and test files "
+                f"together), over the limit of {self.spec.max_file_mb:g} MB "
+                f"(data.max_file_mb) for the total; each file alone is within "
+                f"it. {_RAISE_LIMIT}"
+            )
 
 
 def _require_exists(path: Path, what: str, expected: str) -> None:
@@ -337,10 +491,10 @@ def _encode_classes(
     for i, value in enumerate(labels):
         code = index.get(value)
         if code is None:
-            if is_test:
-                reason = "does not occur in any training file"
-            else:
+            if declared:
                 reason = "is not one of the declared data.classes"
+            else:  # classes from the training labels: only a test label misses
+                reason = "does not occur in any training file"
             known = _listed(index) if declared or is_test else ""
             raise DataFileError(
                 f"{where(i)}: label {value!r} {reason} (classes: {known})"
@@ -439,7 +593,7 @@ def _labelled_datasets(
         groups = np.concatenate([s.groups for s in train if s.groups is not None])
     train_x = (
         np.concatenate([s.x for s in train]) if train else np.zeros((0, width))
-    ).astype(np.float32)
+    ).astype(np.float32, copy=False)
     train_ds = Dataset(
         name,
         train_x,
@@ -453,7 +607,7 @@ def _labelled_datasets(
         assert test_y is not None
         test_ds = Dataset(
             f"{name}-test",
-            test.x.astype(np.float32),
+            test.x.astype(np.float32, copy=False),
             test_y,
             num_classes=num_classes,
             groups=test.groups,
@@ -538,12 +692,7 @@ def _read_csv(path: Path) -> _Table:
 
 
 def _read_parquet(path: Path) -> _Table:
-    try:
-        pq: Any = importlib.import_module("pyarrow.parquet")
-    except ImportError:
-        raise ConfigError(
-            f"reading Parquet ({str(path)!r}) needs pyarrow: {_PARQUET_HINT}"
-        ) from None
+    pq = _parquet_module(path)
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises its own error types
@@ -581,12 +730,56 @@ def _tabular_files(spec: UserDataSpec, path: Path) -> list[tuple[Path, str | Non
                 f"folder {str(path)!r} holds no *{suffix} files; expected one "
                 f"file per client, named <client>{suffix}"
             )
-        found: list[tuple[Path, str | None]] = [(p, p.stem) for p in files]
+        found: list[tuple[Path, str | None]] = list(_client_files(files))
     else:
         found = [(path, None)]
-    for file, _ in found:
-        _check_size(file, spec)
     return found
+
+
+def _client_files(files: Sequence[Path]) -> list[tuple[Path, str]]:
+    """Each per-client file with its client id, the stem; ids must be distinct."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        other = seen.setdefault(file.stem, file)
+        if other != file:
+            raise DataFileError(
+                f"{str(other)!r} and {str(file)!r} both name client "
+                f"{file.stem!r} (a client is its file's name without the "
+                "extension); rename one"
+            )
+    return [(file, file.stem) for file in files]
+
+
+def _parquet_module(path: Path) -> Any:
+    try:
+        return importlib.import_module("pyarrow.parquet")
+    except ImportError:
+        raise ConfigError(
+            f"reading Parquet ({str(path)!r}) needs pyarrow: {_PARQUET_HINT}"
+        ) from None
+
+
+def _parquet_size(path: Path) -> int:
+    """Uncompressed size of a Parquet file's row groups, from its footer."""
+    pq = _parquet_module(path)
+    try:
+        metadata = pq.read_metadata(path)
+        return sum(
+            int(metadata.row_group(i).total_byte_size)
+            for i in range(metadata.num_row_groups)
+        )
+    except Exception as err:  # pyarrow raises its own error types
+        raise DataFileError(
+            f"cannot read {str(path)!r} as Parquet: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _tabular_size(spec: UserDataSpec, path: Path) -> int:
+    """The memory a CSV or Parquet file takes: on disk, or uncompressed."""
+    size = _check_size(path, spec)
+    if spec.kind == "parquet":
+        size = max(size, _parquet_size(path))
+    return size
 
 
 def _load_tabular(spec: UserDataSpec, path: Path) -> UserData:
@@ -599,7 +792,12 @@ def _load_tabular(spec: UserDataSpec, path: Path) -> UserData:
                 f"data.test_path {str(spec.test_path)!r} is a folder; expected "
                 f"one {spec.kind} file"
             )
-        _check_size(spec.test_path, spec)
+    # Every size is known before any file is read.
+    budget = _Budget(
+        spec, f"{spec.kind} files", "uncompressed" if spec.kind == "parquet" else ""
+    )
+    for file in [*(f for f, _ in files), *filter(None, [spec.test_path])]:
+        budget.add(file, _tabular_size(spec, file))
     tables: list[_Table] = []
     for file, client in files:
         table = reader(file)
@@ -658,6 +856,7 @@ def _check_columns(
     named = [("data.client_column", spec.client_column)] if spec.client_column else []
     named += [("data.features", c) for c in spec.features or ()]
     named += [("data.categorical", c) for c in spec.categorical]
+    named += [("data.levels", c) for c in spec.levels or {}]
     for what, column in named:
         if column is not None and column not in first.cells:
             raise DataFileError(
@@ -675,13 +874,17 @@ def _check_columns(
             )
     else:
         features = [c for c in columns if c not in excluded]
-    not_feature = [c for c in spec.categorical if c not in features]
-    if not_feature:
-        raise DataFileError(
-            f"data.categorical names {_listed(not_feature)}, which "
-            f"{'is' if len(not_feature) == 1 else 'are'} not among the features "
-            f"of {where!r} ({_listed(features)})"
-        )
+    for what, names in (
+        ("data.categorical", spec.categorical),
+        ("data.levels", tuple(spec.levels or {})),
+    ):
+        not_feature = [c for c in names if c not in features]
+        if not_feature:
+            raise DataFileError(
+                f"{what} names {_listed(not_feature)}, which "
+                f"{'is' if len(not_feature) == 1 else 'are'} not among the "
+                f"features of {where!r} ({_listed(features)})"
+            )
     if not features:
         raise DataFileError(f"{where!r} has no feature columns besides the label")
     if test is not None:
@@ -702,6 +905,55 @@ class _Column:
     numeric: bool
     levels: list[str] = field(default_factory=list)
     has_missing: bool = False
+
+
+def _spec_column(spec: UserDataSpec, name: str, sources: Sequence[_Table]) -> _Column:
+    """How to encode a feature column: declared, or inferred from the records."""
+    levels = (spec.levels or {}).get(name)
+    if levels is not None:
+        return _declared_levels(name, sources, levels, declared=spec.declared)
+    if spec.declared:
+        return _declared_numeric(name, sources)
+    return _infer_column(name, sources, name in spec.categorical)
+
+
+def _declared_levels(
+    name: str, sources: Sequence[_Table], levels: tuple[str, ...], *, declared: bool
+) -> _Column:
+    """A categorical column with the levels of data.levels; others are refused.
+
+    Under a declared schema the ``<name>=missing`` column is always there,
+    else only when a cell is missing.
+    """
+    known = frozenset(levels)
+    has_missing = declared
+    for table in sources:
+        for i, cell in enumerate(table.cells[name]):
+            if _is_missing(cell):
+                has_missing = True
+            elif _label_text(cell) not in known:
+                raise DataFileError(
+                    f"{table.where(i)}, column {name!r}: {cell!r} is not one of "
+                    f"the column's declared levels ({_listed(levels)}) in "
+                    "data.levels; add it there or fix the value (leave the cell "
+                    "empty if it is missing)"
+                )
+    return _Column(name, False, list(levels), has_missing)
+
+
+def _declared_numeric(name: str, sources: Sequence[_Table]) -> _Column:
+    """A numeric column of a declared schema: every value a number, indicator on."""
+    for table in sources:
+        for i, cell in enumerate(table.cells[name]):
+            if not _is_missing(cell) and _as_number(cell) is None:
+                raise DataFileError(
+                    f"{table.where(i)}, column {name!r}: {cell!r} is not a number; "
+                    "under a declared schema (differential privacy) a column is "
+                    "numeric unless its levels are declared: fix the value (leave "
+                    "the cell empty if it is missing) or declare the column's "
+                    "levels in data.levels"
+                )
+    return _Column(name, True, [], has_missing=True)
 
 
 def _infer_column(name: str, sources: Sequence[_Table], categorical: bool) -> _Column:
@@ -802,9 +1054,7 @@ def _encode_tabular(
 ) -> UserData:
     features = _check_columns(spec, tables, test)
     sources = [*tables, *([test] if test is not None else [])]
-    columns = [
-        _infer_column(name, sources, name in spec.categorical) for name in features
-    ]
+    columns = [_spec_column(spec, name, sources) for name in features]
     names, numeric = _column_names(columns)
     label = spec.label
     assert label is not None
@@ -851,8 +1101,52 @@ def _encode_tabular(
 # NPZ
 
 
-def _npz_arrays(path: Path, spec: UserDataSpec) -> dict[str, np.ndarray]:
-    _check_size(path, spec)
+def _npz_size(path: Path, spec: UserDataSpec) -> int:
+    """The memory an .npz file's arrays take, from its zip directory.
+
+    Each member counts its uncompressed size, or the size its ``.npy``
+    header declares when that is larger; nothing is decompressed beyond
+    the headers.
+    """
+    size = _check_size(path, spec)
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                member = info.file_size
+                if info.filename.endswith(".npy") and member > 0:
+                    with archive.open(info) as fh:
+                        member = max(member, _npy_bytes(fh))
+                total += member
+    except zipfile.BadZipFile as err:
+        raise DataFileError(
+            f"cannot read {str(path)!r} as .npz: it is not a zip archive ({err}); "
+            "save the arrays with numpy.savez"
+        ) from err
+    except Exception as err:  # zlib, OSError, NotImplementedError ...
+        raise DataFileError(
+            f"cannot read {str(path)!r} as .npz: {type(err).__name__}: {err}"
+        ) from err
+    return max(size, total)
+
+
+def _npy_bytes(fh: IO[bytes]) -> int:
+    """Bytes of the array an ``.npy`` header declares (0 if unreadable)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            return 0
+    except Exception:  # np.load reports a malformed header
+        return 0
+    return math.prod(int(d) for d in shape) * int(dtype.itemsize)
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.files)
@@ -895,12 +1189,15 @@ def _check_xy(
         raise DataFileError(
             f"{source}: client must have shape {y.shape}; got {client.shape}"
         )
-    flat = x.reshape(x.shape[0], -1).astype(np.float64)
+    # float32 is what the model sees; a value beyond its range becomes inf.
+    with np.errstate(over="ignore", invalid="ignore"):
+        flat = x.reshape(x.shape[0], -1).astype(np.float32)
     bad = ~np.isfinite(flat)
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         raise DataFileError(
-            f"{source}: x[{row}] holds NaN or infinity; x must be finite"
+            f"{source}: x[{row}] holds NaN or infinity (or a value beyond "
+            "float32's range); x must be finite"
         )
     return flat
 
@@ -916,11 +1213,16 @@ def _load_npz(spec: UserDataSpec, path: Path) -> UserData:
                 f"folder {str(path)!r} holds no *.npz files; expected one file "
                 "per client, named <client>.npz"
             )
-        loaded: list[tuple[Path, str | None, dict[str, np.ndarray]]] = [
-            (f, f.stem, _npz_arrays(f, spec)) for f in files
-        ]
+        found: list[tuple[Path, str | None]] = list(_client_files(files))
     else:
-        loaded = [(path, None, _npz_arrays(path, spec))]
+        found = [(path, None)]
+    if spec.test_path is not None:
+        _require_exists(spec.test_path, "data.test_path", "an .npz file")
+    # Every size is known before any array is read.
+    budget = _Budget(spec, "npz files", "uncompressed")
+    for file in [*(f for f, _ in found), *filter(None, [spec.test_path])]:
+        budget.add(file, _npz_size(file, spec))
+    loaded = [(file, client, _npz_arrays(file)) for file, client in found]
     train: list[_Labelled] = []
     shape: tuple[int, ...] | None = None
     first = ""
@@ -948,8 +1250,7 @@ def _load_npz(spec: UserDataSpec, path: Path) -> UserData:
     assert shape is not None
     test = None
     if spec.test_path is not None:
-        _require_exists(spec.test_path, "data.test_path", "an .npz file")
-        arrays = _npz_arrays(spec.test_path, spec)
+        arrays = _npz_arrays(spec.test_path)
         source = repr(str(spec.test_path))
         owner = arrays.get("client")
         flat = _check_xy(arrays["x"], arrays["y"], source, client=owner)
@@ -1031,22 +1332,65 @@ def _image_layout(path: Path) -> tuple[bool, list[Path]]:
 
 @dataclass
 class _ImageReader:
+    """Reads images one by one, checking each one's and the total memory.
+
+    Before an image is decoded, its size from the header is checked: the
+    decoded float32 pixels at full size (height x width x channels x 4
+    bytes, which bounds what the decoder needs) may not exceed
+    ``max_file_mb``; the float32 pixels kept (after ``image_size``) of all
+    images read, training and test, may not exceed it either.
+    """
+
     spec: UserDataSpec
     layout: str
     size: tuple[int, int] | None = None  # (height, width) of the first image
     first: Path | None = None
+    budget: _Budget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.budget = _Budget(
+            self.spec, "decoded images", "as float32 (height x width x channels x 4)"
+        )
+
+    def _check_pixels(self, file: Path, height: int, width: int) -> None:
+        channels = len(self.spec.image_mode)
+        decoded = height * width * channels * 4
+        if decoded > _limit_bytes(self.spec):
+            raise DataFileError(
+                f"image {str(file)!r} is {height}x{width} pixels (height x width); "
+                f"decoded as {self.spec.image_mode} float32 it takes "
+                f"{_size_text(decoded)}, larger than the limit of "
+                f"{self.spec.max_file_mb:g} MB (data.max_file_mb) for one image "
+                "(the decoder needs the full size, whatever data.image_size). "
+                "Shrink the image, or raise data.max_file_mb if the machine has "
+                "the memory"
+            )
+        kept_height, kept_width = self.spec.image_size or (height, width)
+        self.budget.add(file, kept_height * kept_width * channels * 4)
 
     def read(self, file: Path) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         _check_size(file, self.spec)
         try:
-            with Image.open(file) as image:
+            # PIL warns above Image.MAX_IMAGE_PIXELS; the size is checked
+            # here against data.max_file_mb instead, before decoding.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(file)
+            with opened as image:
+                width, height = image.size
+                self._check_pixels(file, int(height), int(width))
                 converted = image.convert(self.spec.image_mode)
                 if self.spec.image_size is not None:
                     height, width = self.spec.image_size
                     converted = converted.resize((width, height))
                 pixels = np.asarray(converted, dtype=np.float32) / np.float32(255.0)
+        except Image.DecompressionBombError as err:
+            raise DataFileError(
+                f"image {str(file)!r} is refused as a possible decompression bomb: "
+                f"{err} (PIL's Image.MAX_IMAGE_PIXELS)"
+            ) from err
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataFileError(
                 f"cannot read image {str(file)!r} ({self.layout}): "
@@ -1153,10 +1497,19 @@ def _load_python(spec: UserDataSpec) -> UserData:
             "dict {client_id: (x, y)} of numpy arrays (optionally paired with a "
             "test set: (clients, (x_test, y_test)))"
         )
+    keys: dict[str, object] = {}
+    for key in clients_obj:
+        other = keys.setdefault(str(key), key)
+        if other is not key:
+            raise DataFileError(
+                f"{what} returned client ids {other!r} and {key!r}, which are both "
+                f"{str(key)!r} as text (client ids are strings); make them distinct"
+            )
     train: list[_Labelled] = []
     shape: tuple[int, ...] | None = None
-    for key in sorted(clients_obj, key=str):
-        source = f"{what}, client {str(key)!r}"
+    for client_id in sorted(keys):
+        key = keys[client_id]
+        source = f"{what}, client {client_id!r}"
         x, y = _pair(clients_obj[key], source)
         flat = _check_xy(x, y, source)
         row_shape = tuple(int(d) for d in x.shape[1:]) or (1,)
@@ -1166,7 +1519,9 @@ def _load_python(spec: UserDataSpec) -> UserData:
             raise DataFileError(
                 f"{source}: x rows have shape {row_shape}; other clients' have {shape}"
             )
-        train.append(_Labelled(flat, y.tolist(), _index_where(source), client=str(key)))
+        train.append(
+            _Labelled(flat, y.tolist(), _index_where(source), client=client_id)
+        )
     assert shape is not None
     test = None
     if test_obj is not None:
