@@ -38,7 +38,6 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import IO, Any, Final
 
 import numpy as np
@@ -148,7 +147,8 @@ class UserDataSpec:
     factory: CallableRef | None = None
     max_file_mb: float = 1024.0
     declared: bool = False
-    levels: Mapping[str, tuple[str, ...]] | None = None
+    # Not hashed (a mapping); equal specs still hash alike.
+    levels: Mapping[str, tuple[str, ...]] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # Paths may be given as strings (the Python API); kept as Path.
@@ -231,13 +231,13 @@ class UserDataSpec:
 def _normalised_levels(
     levels: object, problems: list[str]
 ) -> Mapping[str, tuple[str, ...]]:
-    """``levels`` as a read-only mapping of string tuples; problems appended."""
+    """``levels`` as a new dict of string tuples (picklable); problems appended."""
     if not isinstance(levels, Mapping):
         problems.append(
             f"levels must map column names to lists of levels; got "
             f"{type(levels).__name__}"
         )
-        return MappingProxyType({})
+        return {}
     out: dict[str, tuple[str, ...]] = {}
     for column, values in levels.items():
         if not isinstance(column, str) or isinstance(values, str | bytes):
@@ -262,7 +262,7 @@ def _normalised_levels(
                 f"cell (the column {column}={_MISSING_LEVEL}); leave it out"
             )
         out[column] = texts
-    return MappingProxyType(out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -351,7 +351,9 @@ def _name_of(spec: UserDataSpec) -> str:
 def _size_text(num_bytes: int) -> str:
     if num_bytes >= 2**30:
         return f"{num_bytes / 2**30:.1f} GB"
-    return f"{num_bytes / 2**20:.1f} MB"
+    if num_bytes >= 2**20:
+        return f"{num_bytes / 2**20:.1f} MB"
+    return f"{num_bytes / 2**10:.1f} KB"
 
 
 _RAISE_LIMIT: Final = (
@@ -388,12 +390,14 @@ def _check_size(path: Path, spec: UserDataSpec) -> int:
 class _Budget:
     """Running total of the bytes the data takes, against data.max_file_mb.
 
-    ``what`` names the things counted (``"data files"``, ``"decoded
-    images"``) and ``unit`` how their size is measured.
+    ``what`` names the things counted (``"csv files"``, ``"decoded
+    images"``), ``item`` one of them and ``unit`` how their size is
+    measured.
     """
 
     spec: UserDataSpec
     what: str
+    item: str = "file"
     unit: str = ""
     total: int = 0
     count: int = 0
@@ -409,10 +413,10 @@ class _Budget:
         if self.total > limit:
             raise DataFileError(
                 f"the {self.what} total {_size_text(self.total)}{unit} with "
-                f"{str(path)!r} ({self.count} so far, training and test files "
-                f"together), over the limit of {self.spec.max_file_mb:g} MB "
-                f"(data.max_file_mb) for the total; each file alone is within "
-                f"it. {_RAISE_LIMIT}"
+                f"{str(path)!r} ({self.count} {self.item}s so far, training and "
+                f"test together), over the limit of {self.spec.max_file_mb:g} MB "
+                f"(data.max_file_mb) for the total; each {self.item} alone is "
+                f"within it. {_RAISE_LIMIT}"
             )
 
 
@@ -794,7 +798,9 @@ def _load_tabular(spec: UserDataSpec, path: Path) -> UserData:
             )
     # Every size is known before any file is read.
     budget = _Budget(
-        spec, f"{spec.kind} files", "uncompressed" if spec.kind == "parquet" else ""
+        spec,
+        f"{spec.kind} files",
+        unit="uncompressed" if spec.kind == "parquet" else "",
     )
     for file in [*(f for f, _ in files), *filter(None, [spec.test_path])]:
         budget.add(file, _tabular_size(spec, file))
@@ -1219,7 +1225,7 @@ def _load_npz(spec: UserDataSpec, path: Path) -> UserData:
     if spec.test_path is not None:
         _require_exists(spec.test_path, "data.test_path", "an .npz file")
     # Every size is known before any array is read.
-    budget = _Budget(spec, "npz files", "uncompressed")
+    budget = _Budget(spec, "npz files", unit="uncompressed")
     for file in [*(f for f, _ in found), *filter(None, [spec.test_path])]:
         budget.add(file, _npz_size(file, spec))
     loaded = [(file, client, _npz_arrays(file)) for file, client in found]
@@ -1349,7 +1355,10 @@ class _ImageReader:
 
     def __post_init__(self) -> None:
         self.budget = _Budget(
-            self.spec, "decoded images", "as float32 (height x width x channels x 4)"
+            self.spec,
+            "decoded images",
+            item="image",
+            unit="as float32 (height x width x channels x 4)",
         )
 
     def _check_pixels(self, file: Path, height: int, width: int) -> None:
@@ -1391,6 +1400,8 @@ class _ImageReader:
                 f"image {str(file)!r} is refused as a possible decompression bomb: "
                 f"{err} (PIL's Image.MAX_IMAGE_PIXELS)"
             ) from err
+        except DataFileError:
+            raise
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataFileError(
                 f"cannot read image {str(file)!r} ({self.layout}): "
