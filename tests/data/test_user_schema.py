@@ -497,3 +497,17 @@ def test_csv_folder_total_is_limited(tmp_path: Path) -> None:
 
     assert "b.csv" in message and "total" in message
     assert "2 files so far" in message
+
+
+def test_declared_classes_for_npz_fix_num_classes(tmp_path: Path) -> None:
+    np.savez(tmp_path / "a.npz", x=np.ones((2, 2)), y=np.array([0, 1]))
+    np.savez(tmp_path / "b.npz", x=np.ones((2, 2)), y=np.array([0, 7]))
+    spec_a = UserDataSpec("npz", tmp_path / "a.npz", declared=True, classes=("0", "1"))
+
+    assert load_user_data(spec_a).train.num_classes == 2
+    message = data_error(
+        UserDataSpec("npz", tmp_path / "b.npz", declared=True, classes=("0", "1"))
+    )
+
+    assert "b.npz" in message and "index 1" in message and "'7'" in message
+    assert "declared data.classes" in message
