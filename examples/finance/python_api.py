@@ -48,6 +48,7 @@ def whole_simulation(rounds: int = 10) -> dict:
             "dataset": "csv",
             "path": str(HERE / "data" / "clients"),
             "label": "Purchase",
+            "classes": ["no", "yes"],
             "test_path": str(HERE / "data" / "test.csv"),
         },
         "strategy": {"clients_per_round": 8},

@@ -127,3 +127,57 @@ def test_client_counts_wait_for_the_data_when_it_names_the_clients():
         config.check_client_counts(4)
     with pytest.raises(ConfigError, match="must be <= the number of clients"):
         parse_config({"strategy": {"clients_per_round": 50}})
+
+
+PRIVATE = {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"dataset": "csv", "path": "d", "label": "y"}, r"declare the class set"),
+        (
+            {
+                "dataset": "csv",
+                "path": "d",
+                "label": "y",
+                "classes": ["a", "b"],
+                "categorical": ["site_type"],
+            },
+            r"levels of categorical column 'site_type'",
+        ),
+        (
+            {"dataset": "images", "path": "d", "classes": ["a", "b"]},
+            r"declare data\.image_size",
+        ),
+    ],
+)
+def test_dp_on_own_data_needs_a_declared_schema(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"data": data, "privacy": PRIVATE})
+    parse_config({"data": data})  # without DP the schema may be derived
+
+
+def test_a_declared_schema_under_dp_is_accepted():
+    config = parse_config(
+        {
+            "data": {
+                "dataset": "csv",
+                "path": "d",
+                "label": "y",
+                "classes": ["a", "b"],
+                "categorical": ["kind"],
+                "levels": {"kind": ["x", "y"]},
+                "missing": ["age"],
+            },
+            "privacy": PRIVATE,
+        }
+    )
+    assert config.data.levels == {"kind": ["x", "y"]}
+
+
+def test_levels_and_missing_are_for_tables_only():
+    with pytest.raises(ConfigError, match=r"data\.levels does not apply"):
+        parse_config({"data": {"dataset": "npz", "path": "d", "levels": {"a": ["b"]}}})
+    with pytest.raises(ConfigError, match=r"data\.missing does not apply"):
+        parse_config({"data": {"dataset": "npz", "path": "d", "missing": ["a"]}})

@@ -34,6 +34,7 @@ def declared_spec(path: Path, **kwargs: object) -> UserDataSpec:
         "declared": True,
         "classes": ("no", "yes", "rare"),
         "levels": {"color": ("red", "blue", "green")},
+        "missing": ("age", "color"),
     }
     settings.update(kwargs)
     return UserDataSpec("csv", path, **settings)  # type: ignore[arg-type]
@@ -108,6 +109,7 @@ def test_declared_schema_is_the_same_for_parquet(tmp_path: Path) -> None:
             declared=True,
             classes=("no", "yes", "rare"),
             levels={"color": ["red", "blue", "green"]},  # type: ignore[dict-item]
+            missing=("age", "color"),
         )
     )
 
@@ -115,6 +117,38 @@ def test_declared_schema_is_the_same_for_parquet(tmp_path: Path) -> None:
         load_user_data(declared_spec(csv_path)).train.feature_names
     )
     assert data.train.num_classes == 3
+
+
+def test_declared_missing_columns_decide_the_indicators(tmp_path: Path) -> None:
+    plain = write(tmp_path / "plain.csv", BASE)
+    # No column may be missing: no indicator, whatever the records hold.
+    data = load_user_data(declared_spec(plain, missing=None))
+    assert data.train.feature_names == (
+        "age",
+        "color=red",
+        "color=blue",
+        "color=green",
+    )
+    gap = write(tmp_path / "gap.csv", BASE + ",red,no\n")
+    message = data_error(declared_spec(gap, missing=None))
+    assert "line 5" in message and "'age'" in message and "data.missing" in message
+    # Declared without DP: the same width as under DP.
+    undeclared = load_user_data(
+        UserDataSpec(
+            "csv",
+            gap,
+            label="y",
+            missing=("age",),
+            levels={"color": ("red", "blue", "green")},
+        )
+    )
+    assert undeclared.train.feature_names == (
+        "age",
+        "age_missing",
+        "color=red",
+        "color=blue",
+        "color=green",
+    )
 
 
 def test_declared_classification_needs_classes(tmp_path: Path) -> None:

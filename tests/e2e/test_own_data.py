@@ -120,6 +120,14 @@ def config(
     else:
         text = text.replace(f'label = "{label}"', f'label = "{label}"\nfeatures = '
                             '["age", "income", "score"]')  # fmt: skip
+    if private:
+        # Under DP the schema is declared: nothing of the model's shape may
+        # come from the records.
+        text = text.replace(
+            "[model]",
+            'classes = ["no", "yes"]\nlevels = { score = ["high", "low", "mid"] }'
+            '\nmissing = ["income"]\n\n[model]',
+        )
     path = project / name
     path.write_text(text + (PRIVATE_TOML if private else ""))
     return path
@@ -248,6 +256,23 @@ def test_analyze_runs_on_a_user_model_and_data_config(project, tmp_path):
         (a, d) for a in ("none", "sign_flip") for d in ("fedavg", "median")
     }
     assert all(float(r["accuracy"]) > 0 for r in rows)
+
+
+def test_dp_without_a_declared_schema_is_refused(project, tmp_path):
+    path = config(project, private=True)
+    text = path.read_text().replace('classes = ["no", "yes"]\n', "")
+    path.write_text(text)
+    proc = cli("simulate", str(path), "--out", str(tmp_path / "r"), cwd=project)
+    assert proc.returncode == 10 and "data.classes" in proc.stderr
+    path.write_text(
+        text.replace("[model]", 'classes = ["no", "yes"]\n[model]').replace(
+            'levels = { score = ["high", "low", "mid"] }', ""
+        )
+    )
+    proc = cli("simulate", str(path), "--out", str(tmp_path / "r"), cwd=project)
+    # score's text is then a non-numeric value in a numeric column
+    assert proc.returncode == 10 and "score" in proc.stderr
+    assert "data.levels" in proc.stderr
 
 
 def _refused(project: Path, tmp_path: Path, *sets: str) -> str:

@@ -111,6 +111,8 @@ class DataSection(_Section):
     client_column: str | None = Field(None, min_length=1)
     test_path: str | None = Field(None, min_length=1)
     classes: list[str] | None = Field(None, min_length=1)
+    levels: dict[str, list[str]] | None = None
+    missing: list[str] | None = None
     image_size: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         None, min_length=2, max_length=2
     )
@@ -152,6 +154,8 @@ class DataSection(_Section):
                 "client_column",
                 "test_path",
                 "classes",
+                "levels",
+                "missing",
                 "image_size",
                 "factory",
             )
@@ -194,7 +198,7 @@ class DataSection(_Section):
                     )
                 extra = given & {"image_size"}
             else:
-                extra = given & {*TABULAR_KEYS, "categorical"}
+                extra = given & {*TABULAR_KEYS, "categorical", "levels", "missing"}
                 if d != "images":
                     extra |= given & {"image_size"}
         if extra:
@@ -547,6 +551,13 @@ class ExperimentConfig(_Section):
             )
         if self.model.task == "regression":
             self._check_regression()
+        if (
+            self.privacy.mode != "none"
+            and self.data.is_user_data
+            # fs.fedavg: each round's arrays go to the user's model as given.
+            and not (self.data.factory or "").endswith("_each_round")
+        ):
+            self._check_declared_schema()
         num_clients = self.expected_num_clients
         if num_clients is None:  # the data names its clients: checked once read
             return self
@@ -587,6 +598,37 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"strategy.min_clients ({self.strategy.min_clients}) must be <= "
                 f"the number of clients ({num_clients})"
+            )
+
+    def _check_declared_schema(self) -> None:
+        """Under DP the model's shape may not depend on the records.
+
+        The class set (the output size), the categorical levels and which
+        columns are categorical (the input width) must be declared: derived
+        from the data, they would show whether some record holds a rare
+        label or value, outside every mechanism.
+        """
+        d = self.data
+        if self.model.task == "classification" and d.classes is None:
+            raise ValueError(
+                "under [privacy] declare the class set: data.classes = "
+                '["no", "yes"] (labels as written in your data). Derived from '
+                "the records, the model's output size would show whether some "
+                "record has a rare label, outside the DP guarantee"
+            )
+        if d.dataset in ("csv", "parquet"):
+            undeclared = sorted(set(d.categorical) - set(d.levels or {}))
+            if undeclared:
+                raise ValueError(
+                    f"under [privacy] declare the levels of categorical column "
+                    f"{undeclared[0]!r}: data.levels = {{ {undeclared[0]} = "
+                    '["a", "b"] }} (the one-hot width must not depend on the '
+                    "records)"
+                )
+        if d.dataset == "images" and d.image_size is None:
+            raise ValueError(
+                "under [privacy] declare data.image_size = [height, width]: "
+                "the images' own size would come from the records"
             )
 
     def _check_regression(self) -> None:

@@ -416,7 +416,13 @@ def _load_data(
             raise ConfigError(
                 f"clients= and data.path = {data.path!r} both give the data; drop one"
             )
-        user = _in_memory(clients, test, task=task)
+        user = _in_memory(
+            clients,
+            test,
+            task=task,
+            classes=tuple(data.classes) if data.classes else None,
+            declared=config.privacy.mode != "none",
+        )
     elif not data.is_user_data:
         if test is not None:
             raise ConfigError("test= applies only with clients= (your own data)")
@@ -454,6 +460,15 @@ def _load_data(
                     else None
                 ),
                 max_file_mb=data.max_file_mb,
+                levels=(
+                    {k: tuple(v) for k, v in data.levels.items()}
+                    if data.levels
+                    else None
+                ),
+                missing=tuple(data.missing) if data.missing is not None else None,
+                # Under DP nothing about the encoding may come from the
+                # records (see ExperimentConfig._check_declared_schema).
+                declared=config.privacy.mode != "none",
             )
         )
     return user.train, user.test, user.client_ids
@@ -475,14 +490,24 @@ class _GivenClients:
         return lambda: self.value
 
 
-def _in_memory(clients: UserClients, test: tuple[Any, Any] | None, *, task: str) -> Any:
+def _in_memory(
+    clients: UserClients,
+    test: tuple[Any, Any] | None,
+    *,
+    task: str,
+    classes: tuple[str, ...] | None,
+    declared: bool,
+) -> Any:
     """``clients`` (and ``test``) as the user data of ``dataset = "python"``."""
     from fedshield.core.imports import CallableRef
     from fedshield.data.user import UserDataSpec, load_user_data
 
     given = (dict(clients), test) if test is not None else dict(clients)
     factory = cast(CallableRef, _GivenClients(given))
-    return load_user_data(UserDataSpec(kind="python", factory=factory, task=task))
+    spec = UserDataSpec(
+        kind="python", factory=factory, task=task, classes=classes, declared=declared
+    )
+    return load_user_data(spec)
 
 
 def _build_model(

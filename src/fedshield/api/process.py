@@ -448,7 +448,7 @@ def fedavg(
         },
         "model": {"task": task},
         # The clients come with each round; the data section only says so.
-        "data": {"dataset": "python", "factory": IN_PYTHON},
+        "data": {"dataset": "python", "factory": EACH_ROUND},
         "strategy": {
             **({"server_lr": server_lr} if server_lr is not None else {}),
             "min_clients": min_clients,
@@ -465,6 +465,9 @@ def fedavg(
 
 IN_PYTHON = "fedshield.api.process:clients_given_in_python"
 """``data.factory`` of a configuration whose clients Python hands over."""
+EACH_ROUND = f"{IN_PYTHON}_each_round"
+"""``data.factory`` of :func:`fedavg`'s configuration: the arrays go to the
+model as given each round (no encoding, so no schema to declare)."""
 
 
 def clients_given_in_python() -> None:
@@ -483,6 +486,9 @@ def clients_given_in_python() -> None:
         "next(state, client_data), or fs.simulate(config, clients=...)); it "
         "has no data of its own to load"
     )
+
+
+clients_given_in_python_each_round = clients_given_in_python
 
 
 def _section(name: str, value: Mapping[str, Any] | BaseModel | None) -> dict[str, Any]:

@@ -113,12 +113,12 @@ class UserDataSpec:
         Whether the encoding must not depend on the records (set under
         differential privacy): classification needs ``classes``; a column is
         categorical exactly when ``levels`` declares its levels (every
-        ``categorical`` column must), else numeric; every numeric column
-        gets its ``<col>_missing`` indicator and every categorical column
-        its ``<col>=missing`` column, whether or not a cell is missing.
-        A label outside ``classes``, a level outside ``levels`` or a text
-        in a numeric column is a :class:`~fedshield.errors.DataFileError`.
-        When False the schema is derived from the records.
+        ``categorical`` column must), else numeric; the columns that may
+        hold missing cells are those of ``missing`` (none if unset). A
+        label outside ``classes``, a level outside ``levels``, a text in a
+        numeric column or a missing cell in a column not in ``missing`` is
+        a :class:`~fedshield.errors.DataFileError`. When False the schema
+        is derived from the records.
     levels
         Declared levels of categorical columns (CSV and Parquet), in
         one-hot order: ``{column: (level, ...)}``, compared as strings. Such
@@ -126,6 +126,14 @@ class UserDataSpec:
         ``declared``); a value outside them is a
         :class:`~fedshield.errors.DataFileError`. ``"missing"`` and the
         texts read as a missing cell (``""``, ``NA``, ...) are not levels.
+    missing
+        The columns that may hold missing cells (CSV and Parquet): each
+        numeric one gets its ``<col>_missing`` indicator and each
+        categorical one its ``<col>=missing`` column, whether or not a cell
+        is missing; a missing cell in another column is a
+        :class:`~fedshield.errors.DataFileError`. Unset: derived from the
+        records (any column with a missing cell), or none under
+        ``declared``.
 
     Raises
     ------
@@ -149,6 +157,7 @@ class UserDataSpec:
     declared: bool = False
     # Not hashed (a mapping); equal specs still hash alike.
     levels: Mapping[str, tuple[str, ...]] | None = field(default=None, hash=False)
+    missing: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Paths may be given as strings (the Python API); kept as Path.
@@ -156,7 +165,7 @@ class UserDataSpec:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, Path(value))
-        for name in ("features", "categorical", "classes"):
+        for name in ("features", "categorical", "classes", "missing"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -209,6 +218,10 @@ class UserDataSpec:
         if self.levels and self.kind not in ("csv", "parquet"):
             problems.append(
                 f"data.levels applies to kind 'csv' and 'parquet', not {self.kind!r}"
+            )
+        if self.missing is not None and self.kind not in ("csv", "parquet"):
+            problems.append(
+                f"data.missing applies to kind 'csv' and 'parquet', not {self.kind!r}"
             )
         if not self.declared:
             return problems
@@ -916,23 +929,45 @@ class _Column:
 def _spec_column(spec: UserDataSpec, name: str, sources: Sequence[_Table]) -> _Column:
     """How to encode a feature column: declared, or inferred from the records."""
     levels = (spec.levels or {}).get(name)
+    allowed = (
+        spec.missing if spec.missing is not None else (() if spec.declared else None)
+    )
     if levels is not None:
-        return _declared_levels(name, sources, levels, declared=spec.declared)
-    if spec.declared:
-        return _declared_numeric(name, sources)
-    return _infer_column(name, sources, name in spec.categorical)
+        column = _declared_levels(name, sources, levels)
+    elif spec.declared:
+        column = _declared_numeric(name, sources)
+    else:
+        column = _infer_column(name, sources, name in spec.categorical)
+    if allowed is not None:
+        # Which columns carry a missing indicator is declared, not found.
+        if name not in allowed:
+            _refuse_missing(name, sources)
+        column.has_missing = name in allowed
+    return column
+
+
+def _refuse_missing(name: str, sources: Sequence[_Table]) -> None:
+    for table in sources:
+        for i, cell in enumerate(table.cells[name]):
+            if _is_missing(cell):
+                raise DataFileError(
+                    f"{table.where(i)}, column {name!r}: the cell is missing, but "
+                    "the column is not in data.missing (the columns that may "
+                    "hold missing values, declared so that the model's inputs "
+                    "do not depend on the records); add it there or fill the cell"
+                )
 
 
 def _declared_levels(
-    name: str, sources: Sequence[_Table], levels: tuple[str, ...], *, declared: bool
+    name: str, sources: Sequence[_Table], levels: tuple[str, ...]
 ) -> _Column:
     """A categorical column with the levels of data.levels; others are refused.
 
-    Under a declared schema the ``<name>=missing`` column is always there,
-    else only when a cell is missing.
+    Its ``<name>=missing`` column is there when a cell is missing, unless
+    ``data.missing`` (or a declared schema) decides it.
     """
     known = frozenset(levels)
-    has_missing = declared
+    has_missing = False
     for table in sources:
         for i, cell in enumerate(table.cells[name]):
             if _is_missing(cell):
@@ -948,7 +983,7 @@ def _declared_levels(
 
 
 def _declared_numeric(name: str, sources: Sequence[_Table]) -> _Column:
-    """A numeric column of a declared schema: every value a number, indicator on."""
+    """A numeric column of a declared schema: every value a number."""
     for table in sources:
         for i, cell in enumerate(table.cells[name]):
             if not _is_missing(cell) and _as_number(cell) is None:
@@ -959,7 +994,7 @@ def _declared_numeric(name: str, sources: Sequence[_Table]) -> _Column:
                     "the cell empty if it is missing) or declare the column's "
                     "levels in data.levels"
                 )
-    return _Column(name, True, [], has_missing=True)
+    return _Column(name, True, [], has_missing=False)
 
 
 def _infer_column(name: str, sources: Sequence[_Table], categorical: bool) -> _Column:
