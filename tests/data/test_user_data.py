@@ -726,3 +726,23 @@ def test_regression_dataset_validation_and_random_split() -> None:
             input_shape=(1,),
             task="regression",
         )
+
+
+def test_per_client_files_with_a_test_file_naming_owners(tmp_path):
+    from fedshield.data import UserDataSpec, load_user_data
+
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    (folder / "a.csv").write_text("x,y\n1,0\n2,1\n3,0\n")
+    (folder / "b.csv").write_text("x,y\n10,1\n20,0\n")
+    test = tmp_path / "test.csv"
+    test.write_text("x,y,site\n1.5,0,a\n15,1,b\n")
+    data = load_user_data(
+        UserDataSpec(
+            "csv", folder, label="y", test_path=test, client_column="site"
+        )
+    )
+    assert data.client_ids == ("a", "b")
+    assert data.train.feature_names == ("x",)  # the client column is no feature
+    assert data.test is not None and data.test.groups is not None
+    assert data.test.groups.tolist() == ["a", "b"]

@@ -872,7 +872,14 @@ def _check_columns(
             f"{where!r} has no label column {label!r} (data.label); its columns "
             f"are {_listed(columns)}.{_closest(label, columns)}"
         )
-    named = [("data.client_column", spec.client_column)] if spec.client_column else []
+    # With one file per client the file names the client: client_column may
+    # then be absent from the client files (it names the test rows' owners).
+    per_client_files = all(t.client is not None for t in tables)
+    named = (
+        [("data.client_column", spec.client_column)]
+        if spec.client_column and not per_client_files
+        else []
+    )
     named += [("data.features", c) for c in spec.features or ()]
     named += [("data.categorical", c) for c in spec.categorical]
     named += [("data.levels", c) for c in spec.levels or {}]
