@@ -738,9 +738,7 @@ def test_per_client_files_with_a_test_file_naming_owners(tmp_path):
     test = tmp_path / "test.csv"
     test.write_text("x,y,site\n1.5,0,a\n15,1,b\n")
     data = load_user_data(
-        UserDataSpec(
-            "csv", folder, label="y", test_path=test, client_column="site"
-        )
+        UserDataSpec("csv", folder, label="y", test_path=test, client_column="site")
     )
     assert data.client_ids == ("a", "b")
     assert data.train.feature_names == ("x",)  # the client column is no feature
