@@ -53,3 +53,28 @@ def test_record_mode_uses_no_statistic_of_the_records():
     values = set(np.round(raw.x[:, cols][~np.isnan(raw.x[:, cols])], 5).tolist())
     observed = set(np.round(x[x != 0], 5).tolist())
     assert observed <= values
+
+
+def test_the_checkpoints_data_fingerprint_hashes_no_record_under_dp():
+    from fedshield.api.run import data_fingerprint
+
+    rng = np.random.default_rng(0)
+    clients = {
+        f"s{k}": (
+            rng.normal(size=(20, 3)).astype(np.float32),
+            rng.integers(0, 2, 20),
+        )
+        for k in range(3)
+    }
+    changed = {k: (x.copy(), y) for k, (x, y) in clients.items()}
+    changed["s1"][0][4, 2] += 1.0  # one record's value
+
+    def build(data):
+        return build_federation(parse_config({}), clients=data)
+
+    a, b = build(clients), build(changed)
+    # Without DP the whole data is hashed (a changed file is caught on resume).
+    assert data_fingerprint(a) != data_fingerprint(b)
+    # Under DP only the partition (clients, sizes, label counts, already in
+    # partition.json): a hash of the records would let a guess be tested.
+    assert data_fingerprint(a, private=True) == data_fingerprint(b, private=True)

@@ -236,3 +236,64 @@ def test_secagg_checks_run_without_privacy_too():
     process = fs.fedavg(_model, secagg={"protocol": "secagg+", "neighbours": 2})
     with pytest.raises(ConfigError, match="neighbours"):
         process.next(process.initialize(), _clients(12))
+
+
+# The second review: lineages across processes -------------------------------
+
+
+def test_a_new_process_cannot_replay_an_old_state_of_a_lineage():
+    first = fs.fedavg(_model, privacy={**CENTRAL, "mode": "local"})
+    s1, _ = first.next(first.initialize(), _clients())
+    first.next(s1, _clients())  # s1 is now behind its lineage
+    other = fs.fedavg(_model, privacy={**CENTRAL, "mode": "local"})
+    with pytest.raises(ConfigError, match="older than the last round"):
+        other.next(s1, _clients())
+
+
+def test_record_accounting_facts_cannot_change_in_a_new_process():
+    a = fs.fedavg(_model, batch_size=10, epochs=2, privacy=_record())
+    state, _ = a.next(a.initialize(), _clients(3, rows=100))
+    fewer_epochs = fs.fedavg(_model, batch_size=10, epochs=1, privacy=_record())
+    with pytest.raises(ConfigError, match="accounted with epochs = 2"):
+        fewer_epochs.next(state, _clients(3, rows=100))
+    more_rows = fs.fedavg(_model, batch_size=10, epochs=2, privacy=_record())
+    with pytest.raises(ConfigError, match="accounted with sizes"):
+        more_rows.next(state, _clients(3, rows=1000))
+
+
+def test_rounds_run_outside_the_dp_process_are_refused():
+    private = fs.fedavg(_model, privacy=CENTRAL)
+    state, _ = private.next(private.initialize(), _clients())
+    plain = fs.fedavg(_model)
+    for _ in range(2):
+        state, _ = plain.next(state, _clients())  # no noise, no accounting
+    with pytest.raises(ConfigError, match="rounds ran outside the DP process"):
+        private.next(state, _clients())
+
+
+def test_noise_is_not_seeded_by_default_in_the_python_api():
+    data = _clients()
+    a = fs.fedavg(_model, privacy=CENTRAL, seed=0)
+    b = fs.fedavg(_model, privacy=CENTRAL, seed=0)
+    sa, _ = a.next(a.initialize(), data)
+    sb, _ = b.next(b.initialize(), data)
+    # Seeded noise would be identical, and cancel in a difference of releases.
+    assert not np.allclose(sa.params.flat, sb.params.flat)
+    seeded = {**CENTRAL, "secure_rng": False}
+    c = fs.fedavg(_model, privacy=seeded, seed=0)
+    d = fs.fedavg(_model, privacy=seeded, seed=0)
+    sc, _ = c.next(c.initialize(), data)
+    sd, _ = d.next(d.initialize(), data)
+    assert np.array_equal(sc.params.flat, sd.params.flat)
+
+
+def test_a_failed_central_round_names_no_client():
+    from fedshield.errors import RoundFailedError
+
+    data = _clients(4)
+    x, _ = data["c2"]
+    data["c2"] = (x, np.full(len(x), 9))
+    process = fs.fedavg(_model, server_lr=1e300, privacy=CENTRAL)
+    with pytest.raises(RoundFailedError) as failed:
+        process.next(process.initialize(), data)
+    assert "c2" not in str(failed.value)

@@ -62,6 +62,9 @@ BUNDLED_DATASETS = ("digits", "breast_cancer", "heart", "fashion_mnist")
 """Data sets that ship with fedshield (no ``path``)."""
 USER_DATASETS = ("csv", "parquet", "npz", "images", "python")
 """The user's own data: files at ``path``, or a Python ``factory``."""
+EACH_ROUND = "fedshield.api.process:clients_given_each_round"
+"""``data.factory`` of :func:`fedshield.fedavg`'s configuration: the arrays of
+each round go to the user's model as given (no encoding, no schema)."""
 TABULAR_KEYS = ("label", "features", "categorical", "client_column")
 """``[data]`` keys that name columns (``csv`` and ``parquet`` only)."""
 
@@ -555,7 +558,7 @@ class ExperimentConfig(_Section):
             self.privacy.mode != "none"
             and self.data.is_user_data
             # fs.fedavg: each round's arrays go to the user's model as given.
-            and not (self.data.factory or "").endswith("_each_round")
+            and self.data.factory != EACH_ROUND
         ):
             self._check_declared_schema()
         num_clients = self.expected_num_clients

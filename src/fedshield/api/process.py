@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel
 
-from fedshield.api.config import ExperimentConfig, PrivacySection, parse_config
+from fedshield.api.config import (
+    EACH_ROUND,
+    ExperimentConfig,
+    PrivacySection,
+    parse_config,
+)
 from fedshield.core import Client, ClientId, ServerState
 from fedshield.errors import ConfigError, RoundFailedError
 from fedshield.simulation import ClientStateStore, SequentialBackend, run_round
@@ -20,6 +27,12 @@ if TYPE_CHECKING:
     from fedshield.models import TorchModel
 
 __all__ = ["ClientData", "FederatedProcess", "fedavg"]
+
+_LINEAGE = "dp_lineage"
+"""State metadata of a DP process's state: id, round charged to, and facts."""
+_LINEAGES: dict[str, tuple[int, float]] = {}
+"""Each DP lineage's latest charge in this Python session: (rounds, ε)."""
+_LINEAGES_LOCK = threading.Lock()
 
 ClientData = (
     Sequence[tuple[np.ndarray, np.ndarray]]
@@ -200,8 +213,88 @@ class FederatedProcess:
                     "start from this process's initialize()"
                 )
             state = self.strategy.init(state.params)
+            state = state.evolve(
+                metadata={
+                    **state.metadata,
+                    _LINEAGE: {**self._lineage_facts(clients), "id": uuid.uuid4().hex,
+                               "round_idx": state.round_idx},
+                }
+            )  # fmt: skip
         self._check_spent(state.metadata["privacy"])
+        self._check_lineage(state, clients)
         return self.strategy, state
+
+    def _lineage_facts(self, clients: Mapping[ClientId, Client]) -> dict[str, Any]:
+        """What the accountant assumes besides σ: local training, record counts."""
+        assert self.config is not None
+        c = self.config.client
+        facts: dict[str, Any] = {"batch_size": c.batch_size, "epochs": c.epochs}
+        if self.config.privacy.mode == "record":
+            facts["sizes"] = {cid: _num_examples(v) for cid, v in clients.items()}
+        return facts
+
+    def _check_lineage(
+        self, state: ServerState, clients: Mapping[ClientId, Client]
+    ) -> None:
+        """Refuse a state this lineage has moved past, or changed under it.
+
+        A DP state carries its lineage: an id, the round it was charged up
+        to and what record mode's accounting assumed (batch size, epochs,
+        each client's record count). Every process in this Python session
+        knows how far each lineage has been charged, so no process (a new
+        one included) can continue from an older state of it.
+        """
+        info = state.metadata.get(_LINEAGE)
+        if not isinstance(info, Mapping):
+            raise ConfigError(
+                "this state's privacy record was not written by fs.fedavg's "
+                "process (no lineage): continue it where it was made"
+            )
+        if int(info.get("round_idx", -1)) != state.round_idx:
+            raise ConfigError(
+                f"this state is at round {state.round_idx} but its privacy "
+                f"record was charged up to round {info.get('round_idx')}: rounds "
+                "ran outside the DP process (without noise or accounting)"
+            )
+        facts = self._lineage_facts(clients)
+        for key, ours in facts.items():
+            if info.get(key) != ours:
+                raise ConfigError(
+                    f"this state's ε was accounted with {key} = {info.get(key)!r}; "
+                    f"this process has {ours!r}: record-level accounting depends "
+                    "on it, so the state cannot be continued here"
+                )
+        record = state.metadata["privacy"]
+        with _LINEAGES_LOCK:
+            latest = _LINEAGES.get(str(info.get("id")))
+        if latest is not None and (
+            int(record.get("rounds", 0)) < latest[0]
+            or float(record.get("epsilon") or 0.0) < latest[1]
+        ):
+            raise ConfigError(
+                "this state is older than the last round run from it (its ε "
+                f"{record.get('epsilon')}, spent so far {latest[1]}): every round "
+                "run is charged, completed or not; continue from the latest state "
+                "(after a failed round: RoundFailedError.state)"
+            )
+
+    def _stamp(self, state: ServerState) -> ServerState:
+        """``state`` with its lineage brought up to this round's charge."""
+        info = state.metadata.get(_LINEAGE)
+        record = state.metadata.get("privacy")
+        if not isinstance(info, Mapping) or not isinstance(record, Mapping):
+            return state
+        with _LINEAGES_LOCK:
+            _LINEAGES[str(info["id"])] = (
+                int(record.get("rounds", 0)),
+                float(record.get("epsilon") or 0.0),
+            )
+        return state.evolve(
+            metadata={
+                **state.metadata,
+                _LINEAGE: {**info, "round_idx": state.round_idx},
+            }
+        )
 
     def _check_spent(self, record: Mapping[str, Any]) -> None:
         """Refuse a state whose privacy record is not this process's latest.
@@ -323,31 +416,37 @@ class FederatedProcess:
             client_states=self.client_states,
             secure=self._secure(),
         )
-        spent = result.state.metadata.get("privacy") if result.state else None
+        new_state = self._stamp(result.state) if self._private else result.state
+        spent = new_state.metadata.get("privacy")
         if isinstance(spent, Mapping):
             self._spent = spent
+        central = (
+            self._private
+            and self.config is not None
+            and (self.config.privacy.mode == "central")
+        )
         if not result.completed:
             details = "; ".join(
                 f"{f.client_id} ({f.kind}): {f.message}" for f in result.failures[:5]
             )
             raise RoundFailedError(
-                f"{result.message}. Failures: {details}", state=result.state
+                # Central DP keeps who was sampled secret: no client named.
+                result.message if central else f"{result.message}. Failures: {details}",
+                state=new_state,
             )
         metrics = dict(result.metrics)
         if isinstance(strategy, PrivateRelease):
             # Only what the guarantee covers leaves a DP round.
             metrics = strategy.released(metrics)
-        privacy = result.state.metadata.get("privacy")
+        privacy = new_state.metadata.get("privacy")
         if isinstance(privacy, Mapping):
             metrics["epsilon"] = privacy.get("epsilon")
             metrics["delta"] = privacy.get("delta")
-        if not (
-            self._private and self.config and self.config.privacy.mode == "central"
-        ):
+        if not central:
             # Central DP keeps who was sampled secret (amplification by
             # sampling assumes it), and a failure names a sampled client.
             metrics["failures"] = [f.to_json() for f in result.failures]
-        return result.state, metrics
+        return new_state, metrics
 
     def evaluate(
         self, state: ServerState, x: np.ndarray, y: np.ndarray
@@ -391,8 +490,11 @@ def fedavg(
     input_shape
         Shape of one example when inputs arrive flattened.
     seed
-        Seeds initialisation, sampling, noise (unless ``secure_rng``) and
-        local shuffling.
+        Seeds initialisation and local shuffling; under ``privacy`` the noise
+        and the client sample come from the operating system's cryptographic
+        generator unless ``privacy={"secure_rng": False, ...}`` asks for the
+        seed (reproducible, but then whoever knows the seed can remove the
+        noise).
     task
         ``"classification"`` (cross-entropy; accuracy) or ``"regression"``
         (mean squared error; RMSE and MAE).
@@ -458,6 +560,12 @@ def fedavg(
     for name, value in (("privacy", privacy), ("secagg", secagg), ("robust", robust)):
         if value is not None:
             sections[name] = _section(name, value)
+    if "privacy" in sections:
+        # The noise and the sample from the OS unless asked otherwise: seeded
+        # noise is the same in every process with this seed, so two releases
+        # on neighbouring data would cancel it (the TOML's default is the
+        # seed, for reproducible studies, and its summary says so).
+        sections["privacy"].setdefault("secure_rng", True)
     config = parse_config(sections)
     model = TorchModel(model_fn, input_shape=input_shape, task=config.model.task)
     return FederatedProcess(model, seed=seed, config=config)
@@ -465,9 +573,6 @@ def fedavg(
 
 IN_PYTHON = "fedshield.api.process:clients_given_in_python"
 """``data.factory`` of a configuration whose clients Python hands over."""
-EACH_ROUND = f"{IN_PYTHON}_each_round"
-"""``data.factory`` of :func:`fedavg`'s configuration: the arrays go to the
-model as given each round (no encoding, so no schema to declare)."""
 
 
 def clients_given_in_python() -> None:
@@ -488,7 +593,7 @@ def clients_given_in_python() -> None:
     )
 
 
-clients_given_in_python_each_round = clients_given_in_python
+clients_given_each_round = clients_given_in_python
 
 
 def _section(name: str, value: Mapping[str, Any] | BaseModel | None) -> dict[str, Any]:
@@ -496,7 +601,8 @@ def _section(name: str, value: Mapping[str, Any] | BaseModel | None) -> dict[str
     if value is None:
         return {}
     if isinstance(value, BaseModel):
-        return value.model_dump(exclude_none=True)
+        # Only what the caller set: the section's defaults are the schema's.
+        return value.model_dump(exclude_unset=True)
     if isinstance(value, Mapping):
         return dict(value)
     raise ConfigError(
