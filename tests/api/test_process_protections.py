@@ -287,6 +287,7 @@ def test_noise_is_not_seeded_by_default_in_the_python_api():
     assert np.array_equal(sc.params.flat, sd.params.flat)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_a_failed_central_round_names_no_client():
     from fedshield.errors import RoundFailedError
 
