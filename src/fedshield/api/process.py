@@ -297,11 +297,10 @@ class FederatedProcess:
         )
 
     def _check_spent(self, record: Mapping[str, Any]) -> None:
-        """Refuse a state whose privacy record is not this process's latest.
+        """Refuse a state whose ε was spent under other noise settings.
 
-        DP charges every round that ran, completed or not; continuing from an
-        older state (or a state of a process with other noise) would report
-        less than was spent.
+        Whether it is the latest state of its lineage is
+        :meth:`_check_lineage`'s part.
         """
         settings = self.strategy.privacy
         for key, ours in (
@@ -316,20 +315,6 @@ class FederatedProcess:
                     f"this process {ours!r}: its ε was spent under other settings "
                     "and cannot be continued here"
                 )
-        if self._spent is None:
-            return
-        behind = int(record.get("rounds", 0)) < int(self._spent.get("rounds", 0))
-        less = float(record.get("epsilon") or 0.0) < float(
-            self._spent.get("epsilon") or 0.0
-        )
-        if behind or less:
-            raise ConfigError(
-                "this state is older than the last round this process ran "
-                f"(its ε {record.get('epsilon')}, spent so far "
-                f"{self._spent.get('epsilon')}): every round run is charged, "
-                "completed or not; continue from the latest state (after a "
-                "failed round: RoundFailedError.state)"
-            )
 
     def _clients(self, client_data: ClientData) -> dict[ClientId, Client]:
         from fedshield.models import TorchClient
