@@ -13,6 +13,7 @@ from fedshield.simulation import (
     SequentialBackend,
     VectorisedBackend,
 )
+from fedshield.simulation.backends import BACKENDS
 
 if TYPE_CHECKING:
     from fedshield.models import TorchModel
@@ -21,8 +22,6 @@ __all__ = ["BACKENDS", "make_backend", "resolve_backend"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sequential", "vectorised", "process", "ray")
-"""Values of ``run.backend``; ``auto`` picks the fastest that fits the model."""
 
 # Reasons already given for auto not picking vectorised (once per process).
 _WARNED: set[str] = set()
@@ -66,6 +65,21 @@ def resolve_backend(
         names the layer and the backend that will work), with record-level
         DP-SGD, or with a deadline under DP.
     """
+    forced = _forced_by_privacy(name, privacy_mode, timeout_s)
+    if forced is not None:
+        return forced
+    if name not in ("auto", "vectorised"):
+        return name
+    return _vectorised_if_possible(name, model)
+
+
+def _forced_by_privacy(
+    name: str, privacy_mode: str, timeout_s: float | None
+) -> str | None:
+    """``sequential`` where DP rules out ``vectorised`` for ``auto``, else None.
+
+    Raises ConfigError where ``vectorised`` itself was asked for.
+    """
     if privacy_mode != "none" and timeout_s is not None:
         if name == "vectorised":
             raise ConfigError(
@@ -89,8 +103,15 @@ def resolve_backend(
             )
         if name == "auto":
             return "sequential"
-    if name not in ("auto", "vectorised"):
-        return name
+    return None
+
+
+def _vectorised_if_possible(name: str, model: TorchModel) -> str:
+    """``vectorised`` if ``model`` can be vmapped; else ``auto`` falls back.
+
+    ``name`` is ``auto`` or ``vectorised``; the latter raises ConfigError
+    (naming the layer) instead of falling back.
+    """
     from fedshield.models import check_vectorisable
 
     try:
@@ -132,4 +153,4 @@ def make_backend(
             )
         except ImportError as err:  # Ray not installed: name the extra
             raise ConfigError(f"run.backend = 'ray': {err}") from None
-    raise ConfigError(f"run.backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    raise ConfigError(BACKENDS.unknown(name))

@@ -39,9 +39,10 @@ from fedshield.strategies import (
 )
 
 if TYPE_CHECKING:
+    from fedshield.data.user import UserDataSpec
     from fedshield.models import TorchClient, TorchModel
     from fedshield.models.attacks import AttackSpec
-    from fedshield.strategies.dp import DpFedAvg
+    from fedshield.strategies.dp import DpFedAvg, PoissonSampler, PrivacySettings
 
 __all__ = ["Federation", "build_federation", "build_strategy"]
 
@@ -283,8 +284,47 @@ def build_federation(
     PartitionError
         If a client would get fewer than ``min_samples`` examples.
     """
-    from fedshield.data.preprocess import preprocess_per_client
+    split = _split_data(config, clients, test)
+    client_ids = split.client_ids
+    model = _build_model(config, split.train, model_fn)
+    attack = _attack(config, client_ids, split.summary, split.train.num_classes)
+    federation_clients = DatasetClients(
+        model,
+        split.train,
+        split.parts,
+        client_test_fraction=config.data.client_test_fraction,
+        seed=config.run.seed,
+        attack=attack,
+    )
+    return Federation(
+        model=model,
+        client_ids=client_ids,
+        client_fn=federation_clients,
+        test=split.test,
+        partition=split.summary,
+        dataset=config.data.dataset if clients is None else "python",
+        train=split.train,
+        attack=attack,
+    )
 
+
+@dataclass(frozen=True)
+class _Split:
+    """The data once split: the clients' rows, the server's test set."""
+
+    train: Dataset
+    test: Dataset
+    client_ids: tuple[ClientId, ...]
+    parts: dict[ClientId, np.ndarray]
+    summary: PartitionSummary
+
+
+def _split_data(
+    config: ExperimentConfig,
+    clients: UserClients | None,
+    test: tuple[Any, Any] | None,
+) -> _Split:
+    """Load the data, hold out the test set, partition and preprocess the rest."""
     data, seed = config.data, config.run.seed
     dataset, test_set, names = _load_data(config, clients, test)
     if dataset.task != config.model.task:
@@ -298,65 +338,115 @@ def build_federation(
             test_fraction=data.test_fraction,
             rng=derive_rng(seed, "test-split"),
         )
-    train = dataset
-    method = (
-        data.partition
-        if data.partition is not None
-        else ("natural" if names is not None else "iid")
-    )
-    if method == "natural":
-        if train.groups is None:
-            raise ConfigError(
-                "data.partition = 'natural' needs data that names its clients; "
-                f"{data.dataset!r} does not. Use another partition, or (your own "
-                "data) a client_column or a folder of one file per client"
-            )
-        found = natural_client_names(train.groups)
-        if names is not None and len(found) != len(names):
-            missing = sorted(set(names) - set(found))
-            raise ConfigError(
-                f"client(s) {', '.join(missing)} have no training rows once the "
-                "test rows are held out; give them more rows or lower "
-                "data.test_fraction"
-            )
-        if data.num_clients is not None and data.num_clients != len(found):
-            raise ConfigError(
-                f"data.num_clients must be {len(found)} for the natural partition "
-                f"of {data.dataset!r} ({', '.join(found[:12])}"
-                f"{', ...' if len(found) > 12 else ''}); got {data.num_clients}, "
-                "or leave it unset"
-            )
-        client_ids: Sequence[str] = found
-    else:
-        if names is not None:
-            raise ConfigError(
-                f"data.partition = {method!r}, but the data already names its "
-                f"{len(names)} clients (a client_column, a folder of per-client "
-                "files or a factory); drop data.partition, or give one file "
-                "without client_column to be partitioned"
-            )
-        count = data.num_clients if data.num_clients is not None else 10
-        client_ids = [str(i) for i in range(count)]
-    if config.expected_num_clients is None:  # the count is known only now
-        try:
-            config.check_client_counts(len(client_ids))
-            config.check_secagg_neighbours(len(client_ids))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    method = _partition_method(config, names)
+    client_ids = _client_ids(config, dataset, method, names)
     parts = partition(
-        train.y,
+        dataset.y,
         len(client_ids),
         method=method,
         rng=derive_rng(seed, "partition"),
         alpha=data.alpha,
         shards_per_client=data.shards,
         sigma=data.sigma,
-        groups=train.groups,
+        groups=dataset.groups,
         min_samples=data.min_samples,
     )
     by_client = dict(zip(client_ids, parts, strict=True))
+    train, test_set = _preprocess(config, dataset, by_client, test_set, method)
+    summary = summarize_partition(
+        parts,
+        train.y,
+        num_classes=train.num_classes,
+        client_ids=client_ids,
+        method=method,
+    )
+    return _Split(train, test_set, tuple(client_ids), by_client, summary)
+
+
+def _partition_method(config: ExperimentConfig, names: Sequence[str] | None) -> str:
+    """``data.partition``; unset, ``natural`` if the data names its clients."""
+    if config.data.partition is not None:
+        return config.data.partition
+    return "natural" if names is not None else "iid"
+
+
+def _client_ids(
+    config: ExperimentConfig,
+    train: Dataset,
+    method: str,
+    names: Sequence[str] | None,
+) -> Sequence[str]:
+    """The clients' ids, checked against the counts the config sets."""
+    if method == "natural":
+        client_ids = _natural_ids(config, train, names)
+    else:
+        client_ids = _numbered_ids(config, method, names)
+    if config.expected_num_clients is None:  # the count is known only now
+        try:
+            config.check_client_counts(len(client_ids))
+            config.check_secagg_neighbours(len(client_ids))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return client_ids
+
+
+def _natural_ids(
+    config: ExperimentConfig, train: Dataset, names: Sequence[str] | None
+) -> list[str]:
+    """The clients the training rows name (the ``natural`` partition)."""
+    data = config.data
+    if train.groups is None:
+        raise ConfigError(
+            "data.partition = 'natural' needs data that names its clients; "
+            f"{data.dataset!r} does not. Use another partition, or (your own "
+            "data) a client_column or a folder of one file per client"
+        )
+    found = natural_client_names(train.groups)
+    if names is not None and len(found) != len(names):
+        missing = sorted(set(names) - set(found))
+        raise ConfigError(
+            f"client(s) {', '.join(missing)} have no training rows once the "
+            "test rows are held out; give them more rows or lower "
+            "data.test_fraction"
+        )
+    if data.num_clients is not None and data.num_clients != len(found):
+        raise ConfigError(
+            f"data.num_clients must be {len(found)} for the natural partition "
+            f"of {data.dataset!r} ({', '.join(found[:12])}"
+            f"{', ...' if len(found) > 12 else ''}); got {data.num_clients}, "
+            "or leave it unset"
+        )
+    return found
+
+
+def _numbered_ids(
+    config: ExperimentConfig, method: str, names: Sequence[str] | None
+) -> list[str]:
+    """``"0"``, ``"1"``, ...: the clients a partitioner splits the data among."""
+    data = config.data
+    if names is not None:
+        raise ConfigError(
+            f"data.partition = {method!r}, but the data already names its "
+            f"{len(names)} clients (a client_column, a folder of per-client "
+            "files or a factory); drop data.partition, or give one file "
+            "without client_column to be partitioned"
+        )
+    count = data.num_clients if data.num_clients is not None else 10
+    return [str(i) for i in range(count)]
+
+
+def _preprocess(
+    config: ExperimentConfig,
+    train: Dataset,
+    by_client: dict[ClientId, np.ndarray],
+    test_set: Dataset,
+    method: str,
+) -> tuple[Dataset, Dataset]:
+    """Each client's rows (and the test set) encoded and scaled as ``[data]`` says."""
+    from fedshield.data.preprocess import preprocess_per_client
+
     private = config.privacy.mode != "none"
-    train, test_set = preprocess_per_client(
+    return preprocess_per_client(
         train,
         by_client,
         test_set,
@@ -365,37 +455,10 @@ def build_federation(
         # with its own statistics, as the server's own site (per owner, a
         # hospital with a handful of test rows would lose its signal).
         test_owner=test_set.groups if method == "natural" and not private else None,
-        standardize=data.standardize,
+        standardize=config.data.standardize,
         # Record-level DP protects each record: no statistic over a client's
         # records may shape how the others are trained (see preprocess).
         fit="none" if config.privacy.mode == "record" else "client",
-    )
-    summary = summarize_partition(
-        parts,
-        train.y,
-        num_classes=train.num_classes,
-        client_ids=client_ids,
-        method=method,
-    )
-    model = _build_model(config, train, model_fn)
-    attack = _attack(config, tuple(client_ids), summary, train.num_classes)
-    federation_clients = DatasetClients(
-        model,
-        train,
-        by_client,
-        client_test_fraction=data.client_test_fraction,
-        seed=seed,
-        attack=attack,
-    )
-    return Federation(
-        model=model,
-        client_ids=tuple(client_ids),
-        client_fn=federation_clients,
-        test=test_set,
-        partition=summary,
-        dataset=data.dataset if clients is None else "python",
-        train=train,
-        attack=attack,
     )
 
 
@@ -410,7 +473,6 @@ def _load_data(
     partitioner splits it).
     """
     data = config.data
-    task = config.model.task
     if clients is not None:
         if data.is_user_data and data.path is not None:
             raise ConfigError(
@@ -419,7 +481,7 @@ def _load_data(
         user = _in_memory(
             clients,
             test,
-            task=task,
+            task=config.model.task,
             classes=tuple(data.classes) if data.classes else None,
             declared=config.privacy.mode != "none",
         )
@@ -434,44 +496,42 @@ def _load_data(
         )
         return dataset, None, names
     else:
-        from fedshield.core.imports import CallableRef
-        from fedshield.data.user import UserDataSpec, load_user_data
+        from fedshield.data.user import load_user_data
 
-        user = load_user_data(
-            UserDataSpec(
-                kind=data.dataset,
-                path=Path(data.path).resolve() if data.path else None,
-                label=data.label,
-                features=tuple(data.features) if data.features else None,
-                categorical=tuple(data.categorical),
-                client_column=data.client_column,
-                test_path=Path(data.test_path).resolve() if data.test_path else None,
-                task=task,
-                classes=tuple(data.classes) if data.classes else None,
-                image_size=(
-                    (data.image_size[0], data.image_size[1])
-                    if data.image_size
-                    else None
-                ),
-                image_mode=data.image_mode,
-                factory=(
-                    CallableRef(data.factory, what="data.factory")
-                    if data.factory
-                    else None
-                ),
-                max_file_mb=data.max_file_mb,
-                levels=(
-                    {k: tuple(v) for k, v in data.levels.items()}
-                    if data.levels
-                    else None
-                ),
-                missing=tuple(data.missing) if data.missing is not None else None,
-                # Under DP nothing about the encoding may come from the
-                # records (see ExperimentConfig._check_declared_schema).
-                declared=config.privacy.mode != "none",
-            )
-        )
+        user = load_user_data(_user_data_spec(config))
     return user.train, user.test, user.client_ids
+
+
+def _user_data_spec(config: ExperimentConfig) -> UserDataSpec:
+    """``[data]``'s own data (files or a factory) as the loader takes it."""
+    from fedshield.core.imports import CallableRef
+    from fedshield.data.user import UserDataSpec
+
+    data = config.data
+    return UserDataSpec(
+        kind=data.dataset,
+        path=Path(data.path).resolve() if data.path else None,
+        label=data.label,
+        features=tuple(data.features) if data.features else None,
+        categorical=tuple(data.categorical),
+        client_column=data.client_column,
+        test_path=Path(data.test_path).resolve() if data.test_path else None,
+        task=config.model.task,
+        classes=tuple(data.classes) if data.classes else None,
+        image_size=(
+            (data.image_size[0], data.image_size[1]) if data.image_size else None
+        ),
+        image_mode=data.image_mode,
+        factory=(
+            CallableRef(data.factory, what="data.factory") if data.factory else None
+        ),
+        max_file_mb=data.max_file_mb,
+        levels=({k: tuple(v) for k, v in data.levels.items()} if data.levels else None),
+        missing=tuple(data.missing) if data.missing is not None else None,
+        # Under DP nothing about the encoding may come from the
+        # records (see ExperimentConfig._check_declared_schema).
+        declared=config.privacy.mode != "none",
+    )
 
 
 class _GivenClients:
@@ -811,58 +871,97 @@ def _dp_strategy(
     replacement (RDP only). A missing ``noise_multiplier`` is calibrated
     from ``target_epsilon``, ``delta`` and ``run.rounds``.
     """
-    from fedshield.privacy.accounting import calibrate_noise_multiplier
-    from fedshield.strategies.dp import DpFedAvg, PoissonSampler, PrivacySettings
+    from fedshield.strategies.dp import DpFedAvg
 
-    p, s = config.privacy, config.strategy
+    p = config.privacy
     assert p.mode != "none" and p.clip_norm is not None
     if p.mode == "record":
         return _record_strategy(config, fedavg, num_clients, client_sizes)
-    if s.clients_per_round is not None:
-        rate = min(1.0, s.clients_per_round / num_clients)
-    else:
-        rate = s.fraction if s.fraction is not None else 1.0
-    sampler: PoissonSampler | CountSampler
-    if p.sampling == "poisson":
-        sampler = PoissonSampler(rate)
-    else:
-        sampler = CountSampler(
-            s.clients_per_round
-            if s.clients_per_round is not None
-            else max(1, round(rate * num_clients))
-        )
+    sampler = _dp_sampler(config, num_clients)
     sigma = p.noise_multiplier
     secure = secure_settings(config)
     if sigma is None and p.mode == "distributed":
         assert p.target_epsilon is not None
         sigma = _calibrate_distributed(config, sampler, num_clients, secure, dimension)
     if sigma is None:
-        assert p.target_epsilon is not None
-        sampling: dict[str, Any]
-        if p.mode == "local":  # one release per round taken part in
-            sampling = {"sampling": "none", "sampling_rate": None}
-        elif isinstance(sampler, PoissonSampler):
-            sampling = {"sampling": "poisson", "sampling_rate": sampler.rate}
-        else:
-            sampling = {
-                "sampling": "fixed",
-                "sampling_rate": None,
-                "population": num_clients,
-                "sample_size": min(sampler.count, num_clients),
-            }
-        sigma = calibrate_noise_multiplier(
-            p.target_epsilon,
-            p.delta,
-            steps=config.run.rounds,
-            accountant=p.accountant,
-            **sampling,
-        )
-        if p.mode == "local" or not isinstance(sampler, PoissonSampler):
-            # Sensitivity 2C against noise σC: the calibrated multiplier is
-            # σ/2 (local mode: any two clipped updates; fixed-size sampling:
-            # replace-one, see DpFedAvg._central_event).
-            sigma *= 2.0
-    settings = PrivacySettings(
+        sigma = _calibrate_sampled(config, sampler, num_clients)
+    return DpFedAvg(
+        base=fedavg,
+        privacy=_privacy_settings(config, sigma),
+        sampler=sampler,
+        num_clients=num_clients,
+        threshold_for=secure.threshold_for if secure is not None else None,
+    )
+
+
+def _dp_sampler(
+    config: ExperimentConfig, num_clients: int
+) -> PoissonSampler | CountSampler:
+    """DP's client sampler: Poisson, or fixed-size under ``sampling = "fixed"``.
+
+    The rate is ``clients_per_round / N`` (or ``fraction``).
+    """
+    from fedshield.strategies.dp import PoissonSampler
+
+    p, s = config.privacy, config.strategy
+    if s.clients_per_round is not None:
+        rate = min(1.0, s.clients_per_round / num_clients)
+    else:
+        rate = s.fraction if s.fraction is not None else 1.0
+    if p.sampling == "poisson":
+        return PoissonSampler(rate)
+    return CountSampler(
+        s.clients_per_round
+        if s.clients_per_round is not None
+        else max(1, round(rate * num_clients))
+    )
+
+
+def _calibrate_sampled(
+    config: ExperimentConfig,
+    sampler: PoissonSampler | CountSampler,
+    num_clients: int,
+) -> float:
+    """Central or local mode's noise multiplier for ``target_epsilon``."""
+    from fedshield.privacy.accounting import calibrate_noise_multiplier
+    from fedshield.strategies.dp import PoissonSampler
+
+    p = config.privacy
+    assert p.target_epsilon is not None
+    sampling: dict[str, Any]
+    if p.mode == "local":  # one release per round taken part in
+        sampling = {"sampling": "none", "sampling_rate": None}
+    elif isinstance(sampler, PoissonSampler):
+        sampling = {"sampling": "poisson", "sampling_rate": sampler.rate}
+    else:
+        sampling = {
+            "sampling": "fixed",
+            "sampling_rate": None,
+            "population": num_clients,
+            "sample_size": min(sampler.count, num_clients),
+        }
+    sigma = calibrate_noise_multiplier(
+        p.target_epsilon,
+        p.delta,
+        steps=config.run.rounds,
+        accountant=p.accountant,
+        **sampling,
+    )
+    if p.mode == "local" or not isinstance(sampler, PoissonSampler):
+        # Sensitivity 2C against noise σC: the calibrated multiplier is
+        # σ/2 (local mode: any two clipped updates; fixed-size sampling:
+        # replace-one, see DpFedAvg._central_event).
+        sigma *= 2.0
+    return sigma
+
+
+def _privacy_settings(config: ExperimentConfig, sigma: float) -> PrivacySettings:
+    """``[privacy]`` (central, local or distributed) with its noise multiplier."""
+    from fedshield.strategies.dp import PrivacySettings
+
+    p = config.privacy
+    assert p.mode != "none" and p.clip_norm is not None
+    return PrivacySettings(
         mode=p.mode,
         clip_norm=p.clip_norm,
         noise_multiplier=sigma,
@@ -875,13 +974,6 @@ def _dp_strategy(
         clipped_count_stddev=p.clipped_count_stddev,
         distributed_bits=p.distributed_bits,
         rounding_beta=p.rounding_beta,
-    )
-    return DpFedAvg(
-        base=fedavg,
-        privacy=settings,
-        sampler=sampler,
-        num_clients=num_clients,
-        threshold_for=secure.threshold_for if secure is not None else None,
     )
 
 

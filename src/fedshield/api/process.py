@@ -173,6 +173,17 @@ class FederatedProcess:
             if self.config is not None:
                 self._check(self.strategy, clients)
             return self.strategy, state
+        self._fix_population(clients)
+        self._check(self.strategy, clients)
+        self._check_sizes(clients)
+        if "privacy" not in state.metadata:
+            state = self._open_ledger(state, clients)
+        self._check_spent(state.metadata["privacy"])
+        self._check_lineage(state, clients)
+        return self.strategy, state
+
+    def _fix_population(self, clients: Mapping[ClientId, Client]) -> None:
+        """The first DP round's clients become the population; later, the same."""
         ids = tuple(sorted(clients))
         if self._population is None:
             self.strategy = self._build(clients)
@@ -186,43 +197,46 @@ class FederatedProcess:
                 "Pass the whole population each round: fedshield samples from "
                 "it (strategy.fraction or clients_per_round)"
             )
-        self._check(self.strategy, clients)
-        if self._sizes is not None:
-            sizes = {cid: _num_examples(c) for cid, c in clients.items()}
-            changed = sorted(c for c in sizes if sizes[c] != self._sizes.get(c))
-            if changed:
-                cid = changed[0]
-                raise ConfigError(
-                    f"record-level DP: client {cid!r} has {sizes[cid]} records "
-                    f"this round but had {self._sizes.get(cid)} in the first; "
-                    "DP-SGD's sampling rate (batch / records) is accounted for "
-                    "the first round's counts, so each client's data must stay "
-                    "the same size"
-                )
-        if "privacy" not in state.metadata:
-            if self._spent is not None:
-                raise ConfigError(
-                    "this state is older than the last round this process ran "
-                    "(it has no privacy ledger; ε spent so far "
-                    f"{self._spent.get('epsilon')}): every round run is charged; "
-                    "continue from the latest state"
-                )
-            if state.round_idx != 0:
-                raise ConfigError(
-                    "this state has no privacy ledger but is past round 0: "
-                    "start from this process's initialize()"
-                )
-            state = self.strategy.init(state.params)
-            state = state.evolve(
-                metadata={
-                    **state.metadata,
-                    _LINEAGE: {**self._lineage_facts(clients), "id": uuid.uuid4().hex,
-                               "round_idx": state.round_idx},
-                }
-            )  # fmt: skip
-        self._check_spent(state.metadata["privacy"])
-        self._check_lineage(state, clients)
-        return self.strategy, state
+
+    def _check_sizes(self, clients: Mapping[ClientId, Client]) -> None:
+        """Record mode: every client keeps the record count of the first round."""
+        if self._sizes is None:
+            return
+        sizes = {cid: _num_examples(c) for cid, c in clients.items()}
+        changed = sorted(c for c in sizes if sizes[c] != self._sizes.get(c))
+        if changed:
+            cid = changed[0]
+            raise ConfigError(
+                f"record-level DP: client {cid!r} has {sizes[cid]} records "
+                f"this round but had {self._sizes.get(cid)} in the first; "
+                "DP-SGD's sampling rate (batch / records) is accounted for "
+                "the first round's counts, so each client's data must stay "
+                "the same size"
+            )
+
+    def _open_ledger(
+        self, state: ServerState, clients: Mapping[ClientId, Client]
+    ) -> ServerState:
+        """``state`` (round 0, no privacy record yet) with a fresh DP lineage."""
+        if self._spent is not None:
+            raise ConfigError(
+                "this state is older than the last round this process ran "
+                "(it has no privacy ledger; ε spent so far "
+                f"{self._spent.get('epsilon')}): every round run is charged; "
+                "continue from the latest state"
+            )
+        if state.round_idx != 0:
+            raise ConfigError(
+                "this state has no privacy ledger but is past round 0: "
+                "start from this process's initialize()"
+            )
+        state = self.strategy.init(state.params)
+        lineage = {
+            **self._lineage_facts(clients),
+            "id": uuid.uuid4().hex,
+            "round_idx": state.round_idx,
+        }
+        return state.evolve(metadata={**state.metadata, _LINEAGE: lineage})
 
     def _lineage_facts(self, clients: Mapping[ClientId, Client]) -> dict[str, Any]:
         """What the accountant assumes besides σ: local training, record counts."""
@@ -526,34 +540,60 @@ def fedavg(
 
     sections: dict[str, Any] = {
         "run": {"seed": seed, **({"rounds": rounds} if rounds is not None else {})},
-        "client": {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-        },
+        "client": _local_sgd(epochs, batch_size, lr, momentum, weight_decay),
         "model": {"task": task},
         # The clients come with each round; the data section only says so.
         "data": {"dataset": "python", "factory": EACH_ROUND},
-        "strategy": {
-            **({"server_lr": server_lr} if server_lr is not None else {}),
-            "min_clients": min_clients,
-            **_section("strategy", strategy),
-        },
+        "strategy": _strategy_section(server_lr, min_clients, strategy),
+        **_optional_sections(privacy=privacy, secagg=secagg, robust=robust),
     }
-    for name, value in (("privacy", privacy), ("secagg", secagg), ("robust", robust)):
-        if value is not None:
-            sections[name] = _section(name, value)
+    config = parse_config(sections)
+    model = TorchModel(model_fn, input_shape=input_shape, task=config.model.task)
+    return FederatedProcess(model, seed=seed, config=config)
+
+
+def _local_sgd(
+    epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float
+) -> dict[str, Any]:
+    """``fs.fedavg``'s ``[client]`` section: each client's local SGD."""
+    return {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+    }
+
+
+def _strategy_section(
+    server_lr: float | None,
+    min_clients: int,
+    strategy: Mapping[str, Any] | BaseModel | None,
+) -> dict[str, Any]:
+    """``fs.fedavg``'s ``[strategy]``: its keywords, then the section given."""
+    return {
+        **({"server_lr": server_lr} if server_lr is not None else {}),
+        "min_clients": min_clients,
+        **_section("strategy", strategy),
+    }
+
+
+def _optional_sections(
+    **given: Mapping[str, Any] | BaseModel | None,
+) -> dict[str, dict[str, Any]]:
+    """The sections given (of ``privacy``, ``secagg``, ``robust``), as dicts."""
+    sections = {
+        name: _section(name, value)
+        for name, value in given.items()
+        if value is not None
+    }
     if "privacy" in sections:
         # The noise and the sample from the OS unless asked otherwise: seeded
         # noise is the same in every process with this seed, so two releases
         # on neighbouring data would cancel it (the TOML's default is the
         # seed, for reproducible studies, and its summary says so).
         sections["privacy"].setdefault("secure_rng", True)
-    config = parse_config(sections)
-    model = TorchModel(model_fn, input_shape=input_shape, task=config.model.task)
-    return FederatedProcess(model, seed=seed, config=config)
+    return sections
 
 
 IN_PYTHON = "fedshield.api.process:clients_given_in_python"
