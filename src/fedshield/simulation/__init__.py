@@ -10,15 +10,24 @@ from fedshield.simulation.backends import (
 )
 from fedshield.simulation.protocol import (
     ClientFailure,
+    ClientSession,
     EvaluateIns,
     FailureKind,
     FitIns,
+    FitReceipt,
+    HoldUpdate,
     RoundProtocol,
     StageReply,
     StageRequest,
     execute_stage,
 )
-from fedshield.simulation.rounds import FitRound, RoundResult
+from fedshield.simulation.rounds import (
+    FitRound,
+    RoundOptions,
+    RoundResult,
+    StageObserver,
+    StageView,
+)
 from fedshield.simulation.rundir import RunDirectory
 from fedshield.simulation.runner import (
     EvaluateFn,
@@ -36,6 +45,7 @@ from fedshield.simulation.state_store import (
 __all__ = [
     "Backend",
     "ClientFailure",
+    "ClientSession",
     "ClientStateStore",
     "DiskStateStore",
     "ClientFn",
@@ -43,15 +53,20 @@ __all__ = [
     "EvaluateIns",
     "FailureKind",
     "FitIns",
+    "FitReceipt",
     "FitRound",
+    "HoldUpdate",
     "RoundCallback",
+    "RoundOptions",
     "RoundProtocol",
     "RoundResult",
     "RunDirectory",
     "ProcessPoolBackend",
     "SequentialBackend",
     "VectorisedBackend",
+    "StageObserver",
     "StageReply",
+    "StageView",
     "StageRequest",
     "StateStore",
     "drive_round",

@@ -23,16 +23,25 @@ import numpy as np
 
 from fedshield.core import Client, ClientId, EvalConfig, FitConfig, Params
 from fedshield.errors import ProtocolError
+from fedshield.simulation.secure_client import (
+    SECURE_STAGES,
+    hold_update,
+    run_secure_stage,
+)
 
 __all__ = [
     "ClientFailure",
+    "ClientSession",
     "EvaluateIns",
     "FailureKind",
     "FitIns",
+    "FitReceipt",
+    "HoldUpdate",
     "RoundProtocol",
     "StageReply",
     "StageRequest",
     "execute_stage",
+    "fit_reply",
 ]
 
 
@@ -50,11 +59,65 @@ class FailureKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class HoldUpdate:
+    """Under secure aggregation: keep the update at the client, reply a receipt.
+
+    Parameters
+    ----------
+    malicious
+        The protocol defends against a malicious server: the client makes a
+        signing key for the round and its receipt carries the public half
+        (the simulation's stand-in for a key bound to the client's
+        certificate).
+    lenient
+        Distributed DP: a NaN or infinite update is encoded as zero by the
+        client's own encoder and no training metric leaves the client, so
+        the client's check refuses nothing (whether local training diverged
+        depends on the client's data).
+    max_examples
+        Largest ``num_examples`` the server accepts (None: unbounded).
+    """
+
+    malicious: bool = False
+    lenient: bool = False
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class FitIns:
-    """Stage ``"fit"``: train from ``params`` as ``config`` says."""
+    """Stage ``"fit"``: train from ``params`` as ``config`` says.
+
+    With ``hold`` (secure aggregation) the client keeps its update for the
+    protocol's stages and replies a :class:`FitReceipt`.
+    """
 
     params: Params
     config: FitConfig
+    hold: HoldUpdate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FitReceipt:
+    """A secure round's reply to ``fit``: the update stays at the client.
+
+    Parameters
+    ----------
+    client_id
+        Who trained.
+    num_examples
+        Its training examples (FedAvg's weight; what the server learns of
+        the client besides the sum).
+    verify_key
+        Malicious mode: the public half of the client's signing key.
+    rejected
+        Why the client's own check refused its update (empty: accepted); the
+        server records a rejected update, as it would have on receipt.
+    """
+
+    client_id: ClientId
+    num_examples: int
+    verify_key: bytes = b""
+    rejected: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,30 +199,79 @@ class RoundProtocol(Protocol):
         """Consume one stage's replies; return the next stage or the result."""
 
 
-def _run_fit(client: Client, message: Any, rng: np.random.Generator) -> Any:
+class ClientSession:
+    """One client as the process that holds it sees it, for one round.
+
+    The backends build it on the client's first stage of a round and keep it
+    until the round ends, so that every stage of a multi-stage protocol
+    talks to the same client and the same round-local state: under secure
+    aggregation the update trained in ``fit`` (until it is encoded) and the
+    client's half of the protocol.
+    """
+
+    __slots__ = ("client", "client_id", "held", "secagg", "signing_key")
+
+    def __init__(self, client_id: ClientId, client: Client) -> None:
+        self.client_id = client_id
+        self.client = client
+        self.held: Any = None
+        self.signing_key: Any = None
+        self.secagg: Any = None
+
+
+def fit_reply(session: ClientSession, message: FitIns, update: Any) -> Any:
+    """What the client sends back for ``fit``: its update, or a receipt.
+
+    Under secure aggregation (``message.hold``) the update stays with the
+    client and the server gets a receipt.
+    """
+    if message.hold is None:
+        return update
+    return hold_update(session, update, message.hold, message.params.spec)
+
+
+def _run_fit(session: ClientSession, message: Any, rng: np.random.Generator) -> Any:
     if not isinstance(message, FitIns):
         raise ProtocolError(f"stage 'fit' expects FitIns; got {type(message).__name__}")
-    return client.fit(message.params, message.config, rng)
+    update = session.client.fit(message.params, message.config, rng)
+    return fit_reply(session, message, update)
 
 
-def _run_evaluate(client: Client, message: Any, rng: np.random.Generator) -> Any:
+def _run_evaluate(
+    session: ClientSession, message: Any, rng: np.random.Generator
+) -> Any:
     if not isinstance(message, EvaluateIns):
         raise ProtocolError(
             f"stage 'evaluate' expects EvaluateIns; got {type(message).__name__}"
         )
-    return dict(client.evaluate(message.params, message.config))
+    return dict(session.client.evaluate(message.params, message.config))
 
 
-_CLIENT_STAGES: dict[str, Callable[[Client, Any, np.random.Generator], Any]] = {
+def _run_secure(stage: str) -> Callable[[ClientSession, Any, np.random.Generator], Any]:
+    def run(session: ClientSession, message: Any, rng: np.random.Generator) -> Any:
+        return run_secure_stage(session, stage, message, rng)
+
+    return run
+
+
+_CLIENT_STAGES: dict[str, Callable[[ClientSession, Any, np.random.Generator], Any]] = {
     "fit": _run_fit,
     "evaluate": _run_evaluate,
+    **{stage: _run_secure(stage) for stage in SECURE_STAGES},
 }
 
 
 def execute_stage(
-    client: Client, stage: str, message: Any, *, rng: np.random.Generator
+    client: ClientSession | Client,
+    stage: str,
+    message: Any,
+    *,
+    rng: np.random.Generator,
 ) -> Any:
     """Run the client half of ``stage`` on ``client``.
+
+    ``client`` is the client's session for the round, or a bare client for
+    a one-stage exchange.
 
     Raises
     ------
@@ -171,4 +283,5 @@ def execute_stage(
         raise ProtocolError(
             f"unknown stage {stage!r}; known stages: {sorted(_CLIENT_STAGES)}"
         )
-    return handler(client, message, rng)
+    session = client if isinstance(client, ClientSession) else ClientSession("", client)
+    return handler(session, message, rng)

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,19 +30,27 @@ from fedshield.core import (
     validate_update,
 )
 from fedshield.errors import InvalidUpdateError
-from fedshield.privacy.distributed import DistributedDp
 from fedshield.simulation.protocol import (
     ClientFailure,
     EvaluateIns,
     FailureKind,
     FitIns,
+    FitReceipt,
+    HoldUpdate,
     StageReply,
     StageRequest,
 )
-from fedshield.simulation.secure import SecureAggregation
+from fedshield.simulation.secure import (
+    Faults,
+    SecureAggregation,
+    SecureSumResult,
+    SecureSumRound,
+)
+from fedshield.simulation.secure_client import SECURE_STAGES
 from fedshield.strategies import PrivateRelease, RoundPlan, Strategy
+from fedshield.strategies.secure_inputs import secure_input
 
-__all__ = ["FitRound", "RoundResult"]
+__all__ = ["FitRound", "RoundOptions", "RoundResult", "StageObserver", "StageView"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +127,101 @@ class ClippedSumRelease(Protocol):
 
 
 CollusionFn = Callable[[list[ClientUpdate], int], list[ClientUpdate]]
-"""Rewrites colluding clients' updates together (see :class:`FitRound`)."""
+"""Rewrites colluding clients' updates together (see :class:`RoundOptions`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageView:
+    """One stage as the server sees it: what it sent and what came back.
+
+    Under secure aggregation the replies of ``fit`` are receipts and those
+    of the protocol's stages are its bytes: no client's update is in a view
+    (simulated colluders aside: they hand theirs to the coalition).
+    """
+
+    round_idx: int
+    stage: str
+    request: StageRequest
+    replies: tuple[StageReply, ...]
+
+
+StageObserver = Callable[[StageView], None]
+"""Called after each stage with what the server saw (privacy evaluation's view)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOptions:
+    """How the rounds of a run are carried out, beyond the strategy.
+
+    Parameters
+    ----------
+    federated_eval
+        Run stage ``evaluate`` after the update.
+    timeout_s
+        Per-stage deadline in seconds (``None``: wait for all).
+    max_examples
+        Largest ``num_examples`` a client may claim (``None``: unbounded).
+        Under secure aggregation FedAvg's weights are ``n_k /
+        max_examples``; unset, the largest count the clients declared in
+        their receipts.
+    secure
+        Aggregate with secure aggregation: the clients keep their updates,
+        mask them in their own processes, and the server learns only their
+        sum. A round whose protocol aborts below its threshold releases
+        nothing and leaves the model as it was (``secagg/aborted`` = 1).
+    faults
+        Injected dropouts: each sampled client may drop at a random stage.
+    colluders, collude
+        Simulated colluding attackers (ALIE, IPM): the updates of
+        ``colluders`` are held back until every reply is in, then rewritten
+        together by ``collude(updates, n)`` (``n``: the round's valid
+        updates), as clients that share their benign updates with each
+        other would send them.
+    on_stage
+        Observers called after every stage with a :class:`StageView`.
+    on_failed_round
+        ``"stop"`` (the default): a round with too few clients ends the run
+        (:class:`~fedshield.errors.RoundFailedError`); ``"continue"``: it is
+        recorded (``completed`` false) and the next round starts from the
+        same model, as a server of a real deployment would go on.
+    """
+
+    federated_eval: bool = False
+    timeout_s: float | None = None
+    max_examples: int | None = None
+    secure: SecureAggregation | None = None
+    faults: Faults | None = None
+    colluders: Collection[str] = ()
+    collude: CollusionFn | None = None
+    on_stage: tuple[StageObserver, ...] = ()
+    on_failed_round: Literal["stop", "continue"] = "stop"
+
+    @property
+    def colluding(self) -> frozenset[str]:
+        """The simulated colluders (none without a ``collude`` rewrite)."""
+        return frozenset(self.colluders) if self.collude is not None else frozenset()
+
+
+@dataclass(slots=True)
+class _FitOutcome:
+    """What stage ``fit`` gathered."""
+
+    accumulator: Accumulator | None
+    extras: dict[str, Accumulator] = field(default_factory=dict)
+    rows: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    receipts: dict[str, FitReceipt] = field(default_factory=dict)
+    colluding: list[tuple[ClientUpdate, float]] = field(default_factory=list)
+    rejected: int = 0
 
 
 class FitRound:
     """Server side of one FedAvg-family round (sans-I/O).
+
+    Stage ``fit`` streams every valid update into the round's aggregator;
+    under secure aggregation the clients keep their updates and the
+    protocol's stages (:class:`~fedshield.simulation.secure.SecureSumRound`)
+    follow, so that the server learns only their sum; stage ``evaluate``
+    (optional) comes last.
 
     Parameters
     ----------
@@ -135,29 +233,17 @@ class FitRound:
         The strategy's plan for this round (clients, config).
     rng
         Randomness for aggregation and the server step.
-    federated_eval
-        Whether to run stage ``evaluate`` after the update.
-    timeout_s
-        Per-stage deadline in seconds (``None``: wait for all).
-    max_examples
-        Largest ``num_examples`` a client may claim (``None``: unbounded).
+    options
+        How the round is carried out (:class:`RoundOptions`).
     client_states
         Each client's persistent state, for stateful strategies
         (``plan.is_stateful``); sent to the client in ``FitConfig.state``.
-    secure
-        Aggregate with secure aggregation (:func:`~fedshield.simulation.
-        secure.secure_sum`): the updates are masked and only their sum is
-        learned. A round whose protocol aborts below its threshold releases
-        nothing and leaves the model as it was (``secagg/aborted`` = 1).
     drop_at
         Injected faults: the stage (``"fit"`` or a protocol stage) at which
         each of these clients drops out.
-    colluders, collude
-        Simulated colluding attackers (ALIE, IPM): the updates of
-        ``colluders`` are held back until every reply is in, then rewritten
-        together by ``collude(updates, n)`` (``n``: the round's valid
-        updates) before they are aggregated, as clients that share their
-        benign updates with each other would send them.
+    **legacy
+        The options as keywords (``federated_eval=``, ``secure=``...), for
+        callers written before :class:`RoundOptions`.
     """
 
     def __init__(
@@ -167,26 +253,21 @@ class FitRound:
         plan: RoundPlan,
         *,
         rng: np.random.Generator,
-        federated_eval: bool = False,
-        timeout_s: float | None = None,
-        max_examples: int | None = None,
+        options: RoundOptions | None = None,
         client_states: Callable[[str], Mapping[str, Params]] | None = None,
-        secure: SecureAggregation | None = None,
         drop_at: Mapping[str, str] | None = None,
-        colluders: Collection[str] = (),
-        collude: CollusionFn | None = None,
+        **legacy: Any,
     ) -> None:
         if plan.is_stateful and client_states is None:
             raise ValueError("a stateful round needs client_states")
+        options = replace(options or RoundOptions(), **legacy)
+        self._options = options
         self._client_states = client_states
         self._new_client_states: dict[str, Mapping[str, Params]] = {}
         self._strategy = strategy
         self._state = state
         self._plan = plan
         self._rng = rng
-        self._federated_eval = federated_eval
-        self._timeout_s = timeout_s
-        self._max_examples = max_examples
         self._failures: list[ClientFailure] = []
         self._metrics: dict[str, Any] = {}
         self._new_state: ServerState | None = None
@@ -195,102 +276,171 @@ class FitRound:
         # strategy's new metadata, so that the release stays accounted.
         self._spent_state: ServerState | None = None
         self._stage = "init"
-        self._secure = secure
         self._drop_at = dict(drop_at or {})
-        self._colluders = frozenset(colluders) if collude is not None else frozenset()
-        self._collude = collude
+        self._colluders = options.colluding
+        self._secure_round: SecureSumRound | None = None
+        self._fit: _FitOutcome | None = None
+
+    @property
+    def _rule(self) -> Any:
+        return self._plan.aggregator or self._strategy.aggregator
 
     def start(self) -> StageRequest:
         """Stage ``fit`` to every sampled client."""
         self._stage = "fit"
         config = self._plan.fit_config
-        messages: dict[str, FitIns]
-        if self._client_states is not None and self._plan.is_stateful:
-            get = self._client_states
-            messages = {
-                cid: FitIns(self._state.params, replace(config, state=get(cid)))
-                for cid in self._plan.clients
-            }
-        else:
-            messages = dict.fromkeys(
-                self._plan.clients, FitIns(self._state.params, config)
-            )
+        params = self._state.params
+        hold = self._hold()
+
+        def message(cid: str) -> FitIns:
+            own = config
+            if self._client_states is not None and self._plan.is_stateful:
+                own = replace(config, state=self._client_states(cid))
+            return FitIns(params, own, None if cid in self._colluders else hold)
+
+        shared = None if self._plan.is_stateful or self._colluders else message("")
         return StageRequest(
             stage="fit",
             round_idx=self._plan.round_idx,
-            messages=messages,
-            timeout_s=self._timeout_s,
+            messages={
+                cid: shared if shared is not None else message(cid)
+                for cid in self._plan.clients
+            },
+            timeout_s=self._options.timeout_s,
+        )
+
+    def _hold(self) -> HoldUpdate | None:
+        """Under secure aggregation, what the clients do with their updates."""
+        secure = self._options.secure
+        if secure is None:
+            return None
+        return HoldUpdate(
+            malicious=secure.malicious,
+            lenient=secure_input(self._rule).kind == "distributed",
+            max_examples=self._options.max_examples,
         )
 
     def receive(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
         """Consume the current stage's replies."""
         if self._stage == "fit":
             return self._receive_fit(replies)
+        if self._secure_round is not None and self._stage in SECURE_STAGES:
+            step = self._secure_round.receive(replies)
+            return self._secure_step(step)
         if self._stage == "evaluate":
             return self._receive_evaluate(replies)
         raise RuntimeError(f"receive() called in stage {self._stage!r}")
 
+    # -- stage fit ---------------------------------------------------------------
+
     def _receive_fit(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
         spec = self._state.params.spec
-        rule = self._plan.aggregator or self._strategy.aggregator
+        secure = self._options.secure is not None
         # Under secure aggregation nothing is added in the clear (and a
         # distributed-DP rule refuses to open an accumulator).
-        accumulator = (
-            None if self._secure is not None else rule.begin(spec, rng=self._rng)
-        )
-        extras: dict[str, Accumulator] = {}
-        train_rows: list[tuple[float, dict[str, float]]] = []
-        held: dict[str, ClientUpdate] = {}  # secure aggregation: the clients' own
-        colluding: list[tuple[ClientUpdate, float]] = []
-        rejected = 0
+        fit = _FitOutcome(None if secure else self._rule.begin(spec, rng=self._rng))
+        self._fit = fit
         for reply in self._answers(self._without_dropped(replies, "fit"), "fit"):
             try:
-                update = validate_update(
-                    self._as_encoded(reply.value), spec, max_examples=self._max_examples
-                )
-                if update.client_id != reply.client_id:
-                    raise InvalidUpdateError(
-                        f"update claims to come from {update.client_id!r} but was "
-                        f"sent by {reply.client_id!r}"
-                    )
-                if update.client_id in self._colluders:
-                    colluding.append((update, self._strategy.weight(update)))
-                elif self._secure is not None:
-                    # Each client's secure-aggregation half holds its update;
-                    # nothing is added in the clear.
-                    held[update.client_id] = update
-                else:
-                    assert accumulator is not None
-                    accumulator.add(update, self._strategy.weight(update))
+                self._take(fit, reply)
             except InvalidUpdateError as err:
-                rejected += 1
+                fit.rejected += 1
                 logger.warning("round %d: %s", self._plan.round_idx, err)
                 self._failures.append(
                     ClientFailure(
                         reply.client_id, "fit", FailureKind.REJECTED, str(err)
                     )
                 )
-                continue
-            for key, tensor in update.extras.items():
-                if key not in extras:
-                    extras[key] = _EXTRAS_RULE.begin(spec, rng=self._rng)
-                extras[key].add(
-                    ClientUpdate(update.client_id, tensor, update.num_examples), 1.0
-                )
-            if self._plan.is_stateful:
-                self._new_client_states[update.client_id] = update.state
-            train_rows.append(
-                (float(update.num_examples), _finite_numbers(update.metrics))
+        replacements = self._rewrite_colluders(fit)
+        if not self._enough(fit):
+            return self._failed_fit(len(fit.rows))
+        if secure:
+            return self._start_secure(fit, replacements)
+        assert fit.accumulator is not None
+        return self._apply(fit.accumulator.result())
+
+    def _take(self, fit: _FitOutcome, reply: StageReply) -> None:
+        """One client's reply to ``fit``: checked, then aggregated or held."""
+        if isinstance(reply.value, FitReceipt):
+            self._take_receipt(fit, reply.client_id, reply.value)
+            return
+        if self._options.secure is not None and reply.client_id not in self._colluders:
+            raise InvalidUpdateError(
+                f"client {reply.client_id!r} sent its update in the clear to a "
+                "secure round (it should have kept it); refused unread"
             )
-        if colluding and self._collude is not None:
-            rewritten = self._collude([u for u, _ in colluding], len(train_rows))
-            for update, (_, weight) in zip(rewritten, colluding, strict=True):
-                if self._secure is not None:
-                    held[update.client_id] = update
-                else:
-                    assert accumulator is not None
-                    accumulator.add(update, weight)
-        succeeded = len(train_rows)
+        update = validate_update(
+            reply.value,
+            self._state.params.spec,
+            max_examples=self._options.max_examples,
+        )
+        if update.client_id != reply.client_id:
+            raise InvalidUpdateError(
+                f"update claims to come from {update.client_id!r} but was "
+                f"sent by {reply.client_id!r}"
+            )
+        if update.client_id in self._colluders:
+            fit.colluding.append((update, self._strategy.weight(update)))
+        else:
+            assert fit.accumulator is not None
+            fit.accumulator.add(update, self._strategy.weight(update))
+        spec = self._state.params.spec
+        for key, tensor in update.extras.items():
+            if key not in fit.extras:
+                fit.extras[key] = _EXTRAS_RULE.begin(spec, rng=self._rng)
+            fit.extras[key].add(
+                ClientUpdate(update.client_id, tensor, update.num_examples), 1.0
+            )
+        if self._plan.is_stateful:
+            self._new_client_states[update.client_id] = update.state
+        fit.rows.append((float(update.num_examples), _finite_numbers(update.metrics)))
+
+    def _take_receipt(self, fit: _FitOutcome, cid: str, receipt: FitReceipt) -> None:
+        """A secure round's receipt: the client holds a valid update."""
+        if self._options.secure is None:
+            raise InvalidUpdateError(
+                f"client {cid!r} sent a receipt, not an update, to a round "
+                "without secure aggregation"
+            )
+        if receipt.client_id != cid:
+            raise InvalidUpdateError(
+                f"receipt claims to come from {receipt.client_id!r} but was sent "
+                f"by {cid!r}"
+            )
+        if receipt.rejected:
+            raise InvalidUpdateError(
+                f"update from client {cid!r} rejected: {receipt.rejected}"
+            )
+        limit = self._options.max_examples
+        if receipt.num_examples < 1 or (
+            limit is not None and receipt.num_examples > limit
+        ):
+            raise InvalidUpdateError(
+                f"client {cid!r} declared {receipt.num_examples} examples; "
+                f"expected 1..{limit if limit is not None else 'any'}"
+            )
+        fit.receipts[cid] = receipt
+        fit.rows.append((float(receipt.num_examples), {}))
+
+    def _rewrite_colluders(self, fit: _FitOutcome) -> dict[str, ClientUpdate]:
+        """The colluders' rewritten updates (aggregated now, or held for SecAgg)."""
+        collude = self._options.collude
+        if not fit.colluding or collude is None:
+            return {}
+        rewritten = collude([u for u, _ in fit.colluding], len(fit.rows))
+        held: dict[str, ClientUpdate] = {}
+        for update, (benign, weight) in zip(rewritten, fit.colluding, strict=True):
+            if fit.accumulator is not None:
+                fit.accumulator.add(update, weight)
+            else:  # the colluder sends the rewrite through the protocol
+                held[update.client_id] = update
+                fit.receipts[update.client_id] = FitReceipt(
+                    update.client_id, benign.num_examples
+                )
+        return held
+
+    def _enough(self, fit: _FitOutcome) -> bool:
+        succeeded = len(fit.rows)
         fit_drops = sum(1 for stage in self._drop_at.values() if stage == "fit")
         if self._drop_at:
             self._metrics["dropped/fit"] = float(fit_drops)
@@ -298,44 +448,121 @@ class FitRound:
             {
                 "num_clients": succeeded,
                 "sampled_clients": len(self._plan.clients),
-                "failed_clients": len(self._plan.clients) - succeeded - rejected,
-                "rejected_updates": rejected,
+                "failed_clients": len(self._plan.clients) - succeeded - fit.rejected,
+                "rejected_updates": fit.rejected,
             }
         )
-        if succeeded < self._plan.min_clients:
-            # The sampled clients may have released something before the
-            # round aborted (their updates reached the server): a DP
-            # strategy charges it, and the checkpoint keeps the charge.
-            self._spent_state = self._charged(self._state)
-            message = (
-                f"round {self._plan.round_idx + 1}: only {succeeded} of "
-                f"{len(self._plan.clients)} clients returned a valid update; "
-                f"min_clients is {self._plan.min_clients}"
+        return succeeded >= self._plan.min_clients
+
+    def _failed_fit(self, succeeded: int) -> RoundResult:
+        # The sampled clients may have released something before the round
+        # aborted (their updates reached the server): a DP strategy charges
+        # it, and the checkpoint keeps the charge.
+        self._spent_state = self._charged(self._state)
+        message = (
+            f"round {self._plan.round_idx + 1}: only {succeeded} of "
+            f"{len(self._plan.clients)} clients returned a valid update; "
+            f"min_clients is {self._plan.min_clients}"
+        )
+        return self._finish(completed=False, message=message)
+
+    # -- secure aggregation ------------------------------------------------------
+
+    def _start_secure(
+        self, fit: _FitOutcome, replacements: Mapping[str, ClientUpdate]
+    ) -> StageRequest | RoundResult:
+        secure = self._options.secure
+        assert secure is not None
+        max_examples = self._options.max_examples or max(
+            (r.num_examples for r in fit.receipts.values()), default=1
+        )
+        self._secure_round = SecureSumRound(
+            settings=secure,
+            spec=self._state.params.spec,
+            round_idx=self._plan.round_idx,
+            receipts=fit.receipts,
+            transform=secure_input(self._rule),
+            max_examples=max_examples,
+            drop_at=self._drop_at,
+            rng=self._rng,
+            timeout_s=self._options.timeout_s,
+            replacements=replacements,
+        )
+        return self._secure_step(self._secure_round.start())
+
+    def _secure_step(
+        self, step: StageRequest | SecureSumResult
+    ) -> StageRequest | RoundResult:
+        if isinstance(step, StageRequest):
+            self._stage = step.stage
+            return step
+        aggregate = self._secure_outcome(step)
+        if aggregate is None:
+            return self._finish(completed=True)
+        return self._apply(aggregate)
+
+    def _secure_outcome(self, result: SecureSumResult) -> Aggregate | None:
+        """The release of a finished secure sum; None (state kept) when it aborted.
+
+        With central DP (the round's rule is a :class:`~fedshield.strategies.
+        dp.DpMean`), the clients clipped their own updates, and the noise is
+        added here to the unmasked sum, which is then divided by the rule's
+        fixed denominator. With distributed DP the clients added the noise
+        themselves before masking, and the unmasked sum is already noised.
+        """
+        self._metrics.update(result.metrics)
+        self._failures.extend(result.failures)
+        failed = {f.client_id for f in result.failures}
+        for cid, stage in result.dropped.items():
+            if cid not in failed:
+                self._failures.append(
+                    ClientFailure(
+                        cid, stage, FailureKind.DROPPED, f"dropped out at stage {stage}"
+                    )
+                )
+        rule = self._plan.aggregator
+        if isinstance(rule, ClippedSumRelease) and result.total is not None:
+            return rule.release(
+                result.total,
+                centred_unclipped=result.centred_unclipped,
+                count=int(result.metrics.get("secagg/survivors", 0)),
+                spec=self._state.params.spec,
+                rng=self._rng,
+                measurements=result.metrics,
             )
-            return self._finish(completed=False, message=message)
-        if self._secure is not None:
-            outcome = self._secure_aggregate(held)
-            if outcome is None:
-                return self._finish(completed=True)
-            aggregate = outcome
-        else:
-            assert accumulator is not None
-            aggregate = accumulator.result()
-        if extras:
+        if result.aggregate is not None:
+            return result.aggregate
+        logger.warning(
+            "round %d: secure aggregation aborted, nothing released: %s",
+            self._plan.round_idx + 1,
+            result.message,
+        )
+        self._metrics["secagg/abort_reason"] = result.message
+        # Charged as if it had released (conservative): see
+        # PrivateRelease.charge_unfinished.
+        charged = self._charged(self._state) or self._state
+        self._new_state = charged.evolve(round_idx=self._state.round_idx + 1)
+        return None
+
+    # -- the update ----------------------------------------------------------------
+
+    def _apply(self, aggregate: Aggregate) -> StageRequest | RoundResult:
+        """Apply the round's aggregate; then stage ``evaluate`` or the result."""
+        fit = self._fit
+        assert fit is not None
+        if fit.extras:
             aggregate = replace(
                 aggregate,
-                extras={key: acc.result().delta for key, acc in extras.items()},
+                extras={key: acc.result().delta for key, acc in fit.extras.items()},
             )
         self._metrics.update(aggregate.measurements)
         self._metrics["update_norm"] = aggregate.delta.norm()
-        if self._secure is None:
+        if self._options.secure is None:
             # Under secure aggregation the training metrics come from the
-            # secure sum (secure_sum's train_loss/train_accuracy): the server
-            # learns them only as sums (and not at all with distributed DP).
+            # secure sum (train_loss/train_accuracy): the server learns them
+            # only as sums (and not at all with distributed DP).
             self._metrics.update(
-                _weighted_means(
-                    train_rows, ("loss", "accuracy", "mae"), prefix="train_"
-                )
+                _weighted_means(fit.rows, ("loss", "accuracy", "mae"), prefix="train_")
             )
         new_state = self._strategy.apply(
             self._state, aggregate, plan=self._plan, rng=self._rng
@@ -353,40 +580,18 @@ class FitRound:
             )
             return self._finish(completed=False, message=message)
         self._new_state = new_state
-        if not self._federated_eval:
+        if not self._options.federated_eval:
             return self._finish(completed=True)
         self._stage = "evaluate"
         message_eval = EvaluateIns(
-            self._new_state.params, EvalConfig(round_idx=self._plan.round_idx)
+            new_state.params, EvalConfig(round_idx=self._plan.round_idx)
         )
         return StageRequest(
             stage="evaluate",
             round_idx=self._plan.round_idx,
             messages=dict.fromkeys(self._plan.clients, message_eval),
-            timeout_s=self._timeout_s,
+            timeout_s=self._options.timeout_s,
         )
-
-    def _as_encoded(self, value: object) -> object:
-        """A reply as the server may check it.
-
-        With distributed DP each client's half of secure aggregation encodes
-        the client's own update (:func:`fedshield.privacy.distributed.
-        encode`, which takes a NaN or infinite update as zero) and reports
-        no training metrics: neither is seen, so neither is rejected, in the
-        clear (whether local training diverged depends on the client's
-        data). Other rounds check what the client sent.
-        """
-        if (
-            self._secure is None
-            or self._distributed() is None
-            or not isinstance(value, ClientUpdate)
-            or not isinstance(value.delta, Params)
-        ):
-            return value
-        delta = value.delta
-        if delta.spec == self._state.params.spec and not delta.is_finite():
-            delta = Params.zeros(delta.spec)
-        return replace(value, delta=delta, metrics={})
 
     def _without_dropped(
         self, replies: Iterable[StageReply], stage: str
@@ -397,89 +602,12 @@ class FitRound:
                 continue  # never delivered: _answers records it as dropped
             yield reply
 
-    def _secure_aggregate(self, held: Mapping[str, ClientUpdate]) -> Aggregate | None:
-        """Secure aggregation of ``held``; None (state kept) when it aborts.
-
-        With central DP (the round's rule is a :class:`~fedshield.strategies.
-        dp.DpMean`), the clients clip their own updates, the protocol sums
-        them, and the noise is added here to the unmasked sum, which is then
-        divided by the rule's fixed denominator: the server never holds an
-        individual update, and the release is DP-FedAvg's. With distributed
-        DP (:class:`~fedshield.strategies.dp.DistributedSum`) the clients
-        add the noise themselves before masking, and the unmasked sum is
-        already noised.
-        """
-        from fedshield.simulation.secure import secure_sum
-
-        assert self._secure is not None
-        dp_rule = self._dp_rule()
-        result = secure_sum(
-            held,
-            settings=self._secure,
-            spec=self._state.params.spec,
-            round_idx=self._plan.round_idx,
-            max_examples=self._max_examples
-            or max((u.num_examples for u in held.values()), default=1),
-            drop_at=self._drop_at,
-            rng=self._rng,
-            clip_norm=dp_rule.clip_norm if dp_rule is not None else None,
-            norm_bound=self._norm_bound(),
-            # Distributed DP (strategies.dp.DistributedSum): the clients noise.
-            distributed=self._distributed(),
-        )
-        self._metrics.update(result.metrics)
-        for cid, stage in result.dropped.items():
-            self._failures.append(
-                ClientFailure(
-                    cid, stage, FailureKind.DROPPED, f"dropped out at stage {stage}"
-                )
-            )
-        if dp_rule is not None and result.total is not None:
-            return dp_rule.release(
-                result.total,
-                centred_unclipped=result.centred_unclipped,
-                count=int(result.metrics.get("secagg/survivors", 0)),
-                spec=self._state.params.spec,
-                rng=self._rng,
-                measurements=result.metrics,
-            )
-        if result.aggregate is None:
-            logger.warning(
-                "round %d: secure aggregation aborted, nothing released: %s",
-                self._plan.round_idx + 1,
-                result.message,
-            )
-            self._metrics["secagg/abort_reason"] = result.message
-            # Charged as if it had released (conservative): see
-            # PrivateRelease.charge_unfinished.
-            charged = self._charged(self._state) or self._state
-            self._new_state = charged.evolve(round_idx=self._state.round_idx + 1)
-            return None
-        return result.aggregate
-
     def _charged(self, state: ServerState) -> ServerState | None:
         """``state`` charged for this round by a DP strategy (None: no charge)."""
         if not isinstance(self._strategy, PrivateRelease):
             return None
         charged = self._strategy.charge_unfinished(state, self._plan)
         return charged if charged is not state else None
-
-    def _norm_bound(self) -> float | None:
-        """Norm bounding's ``max_norm``, applied by each client under SecAgg."""
-        from fedshield.strategies.robust import NormBound
-
-        rule = self._plan.aggregator or self._strategy.aggregator
-        return rule.max_norm if isinstance(rule, NormBound) else None
-
-    def _dp_rule(self) -> ClippedSumRelease | None:
-        """The round's central-DP rule (DP-FedAvg's ``DpMean``), or None."""
-        rule = self._plan.aggregator
-        return rule if isinstance(rule, ClippedSumRelease) else None
-
-    def _distributed(self) -> DistributedDp | None:
-        """Distributed DP's mechanism (strategies.dp.DistributedSum), or None."""
-        mechanism = getattr(self._dp_rule(), "distributed", None)
-        return mechanism if isinstance(mechanism, DistributedDp) else None
 
     def _receive_evaluate(self, replies: Iterable[StageReply]) -> RoundResult:
         # Evaluation failures never fail a round, but they are recorded.

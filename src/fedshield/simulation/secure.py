@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -40,6 +40,23 @@ import numpy as np
 
 from fedshield.core import Aggregate, ClientId, ClientUpdate, Params, ParamSpec
 from fedshield.errors import ConfigError, ProtocolError
+from fedshield.simulation.protocol import (
+    ClientFailure,
+    FailureKind,
+    FitReceipt,
+    StageReply,
+    StageRequest,
+)
+from fedshield.simulation.secure_client import (
+    EXTRA_WORDS,
+    LOSS_BOUND,
+    METRIC_WORDS,
+    SECURE_STAGES,
+    InputPlan,
+    SecureSetup,
+    SecureStageIns,
+)
+from fedshield.strategies.secure_inputs import SecureInput
 
 if TYPE_CHECKING:
     from fedshield.privacy.distributed import DistributedDp
@@ -51,20 +68,13 @@ __all__ = [
     "Faults",
     "SecureAggregation",
     "SecureSumResult",
+    "SecureSumRound",
     "secure_sum",
 ]
 
 logger = logging.getLogger(__name__)
 
 FIT = "fit"
-
-EXTRA_WORDS = 6
-"""Words each client appends to its update in the secure sum: the weight, the
-out-of-range count, and the training loss and accuracy with their weights."""
-
-LOSS_BOUND = 1.0e4
-"""Largest training loss a client's ``w * loss`` word carries (a larger or
-non-finite one is left out of ``train_loss``)."""
 
 
 @dataclass(frozen=True)
@@ -263,11 +273,9 @@ class SecureAggregation:
 
     def stages(self) -> tuple[str, ...]:
         """The protocol's stages in order (for fault injection)."""
-        stages = ["advertise_keys", "share_keys", "masked_input"]
-        if self.malicious:
-            stages.append("consistency_check")
-        stages.append("unmask")
-        return tuple(stages)
+        return tuple(
+            s for s in SECURE_STAGES if self.malicious or s != "consistency_check"
+        )
 
 
 @dataclass(frozen=True)
@@ -284,192 +292,340 @@ class SecureSumResult:
     """With client-side clipping: ``Σ_k (1[‖Δ_k‖ ≤ C] − ½)``, each client's
     bit centred so that one client moves it by at most ½ (adaptive
     clipping's count; the sensitivity its noise assumes)."""
+    failures: tuple[ClientFailure, ...] = ()
+    """Clients whose half failed at a stage (error, timeout, refusal)."""
 
 
-def _random_bytes(secure: bool, rng: np.random.Generator) -> Callable[[int], bytes]:
-    import os
+class SecureSumRound:
+    """The server's half of one secure aggregation, as stages (sans-I/O).
 
-    return os.urandom if secure else rng.bytes
-
-
-def secure_sum(
-    updates: Mapping[ClientId, ClientUpdate],
-    *,
-    settings: SecureAggregation,
-    spec: ParamSpec,
-    round_idx: int,
-    max_examples: int,
-    drop_at: Mapping[ClientId, str],
-    rng: np.random.Generator,
-    clip_norm: float | None = None,
-    norm_bound: float | None = None,
-    distributed: DistributedDp | None = None,
-) -> SecureSumResult:
-    """Aggregate ``updates`` with secure aggregation; the server sees only sums.
+    It never sees an update: the clients that trained hold theirs
+    (:func:`~fedshield.simulation.secure_client.hold_update`); it announces
+    the round's public :class:`~fedshield.simulation.secure_client.
+    SecureSetup` with the protocol's first stage, carries the protocol's
+    bytes between the :class:`~fedshield.secagg.protocol.SecAggServer` and
+    the clients' halves stage by stage, and decodes the unmasked sum.
 
     Parameters
     ----------
-    updates
-        Each client's validated update (its own; only its SecAgg half reads it).
     settings
-        The protocol and the encoding.
+        The protocol and the encoding (``[secagg]``).
     spec
-        Layout of the updates.
+        Layout of the model's parameters.
     round_idx
-        The round (bound into every protocol message).
+        The round.
+    receipts
+        The clients that trained and hold an update, with their receipts.
+    transform
+        What the round's rule asks each client to do to its update.
     max_examples
-        The largest honest ``num_examples``; weights are ``n_k / max_examples``.
+        FedAvg's weights are ``n_k / max_examples``.
     drop_at
         Injected faults: the stage at which a client drops.
     rng
-        The clients' stochastic rounding.
-    clip_norm
-        Central DP on top of secure aggregation: each client clips its own
-        update to this L2 norm and weighs it 1 (the server adds the noise to
-        the unmasked sum); the encoding's range is the clip norm, so nothing
-        falls outside it. The third extra coordinate then carries the
-        centred indicator ``1[‖Δ_k‖ ≤ C] − ½`` (adaptive clipping's count).
-    norm_bound
-        Norm bounding (Sun et al. 2019) under secure aggregation: each client
-        clips its own update to this L2 norm, then weighs it as FedAvg does
-        (the only robust rule that needs no individual update at the server).
-    distributed
-        Distributed DP: each client clips, rotates, rounds and noises its own
-        update with its share of discrete Gaussian noise before masking
-        (:func:`fedshield.privacy.distributed.encode`); the unmasked sum is
-        decoded (:func:`~fedshield.privacy.distributed.decode_sum`) into
-        ``total``, already noised. The round's ``ddp/*`` metrics hold what
-        the accountant needs.
-
-    Returns
-    -------
-    SecureSumResult
-        The aggregate (None when the protocol aborted below its threshold,
-        with the reason in ``message``), the round's ``secagg/*`` metrics
-        and the clients that dropped, by stage.
+        The server's randomness (distributed DP's public rotation seed).
+    timeout_s
+        Each stage's deadline.
+    replacements
+        Simulated colluders: the update each one sends instead of its own.
     """
-    from fedshield.secagg.encoding import choose_encoding, decode_sum, encode
 
-    clients = sorted(updates)
-    metrics: dict[str, float] = {"secagg/clients": float(len(clients))}
-    if len(clients) < 2:
+    def __init__(
+        self,
+        *,
+        settings: SecureAggregation,
+        spec: ParamSpec,
+        round_idx: int,
+        receipts: Mapping[ClientId, FitReceipt],
+        transform: SecureInput,
+        max_examples: int,
+        drop_at: Mapping[ClientId, str],
+        rng: np.random.Generator,
+        timeout_s: float | None = None,
+        replacements: Mapping[ClientId, ClientUpdate] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._spec = spec
+        self._round_idx = round_idx
+        self._receipts = dict(receipts)
+        self._transform = transform
+        self._max_examples = max(1, max_examples)
+        self._drop_at = drop_at
+        self._rng = rng
+        self._timeout_s = timeout_s
+        self._replacements = dict(replacements or {})
+        self._clients = sorted(self._receipts)
+        self._metrics: dict[str, float] = {"secagg/clients": float(len(self._clients))}
+        self._dropped: dict[ClientId, str] = {}
+        self._failures: list[ClientFailure] = []
+        self._server: SecAggServer | None = None
+        self._setups: dict[ClientId, SecureSetup] | None = None
+        self._plan: InputPlan | None = None
+        self._threshold = 0
+        self._asked: tuple[str, frozenset[ClientId]] = ("", frozenset())
+
+    # -- the stages -------------------------------------------------------------
+
+    def start(self) -> StageRequest | SecureSumResult:
+        """The protocol's first stage (or the result when it cannot start)."""
+        n = len(self._clients)
+        if n < 2:
+            return self._abort(
+                f"secure aggregation needs at least 2 clients; {n} trained"
+            )
+        try:
+            self._threshold = self._settings.threshold_for(n)
+            config, plan = self._configure(n)
+        except ConfigError as err:  # e.g. SecAgg+ finds no k for this many
+            return self._abort(str(err))
+        from fedshield.secagg.protocol import SecAggServer
+
+        table = (
+            {cid: self._receipts[cid].verify_key for cid in self._clients}
+            if config.malicious
+            else None
+        )
+        self._plan = plan
+        self._server = SecAggServer(
+            config, self._round_idx, self._clients, verify_keys=table
+        )
+        replacements = self._replacements
+        self._setups = {
+            cid: SecureSetup(
+                self._round_idx,
+                config,
+                plan,
+                table or {},
+                replacements[cid].delta if cid in replacements else None,
+            )
+            for cid in self._clients
+        }
+        return self._next()
+
+    def receive(self, replies: Iterable[StageReply]) -> StageRequest | SecureSumResult:
+        """Hand one stage's replies to the protocol; the next stage or the result."""
+        server = self._server
+        assert server is not None
+        stage, asked = self._asked
+        for reply in replies:
+            cid = reply.client_id
+            if cid not in asked:
+                logger.warning("ignoring unexpected reply from %r", cid)
+                continue
+            if reply.failure is not None:
+                self._failures.append(reply.failure)
+                self._dropped.setdefault(cid, stage)
+                continue
+            if not isinstance(reply.value, bytes):
+                self._refused(cid, f"sent {type(reply.value).__name__}, not bytes")
+                continue
+            try:
+                server.receive_one(cid, reply.value)
+            except ProtocolError as err:
+                self._refused(cid, str(err))
+        try:
+            server.end_stage()
+        except ProtocolError as err:
+            return self._abort(str(err))
+        return self._next()
+
+    def _next(self) -> StageRequest | SecureSumResult:
+        server = self._server
+        assert server is not None
+        while server.stage not in ("done", "aborted"):
+            stage = server.stage
+            messages: dict[ClientId, SecureStageIns] = {}
+            setups = self._setups
+            for cid, request in server.requests().items():
+                if self._drop_at.get(cid) == stage and cid not in self._dropped:
+                    self._dropped[cid] = stage  # injected: it sends nothing more
+                if cid in self._dropped:
+                    continue
+                setup = setups.get(cid) if setups is not None else None
+                messages[cid] = SecureStageIns(request, setup)
+            self._setups = None  # the setup rides with the first stage only
+            if messages:
+                self._asked = (stage, frozenset(messages))
+                return StageRequest(
+                    stage=stage,
+                    round_idx=self._round_idx,
+                    messages=messages,
+                    timeout_s=self._timeout_s,
+                )
+            try:
+                server.end_stage()
+            except ProtocolError as err:
+                return self._abort(str(err))
+        return self._finish()
+
+    # -- setup and result ---------------------------------------------------------
+
+    def _configure(self, n: int) -> tuple[SecAggConfig, InputPlan]:
+        """The protocol's configuration and the clients' public input plan."""
+        transform = self._transform
+        size = self._spec.size
+        if transform.kind == "distributed":
+            assert transform.distributed is not None
+            ddp = transform.distributed.parameters(
+                dimension=size, num_clients=n, threshold=self._threshold
+            )
+            config = self._settings.protocol_config(n, ddp.modulus_bits, ddp.padded)
+            config.neighbour_count(n)
+            plan = InputPlan(
+                "distributed",
+                size,
+                ddp.padded,
+                modulus_bits=ddp.modulus_bits,
+                bound=transform.distributed.clip_norm,
+                ddp=ddp,
+                # The rotation's signs: public, fresh for each run and round,
+                # announced with the round.
+                rotation_seed=int(self._rng.integers(2**62)),
+                secure_rng=transform.distributed.secure_rng,
+            )
+            return config, plan
+        from fedshield.secagg.encoding import choose_encoding
+
+        clip_range = (
+            transform.bound if transform.kind == "clipped" else self._settings.clip
+        )
+        enc = choose_encoding(
+            n, clip_range, precision_bits=self._settings.precision_bits
+        )
+        length = size + EXTRA_WORDS
+        config = self._settings.protocol_config(n, enc.modulus_bits, length)
+        config.neighbour_count(n)
+        plan = InputPlan(
+            transform.kind,
+            size,
+            length,
+            enc_clip=enc.clip,
+            enc_scale=enc.scale,
+            modulus_bits=enc.modulus_bits,
+            count_unit=_count_unit(length, self._settings.precision_bits),
+            max_examples=self._max_examples,
+            bound=transform.bound,
+        )
+        return config, plan
+
+    def _refused(self, cid: ClientId, why: str) -> None:
+        logger.warning("round %d: client %s refused: %s", self._round_idx + 1, cid, why)
+
+    def _abort(self, message: str) -> SecureSumResult:
+        _count_drops(self._metrics, self._dropped)
+        self._metrics["secagg/aborted"] = 1.0
         return SecureSumResult(
             None,
-            {**metrics, "secagg/aborted": 1.0},
-            {},
-            f"secure aggregation needs at least 2 clients; {len(clients)} trained",
+            self._metrics,
+            dict(self._dropped),
+            message,
+            failures=tuple(self._failures),
         )
-    try:
-        threshold = settings.threshold_for(len(clients))
-    except ConfigError as err:
-        return SecureSumResult(None, {**metrics, "secagg/aborted": 1.0}, {}, str(err))
-    if distributed is not None:
-        return _distributed_sum(
-            updates,
-            clients,
-            settings=settings,
-            spec=spec,
-            round_idx=round_idx,
-            drop_at=drop_at,
-            rng=rng,
-            distributed=distributed,
-            threshold=threshold,
-            metrics=metrics,
+
+    def _finish(self) -> SecureSumResult:
+        server, plan = self._server, self._plan
+        assert server is not None and plan is not None
+        if server.stage == "aborted":
+            return self._abort("the protocol aborted")
+        metrics = self._metrics
+        _count_drops(metrics, self._dropped)
+        survivors = len(server.survivors)
+        metrics.update(
+            {
+                "secagg/aborted": 0.0,
+                "secagg/survivors": float(survivors),
+                "secagg/threshold": float(self._threshold),
+                "secagg/modulus_bits": float(plan.modulus_bits),
+            }
         )
-    clip_range = settings.clip if clip_norm is None else clip_norm
-    enc = choose_encoding(
-        len(clients), clip_range, precision_bits=settings.precision_bits
-    )
-    length = spec.size + EXTRA_WORDS
-    try:
-        config = settings.protocol_config(len(clients), enc.modulus_bits, length)
-        config.neighbour_count(len(clients))
-    except ConfigError as err:  # e.g. SecAgg+ finds no k for this many
-        metrics["secagg/aborted"] = 1.0
-        return SecureSumResult(None, metrics, {}, str(err))
-    # The extra words, each scaled into the encoding's range [-r, r] by its
-    # public bound so that it is never clipped: the weight (bound 1), the
-    # out-of-range count (see _count_unit), then w * loss, w * 1[loss], w * acc,
-    # w * 1[acc] (the training metrics, learned only as sums).
-    r = enc.clip
-    count_unit = _count_unit(length, settings.precision_bits)
-    inputs: dict[ClientId, np.ndarray] = {}
-    for cid in clients:
-        update = updates[cid]
-        delta = np.asarray(update.delta.flat, dtype=np.float64)
-        values = np.zeros(length, dtype=np.float64)
-        if clip_norm is None:
-            weight = update.num_examples / max(1, max_examples)
-            if norm_bound is not None:  # the client bounds its own update
-                norm = float(np.linalg.norm(delta))
-                delta = delta * min(1.0, norm_bound / max(norm, 1e-300))
-            values[: spec.size] = delta * weight
-            metric_weight = weight
-        else:  # the client clips its own update (central DP)
-            norm = float(np.linalg.norm(delta))
-            # Here the word carries the centred indicator 1[‖Δ‖ ≤ C] − ½.
-            weight = (1.0 if norm <= clip_norm else 0.0) - 0.5
-            values[: spec.size] = delta * min(1.0, clip_norm / max(norm, 1e-300))
-            metric_weight = 1.0
-        values[spec.size] = weight * r
-        for offset, key, bound in ((2, "loss", LOSS_BOUND), (4, "accuracy", 1.0)):
-            value = update.metrics.get(key)
-            if value is not None and math.isfinite(value) and abs(value) <= bound:
-                values[spec.size + offset] = metric_weight * value / bound * r
-                values[spec.size + offset + 1] = metric_weight * r
-        encoded, count = encode(values, enc, rng)
-        # The count rides along in the secure sum, scaled by its public bound
-        # (the vector's length) as the other extra words are, so that it is
-        # never clipped: one unit per `count_unit` values (see _count_unit).
-        encoded_count, _ = encode(np.array([count / count_unit / enc.scale]), enc, rng)
-        encoded[spec.size + 1] = encoded_count[0]
-        inputs[cid] = encoded
-    server, dropped, aborted = _sum_or_abort(
-        config, settings, round_idx, inputs, drop_at, metrics
-    )
-    if aborted is not None:
-        return aborted
-    assert server is not None
+        failures = tuple(self._failures)
+        dropped = dict(self._dropped)
+        if plan.kind == "distributed":
+            total = _decode_distributed(server, plan, metrics, self._round_idx)
+            return SecureSumResult(
+                None, metrics, dropped, total=total, failures=failures
+            )
+        total, weight_sum = _decode(server, plan, metrics)
+        if plan.kind == "clipped":
+            return SecureSumResult(
+                None,
+                metrics,
+                dropped,
+                total=total,
+                centred_unclipped=weight_sum,
+                failures=failures,
+            )
+        if weight_sum <= 0:
+            metrics["secagg/aborted"] = 1.0
+            return SecureSumResult(
+                None,
+                metrics,
+                dropped,
+                "the survivors' weights sum to 0",
+                failures=failures,
+            )
+        mean = (total / weight_sum).astype(np.float32)
+        aggregate = Aggregate(
+            delta=Params.from_flat(mean, self._spec, copy=False),
+            num_updates=survivors,
+            total_weight=weight_sum * plan.max_examples,
+            measurements=metrics,
+        )
+        return SecureSumResult(aggregate, metrics, dropped, failures=failures)
+
+
+def _decode(
+    server: SecAggServer, plan: InputPlan, metrics: dict[str, float]
+) -> tuple[np.ndarray, float]:
+    """The unmasked sum of the updates and of the weight word; metrics added."""
+    from fedshield.secagg.encoding import Encoding, decode_sum
+
+    enc = Encoding(plan.enc_clip, plan.enc_scale, plan.modulus_bits)
+    size = plan.size
     total = decode_sum(server.result(), enc, len(server.survivors))
-    weight_sum = float(total[spec.size]) / r
-    out_of_range = round(float(total[spec.size + 1]) * enc.scale * count_unit)
-    _count_drops(metrics, dropped)
+    r = enc.clip
+    out_of_range = round(float(total[size + 1]) * enc.scale * plan.count_unit)
+    metrics["secagg/out_of_range"] = float(out_of_range)
+    for offset, key, bound in METRIC_WORDS:
+        weights = float(total[size + offset + 1]) / r
+        if weights > 0:
+            metrics[f"train_{key}"] = float(total[size + offset]) / r * bound / weights
+    return total[:size], float(total[size]) / r
+
+
+def _decode_distributed(
+    server: SecAggServer, plan: InputPlan, metrics: dict[str, float], round_idx: int
+) -> np.ndarray:
+    """Distributed DP's noised sum in the update's units; ``ddp/*`` metrics."""
+    from fedshield.privacy import distributed as ddg
+
+    params = plan.ddp
+    assert params is not None
+    total, near = ddg.decode_sum(
+        server.result(), params, rotation_seed=plan.rotation_seed
+    )
+    survivors = len(server.survivors)
     metrics.update(
         {
-            "secagg/aborted": 0.0,
-            "secagg/survivors": float(len(server.survivors)),
-            "secagg/threshold": float(threshold),
-            "secagg/modulus_bits": float(enc.modulus_bits),
-            "secagg/out_of_range": float(out_of_range),
+            "ddp/gamma": params.gamma,
+            "ddp/noise_std": params.noise_std,
+            "ddp/l2_sensitivity": params.l2_sensitivity,
+            "ddp/padded_dimension": float(params.padded),
+            "ddp/summed_noise_std": math.sqrt(survivors)
+            * params.noise_std
+            * params.gamma,
+            "ddp/near_wrap": float(near),
         }
     )
-    for offset, key, bound in ((2, "loss", LOSS_BOUND), (4, "accuracy", 1.0)):
-        weights = float(total[spec.size + offset + 1]) / r
-        if weights > 0:
-            metrics[f"train_{key}"] = (
-                float(total[spec.size + offset]) / r * bound / weights
-            )
-    if clip_norm is not None:
-        return SecureSumResult(
-            None,
-            metrics,
-            dropped,
-            total=total[: spec.size],
-            centred_unclipped=weight_sum,
+    if near:
+        logger.warning(
+            "round %d: %d coordinates of the distributed-DP sum lie near the "
+            "modulus's edge: the sum may have wrapped around (raise [privacy] "
+            "distributed_bits)",
+            round_idx + 1,
+            near,
         )
-    if weight_sum <= 0:
-        metrics["secagg/aborted"] = 1.0
-        return SecureSumResult(
-            None, metrics, dropped, "the survivors' weights sum to 0"
-        )
-    mean = (total[: spec.size] / weight_sum).astype(np.float32)
-    aggregate = Aggregate(
-        delta=Params.from_flat(mean, spec, copy=False),
-        num_updates=len(server.survivors),
-        total_weight=weight_sum * max_examples,
-        measurements=metrics,
-    )
-    return SecureSumResult(aggregate, metrics, dropped)
+    return total
 
 
 def _count_unit(length: int, precision_bits: int) -> int:
@@ -491,203 +647,68 @@ def _count_drops(metrics: dict[str, float], dropped: Mapping[ClientId, str]) -> 
         metrics[key] = metrics.get(key, 0.0) + 1.0
 
 
-def _sum_or_abort(
-    config: SecAggConfig,
-    settings: SecureAggregation,
-    round_idx: int,
-    inputs: Mapping[ClientId, np.ndarray],
-    drop_at: Mapping[ClientId, str],
-    metrics: dict[str, float],
-) -> tuple[SecAggServer | None, dict[ClientId, str], SecureSumResult | None]:
-    """Run the protocol; on abort, the result that releases nothing."""
-    dropped: dict[ClientId, str] = {}
-    try:
-        server = _run_protocol(config, settings, round_idx, inputs, drop_at, dropped)
-    except ProtocolError as err:
-        _count_drops(metrics, dropped)
-        metrics["secagg/aborted"] = 1.0
-        return None, dropped, SecureSumResult(None, metrics, dropped, str(err))
-    return server, dropped, None
-
-
-def _run_protocol(
-    config: SecAggConfig,
-    settings: SecureAggregation,
-    round_idx: int,
-    inputs: Mapping[ClientId, np.ndarray],
-    drop_at: Mapping[ClientId, str],
-    dropped: dict[ClientId, str],
-) -> SecAggServer:
-    """Carry the protocol's messages between the server and the client halves.
-
-    Each client's half is given its encoded input; ``dropped`` collects the
-    clients that dropped (injected by ``drop_at``, or on a worker process
-    that failed) and at which stage. Each reply goes to the server as it is
-    produced (:meth:`~fedshield.secagg.protocol.SecAggServer.receive_one`),
-    so the server holds one masked vector at a time. With
-    ``settings.workers`` (or ``auto`` on two or more cores and at least
-    :data:`~fedshield.simulation.secure_workers.AUTO_MIN_CLIENTS` clients),
-    some client halves run on worker processes
-    (:mod:`fedshield.simulation.secure_workers`).
-
-    Raises
-    ------
-    ProtocolError
-        When the protocol aborts (fewer than the threshold at a stage).
-    """
-    from fedshield.secagg import crypto
-    from fedshield.secagg.protocol import SecAggClient, SecAggServer
-    from fedshield.simulation.secure_workers import auto_workers, shared_workers
-
-    clients = sorted(inputs)
-    processes = (
-        auto_workers(len(clients)) if settings.workers is None else settings.workers
-    )
-    pool = shared_workers(processes) if processes > 0 else None
-    local = clients
-    remote_public: dict[ClientId, bytes] = {}
-    if pool is not None:
-        local, remote_public = pool.begin(
-            config, round_idx, inputs, malicious=settings.malicious
-        )
-    # The simulation is its own PKI: each client's signature key, and the
-    # table of verification keys every party knows (malicious mode).
-    signing = (
-        {cid: crypto.generate_signing_key() for cid in local}
-        if settings.malicious
-        else {}
-    )
-    verify = {cid: key.public for cid, key in signing.items()}
-    verify.update(remote_public)
-    table = verify or None
-    if pool is not None:
-        pool.start(table)
-    server = SecAggServer(config, round_idx, clients, verify_keys=table)
-    halves: dict[ClientId, SecAggClient] = {}
-    for cid in local:
-        half = SecAggClient(
-            config,
-            round_idx,
-            cid,
-            signing_key=signing.get(cid),
-            verify_keys=table,
-            # Each request is handed over once here: no retransmissions, so
-            # no client keeps its last reply (n masked inputs at once).
-            idempotent=False,
-        )
-        half.set_input(inputs[cid])
-        halves[cid] = half
-    remote = pool.remote() if pool is not None else set()
-
-    def refused(cid: ClientId, why: str) -> None:
-        logger.warning("round %d: client %s refused: %s", round_idx + 1, cid, why)
-
-    while server.stage not in ("done", "aborted"):
-        stage = server.stage
-        requests: dict[ClientId, bytes] = {}
-        for cid, message in server.requests().items():
-            if cid in drop_at and cid not in dropped and drop_at[cid] == stage:
-                dropped[cid] = stage
-            if cid not in dropped:
-                requests[cid] = message
-        if pool is not None:
-            pool.send(requests)
-        for cid, message in requests.items():
-            if cid in remote:
-                continue
-            try:
-                server.receive_one(cid, halves[cid].handle(message))
-            except ProtocolError as err:
-                refused(cid, str(err))
-        if pool is not None:
-            answers = pool.collect()
-            for cid in requests:
-                if cid not in remote:
-                    continue
-                answer = answers.get(cid)
-                if isinstance(answer, bytes):
-                    server.receive_one(cid, answer)
-                elif isinstance(answer, str):
-                    refused(cid, answer)
-                else:  # its worker failed: the client is gone
-                    dropped.setdefault(cid, stage)
-        server.end_stage()
-    return server
-
-
-def _distributed_sum(
+def secure_sum(
     updates: Mapping[ClientId, ClientUpdate],
-    clients: Sequence[ClientId],
     *,
     settings: SecureAggregation,
     spec: ParamSpec,
     round_idx: int,
+    max_examples: int,
     drop_at: Mapping[ClientId, str],
     rng: np.random.Generator,
-    distributed: DistributedDp,
-    threshold: int,
-    metrics: dict[str, float],
+    clip_norm: float | None = None,
+    norm_bound: float | None = None,
+    distributed: DistributedDp | None = None,
 ) -> SecureSumResult:
-    """Secure aggregation of distributed-DP-noised updates (see secure_sum)."""
-    from fedshield.privacy import distributed as ddg
+    """One secure aggregation of ``updates``, every party in this process.
 
-    try:
-        params = distributed.parameters(
-            dimension=spec.size, num_clients=len(clients), threshold=threshold
-        )
-        config = settings.protocol_config(
-            len(clients), params.modulus_bits, params.padded
-        )
-        config.neighbour_count(len(clients))
-    except ConfigError as err:
-        metrics["secagg/aborted"] = 1.0
-        return SecureSumResult(None, metrics, {}, str(err))
-    random_bytes = _random_bytes(distributed.secure_rng, rng)
-    # The rotation's signs: public, fresh for each run and round (a real
-    # server would announce the seed with the round).
-    rotation_seed = int(rng.integers(2**62))
-    inputs: dict[ClientId, np.ndarray] = {}
-    for cid in clients:
-        delta = np.asarray(updates[cid].delta.flat, dtype=np.float64)
-        # Each client's half: clip, rotate, round, add its noise share, mod 2^b.
-        inputs[cid], _ = ddg.encode(
-            delta,
-            params,
-            clip_norm=distributed.clip_norm,
-            rotation_seed=rotation_seed,
-            random_bytes=random_bytes,
-        )
-    server, dropped, aborted = _sum_or_abort(
-        config, settings, round_idx, inputs, drop_at, metrics
+    For tests and benchmarks of the protocol alone: each update is held by
+    an in-process client half (:class:`~fedshield.simulation.protocol.
+    ClientSession`), the server's half is :class:`SecureSumRound`, and the
+    protocol's bytes are handed over here, stage by stage. A simulated or
+    real round runs the same halves through its backend or transport.
+    ``rng`` draws the clients' stochastic rounding (in client order) and the
+    server's public randomness; ``clip_norm`` (central DP), ``norm_bound``
+    and ``distributed`` say what the clients do to their updates (see
+    :class:`~fedshield.strategies.secure_inputs.SecureInput`).
+    """
+    from fedshield.simulation.protocol import ClientSession, HoldUpdate
+    from fedshield.simulation.secure_client import hold_update, run_secure_stage
+
+    if distributed is not None:
+        transform = SecureInput("distributed", distributed.clip_norm, distributed)
+    elif clip_norm is not None:
+        transform = SecureInput("clipped", clip_norm)
+    else:
+        transform = SecureInput("weighted", norm_bound or 0.0)
+    hold = HoldUpdate(malicious=settings.malicious, lenient=distributed is not None)
+    sessions: dict[ClientId, ClientSession] = {}
+    receipts: dict[ClientId, FitReceipt] = {}
+    for cid in sorted(updates):
+        session = ClientSession(cid, None)  # type: ignore[arg-type]
+        receipt = hold_update(session, updates[cid], hold, spec)
+        if not receipt.rejected:
+            sessions[cid], receipts[cid] = session, receipt
+    machine = SecureSumRound(
+        settings=settings,
+        spec=spec,
+        round_idx=round_idx,
+        receipts=receipts,
+        transform=transform,
+        max_examples=max_examples,
+        drop_at=drop_at,
+        rng=rng,
     )
-    if aborted is not None:
-        return aborted
-    assert server is not None
-    total, near = ddg.decode_sum(server.result(), params, rotation_seed=rotation_seed)
-    _count_drops(metrics, dropped)
-    survivors = len(server.survivors)
-    metrics.update(
-        {
-            "secagg/aborted": 0.0,
-            "secagg/survivors": float(survivors),
-            "secagg/threshold": float(threshold),
-            "secagg/modulus_bits": float(params.modulus_bits),
-            "ddp/gamma": params.gamma,
-            "ddp/noise_std": params.noise_std,
-            "ddp/l2_sensitivity": params.l2_sensitivity,
-            "ddp/padded_dimension": float(params.padded),
-            "ddp/summed_noise_std": math.sqrt(survivors)
-            * params.noise_std
-            * params.gamma,
-            "ddp/near_wrap": float(near),
-        }
-    )
-    if near:
-        logger.warning(
-            "round %d: %d coordinates of the distributed-DP sum lie near the "
-            "modulus's edge: the sum may have wrapped around (raise [privacy] "
-            "distributed_bits)",
-            round_idx + 1,
-            near,
-        )
-    return SecureSumResult(None, metrics, dropped, total=total)
+    step = machine.start()
+    while isinstance(step, StageRequest):
+        replies = []
+        for cid, message in step.messages.items():
+            try:
+                value = run_secure_stage(sessions[cid], step.stage, message, rng)
+            except ProtocolError as err:
+                failure = ClientFailure(cid, step.stage, FailureKind.ERROR, str(err))
+                replies.append(StageReply(cid, failure=failure))
+                continue
+            replies.append(StageReply(cid, value=value))
+        step = machine.receive(replies)
+    return step

@@ -62,7 +62,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
-from fedshield.core import Client, ClientId
+from fedshield.core import ClientId
 from fedshield.errors import ConfigError
 from fedshield.simulation.backends._pool import (
     _check_deadlines,
@@ -79,6 +79,7 @@ from fedshield.simulation.backends._pool import (
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
 from fedshield.simulation.protocol import (
+    ClientSession,
     FailureKind,
     StageReply,
     StageRequest,
@@ -113,7 +114,7 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     client_fn: ClientFn = _failing_client_fn("no client_fn was sent to the worker")
-    cache: dict[ClientId, Client] = {}
+    cache: dict[ClientId, ClientSession] = {}
     while True:
         try:
             message = conn.recv()

@@ -88,7 +88,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fedshield.core import Client, ClientId
+from fedshield.core import ClientId
 from fedshield.errors import ConfigError, TransportError
 from fedshield.simulation.backends._pool import (
     _check_deadlines,
@@ -105,6 +105,7 @@ from fedshield.simulation.backends._pool import (
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
 from fedshield.simulation.protocol import (
+    ClientSession,
     FailureKind,
     StageReply,
     StageRequest,
@@ -158,7 +159,7 @@ class _ClientActor:
         self.client_fn: ClientFn = _failing_client_fn(
             "no client_fn was sent to the Ray worker"
         )
-        self.cache: dict[ClientId, Client] = {}
+        self.cache: dict[ClientId, ClientSession] = {}
         self.seq = -1
         self.stage = ""
         self.request: StageRequest | None = None

@@ -9,10 +9,11 @@ import logging
 import time
 from collections.abc import Iterator
 
-from fedshield.core import Client, ClientId, derive_rng
+from fedshield.core import ClientId, derive_rng
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.protocol import (
     ClientFailure,
+    ClientSession,
     FailureKind,
     StageReply,
     StageRequest,
@@ -30,9 +31,12 @@ def run_client_stage(
     request: StageRequest,
     *,
     seed: int,
-    cache: dict[ClientId, Client] | None = None,
+    cache: dict[ClientId, ClientSession] | None = None,
 ) -> StageReply:
     """Build (or reuse) one client and run its half of ``request``.
+
+    ``cache`` keeps each client's :class:`~fedshield.simulation.protocol.
+    ClientSession` for the round, so that later stages reach the same client.
 
     Any exception, from building the client or from the stage, becomes a
     :class:`ClientFailure` of kind ``error``; a reply slower than
@@ -41,13 +45,13 @@ def run_client_stage(
     started = time.perf_counter()
     rng = derive_rng(seed, "stage", request.stage, request.round_idx, client_id)
     try:
-        client = cache.get(client_id) if cache is not None else None
-        if client is None:
-            client = client_fn(client_id)
+        session = cache.get(client_id) if cache is not None else None
+        if session is None:
+            session = ClientSession(client_id, client_fn(client_id))
             if cache is not None:
-                cache[client_id] = client
+                cache[client_id] = session
         value = execute_stage(
-            client, request.stage, request.messages[client_id], rng=rng
+            session, request.stage, request.messages[client_id], rng=rng
         )
     except Exception as err:  # a client's failure must not stop the round
         logger.warning(
@@ -85,7 +89,7 @@ class SequentialBackend:
     """
 
     def __init__(self) -> None:
-        self._clients: dict[ClientId, Client] = {}
+        self._clients: dict[ClientId, ClientSession] = {}
         self._round: int | None = None
 
     def run_stage(

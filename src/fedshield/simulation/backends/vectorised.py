@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fedshield.core import (
-    Client,
     ClientId,
     FitConfig,
     Params,
@@ -28,10 +27,12 @@ from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
 from fedshield.simulation.protocol import (
     ClientFailure,
+    ClientSession,
     FailureKind,
     FitIns,
     StageReply,
     StageRequest,
+    fit_reply,
 )
 
 if TYPE_CHECKING:
@@ -49,10 +50,11 @@ class _Group:
     model: TorchModel
     params: Params
     config: FitConfig
-    members: list[tuple[ClientId, TorchClient, float, FitConfig]] = field(
+    members: list[tuple[ClientId, ClientSession, float, FitIns]] = field(
         default_factory=list
     )
-    """(client id, client, seconds to build it, its own config with its state)"""
+    """(client id, its session, seconds to build it, its own message with its
+    state)"""
 
 
 class VectorisedBackend:
@@ -119,7 +121,7 @@ class VectorisedBackend:
                 f"{max_batch_clients!r}."
             )
         self._max_batch_clients = int(max_batch_clients)
-        self._clients: dict[ClientId, Client] = {}
+        self._clients: dict[ClientId, ClientSession] = {}
         self._round: int | None = None
         # id(model) -> (model, can it be vectorised); the model is kept so
         # that its id cannot be reused by another object.
@@ -172,14 +174,15 @@ class VectorisedBackend:
         groups: list[_Group] = []
         for client_id, message in request.messages.items():
             started = time.perf_counter()
-            client = self._clients.get(client_id)
-            if client is None:
+            session = self._clients.get(client_id)
+            if session is None:
                 try:
-                    client = client_fn(client_id)
+                    session = ClientSession(client_id, client_fn(client_id))
                 except Exception as err:
                     replies[client_id] = _failed_build(client_id, request, err)
                     continue
-                self._clients[client_id] = client
+                self._clients[client_id] = session
+            client: Any = session.client
             if not (
                 type(client) is TorchClient
                 and isinstance(message, FitIns)
@@ -190,7 +193,7 @@ class VectorisedBackend:
                 continue  # runs one by one
             built_s = time.perf_counter() - started
             _group_of(groups, client.model, message).members.append(
-                (client_id, client, built_s, message.config)
+                (client_id, session, built_s, message)
             )
         size = self._max_batch_clients
         for group in groups:
@@ -202,7 +205,7 @@ class VectorisedBackend:
     def _train_chunk(
         self,
         group: _Group,
-        chunk: list[tuple[ClientId, TorchClient, float, FitConfig]],
+        chunk: list[tuple[ClientId, ClientSession, float, FitIns]],
         request: StageRequest,
         seed: int,
     ) -> dict[ClientId, StageReply]:
@@ -217,12 +220,13 @@ class VectorisedBackend:
             results = train_many(
                 group.model,
                 group.params,
-                [client.train_data for _, client, _, _ in chunk],
+                [_torch(session).train_data for _, session, _, _ in chunk],
                 group.config,
                 rngs=rngs,
                 max_batch_clients=len(chunk),
                 corrections=[
-                    local_correction(group.params, config) for _, _, _, config in chunk
+                    local_correction(group.params, message.config)
+                    for _, _, _, message in chunk
                 ],
             )
         except Exception as err:
@@ -240,7 +244,7 @@ class VectorisedBackend:
             return {}
         elapsed = time.perf_counter() - started
         replies: dict[ClientId, StageReply] = {}
-        for (client_id, client, built_s, config), (new, metrics) in zip(
+        for (client_id, session, built_s, message), (new, metrics) in zip(
             chunk, results, strict=True
         ):
             update = build_update(  # as TorchClient.fit builds it
@@ -248,8 +252,8 @@ class VectorisedBackend:
                 group.params,
                 new,
                 metrics,
-                num_examples=client.num_train_examples,
-                config=config,
+                num_examples=_torch(session).num_train_examples,
+                config=message.config,
             )
             running_s = built_s + elapsed
             if request.timeout_s is not None and running_s > request.timeout_s:
@@ -263,7 +267,9 @@ class VectorisedBackend:
                 )
                 replies[client_id] = StageReply(client_id, failure=failure)
             else:
-                replies[client_id] = StageReply(client_id, value=update)
+                replies[client_id] = StageReply(
+                    client_id, value=fit_reply(session, message, update)
+                )
         return replies
 
     def _can_vectorise(self, model: TorchModel) -> bool:
@@ -288,6 +294,12 @@ class VectorisedBackend:
         if self._verdicts.get(id(model), (None, True))[1]:
             logger.warning("training %r sequentially: %s", model, err)
         self._verdicts[id(model)] = (model, False)
+
+
+def _torch(session: ClientSession) -> TorchClient:
+    """The session's client, known by now to be a plain TorchClient."""
+    client: TorchClient = session.client  # type: ignore[assignment]
+    return client
 
 
 def _group_of(groups: list[_Group], model: TorchModel, message: FitIns) -> _Group:
