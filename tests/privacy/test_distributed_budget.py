@@ -246,7 +246,7 @@ def test_the_kept_releases_bound_every_release_of_every_smaller_round(
     build, n, d = SETTINGS[name]
     strategy = build()
     assert strategy.threshold_for is not None
-    kept = strategy._distributed_releases(d, n)
+    kept = strategy.mechanism.releases(strategy, d, n)
     every = []
     for m in range(2, n + 1):
         try:
@@ -268,5 +268,5 @@ def test_the_kept_releases_bound_every_release_of_every_smaller_round(
     # Built up from smaller rounds (as Poisson sampling asks), the same set.
     fresh = build()
     for m in (3, n - 1, n):
-        fresh._distributed_releases(d, m)
-    assert fresh._distributed_releases(d, n) == kept
+        fresh.mechanism.releases(fresh, d, m)
+    assert fresh.mechanism.releases(fresh, d, n) == kept

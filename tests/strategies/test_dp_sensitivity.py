@@ -425,7 +425,7 @@ def test_local_release_sensitivity_is_what_the_accountant_assumes(
         num_clients=16,
     )
     z = LOCAL_NOISE / 2.0
-    assert strategy._local_epsilon(1) == pytest.approx(
+    assert strategy.mechanism.first_round_epsilon(strategy, None) == pytest.approx(
         epsilon([DpEventSpec(noise_multiplier=z)], 1e-5, "pld"), rel=1e-9
     )
     assert worst * z <= 1.0 + 1e-3

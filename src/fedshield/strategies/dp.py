@@ -40,6 +40,14 @@ discrete Gaussian release (its RDP bound, quantisation included, in
 amplification by sampling (the server picks the clients) for every client
 sampled in it; the reported ε is the largest of any client's.
 
+Each mode is a :class:`DpMechanism` (:class:`CentralMechanism`,
+:class:`RecordMechanism`, :class:`LocalMechanism`,
+:class:`DistributedMechanism`), registered by name in :data:`MECHANISMS`:
+it makes the round's rule, asks the clients for their part, charges the
+round to the privacy record and says what a round releases. :class:`DpFedAvg`
+holds one (``PrivacySettings(mode=...)``: a registered name or a mechanism)
+and delegates every step that differs between modes to it.
+
 Every round records its exact DP event in a :class:`PrivacyLedger` kept in
 ``ServerState.metadata["privacy"]``, so checkpoints carry the accountant and
 a resumed run reports the same ε. With ``target_epsilon``, :meth:`configure`
@@ -50,9 +58,10 @@ would take ε above it.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,6 +74,7 @@ from fedshield.core import (
     ParamSpec,
     ServerState,
 )
+from fedshield.core.registry import Registry
 from fedshield.errors import ConfigError, PrivacyBudgetExceeded
 from fedshield.privacy.accounting import (
     AccountantKind,
@@ -88,12 +98,19 @@ from fedshield.strategies.fedavg import FedAvg
 from fedshield.strategies.sampling import ClientSampler, CountSampler
 
 __all__ = [
+    "MECHANISMS",
+    "CentralMechanism",
+    "DistributedMechanism",
     "DistributedSum",
     "DpFedAvg",
     "DpMean",
+    "DpMechanism",
+    "LocalMechanism",
     "PoissonSampler",
     "PrivacySettings",
+    "RecordMechanism",
     "adaptive_noise_split",
+    "mechanism_for",
 ]
 
 
@@ -142,7 +159,10 @@ class PrivacySettings:
     Parameters
     ----------
     mode
-        ``"central"``, ``"local"``, ``"record"`` or ``"distributed"``.
+        The DP mode: a name registered in :data:`MECHANISMS`
+        (``"central"``, ``"local"``, ``"record"`` or ``"distributed"``), or
+        a :class:`DpMechanism`. Read back, always the mode's name (a
+        string); the mechanism itself is :attr:`mechanism`.
     clip_norm
         L2 clip norm of each client's update (the initial one when adaptive).
     noise_multiplier
@@ -174,7 +194,7 @@ class PrivacySettings:
         Distributed mode: conditional rounding's ``β``.
     """
 
-    mode: Literal["central", "local", "record", "distributed"]
+    mode: str | DpMechanism
     clip_norm: float
     noise_multiplier: float
     delta: float = 1e-5
@@ -186,8 +206,13 @@ class PrivacySettings:
     clipped_count_stddev: float | None = None
     distributed_bits: int = 20
     rounding_beta: float = math.exp(-0.5)
+    mechanism: DpMechanism = field(init=False, repr=False, compare=False)
+    """The mode's :class:`DpMechanism` (resolved from ``mode``)."""
 
     def __post_init__(self) -> None:
+        mechanism = mechanism_for(self.mode)
+        object.__setattr__(self, "mechanism", mechanism)
+        object.__setattr__(self, "mode", mechanism.name)
         if not math.isfinite(self.clip_norm) or self.clip_norm <= 0:
             raise ConfigError(
                 f"[privacy] clip_norm must be a finite number > 0; got {self.clip_norm}"
@@ -205,8 +230,7 @@ class PrivacySettings:
                 "[privacy] target_quantile must be in (0, 1); got "
                 f"{self.target_quantile}"
             )
-        if self.mode == "distributed":
-            self.distributed()  # validates the bits and beta
+        mechanism.check_settings(self)  # distributed: validates bits and beta
 
     def distributed(self) -> DistributedDp:
         """The distributed discrete Gaussian these settings describe."""
@@ -458,14 +482,768 @@ class _DpAccumulator:
         )
 
 
+# --- mechanisms ----------------------------------------------------------------
+
+
+def _refuse_above(
+    privacy: PrivacySettings, record: Mapping[str, Any], after: float
+) -> None:
+    """Refuse the round if ``after`` (its ε) exceeds ``target_epsilon``."""
+    target = privacy.target_epsilon
+    if target is not None and after > target:
+        raise PrivacyBudgetExceeded(
+            f"the privacy budget is spent: one more round would take epsilon "
+            f"from {float(record.get('epsilon', 0.0)):.4g} to {after:.4g}, above "
+            f"target_epsilon = {target:g} (delta = {privacy.delta:g})"
+        )
+
+
+@dataclass(frozen=True)
+class DpMechanism(ABC):
+    """What one DP mode does inside :class:`DpFedAvg`.
+
+    A mechanism names the rule that aggregates a round, what the clients do
+    (the options it adds to their fit config), how a round is accounted (the
+    DP event it composes into the privacy record) and what a round and a
+    run report. It holds no state: :class:`DpFedAvg` holds one (through its
+    :class:`PrivacySettings`) and passes itself to each hook, which reads
+    the strategy's settings, sampler, population and caches.
+
+    The hooks' defaults are those of a mode whose clients noise their own
+    updates and are charged per round taken part in; each mode overrides
+    what differs. Modes are registered in :data:`MECHANISMS` under
+    :attr:`name`.
+    """
+
+    name: ClassVar[str] = ""
+    """The mode's name, as ``[privacy] mode`` writes it."""
+
+    # --- construction ------------------------------------------------------
+
+    def check_settings(self, settings: PrivacySettings) -> None:
+        """Refuse settings this mechanism cannot run (at their construction)."""
+        return  # nothing to refuse by default
+
+    def validate(self, dp: DpFedAvg) -> None:
+        """Refuse a strategy this mechanism cannot account (at its construction).
+
+        By default the units protected are the ``N`` clients, so ``δ`` must
+        be below ``1/N``.
+        """
+        privacy = dp.privacy
+        if privacy.delta >= 1.0 / dp.num_clients:
+            raise ConfigError(
+                f"[privacy] delta = {privacy.delta:g} is not below 1/N = "
+                f"1/{dp.num_clients} (N: the clients, the units protected in "
+                f"{self.name} mode); choose delta < "
+                f"{1.0 / dp.num_clients:.3g}"
+            )
+
+    def fresh(self, dp: DpFedAvg) -> dict[str, Any]:
+        """The mode's own fields of an empty privacy record.
+
+        They follow the common fields (``mode`` … ``clip_norm``) in the
+        record, in this order.
+        """
+        return {"participation": {}}
+
+    # --- a round ---------------------------------------------------------------
+
+    def initial_aggregator(self, dp: DpFedAvg) -> Aggregator:
+        """The aggregation rule before any round (default: FedAvg's mean)."""
+        return dp.base.aggregator
+
+    def round_aggregator(
+        self, dp: DpFedAvg, record: Mapping[str, Any]
+    ) -> Aggregator | None:
+        """The round's own rule (None: :meth:`initial_aggregator`'s)."""
+        return None
+
+    def client_options(self, dp: DpFedAvg) -> Mapping[str, Any] | None:
+        """What the round's clients are asked to run (fit-config options)."""
+        return None
+
+    def min_clients(self, dp: DpFedAvg) -> int:
+        """The fewest updates the round aggregates (default: FedAvg's)."""
+        return dp.base.min_clients
+
+    def weight(self, dp: DpFedAvg, update: ClientUpdate) -> float:
+        """An update's aggregation weight (default: equal weights)."""
+        return 1.0
+
+    def released(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """A round's server-side metrics that its guarantee covers.
+
+        By default everything but the un-noised training metrics
+        (``train_*``) and the round's wall time.
+        """
+        return {
+            key: value
+            for key, value in metrics.items()
+            if not key.startswith("train_") and key != "seconds"
+        }
+
+    def summary(self, settings: PrivacySettings) -> dict[str, Any]:
+        """Facts of this mode for the run's privacy summary (beyond the settings)."""
+        return {}
+
+    # --- the budget --------------------------------------------------------
+
+    def first_round_epsilon(self, dp: DpFedAvg, dimension: int | None) -> float | None:
+        """ε of one round of the expected size (None: not known in advance)."""
+        return None
+
+    def check_before_sampling(self, dp: DpFedAvg, record: Mapping[str, Any]) -> None:
+        """Refuse a round over budget, before its clients are sampled."""
+        return  # nothing to refuse by default
+
+    def check_sampled(
+        self,
+        dp: DpFedAvg,
+        record: Mapping[str, Any],
+        clients: Sequence[ClientId],
+        dimension: int,
+    ) -> None:
+        """Refuse a round over budget, once ``clients`` are sampled."""
+        return  # nothing to refuse by default
+
+    # --- accounting -------------------------------------------------------------
+
+    @abstractmethod
+    def spend(
+        self,
+        dp: DpFedAvg,
+        record: dict[str, Any],
+        state: ServerState,
+        plan: RoundPlan,
+        aggregate: Aggregate | None,
+    ) -> None:
+        """Charge ``plan``'s round to ``record`` (``aggregate``: None if none).
+
+        ``record`` is a copy of the state's record, updated in place;
+        :class:`DpFedAvg` counts the round.
+        """
+
+    charges_unfinished: ClassVar[bool] = True
+    """Whether a round that ended without an update still costs its clients."""
+
+    def charge_before(
+        self, dp: DpFedAvg, state: ServerState, plan: RoundPlan
+    ) -> ServerState:
+        """``state`` charged for ``plan``'s round before its clients train.
+
+        By default the round's own cost (:meth:`DpFedAvg.charge_unfinished`).
+        """
+        return dp.charge_unfinished(state, plan)
+
+
+@dataclass(frozen=True)
+class CentralMechanism(DpMechanism):
+    """DP-FedAvg: the server clips each update and noises the sum.
+
+    The round's rule is a :class:`DpMean` at the record's clip norm (which
+    adaptive clipping moves); each round composes one Gaussian mechanism
+    amplified by the client sampling into the record's
+    :class:`PrivacyLedger`; the clients run plain FedAvg.
+    """
+
+    name: ClassVar[str] = "central"
+
+    def validate(self, dp: DpFedAvg) -> None:
+        """``δ < 1/N``; fixed-size sampling only with RDP; a valid noise split."""
+        super().validate(dp)
+        if isinstance(dp.sampler, CountSampler) and dp.privacy.accountant != "rdp":
+            # Only central mode accounts the sampling of clients (local and
+            # record mode charge each client for the rounds it took part in,
+            # distributed mode claims no amplification), so only central
+            # mode needs the RDP accountant for fixed-size sampling.
+            raise ConfigError(
+                'fixed-size client sampling (sampling = "fixed") is accounted only '
+                'by the RDP accountant: set [privacy] accountant = "rdp", or use '
+                'sampling = "poisson"'
+            )
+        self.noise_split(dp)  # validates adaptive clipping's noise split
+
+    def fresh(self, dp: DpFedAvg) -> dict[str, Any]:
+        """An empty ledger."""
+        privacy = dp.privacy
+        return {"ledger": PrivacyLedger(privacy.accountant, privacy.delta).to_json()}
+
+    def noise_split(self, dp: DpFedAvg) -> tuple[float, float | None]:
+        """(σ_Δ, σ_b): the update's and the count's noise multipliers."""
+        privacy = dp.privacy
+        sigma = privacy.noise_multiplier
+        if privacy.target_quantile is None:
+            return sigma, None
+        count_std = privacy.clipped_count_stddev
+        if count_std is None:
+            count_std = dp.expected_clients / 20.0
+        return adaptive_noise_split(sigma, count_std), count_std
+
+    def rule(self, dp: DpFedAvg, clip_norm: float) -> DpMean:
+        """The round's :class:`DpMean` at ``clip_norm``."""
+        sigma_delta, count_std = self.noise_split(dp)
+        return DpMean(
+            clip_norm=clip_norm,
+            noise_std=sigma_delta * clip_norm,
+            denominator=dp.expected_clients,
+            count_stddev=count_std,
+            secure_rng=dp.privacy.secure_rng,
+        )
+
+    def initial_aggregator(self, dp: DpFedAvg) -> Aggregator:
+        """A :class:`DpMean` at the initial clip norm."""
+        return self.rule(dp, dp.privacy.clip_norm)
+
+    def round_aggregator(
+        self, dp: DpFedAvg, record: Mapping[str, Any]
+    ) -> Aggregator | None:
+        """A :class:`DpMean` at the record's (adapted) clip norm."""
+        return self.rule(dp, float(record["clip_norm"]))
+
+    def min_clients(self, dp: DpFedAvg) -> int:
+        """0: central mode never aborts for too few updates.
+
+        Whether a round had enough would be a release of the clients' count
+        outside the guarantee. With its fixed denominator the round releases
+        the noised sum of whoever took part (DP-FedAvg's algorithm);
+        min_clients is checked against the expected sample (check()).
+        """
+        return 0
+
+    def released(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Only the noised aggregate's measurements (the sample stays secret)."""
+        return {
+            key: value
+            for key, value in metrics.items()
+            if key.startswith(("dp/", "federated_"))
+            or key in ("update_norm", "secagg/aborted")
+        }
+
+    def event(self, dp: DpFedAvg) -> DpEventSpec:
+        """One round's DP event: the Gaussian mechanism, amplified by sampling."""
+        sigma = dp.privacy.noise_multiplier
+        sampler = dp.sampler
+        if isinstance(sampler, PoissonSampler):
+            return DpEventSpec(
+                noise_multiplier=sigma,
+                sampling="poisson",
+                sampling_rate=sampler.rate,
+            )
+        assert isinstance(sampler, CountSampler)
+        # Fixed-size sampling is accounted under replace-one neighbours:
+        # replacing one client moves the clipped sum by up to 2C (and the
+        # centred unclipped count by up to 1, twice its add/remove
+        # sensitivity), against noise σC, so the event's multiplier is σ/2.
+        return DpEventSpec(
+            noise_multiplier=sigma / 2.0,
+            sampling="fixed",
+            population=dp.num_clients,
+            sample_size=min(sampler.count, dp.num_clients),
+        )
+
+    def ledger(self, dp: DpFedAvg, data: Mapping[str, Any]) -> PrivacyLedger:
+        """The record's ledger.
+
+        The one this strategy wrote last round, unless the state came from
+        elsewhere (a checkpoint): then rebuilt from its JSON.
+        """
+        if dp._cache.get("json") is data:
+            ledger: PrivacyLedger = dp._cache["ledger"]
+            return ledger
+        return PrivacyLedger.from_json(data)
+
+    def first_round_epsilon(self, dp: DpFedAvg, dimension: int | None) -> float | None:
+        """ε of one round's event."""
+        privacy = dp.privacy
+        return epsilon([self.event(dp)], privacy.delta, privacy.accountant)
+
+    def check_before_sampling(self, dp: DpFedAvg, record: Mapping[str, Any]) -> None:
+        """Refuse a round whose event would take ε above the target."""
+        if dp.privacy.target_epsilon is None:
+            return
+        after = self.ledger(dp, record["ledger"]).epsilon_if(self.event(dp))
+        _refuse_above(dp.privacy, record, after)
+
+    def spend(
+        self,
+        dp: DpFedAvg,
+        record: dict[str, Any],
+        state: ServerState,
+        plan: RoundPlan,
+        aggregate: Aggregate | None,
+    ) -> None:
+        """Compose the round's event; adaptive clipping moves the clip norm."""
+        ledger = self.ledger(dp, record["ledger"])
+        ledger.record(state.round_idx, self.event(dp))
+        record["ledger"] = ledger.to_json()
+        dp._cache["json"], dp._cache["ledger"] = record["ledger"], ledger
+        record["epsilon"] = ledger.epsilon()
+        fraction = (
+            aggregate.measurements.get("dp/unclipped_fraction")
+            if aggregate is not None
+            else None
+        )
+        privacy = dp.privacy
+        if privacy.target_quantile is not None and fraction is not None:
+            step = -privacy.clip_learning_rate * (fraction - privacy.target_quantile)
+            record["clip_norm"] = float(record["clip_norm"]) * math.exp(step)
+
+
+@dataclass(frozen=True)
+class RecordMechanism(DpMechanism):
+    """DP-SGD inside each client, accounted per client from its records.
+
+    The clients are asked (through the round's options) to run DP-SGD; the
+    server aggregates with FedAvg's rule and weights and charges each
+    sampled client the DP-SGD of its records
+    (:func:`~fedshield.privacy.records.record_level_event`).
+    """
+
+    name: ClassVar[str] = "record"
+
+    def validate(self, dp: DpFedAvg) -> None:
+        """Each client's size known; ``δ < 1/n`` of the largest; PLD only."""
+        privacy = dp.privacy
+        if not dp.client_sizes:
+            raise ConfigError("record mode needs each client's number of records")
+        most = max(dp.client_sizes.values())
+        if privacy.delta >= 1.0 / most:
+            raise ConfigError(
+                f"[privacy] delta = {privacy.delta:g} is not below 1/n = "
+                f"1/{most} (n: the records of the largest client, the units "
+                f"protected in record mode); choose delta < {1.0 / most:.3g}"
+            )
+        if privacy.accountant == "rdp":
+            raise ConfigError(
+                "record mode is accounted under replace-one, which only the PLD "
+                'accountant supports for Poisson sampling: set accountant = "pld"'
+            )
+
+    def fresh(self, dp: DpFedAvg) -> dict[str, Any]:
+        """Each client's rounds and ε."""
+        return {"participation": {}, "client_epsilon": {}}
+
+    def client_options(self, dp: DpFedAvg) -> Mapping[str, Any] | None:
+        """DP-SGD's clip norm, noise multiplier and randomness."""
+        privacy = dp.privacy
+        return {
+            DP_SGD_CLIP: privacy.clip_norm,
+            DP_SGD_SIGMA: privacy.noise_multiplier,
+            DP_SGD_SECURE: privacy.secure_rng,
+        }
+
+    def weight(self, dp: DpFedAvg, update: ClientUpdate) -> float:
+        """FedAvg's weight (each client's records are protected by its DP-SGD)."""
+        return dp.base.weight(update)
+
+    def client_epsilon(self, dp: DpFedAvg, client_id: ClientId, rounds: int) -> float:
+        """ε of one client's records after ``rounds`` rounds of DP-SGD."""
+        assert dp.client_sizes is not None
+        local = dp.base.local
+        privacy = dp.privacy
+        spec = record_level_event(
+            int(dp.client_sizes[client_id]),
+            batch_size=local.batch_size,
+            epochs=local.epochs,
+            noise_multiplier=privacy.noise_multiplier,
+            rounds=rounds,
+        )
+        key = repr(spec)
+        cached = dp._cache.setdefault("record", {}).get(key)
+        if cached is None:
+            cached = epsilon([spec], privacy.delta, privacy.accountant)
+            dp._cache["record"][key] = cached
+        return float(cached)
+
+    def check_sampled(
+        self,
+        dp: DpFedAvg,
+        record: Mapping[str, Any],
+        clients: Sequence[ClientId],
+        dimension: int,
+    ) -> None:
+        """Refuse a round that would take any sampled client above the target."""
+        privacy = dp.privacy
+        target = privacy.target_epsilon
+        if target is None:
+            return
+        counts = record["participation"]
+        for cid in clients:
+            after = self.client_epsilon(dp, cid, int(counts.get(cid, 0)) + 1)
+            if after > target:
+                raise PrivacyBudgetExceeded(
+                    f"the privacy budget is spent: one more round would take "
+                    f"client {cid!r}'s epsilon to {after:.4g}, above "
+                    f"target_epsilon = {target:g} (delta = {privacy.delta:g})"
+                )
+
+    def spend(
+        self,
+        dp: DpFedAvg,
+        record: dict[str, Any],
+        state: ServerState,
+        plan: RoundPlan,
+        aggregate: Aggregate | None,
+    ) -> None:
+        """Charge every sampled client, whether or not its update arrived.
+
+        It may have trained (and spent) before dropping out.
+        """
+        counts = dict(record["participation"])
+        spent = dict(record["client_epsilon"])
+        for cid in plan.clients:
+            counts[cid] = int(counts.get(cid, 0)) + 1
+            spent[cid] = self.client_epsilon(dp, cid, counts[cid])
+        record["participation"] = counts
+        record["client_epsilon"] = spent
+        record["epsilon"] = max(spent.values(), default=0.0)
+
+
+@dataclass(frozen=True)
+class LocalMechanism(DpMechanism):
+    """Each client clips and noises its own update before it leaves.
+
+    The clients are asked (through the round's options) to privatise their
+    updates (:func:`fedshield.privacy.local.privatize`); the server averages
+    them with equal weights and charges each sampled client one Gaussian
+    mechanism of multiplier ``σ/2`` (sensitivity ``2C``) per round.
+    """
+
+    name: ClassVar[str] = "local"
+
+    def client_options(self, dp: DpFedAvg) -> Mapping[str, Any] | None:
+        """The clip norm and noise multiplier each client applies."""
+        return {
+            LOCAL_CLIP: dp.privacy.clip_norm,
+            LOCAL_SIGMA: dp.privacy.noise_multiplier,
+        }
+
+    def summary(self, settings: PrivacySettings) -> dict[str, Any]:
+        """Local noise is always secure; the sample buys no amplification."""
+        return {"secure_rng": True, "amplification_by_sampling": False}
+
+    def client_epsilon(self, dp: DpFedAvg, participations: int) -> float:
+        """ε of a client that took part in ``participations`` rounds."""
+        if participations == 0:
+            return 0.0
+        privacy = dp.privacy
+        # Sensitivity 2C over noise σC: the multiplier of one release is σ/2.
+        spec = DpEventSpec(
+            noise_multiplier=privacy.noise_multiplier / 2.0, count=participations
+        )
+        return epsilon([spec], privacy.delta, privacy.accountant)
+
+    def first_round_epsilon(self, dp: DpFedAvg, dimension: int | None) -> float | None:
+        """ε of one release."""
+        return self.client_epsilon(dp, 1)
+
+    def check_before_sampling(self, dp: DpFedAvg, record: Mapping[str, Any]) -> None:
+        """The worst case: a client that took part most takes part again."""
+        if dp.privacy.target_epsilon is None:
+            return
+        most = max(dict(record["participation"]).values(), default=0)
+        _refuse_above(dp.privacy, record, self.client_epsilon(dp, most + 1))
+
+    def spend(
+        self,
+        dp: DpFedAvg,
+        record: dict[str, Any],
+        state: ServerState,
+        plan: RoundPlan,
+        aggregate: Aggregate | None,
+    ) -> None:
+        """Charge every sampled client; ε is that of the one that took part most."""
+        counts = dict(record["participation"])
+        for cid in plan.clients:
+            counts[cid] = int(counts.get(cid, 0)) + 1
+        record["participation"] = counts
+        record["epsilon"] = self.client_epsilon(dp, max(counts.values(), default=0))
+
+
+@dataclass(frozen=True)
+class DistributedMechanism(DpMechanism):
+    """The distributed discrete Gaussian under secure aggregation.
+
+    Each client noises its share before masking; the round's rule is a
+    :class:`DistributedSum`. Each completed round is one distributed
+    discrete Gaussian release, charged (without amplification) to every
+    sampled client; each client's releases are recorded as a histogram over
+    the distinct events the run has seen (``events``).
+    """
+
+    name: ClassVar[str] = "distributed"
+
+    charges_unfinished: ClassVar[bool] = False
+    # An aborted round aborts before the sum is unmasked: nothing released.
+
+    def check_settings(self, settings: PrivacySettings) -> None:
+        """Validates the modulus bits and rounding's beta."""
+        settings.distributed()
+
+    def fresh(self, dp: DpFedAvg) -> dict[str, Any]:
+        """Each client's histogram of releases, and the distinct releases."""
+        return {"participation": {}, "events": []}
+
+    def initial_aggregator(self, dp: DpFedAvg) -> Aggregator:
+        """A :class:`DistributedSum` of the settings' mechanism."""
+        return DistributedSum(dp.privacy.distributed())
+
+    def round_aggregator(
+        self, dp: DpFedAvg, record: Mapping[str, Any]
+    ) -> Aggregator | None:
+        """A :class:`DistributedSum` of the settings' mechanism."""
+        return DistributedSum(dp.privacy.distributed())
+
+    def summary(self, settings: PrivacySettings) -> dict[str, Any]:
+        """Always accounted by its RDP bound, with secure noise, unamplified."""
+        return {
+            # The distributed discrete Gaussian is always accounted by its RDP
+            # bound (fedshield.privacy.accounting.ddg_rdp), whatever [privacy]
+            # accountant says.
+            "accountant": "rdp",
+            "secure_rng": True,  # always (see DistributedDp)
+            "distributed_bits": settings.distributed_bits,
+            "rounding_beta": settings.rounding_beta,
+            "amplification_by_sampling": False,
+        }
+
+    def first_round_epsilon(self, dp: DpFedAvg, dimension: int | None) -> float | None:
+        """ε of the costliest release of a round of the expected size."""
+        if dimension is None:
+            return None
+        event = self.next_event(dp, dimension)
+        return epsilon([event], dp.privacy.delta, dp.privacy.accountant)
+
+    def check_sampled(
+        self,
+        dp: DpFedAvg,
+        record: Mapping[str, Any],
+        clients: Sequence[ClientId],
+        dimension: int,
+    ) -> None:
+        """Refuse a round whose worst release would take ε above the target.
+
+        Checked for the round as sampled and for every smaller number of
+        clients that may finish training (its own granularity and noise
+        share: a smaller round can cost more).
+        """
+        if not clients or dp.privacy.target_epsilon is None:
+            return
+        # The worst case: any client takes part again, in a round built for
+        # any number of clients that trained and completed by any number of
+        # survivors (ε is monotone in neither, so every pair is checked).
+        releases = self.releases(dp, dimension, max(2, len(clients)))
+        histograms = list(dict(record["participation"]).values()) or [{}]
+        after = self.worst_epsilon(dp, record["events"], histograms, releases)
+        _refuse_above(dp.privacy, record, after)
+
+    def spend(
+        self,
+        dp: DpFedAvg,
+        record: dict[str, Any],
+        state: ServerState,
+        plan: RoundPlan,
+        aggregate: Aggregate | None,
+    ) -> None:
+        """Account a completed round for every sampled client."""
+        assert aggregate is not None  # an unfinished round costs nothing
+        self.charge(dp, record, plan, [_distributed_event(aggregate.measurements)])
+
+    def charge_before(
+        self, dp: DpFedAvg, state: ServerState, plan: RoundPlan
+    ) -> ServerState:
+        """Every release the round could make, charged to every sampled client.
+
+        The release is known only once the sum is unmasked: every one the
+        round could make that no other bounds at every RDP order
+        (:meth:`releases`: usually one, which then bounds them all), each
+        charged once, costs at least what the round will.
+        """
+        if not plan.clients:
+            return state
+        record = dict(dp._record(state))
+        releases = self.releases(
+            dp, state.params.spec.size, len(plan.clients), strict=False
+        )
+        self.charge(dp, record, plan, releases)
+        record["rounds"] = int(record.get("rounds", 0)) + 1
+        return state.evolve(metadata={**state.metadata, "privacy": record})
+
+    def charge(
+        self,
+        dp: DpFedAvg,
+        record: dict[str, Any],
+        plan: RoundPlan,
+        specs: Sequence[DpEventSpec],
+    ) -> None:
+        """Charge each of ``specs`` once to every client sampled in ``plan``."""
+        events = list(record["events"])
+        counts = {cid: dict(h) for cid, h in dict(record["participation"]).items()}
+        for spec in specs:
+            key = spec.to_json()
+            if key not in events:
+                events.append(key)
+            index = str(events.index(key))
+            for cid in plan.clients:
+                histogram = counts.setdefault(cid, {})
+                histogram[index] = int(histogram.get(index, 0)) + 1
+        record["events"] = events
+        record["participation"] = counts
+        record["epsilon"] = self.worst_epsilon(dp, events, counts.values())
+
+    def worst_epsilon(
+        self,
+        dp: DpFedAvg,
+        events: Sequence[Mapping[str, Any]],
+        histograms: Iterable[Mapping[str, int]],
+        then: Sequence[DpEventSpec] = (),
+    ) -> float:
+        """The largest ε of any client (each client's rounds, composed).
+
+        With ``then``: after one more round that every client takes part in
+        and that releases any one of ``then`` (the worst is taken).
+        """
+        specs = [DpEventSpec.from_json(e) for e in events]
+        rows = list(histograms)
+        counts = np.zeros((len(rows), len(specs)))
+        for i, histogram in enumerate(rows):
+            for index, count in histogram.items():
+                counts[i, int(index)] = count
+        return ddg_worst_epsilon(specs, counts, dp.privacy.delta, then=then)
+
+    def next_event(
+        self, dp: DpFedAvg, dimension: int, num_clients: int | None = None
+    ) -> DpEventSpec:
+        """The costliest release, alone, of a round of ``num_clients``.
+
+        For a round of ``num_clients`` (default: the expected number): of
+        every release it can make (:meth:`releases`), the one whose single
+        round costs the most ε.
+        """
+        n = max(2, num_clients or round(dp.expected_clients))
+        events = self.releases(dp, dimension, n)
+        costs = [epsilon([e], dp.privacy.delta) for e in events]
+        return events[costs.index(max(costs))]
+
+    def releases(
+        self, dp: DpFedAvg, dimension: int, num_clients: int, *, strict: bool = True
+    ) -> tuple[DpEventSpec, ...]:
+        """Every release a round sampled with ``num_clients`` can make.
+
+        Secure aggregation runs for the ``n'`` clients that trained, any
+        number from ``min_clients`` (at least 2; fewer abort the round) to
+        all sampled (some may fail at fit), with ``n'``'s own threshold and
+        discrete Gaussian, and completes with any number of survivors from
+        that threshold to ``n'`` (:func:`~fedshield.privacy.accounting.
+        ddg_round_events`). ε is monotone in neither (a smaller ``n'`` has
+        a finer granularity but fewer noise shares), so every pair counts;
+        those another bounds at every order are left out (:func:`~fedshield.
+        privacy.accounting.ddg_undominated_releases`). A ``n'`` whose round
+        cannot be built (threshold or parameters refused) aborts: it
+        releases nothing. The set for ``n`` is the set for ``n − 1`` plus
+        round ``n``'s releases, so each is built once from the last one
+        cached.
+
+        Raises
+        ------
+        ConfigError
+            With ``strict``, if the round as sampled cannot be built.
+        """
+        distributed = dp.privacy.distributed()
+        threshold_for = dp.threshold_for
+
+        def parameters(trained: int) -> Any:
+            t = threshold_for(trained) if threshold_for is not None else trained
+            return distributed.parameters(
+                dimension=dimension, num_clients=trained, threshold=t
+            )
+
+        if strict:
+            parameters(num_clients)  # the round as sampled: refused if it cannot run
+        built: dict[int, tuple[DpEventSpec, ...]] = dp._cache.setdefault(
+            f"ddg_releases/{dimension}", {}
+        )
+        if num_clients in built:
+            return built[num_clients]
+        lowest = max(2, dp.base.min_clients)
+        below = [m for m in built if m < num_clients]
+        trained = max(below) if below else lowest - 1
+        releases = built[trained] if below else ()
+        while trained < num_clients:
+            trained += 1
+            try:
+                round_ = parameters(trained)
+            except ConfigError:
+                round_ = None  # such a round aborts in secure aggregation
+            if round_ is not None:
+                releases = ddg_undominated_releases(round_, releases)
+            built[trained] = releases
+        return releases
+
+
+MECHANISMS: Registry[type[DpMechanism]] = Registry("privacy mode", "[privacy] mode")
+"""The DP modes by name: each a :class:`DpMechanism` class.
+
+Tags: ``client_side`` (the clients apply the mechanism: the server cannot
+enforce it alone), ``amplified`` (accounted with amplification by client
+sampling), ``needs_secagg`` (runs only under secure aggregation).
+"""
+
+MECHANISMS.add(
+    "central",
+    CentralMechanism,
+    "user-level DP-FedAvg: the server clips each client's update and adds "
+    "Gaussian noise to the sum",
+    tags={"amplified"},
+)
+MECHANISMS.add(
+    "record",
+    RecordMechanism,
+    "DP-SGD inside each client: each client's records are protected, "
+    "accounted per client",
+    tags={"client_side"},
+)
+MECHANISMS.add(
+    "local",
+    LocalMechanism,
+    "each client clips and noises its own update before it leaves the client",
+    tags={"client_side"},
+)
+MECHANISMS.add(
+    "distributed",
+    DistributedMechanism,
+    "each client adds its share of discrete Gaussian noise before secure "
+    "aggregation masks its update (needs [secagg])",
+    tags={"client_side", "needs_secagg"},
+)
+
+
+def mechanism_for(mode: str | DpMechanism) -> DpMechanism:
+    """The mechanism ``mode`` names (a mechanism is returned as it is).
+
+    Raises
+    ------
+    ConfigError
+        If no mode has that name (the message lists the registered ones).
+    """
+    if isinstance(mode, DpMechanism):
+        return mode
+    return MECHANISMS.get(mode)()
+
+
+# --- the strategy ----------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class DpFedAvg:
-    """FedAvg with user-level differential privacy (central or local).
+    """FedAvg with user-level differential privacy, by a :class:`DpMechanism`.
 
     Composed of a :class:`FedAvg` (local training, server optimizer,
     ``min_clients``), a client sampler (:class:`PoissonSampler` by default,
     a :class:`CountSampler` for fixed-size sampling, accounted as sampling
-    without replacement) and the mechanism of :class:`PrivacySettings`.
+    without replacement) and the mechanism of :class:`PrivacySettings`
+    (:attr:`mechanism`), to which each mode-dependent step is delegated.
 
     Parameters
     ----------
@@ -509,43 +1287,12 @@ class DpFedAvg:
             else float(self.sampler.expected_count(self.num_clients))
         )
         object.__setattr__(self, "_expected", expected)
-        if self.privacy.mode == "record":
-            if not self.client_sizes:
-                raise ConfigError("record mode needs each client's number of records")
-            most = max(self.client_sizes.values())
-            if self.privacy.delta >= 1.0 / most:
-                raise ConfigError(
-                    f"[privacy] delta = {self.privacy.delta:g} is not below 1/n = "
-                    f"1/{most} (n: the records of the largest client, the units "
-                    f"protected in record mode); choose delta < {1.0 / most:.3g}"
-                )
-        elif self.privacy.delta >= 1.0 / self.num_clients:
-            raise ConfigError(
-                f"[privacy] delta = {self.privacy.delta:g} is not below 1/N = "
-                f"1/{self.num_clients} (N: the clients, the units protected in "
-                f"{self.privacy.mode} mode); choose delta < "
-                f"{1.0 / self.num_clients:.3g}"
-            )
-        if self.privacy.mode == "record" and self.privacy.accountant == "rdp":
-            raise ConfigError(
-                "record mode is accounted under replace-one, which only the PLD "
-                'accountant supports for Poisson sampling: set accountant = "pld"'
-            )
-        if (
-            isinstance(self.sampler, CountSampler)
-            and self.privacy.accountant != "rdp"
-            # Only central mode accounts the sampling of clients (local and
-            # record mode charge each client for the rounds it took part in,
-            # distributed mode claims no amplification), so only central
-            # mode needs the RDP accountant for fixed-size sampling.
-            and self.privacy.mode == "central"
-        ):
-            raise ConfigError(
-                'fixed-size client sampling (sampling = "fixed") is accounted only '
-                'by the RDP accountant: set [privacy] accountant = "rdp", or use '
-                'sampling = "poisson"'
-            )
-        self._split()  # validates adaptive clipping's noise split
+        self.mechanism.validate(self)
+
+    @property
+    def mechanism(self) -> DpMechanism:
+        """The DP mode's mechanism (from :attr:`PrivacySettings.mechanism`)."""
+        return self.privacy.mechanism
 
     # --- the strategy interface ---------------------------------------------
 
@@ -554,14 +1301,10 @@ class DpFedAvg:
         """The aggregation rule before any round.
 
         Central mode: a :class:`DpMean` at the initial clip norm (each round
-        builds its own, see :meth:`configure`); local and record mode:
-        FedAvg's mean.
+        builds its own, see :meth:`configure`); distributed mode: a
+        :class:`DistributedSum`; local and record mode: FedAvg's mean.
         """
-        if self.privacy.mode == "distributed":
-            return DistributedSum(self.privacy.distributed())
-        if self.privacy.mode != "central":
-            return self.base.aggregator
-        return self._dp_mean(self.privacy.clip_norm)
+        return self.mechanism.initial_aggregator(self)
 
     @property
     def expected_clients(self) -> float:
@@ -587,20 +1330,10 @@ class DpFedAvg:
         """
         self.base.check(num_available)
         target = self.privacy.target_epsilon
-        if target is None or self.privacy.mode == "record":
+        if target is None:
             return
-        if self.privacy.mode == "central":
-            first = epsilon(
-                [self._central_event()], self.privacy.delta, self.privacy.accountant
-            )
-        elif self.privacy.mode == "local":
-            first = self._local_epsilon(1)
-        elif dimension is not None:
-            event = self._next_distributed_event(dimension)
-            first = epsilon([event], self.privacy.delta, self.privacy.accountant)
-        else:
-            return
-        if first > target:
+        first = self.mechanism.first_round_epsilon(self, dimension)
+        if first is not None and first > target:
             raise ConfigError(
                 f"one round alone costs epsilon {first:.4g}, above target_epsilon = "
                 f"{target:g} (delta = {self.privacy.delta:g}): raise noise_multiplier "
@@ -621,9 +1354,9 @@ class DpFedAvg:
         PrivacyBudgetExceeded
             If this round would take ε above ``target_epsilon``.
         """
+        mechanism = self.mechanism
         record = self._record(state)
-        if self.privacy.mode != "distributed":
-            self._check_budget(record)
+        mechanism.check_before_sampling(self, record)
         # With secure_rng who takes part is as secret as the noise (sampling's
         # amplification assumes it): drawn from the OS-keyed keystream.
         clients = self.sampler.sample(
@@ -631,50 +1364,18 @@ class DpFedAvg:
             round_idx=state.round_idx,
             rng=SecureRandom() if self.privacy.secure_rng else rng,
         )
-        if self.privacy.mode == "record":
-            self._check_record_budget(record, clients)
-        elif self.privacy.mode == "distributed" and clients:
-            # Checked for the round as sampled and for every smaller number
-            # of clients that may finish training (its own granularity and
-            # noise share: a smaller round can cost more).
-            self._check_distributed_budget(record, state.params.spec.size, len(clients))
+        mechanism.check_sampled(self, record, clients, state.params.spec.size)
         local = replace(self.base.local, round_idx=state.round_idx)
-        aggregator: Aggregator | None = None
-        if self.privacy.mode == "central":
-            aggregator = self._dp_mean(float(record["clip_norm"]))
-        elif self.privacy.mode == "distributed":
-            aggregator = DistributedSum(self.privacy.distributed())
-        elif self.privacy.mode == "record":
-            options = dict(local.options)
-            options.update(
-                {
-                    DP_SGD_CLIP: self.privacy.clip_norm,
-                    DP_SGD_SIGMA: self.privacy.noise_multiplier,
-                    DP_SGD_SECURE: self.privacy.secure_rng,
-                }
-            )
-            local = replace(local, options=options)
-        else:
-            options = dict(local.options)
-            options.update(
-                {
-                    LOCAL_CLIP: self.privacy.clip_norm,
-                    LOCAL_SIGMA: self.privacy.noise_multiplier,
-                }
-            )
-            local = replace(local, options=options)
+        options = mechanism.client_options(self)
+        if options:
+            local = replace(local, options={**local.options, **options})
         return RoundPlan(
             round_idx=state.round_idx,
             clients=tuple(clients),
             fit_config=local,
-            # Central mode never aborts for too few updates: whether a round
-            # had enough would be a release of the clients' count outside
-            # the guarantee. With its fixed denominator the round releases
-            # the noised sum of whoever took part (DP-FedAvg's algorithm);
-            # min_clients is checked against the expected sample (check()).
-            min_clients=0 if self.privacy.mode == "central" else self.base.min_clients,
+            min_clients=mechanism.min_clients(self),
             num_available=len(available),
-            aggregator=aggregator,
+            aggregator=mechanism.round_aggregator(self, record),
         )
 
     def weight(self, update: ClientUpdate) -> float:
@@ -684,9 +1385,7 @@ class DpFedAvg:
         influence); local: 1 (a local-DP client reports no example count,
         which would leave it un-noised); record: FedAvg's weight.
         """
-        if self.privacy.mode in ("central", "distributed", "local"):
-            return 1.0
-        return self.base.weight(update)
+        return self.mechanism.weight(self, update)
 
     def apply(
         self,
@@ -707,21 +1406,12 @@ class DpFedAvg:
         Central, local and record mode: :meth:`charge_unfinished` (the
         round's own cost). Distributed mode, whose release is known only
         once the sum is unmasked: every release the round could make that no
-        other bounds at every RDP order (:meth:`_distributed_releases`:
-        usually one, which then bounds them all), each charged once to every
-        sampled client, which costs at least what the round will.
+        other bounds at every RDP order (:meth:`DistributedMechanism.
+        releases`: usually one, which then bounds them all), each charged
+        once to every sampled client, which costs at least what the round
+        will.
         """
-        if self.privacy.mode != "distributed":
-            return self.charge_unfinished(state, plan)
-        if not plan.clients:
-            return state
-        record = dict(self._record(state))
-        releases = self._distributed_releases(
-            state.params.spec.size, len(plan.clients), strict=False
-        )
-        self._charge_distributed(record, plan, releases)
-        record["rounds"] = int(record.get("rounds", 0)) + 1
-        return state.evolve(metadata={**state.metadata, "privacy": record})
+        return self.mechanism.charge_before(self, state, plan)
 
     def charge_unfinished(self, state: ServerState, plan: RoundPlan) -> ServerState:
         """``state`` with the cost of a round that ended without an update.
@@ -733,7 +1423,7 @@ class DpFedAvg:
         charges nothing: its round aborts before the sum is unmasked, so
         nothing was released.
         """
-        if self.privacy.mode == "distributed":
+        if not self.mechanism.charges_unfinished:
             return state
         record = self._spend(state, plan, None)
         return state.evolve(metadata={**state.metadata, "privacy": record})
@@ -752,60 +1442,14 @@ class DpFedAvg:
         evaluation (``federated_*``) is present only when the user turned
         it on, and is outside the guarantee (the summary says so).
         """
-        if self.privacy.mode == "central":
-            return {
-                key: value
-                for key, value in metrics.items()
-                if key.startswith(("dp/", "federated_"))
-                or key in ("update_norm", "secagg/aborted")
-            }
-        return {
-            key: value
-            for key, value in metrics.items()
-            if not key.startswith("train_") and key != "seconds"
-        }
+        return self.mechanism.released(metrics)
 
     def _spend(
         self, state: ServerState, plan: RoundPlan, aggregate: Aggregate | None
     ) -> dict[str, Any]:
         """The privacy record after ``plan``'s round (``aggregate``: None if none)."""
         record = dict(self._record(state))
-        if self.privacy.mode == "central":
-            ledger = self._ledger(record["ledger"])
-            ledger.record(state.round_idx, self._central_event())
-            record["ledger"] = ledger.to_json()
-            self._cache["json"], self._cache["ledger"] = record["ledger"], ledger
-            record["epsilon"] = ledger.epsilon()
-            fraction = (
-                aggregate.measurements.get("dp/unclipped_fraction")
-                if aggregate is not None
-                else None
-            )
-            if self.privacy.target_quantile is not None and fraction is not None:
-                step = -self.privacy.clip_learning_rate * (
-                    fraction - self.privacy.target_quantile
-                )
-                record["clip_norm"] = float(record["clip_norm"]) * math.exp(step)
-        elif self.privacy.mode == "distributed":
-            assert aggregate is not None  # an unfinished round costs nothing
-            self._record_distributed(record, plan, aggregate)
-        elif self.privacy.mode == "record":
-            # Every sampled client is accounted, whether or not its update
-            # arrived: it may have trained (and spent) before dropping out.
-            counts = dict(record["participation"])
-            spent = dict(record["client_epsilon"])
-            for cid in plan.clients:
-                counts[cid] = int(counts.get(cid, 0)) + 1
-                spent[cid] = self._record_epsilon(cid, counts[cid])
-            record["participation"] = counts
-            record["client_epsilon"] = spent
-            record["epsilon"] = max(spent.values(), default=0.0)
-        else:
-            counts = dict(record["participation"])
-            for cid in plan.clients:
-                counts[cid] = int(counts.get(cid, 0)) + 1
-            record["participation"] = counts
-            record["epsilon"] = self._local_epsilon(max(counts.values(), default=0))
+        self.mechanism.spend(self, record, state, plan, aggregate)
         record["rounds"] = int(record.get("rounds", 0)) + 1
         return record
 
@@ -815,231 +1459,6 @@ class DpFedAvg:
         """ε spent up to ``state`` (0 before the first round)."""
         return float(self._record(state).get("epsilon", 0.0))
 
-    def _central_event(self) -> DpEventSpec:
-        sigma = self.privacy.noise_multiplier
-        if isinstance(self.sampler, PoissonSampler):
-            return DpEventSpec(
-                noise_multiplier=sigma,
-                sampling="poisson",
-                sampling_rate=self.sampler.rate,
-            )
-        assert isinstance(self.sampler, CountSampler)
-        # Fixed-size sampling is accounted under replace-one neighbours:
-        # replacing one client moves the clipped sum by up to 2C (and the
-        # centred unclipped count by up to 1, twice its add/remove
-        # sensitivity), against noise σC, so the event's multiplier is σ/2.
-        return DpEventSpec(
-            noise_multiplier=sigma / 2.0,
-            sampling="fixed",
-            population=self.num_clients,
-            sample_size=min(self.sampler.count, self.num_clients),
-        )
-
-    def _record_distributed(
-        self, record: dict[str, Any], plan: RoundPlan, aggregate: Aggregate
-    ) -> None:
-        """Account a completed distributed round for every sampled client."""
-        self._charge_distributed(
-            record, plan, [_distributed_event(aggregate.measurements)]
-        )
-
-    def _charge_distributed(
-        self, record: dict[str, Any], plan: RoundPlan, specs: Sequence[DpEventSpec]
-    ) -> None:
-        """Charge each of ``specs`` once to every client sampled in ``plan``."""
-        events = list(record["events"])
-        counts = {cid: dict(h) for cid, h in dict(record["participation"]).items()}
-        for spec in specs:
-            key = spec.to_json()
-            if key not in events:
-                events.append(key)
-            index = str(events.index(key))
-            for cid in plan.clients:
-                histogram = counts.setdefault(cid, {})
-                histogram[index] = int(histogram.get(index, 0)) + 1
-        record["events"] = events
-        record["participation"] = counts
-        record["epsilon"] = self._distributed_epsilon(events, counts.values())
-
-    def _distributed_epsilon(
-        self,
-        events: Sequence[Mapping[str, Any]],
-        histograms: Iterable[Mapping[str, int]],
-        then: Sequence[DpEventSpec] = (),
-    ) -> float:
-        """The largest ε of any client (each client's rounds, composed).
-
-        With ``then``: after one more round that every client takes part in
-        and that releases any one of ``then`` (the worst is taken).
-        """
-        specs = [DpEventSpec.from_json(e) for e in events]
-        rows = list(histograms)
-        counts = np.zeros((len(rows), len(specs)))
-        for i, histogram in enumerate(rows):
-            for index, count in histogram.items():
-                counts[i, int(index)] = count
-        return ddg_worst_epsilon(specs, counts, self.privacy.delta, then=then)
-
-    def _next_distributed_event(
-        self, dimension: int, num_clients: int | None = None
-    ) -> DpEventSpec:
-        """The costliest release, alone, of a round of ``num_clients``.
-
-        For a round of ``num_clients`` (default: the expected number): of
-        every release it can make (:meth:`_distributed_releases`), the one
-        whose single round costs the most ε.
-        """
-        n = max(2, num_clients or round(self._expected))
-        events = self._distributed_releases(dimension, n)
-        costs = [epsilon([e], self.privacy.delta) for e in events]
-        return events[costs.index(max(costs))]
-
-    def _distributed_releases(
-        self, dimension: int, num_clients: int, *, strict: bool = True
-    ) -> tuple[DpEventSpec, ...]:
-        """Every release a round sampled with ``num_clients`` can make.
-
-        Secure aggregation runs for the ``n'`` clients that trained, any
-        number from ``min_clients`` (at least 2; fewer abort the round) to
-        all sampled (some may fail at fit), with ``n'``'s own threshold and
-        discrete Gaussian, and completes with any number of survivors from
-        that threshold to ``n'`` (:func:`~fedshield.privacy.accounting.
-        ddg_round_events`). ε is monotone in neither (a smaller ``n'`` has
-        a finer granularity but fewer noise shares), so every pair counts;
-        those another bounds at every order are left out (:func:`~fedshield.
-        privacy.accounting.ddg_undominated_releases`). A ``n'`` whose round
-        cannot be built (threshold or parameters refused) aborts: it
-        releases nothing. The set for ``n`` is the set for ``n − 1`` plus
-        round ``n``'s releases, so each is built once from the last one
-        cached.
-
-        Raises
-        ------
-        ConfigError
-            With ``strict``, if the round as sampled cannot be built.
-        """
-        distributed = self.privacy.distributed()
-
-        def parameters(trained: int) -> Any:
-            t = (
-                self.threshold_for(trained)
-                if self.threshold_for is not None
-                else trained
-            )
-            return distributed.parameters(
-                dimension=dimension, num_clients=trained, threshold=t
-            )
-
-        if strict:
-            parameters(num_clients)  # the round as sampled: refused if it cannot run
-        built: dict[int, tuple[DpEventSpec, ...]] = self._cache.setdefault(
-            f"ddg_releases/{dimension}", {}
-        )
-        if num_clients in built:
-            return built[num_clients]
-        lowest = max(2, self.base.min_clients)
-        below = [m for m in built if m < num_clients]
-        trained = max(below) if below else lowest - 1
-        releases = built[trained] if below else ()
-        while trained < num_clients:
-            trained += 1
-            try:
-                round_ = parameters(trained)
-            except ConfigError:
-                round_ = None  # such a round aborts in secure aggregation
-            if round_ is not None:
-                releases = ddg_undominated_releases(round_, releases)
-            built[trained] = releases
-        return releases
-
-    def _local_epsilon(self, participations: int) -> float:
-        if participations == 0:
-            return 0.0
-        # Sensitivity 2C over noise σC: the multiplier of one release is σ/2.
-        spec = DpEventSpec(
-            noise_multiplier=self.privacy.noise_multiplier / 2.0, count=participations
-        )
-        return epsilon([spec], self.privacy.delta, self.privacy.accountant)
-
-    def _ledger(self, data: Mapping[str, Any]) -> PrivacyLedger:
-        # The ledger this strategy wrote last round, unless the state came
-        # from elsewhere (a checkpoint): then rebuilt from its JSON.
-        if self._cache.get("json") is data:
-            ledger: PrivacyLedger = self._cache["ledger"]
-            return ledger
-        return PrivacyLedger.from_json(data)
-
-    def _record_epsilon(self, client_id: ClientId, rounds: int) -> float:
-        """ε of one client's records after ``rounds`` rounds of DP-SGD."""
-        assert self.client_sizes is not None
-        local = self.base.local
-        spec = record_level_event(
-            int(self.client_sizes[client_id]),
-            batch_size=local.batch_size,
-            epochs=local.epochs,
-            noise_multiplier=self.privacy.noise_multiplier,
-            rounds=rounds,
-        )
-        key = repr(spec)
-        cached = self._cache.setdefault("record", {}).get(key)
-        if cached is None:
-            cached = epsilon([spec], self.privacy.delta, self.privacy.accountant)
-            self._cache["record"][key] = cached
-        return float(cached)
-
-    def _check_record_budget(
-        self, record: Mapping[str, Any], clients: Sequence[ClientId]
-    ) -> None:
-        target = self.privacy.target_epsilon
-        if target is None:
-            return
-        counts = record["participation"]
-        for cid in clients:
-            after = self._record_epsilon(cid, int(counts.get(cid, 0)) + 1)
-            if after > target:
-                raise PrivacyBudgetExceeded(
-                    f"the privacy budget is spent: one more round would take "
-                    f"client {cid!r}'s epsilon to {after:.4g}, above "
-                    f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
-                )
-
-    def _check_distributed_budget(
-        self, record: Mapping[str, Any], dimension: int, num_clients: int
-    ) -> None:
-        target = self.privacy.target_epsilon
-        if target is None:
-            return
-        # The worst case: any client takes part again, in a round built for
-        # any number of clients that trained and completed by any number of
-        # survivors (ε is monotone in neither, so every pair is checked).
-        releases = self._distributed_releases(dimension, max(2, num_clients))
-        histograms = list(dict(record["participation"]).values()) or [{}]
-        after = self._distributed_epsilon(record["events"], histograms, releases)
-        self._refuse_above(target, record, after)
-
-    def _refuse_above(
-        self, target: float, record: Mapping[str, Any], after: float
-    ) -> None:
-        if after > target:
-            raise PrivacyBudgetExceeded(
-                f"the privacy budget is spent: one more round would take epsilon "
-                f"from {float(record.get('epsilon', 0.0)):.4g} to {after:.4g}, above "
-                f"target_epsilon = {target:g} (delta = {self.privacy.delta:g})"
-            )
-
-    def _check_budget(self, record: Mapping[str, Any]) -> None:
-        target = self.privacy.target_epsilon
-        if target is None or self.privacy.mode in ("record", "distributed"):
-            return
-        if self.privacy.mode == "central":
-            ledger = self._ledger(record["ledger"])
-            after = ledger.epsilon_if(self._central_event())
-        else:
-            # The worst case: a client that took part most takes part again.
-            most = max(dict(record["participation"]).values(), default=0)
-            after = self._local_epsilon(most + 1)
-        self._refuse_above(target, record, after)
-
     def _fresh(self) -> dict[str, Any]:
         record: dict[str, Any] = {
             "mode": self.privacy.mode,
@@ -1048,19 +1467,9 @@ class DpFedAvg:
             "noise_multiplier": self.privacy.noise_multiplier,
             "epsilon": 0.0,
             "rounds": 0,
+            "clip_norm": self.privacy.clip_norm,
         }
-        if self.privacy.mode == "central":
-            record["clip_norm"] = self.privacy.clip_norm
-            record["ledger"] = PrivacyLedger(
-                self.privacy.accountant, self.privacy.delta
-            ).to_json()
-        else:
-            record["clip_norm"] = self.privacy.clip_norm
-            record["participation"] = {}
-        if self.privacy.mode == "record":
-            record["client_epsilon"] = {}
-        if self.privacy.mode == "distributed":
-            record["events"] = []
+        record.update(self.mechanism.fresh(self))
         return record
 
     def _record(self, state: ServerState) -> Mapping[str, Any]:
@@ -1068,23 +1477,3 @@ class DpFedAvg:
         if not isinstance(record, Mapping):
             return self._fresh()
         return record
-
-    def _split(self) -> tuple[float, float | None]:
-        """(σ_Δ, σ_b): the update's and the count's noise multipliers."""
-        sigma = self.privacy.noise_multiplier
-        if self.privacy.mode != "central" or self.privacy.target_quantile is None:
-            return sigma, None
-        count_std = self.privacy.clipped_count_stddev
-        if count_std is None:
-            count_std = self._expected / 20.0
-        return adaptive_noise_split(sigma, count_std), count_std
-
-    def _dp_mean(self, clip_norm: float) -> DpMean:
-        sigma_delta, count_std = self._split()
-        return DpMean(
-            clip_norm=clip_norm,
-            noise_std=sigma_delta * clip_norm,
-            denominator=self._expected,
-            count_stddev=count_std,
-            secure_rng=self.privacy.secure_rng,
-        )
