@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +33,15 @@ from fedshield.errors import (
     PrivacyBudgetExceeded,
 )
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
-from fedshield.simulation import RunDirectory, run_rounds
+from fedshield.simulation import RoundOptions, RunDirectory, run_rounds
 from fedshield.simulation.rundir import ATTACK, CONFIG, PARTITION, SUMMARY
-from fedshield.simulation.secure import EXTRA_WORDS, Faults
+from fedshield.simulation.secure import EXTRA_WORDS, Faults, SecureAggregation
 from fedshield.simulation.state_store import new_client_states
 
 if TYPE_CHECKING:
     from fedshield.privacy.distributed import DistributedDp
 
-__all__ = ["config_fingerprint", "simulate"]
+__all__ = ["config_fingerprint", "round_options", "simulate"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,35 @@ def simulate(
             prefetch.close()
 
 
+@dataclass(slots=True)
+class _Run:
+    """One simulation: what was built for it, where it writes, how it ended."""
+
+    config: ExperimentConfig
+    federation: Federation
+    strategy: Any
+    backend_name: str
+    secure: SecureAggregation | None
+    run_dir: RunDirectory
+    data_print: str
+    client_states: Any = None
+    final_state: ServerState | None = None
+    status: str = "completed"
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    """What the caller asked to be told, and whether to write the report."""
+
+    on_start: StartCallback | None
+    on_round: RoundCallback | None
+    on_summary: Callable[[dict[str, Any]], None] | None
+    write_report: bool
+    prefetch: ReportPrefetch | None
+    python_model: bool
+
+
 def _simulate(
     config: ExperimentConfig,
     *,
@@ -293,34 +323,60 @@ def _simulate(
     prefetch: ReportPrefetch | None,
 ) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
+    hooks = _Hooks(
+        on_start, on_round, on_summary, write_report, prefetch, model_fn is not None
+    )
     run_dir = RunDirectory(out if out is not None else Path("runs") / config.run.name)
     # Build (and so validate) everything before touching the folder.
+    run = _build_run(config, run_dir, model_fn=model_fn, clients=clients, test=test)
+    run_dir.prepare(resume=resume, overwrite=overwrite)
+    state = _resumed_state(run) if resume else _fresh_state(run)
+    _write_inputs(run, prefetch)
+    if on_start is not None:
+        on_start(run.federation, state)
+    run.final_state = state
+    try:
+        _execute(run, state, on_round)
+    finally:
+        summary = _finish(run, hooks, started)
+    return summary, run_dir.path
+
+
+def _build_run(
+    config: ExperimentConfig,
+    run_dir: RunDirectory,
+    *,
+    model_fn: Callable[[], Any] | None,
+    clients: UserClients | None,
+    test: tuple[Any, Any] | None,
+) -> _Run:
+    """Build the federation, the strategy and the backend's name; check them all."""
     federation = build_federation(config, model_fn=model_fn, clients=clients, test=test)
+    num_clients = len(federation.client_ids)
+    mode = config.privacy.mode
     strategy = build_strategy(
         config,
-        num_clients=len(federation.client_ids),
-        client_sizes=(
-            federation.train_sizes() if config.privacy.mode == "record" else None
-        ),
+        num_clients=num_clients,
+        client_sizes=federation.train_sizes() if mode == "record" else None,
         federation=federation,
     )
     distributed: DistributedDp | None = None
-    if config.privacy.mode != "none":  # DP-FedAvg: the budget fits a round
+    if mode != "none":  # DP-FedAvg: the budget fits a round
         from fedshield.strategies.dp import DpFedAvg
 
         assert isinstance(strategy, DpFedAvg)
-        strategy.check(len(federation.client_ids), dimension=federation.model.spec.size)
-        if config.privacy.mode == "distributed":
+        strategy.check(num_clients, dimension=federation.model.spec.size)
+        if mode == "distributed":
             distributed = strategy.privacy.distributed()
     else:
-        strategy.check(len(federation.client_ids))
+        strategy.check(num_clients)
     backend_name = resolve_backend(
         config.run.backend,
         federation.model,
-        privacy_mode=config.privacy.mode,
+        privacy_mode=mode,
         timeout_s=config.run.timeout_s,
     )
-    if config.privacy.mode == "record":
+    if mode == "record":
         from fedshield.models.dp_sgd import check_dp_sgd
 
         check_dp_sgd(federation.model)  # per-record gradients, before round 1
@@ -328,86 +384,108 @@ def _simulate(
     if secure is not None:
         # The round's clients: the expected sample (the threshold is a
         # fraction of whoever trained, so this checks the usual round).
-        expected = client_sampler(config).expected_count(len(federation.client_ids))
+        expected = client_sampler(config).expected_count(num_clients)
         secure.check(
-            expected,
-            federation.model.spec.size + EXTRA_WORDS,
-            distributed=distributed,
+            expected, federation.model.spec.size + EXTRA_WORDS, distributed=distributed
         )
-    fingerprint = config_fingerprint(config)
-    run_dir.prepare(resume=resume, overwrite=overwrite)
-    client_states = (
-        new_client_states(config.run.client_state, run_dir.path)
-        if strategy.is_stateful and not resume
-        else None
-    )
     # The bundled data sets are fixed (hash-checked or packaged): only the
     # user's data can change under the same configuration, so only it is
     # hashed whole (a fashion_mnist run would spend ~0.5 s hashing 200 MB).
     user_data = clients is not None or config.data.is_user_data
-    data_print = data_fingerprint(
-        federation, private=config.privacy.mode != "none" or not user_data
-    )
-    if resume:
-        state = run_dir.load_checkpoint()
-        found = state.metadata.get("fingerprint")
-        if found != fingerprint:
-            raise CheckpointError(
-                f"the checkpoint in {run_dir.path} was written by a different "
-                f"configuration (fingerprint {found}, this one {fingerprint}); only "
-                "run.rounds may change on resume"
-            )
-        found_data = state.metadata.get("data_fingerprint")
-        if found_data is not None and found_data != data_print:
-            # The config names files (or the data came from Python): they
-            # changed. Record-level DP's accounting assumed the old sizes.
-            raise CheckpointError(
-                f"the checkpoint in {run_dir.path} was written for other data "
-                f"(the clients, their sizes or labels differ: fingerprint "
-                f"{found_data}, now {data_print}); resume with the same data"
-            )
-        if config.run.rounds < state.round_idx:
-            raise ConfigError(
-                f"run.rounds is {config.run.rounds} but the checkpoint in "
-                f"{run_dir.path} has already completed {state.round_idx} rounds; "
-                "resume needs run.rounds >= the rounds done"
-            )
-        run_dir.truncate_records(state.round_idx)
-        if strategy.is_stateful:
-            client_states = run_dir.load_client_states(
-                config.run.client_state, state.round_idx
-            )
-        logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
-    else:
-        params = federation.model.init_params(config.run.seed)
-        state = strategy.init(params)
-        state = state.evolve(
-            metadata={"fingerprint": fingerprint, "data_fingerprint": data_print}
+    data_print = data_fingerprint(federation, private=mode != "none" or not user_data)
+    return _Run(config, federation, strategy, backend_name, secure, run_dir, data_print)
+
+
+def _resumed_state(run: _Run) -> ServerState:
+    """The checkpoint's state, once it is known to belong to this run."""
+    config, run_dir = run.config, run.run_dir
+    state = run_dir.load_checkpoint()
+    fingerprint = config_fingerprint(config)
+    found = state.metadata.get("fingerprint")
+    if found != fingerprint:
+        raise CheckpointError(
+            f"the checkpoint in {run_dir.path} was written by a different "
+            f"configuration (fingerprint {found}, this one {fingerprint}); only "
+            "run.rounds may change on resume"
         )
-        run_dir.write_json(PARTITION, federation.partition.to_json())
-        run_dir.save_checkpoint(state, client_states=client_states)
-    run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
-    if federation.attack is not None:
-        run_dir.write_json(ATTACK, federation.attack.to_json())
+    found_data = state.metadata.get("data_fingerprint")
+    if found_data is not None and found_data != run.data_print:
+        # The config names files (or the data came from Python): they
+        # changed. Record-level DP's accounting assumed the old sizes.
+        raise CheckpointError(
+            f"the checkpoint in {run_dir.path} was written for other data "
+            f"(the clients, their sizes or labels differ: fingerprint "
+            f"{found_data}, now {run.data_print}); resume with the same data"
+        )
+    if config.run.rounds < state.round_idx:
+        raise ConfigError(
+            f"run.rounds is {config.run.rounds} but the checkpoint in "
+            f"{run_dir.path} has already completed {state.round_idx} rounds; "
+            "resume needs run.rounds >= the rounds done"
+        )
+    run_dir.truncate_records(state.round_idx)
+    if run.strategy.is_stateful:
+        run.client_states = run_dir.load_client_states(
+            config.run.client_state, state.round_idx
+        )
+    logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
+    return state
+
+
+def _fresh_state(run: _Run) -> ServerState:
+    """Round 0's state, checkpointed with the fingerprints a resume checks."""
+    config, run_dir = run.config, run.run_dir
+    if run.strategy.is_stateful:
+        run.client_states = new_client_states(config.run.client_state, run_dir.path)
+    params = run.federation.model.init_params(config.run.seed)
+    state: ServerState = run.strategy.init(params).evolve(
+        metadata={
+            "fingerprint": config_fingerprint(config),
+            "data_fingerprint": run.data_print,
+        }
+    )
+    run_dir.write_json(PARTITION, run.federation.partition.to_json())
+    run_dir.save_checkpoint(state, client_states=run.client_states)
+    return state
+
+
+def _write_inputs(run: _Run, prefetch: ReportPrefetch | None) -> None:
+    """The run's configuration and attack, beside its records."""
+    run.run_dir.write_text(CONFIG, tomli_w.dumps(run.config.to_dict()))
+    if run.federation.attack is not None:
+        run.run_dir.write_json(ATTACK, run.federation.attack.to_json())
     if prefetch is not None:
         try:
-            prefetch.partition(run_dir.path)
+            prefetch.partition(run.run_dir.path)
         except PrefetchError as err:
             logger.debug("report helper unavailable: %s", err)
-    if on_start is not None:
-        on_start(federation, state)
 
-    status, error = "completed", None
-    final_state = state
+
+def round_options(config: ExperimentConfig, federation: Federation) -> RoundOptions:
+    """How the rounds of ``config`` are carried out (``[run]``, ``[secagg]``...)."""
+    attack = federation.attack
+    return RoundOptions(
+        federated_eval=config.runs_federated_eval,
+        timeout_s=config.run.timeout_s,
+        max_examples=federation.max_examples,
+        secure=secure_settings(config),
+        faults=Faults(config.faults.dropout) if config.faults.dropout else None,
+        colluders=attack.malicious if attack else (),
+        collude=_collusion(federation),
+    )
+
+
+def _execute(run: _Run, state: ServerState, on_round: RoundCallback | None) -> None:
+    """Run the rounds; record in ``run`` how they ended (and re-raise)."""
+    config, federation = run.config, run.federation
 
     def remember(new_state: ServerState, record: Mapping[str, Any]) -> None:
-        nonlocal final_state
-        final_state = new_state
+        run.final_state = new_state
         if on_round is not None:
             on_round(new_state, record)
 
     backend = make_backend(
-        backend_name,
+        run.backend_name,
         workers=config.run.workers,
         ray_address=config.run.ray_address,
         torch_threads=config.run.torch_threads,
@@ -419,68 +497,74 @@ def _simulate(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.run.torch_threads)
     try:
-        final_state = run_rounds(
-            strategy,
+        run.final_state = run_rounds(
+            run.strategy,
             state,
             rounds=config.run.rounds,
             client_fn=federation.client_fn,
             client_ids=federation.client_ids,
             seed=config.run.seed,
             backend=backend,
+            options=round_options(config, federation),
             evaluate_fn=federation.evaluate,
             eval_every=config.run.eval_every,
-            federated_eval=config.runs_federated_eval,
-            timeout_s=config.run.timeout_s,
-            max_examples=federation.max_examples,
-            run_dir=run_dir,
+            run_dir=run.run_dir,
             on_round=remember,
-            client_states=client_states,
-            secure=secure,
-            faults=Faults(config.faults.dropout) if config.faults.dropout else None,
-            colluders=federation.attack.malicious if federation.attack else (),
-            collude=_collusion(federation),
+            client_states=run.client_states,
         )
-    except PrivacyBudgetExceeded as err:
-        # A planned stop: the budget allows no further round.
-        status, error = "budget_exhausted", str(err)
-        logger.info("%s", err)
-    except FedShieldError as err:
-        status, error = "failed", str(err)
-        spent = getattr(err, "state", None)
-        if isinstance(spent, ServerState):  # a failed round's release, accounted
-            final_state = spent
-        raise
-    except KeyboardInterrupt:
-        status, error = "interrupted", "interrupted by the user"
-        final_state = _charged_on_disk(run_dir, final_state)
-        raise
     except BaseException as err:
-        status, error = "failed", f"internal error: {type(err).__name__}: {err}"
-        final_state = _charged_on_disk(run_dir, final_state)
-        raise
+        _record_end(run, err)
     finally:
         backend.close()
         torch.set_num_threads(threads_before)
-        summary = _summary(
-            config,
-            federation,
-            final_state,
-            run_dir.read_metrics(),
-            status=status,
-            wall_seconds=time.perf_counter() - started,
-            error=error,
-        )
-        summary["backend"] = backend_name
-        if model_fn is not None:
-            summary["model"] = "python"
-        if federation.attack is not None:
-            summary["attack"] = federation.attack.to_json()
-        run_dir.write_json(SUMMARY, summary)
-        if on_summary is not None:
-            on_summary(summary)
-        if write_report and config.run.report:
-            _write_report(run_dir.path, prefetch)
-    return summary, run_dir.path
+
+
+def _record_end(run: _Run, err: BaseException) -> None:
+    """How the run ended on ``err``; re-raised unless it was a planned stop."""
+    if isinstance(err, PrivacyBudgetExceeded):
+        # A planned stop: the budget allows no further round.
+        run.status, run.error = "budget_exhausted", str(err)
+        logger.info("%s", err)
+        return
+    assert run.final_state is not None
+    if isinstance(err, FedShieldError):
+        run.status, run.error = "failed", str(err)
+        spent = getattr(err, "state", None)
+        if isinstance(spent, ServerState):  # a failed round's release, accounted
+            run.final_state = spent
+    elif isinstance(err, KeyboardInterrupt):
+        run.status, run.error = "interrupted", "interrupted by the user"
+        run.final_state = _charged_on_disk(run.run_dir, run.final_state)
+    else:
+        run.status = "failed"
+        run.error = f"internal error: {type(err).__name__}: {err}"
+        run.final_state = _charged_on_disk(run.run_dir, run.final_state)
+    raise err
+
+
+def _finish(run: _Run, hooks: _Hooks, started: float) -> dict[str, Any]:
+    """Write the summary (and the report) however the run ended."""
+    assert run.final_state is not None
+    summary = _summary(
+        run.config,
+        run.federation,
+        run.final_state,
+        run.run_dir.read_metrics(),
+        status=run.status,
+        wall_seconds=time.perf_counter() - started,
+        error=run.error,
+    )
+    summary["backend"] = run.backend_name
+    if hooks.python_model:
+        summary["model"] = "python"
+    if run.federation.attack is not None:
+        summary["attack"] = run.federation.attack.to_json()
+    run.run_dir.write_json(SUMMARY, summary)
+    if hooks.on_summary is not None:
+        hooks.on_summary(summary)
+    if hooks.write_report and run.config.run.report:
+        _write_report(run.run_dir.path, hooks.prefetch)
+    return summary
 
 
 def _charged_on_disk(run_dir: RunDirectory, state: ServerState) -> ServerState:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -159,7 +160,7 @@ class _Loop:
     run_dir: RunDirectory | None
     on_round: RoundCallback | None
     client_states: StateStore | None
-    on_failed_round: str
+    on_failed_round: str = "stop"
 
 
 def run_rounds(
@@ -181,27 +182,12 @@ def run_rounds(
 ) -> ServerState:
     """Run rounds ``state.round_idx .. rounds − 1``.
 
-    ``options`` (or its fields as keywords, e.g. ``secure=``) says how each
-    round is carried out (:class:`~fedshield.simulation.rounds.RoundOptions`).
-    After each round the record (``round`` 1-based, ``accuracy``, ``loss``,
-    ``num_clients``, ``seconds``, ...) is appended to ``metrics.jsonl`` and
-    the state checkpointed atomically, in that order, when ``run_dir`` is
-    given (with ``client_states``, for stateful strategies); then
-    ``on_round`` is called. The files reach the disk in the background
-    (:class:`RunDirectory`); before returning or raising, this waits until
-    they have.
-
-    With a DP strategy (:class:`~fedshield.strategies.PrivateRelease`) and
-    ``run_dir``, each round is charged before it releases anything: once
-    the round is planned and before its clients are asked to train, the
-    checkpoint is replaced by the old state charged for the round
-    (:meth:`~fedshield.strategies.PrivateRelease.charge_before`: same
-    round index and parameters), and this waits until it is on disk. The
-    completed round's checkpoint (charged once, from the uncharged state)
-    then replaces it. A run interrupted in between resumes from the charged
-    state and runs the round again, which is charged again: the ledger
-    counts every release the clients made (distributed mode: the
-    interrupted one at the worst it could have cost).
+    ``options`` (or its fields as keywords) says how each round is carried
+    out (:class:`~fedshield.simulation.rounds.RoundOptions`). Each round's
+    record goes to ``metrics.jsonl``, then its state to the checkpoint, when
+    ``run_dir`` is given; then ``on_round`` is called (see
+    :func:`_after_round`). A DP round is charged on disk before its clients
+    train (:func:`_charge_first`).
 
     Raises
     ------
@@ -216,31 +202,31 @@ def run_rounds(
         raise ConfigError(f"`eval_every` must be >= 1; got {eval_every}")
     options = replace(options or RoundOptions(), **legacy)
     backend = backend if backend is not None else SequentialBackend()
-    loop = _Loop(
-        rounds,
-        evaluate_fn,
-        eval_every,
-        run_dir,
-        on_round,
-        client_states,
-        options.on_failed_round,
+    loop = _Loop(rounds, evaluate_fn, eval_every, run_dir, on_round, client_states)
+    loop = replace(loop, on_failed_round=options.on_failed_round)
+    one_round = functools.partial(
+        run_round,
+        client_fn=client_fn,
+        client_ids=client_ids,
+        seed=seed,
+        backend=backend,
+        options=options,
+        client_states=client_states,
+        before_fit=_charge_first(strategy, run_dir, client_states),
     )
-    before_fit = _charge_first(strategy, run_dir, client_states)
-    try:
+    with _flushed(run_dir):
         while state.round_idx < rounds:
             started = time.perf_counter()
-            result = run_round(
-                strategy,
-                state,
-                client_fn=client_fn,
-                client_ids=client_ids,
-                seed=seed,
-                backend=backend,
-                options=options,
-                client_states=client_states,
-                before_fit=before_fit,
-            )
+            result = one_round(strategy, state)
             state = _after_round(strategy, state, result, loop, started)
+    return state
+
+
+@contextlib.contextmanager
+def _flushed(run_dir: RunDirectory | None) -> Iterator[None]:
+    """Wait until the run folder's files are on disk, however the rounds end."""
+    try:
+        yield
     except BaseException:
         if run_dir is not None:
             # Let the last completed round's files reach the disk, so the
@@ -250,7 +236,6 @@ def run_rounds(
         raise
     if run_dir is not None:
         run_dir.flush()  # the last rounds' files may still be on their way
-    return state
 
 
 def _after_round(
@@ -260,7 +245,14 @@ def _after_round(
     loop: _Loop,
     started: float,
 ) -> ServerState:
-    """Record a round's outcome; the state the next round starts from."""
+    """Record a round's outcome; the state the next round starts from.
+
+    The record (``round`` 1-based, ``accuracy``, ``loss``, ``num_clients``,
+    ``seconds``, ...) is appended to ``metrics.jsonl`` and the state
+    checkpointed atomically, in that order (with the client states, for
+    stateful strategies); the files reach the disk in the background, and
+    :func:`run_rounds` waits for them before it returns or raises.
+    """
     round_number = state.round_idx + 1
     run_dir = loop.run_dir
     if run_dir is not None and result.failures:
@@ -327,7 +319,19 @@ def _failed_round(state: ServerState, result: RoundResult, loop: _Loop) -> Serve
 def _charge_first(
     strategy: Strategy, run_dir: RunDirectory | None, client_states: StateStore | None
 ) -> BeforeFitFn | None:
-    """Checkpoint a DP round's cost before its clients release anything."""
+    """Checkpoint a DP round's cost before its clients release anything.
+
+    With a DP strategy (:class:`~fedshield.strategies.PrivateRelease`) and
+    ``run_dir``, once a round is planned and before its clients are asked
+    to train, the checkpoint is replaced by the old state charged for the
+    round (:meth:`~fedshield.strategies.PrivateRelease.charge_before`: same
+    round index and parameters), on disk before anything is released. The
+    completed round's checkpoint (charged once, from the uncharged state)
+    then replaces it. A run interrupted in between resumes from the charged
+    state and runs the round again, which is charged again: the ledger
+    counts every release the clients made (distributed mode: the
+    interrupted one at the worst it could have cost).
+    """
     if run_dir is None or not isinstance(strategy, PrivateRelease):
         return None
 
