@@ -10,13 +10,29 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from fedshield.core.registry import Registry
+from fedshield.data import DATASETS
 from fedshield.errors import ConfigError, ConfigFileError
+from fedshield.models.attacks import ATTACKS
+from fedshield.simulation.backends import BACKENDS
+from fedshield.strategies.robust import RULES
 
 __all__ = [
     "ClientSection",
@@ -29,6 +45,75 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
+
+@dataclass(frozen=True)
+class _Named:
+    """``Annotated[str, _Named(...)]``: a name registered in a registry.
+
+    The registry is read when a value is checked and when the JSON schema is
+    made (its ``enum``), so a part registered later is accepted and listed.
+
+    Parameters
+    ----------
+    registry
+        Returns the registry (called on use: a registry whose module is
+        costly to import loads only when a value needs it).
+    also
+        Names accepted besides the registered ones (``"none"``), checked
+        without loading the registry.
+    """
+
+    registry: Callable[[], Registry[Any]]
+    also: tuple[str, ...] = ()
+
+    def names(self) -> tuple[str, ...]:
+        """Every accepted name."""
+        return (*self.also, *self.registry().names())
+
+    def check(self, name: str) -> str:
+        if name in self.also or name in self.registry():
+            return name
+        message = self.registry().unknown(
+            name, with_section=False, choices=self.names()
+        )
+        raise PydanticCustomError(_UNKNOWN_NAME, "{message}", {"message": message})
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        result = handler(schema)
+        result["enum"] = list(self.names())
+        return result
+
+
+_UNKNOWN_NAME = "unknown_name"
+"""The pydantic error type of :class:`_Named` (its message names the value)."""
+
+
+def _mechanisms() -> Registry[Any]:
+    # The DP strategy loads the accountant: only a DP run pays for it.
+    from fedshield.strategies.dp import MECHANISMS
+
+    return MECHANISMS
+
+
+RuleName = Annotated[str, _Named(lambda: RULES)]
+"""``[robust] rule``: a name in :data:`fedshield.strategies.robust.RULES`."""
+AttackName = Annotated[str, _Named(lambda: ATTACKS)]
+"""``[attack] kind``: a name in :data:`fedshield.models.attacks.ATTACKS`."""
+BackendName = Annotated[str, _Named(lambda: BACKENDS)]
+"""``run.backend``: a name in :data:`fedshield.simulation.backends.BACKENDS`."""
+DatasetName = Annotated[str, _Named(lambda: DATASETS)]
+"""``[data] dataset``: a name in :data:`fedshield.data.DATASETS`."""
+PrivacyMode = Annotated[str, _Named(_mechanisms, also=("none",))]
+"""``[privacy] mode``: ``"none"`` or a name in
+:data:`fedshield.strategies.dp.MECHANISMS`."""
 
 
 class _Section(BaseModel):
@@ -49,7 +134,7 @@ class RunSection(_Section):
     # None: on, unless [privacy] is on (per-client evaluation is then
     # outside the guarantee, so a DP run evaluates only when asked).
     federated_eval: bool | None = None
-    backend: Literal["auto", "sequential", "vectorised", "process", "ray"] = "auto"
+    backend: BackendName = "auto"
     workers: int | None = Field(None, ge=1, le=1024)
     ray_address: str | None = None
     timeout_s: float | None = Field(None, gt=0)
@@ -58,10 +143,6 @@ class RunSection(_Section):
     report: bool = True
 
 
-BUNDLED_DATASETS = ("digits", "breast_cancer", "heart", "fashion_mnist")
-"""Data sets that ship with fedshield (no ``path``)."""
-USER_DATASETS = ("csv", "parquet", "npz", "images", "python")
-"""The user's own data: files at ``path``, or a Python ``factory``."""
 EACH_ROUND = "fedshield.api.process:clients_given_each_round"
 """``data.factory`` of :func:`fedshield.fedavg`'s configuration: the arrays of
 each round go to the user's model as given (no encoding, no schema)."""
@@ -86,17 +167,7 @@ class DataSection(_Section):
     ``iid``; ``num_clients`` unset: the data's clients, else 10.
     """
 
-    dataset: Literal[
-        "digits",
-        "breast_cancer",
-        "heart",
-        "fashion_mnist",
-        "csv",
-        "parquet",
-        "npz",
-        "images",
-        "python",
-    ] = "digits"
+    dataset: DatasetName = "digits"
     partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] | None = (
         None
     )
@@ -127,7 +198,7 @@ class DataSection(_Section):
     @property
     def is_user_data(self) -> bool:
         """Whether the data set is the user's own (files or a factory)."""
-        return self.dataset in USER_DATASETS
+        return "user" in DATASETS.tags(self.dataset)
 
     @property
     def partition_method(self) -> str:
@@ -143,71 +214,81 @@ class DataSection(_Section):
         True for ``client_column`` and the ``python`` factory; a ``path``
         that is a folder of per-client files is known only once read.
         """
-        return self.client_column is not None or self.dataset == "python"
+        return self.client_column is not None or "factory" in DATASETS.tags(
+            self.dataset
+        )
 
     @model_validator(mode="after")
     def _keys_fit_dataset(self) -> DataSection:
-        d = self.dataset
-        given = {
-            key
-            for key in (
-                "path",
-                "label",
-                "features",
-                "client_column",
-                "test_path",
-                "classes",
-                "levels",
-                "missing",
-                "image_size",
-                "factory",
-            )
-            if getattr(self, key) is not None
-        } | ({"categorical"} if self.categorical else set())
-        if d in BUNDLED_DATASETS:
+        given = self._user_keys_given()
+        tags = DATASETS.tags(self.dataset)
+        if "bundled" in tags:
             if given:
                 raise ValueError(
                     f"data.{sorted(given)[0]} applies to your own data "
-                    f"(dataset = {' | '.join(USER_DATASETS)}), not to the bundled "
-                    f"data set {d!r}"
+                    f"(dataset = {' | '.join(DATASETS.names(tag='user'))}), not "
+                    f"to the bundled data set {self.dataset!r}"
                 )
             return self
-        if d == "python":
-            if self.factory is None:
-                raise ValueError(
-                    'dataset = "python" needs factory = "file.py:load" (a function '
-                    "returning {client_id: (x, y)})"
-                )
-            extra = given - {"factory", "classes"}
+        if "factory" in tags:
+            extra = self._factory_extra(given)
         else:
-            if self.factory is not None:
-                raise ValueError(
-                    f'data.factory applies to dataset = "python", not {d!r}'
-                )
-            if self.path is None:
-                raise ValueError(
-                    f"dataset = {d!r} needs path (a file, or a folder of one file "
-                    "per client)"
-                    if d != "images"
-                    else 'dataset = "images" needs path (a folder of '
-                    "<client>/<class>/ or <class>/ image folders)"
-                )
-            extra = set()
-            if d in ("csv", "parquet"):
-                if self.label is None:
-                    raise ValueError(
-                        f'dataset = {d!r} needs label = "<column>" (the column '
-                        "holding each row's label)"
-                    )
-                extra = given & {"image_size"}
-            else:
-                extra = given & {*TABULAR_KEYS, "categorical", "levels", "missing"}
-                if d != "images":
-                    extra |= given & {"image_size"}
+            extra = self._files_extra(given, tags)
         if extra:
             key = sorted(extra)[0]
-            raise ValueError(f"data.{key} does not apply to dataset = {d!r}")
+            raise ValueError(f"data.{key} does not apply to dataset = {self.dataset!r}")
         return self
+
+    def _user_keys_given(self) -> set[str]:
+        """The keys of the user's own data that are set."""
+        keys = (
+            "path",
+            "label",
+            "features",
+            "client_column",
+            "test_path",
+            "classes",
+            "levels",
+            "missing",
+            "image_size",
+            "factory",
+        )
+        given = {key for key in keys if getattr(self, key) is not None}
+        return given | ({"categorical"} if self.categorical else set())
+
+    def _factory_extra(self, given: set[str]) -> set[str]:
+        """The keys given that a factory (``dataset = "python"``) does not take."""
+        if self.factory is None:
+            raise ValueError(
+                f'dataset = "{self.dataset}" needs factory = "file.py:load" (a '
+                "function returning {client_id: (x, y)})"
+            )
+        return given - {"factory", "classes"}
+
+    def _files_extra(self, given: set[str], tags: frozenset[str]) -> set[str]:
+        """The keys given that the files' kind does not take."""
+        d = self.dataset
+        if self.factory is not None:
+            raise ValueError(f'data.factory applies to dataset = "python", not {d!r}')
+        if self.path is None:
+            raise ValueError(
+                f"dataset = {d!r} needs path (a file, or a folder of one file "
+                "per client)"
+                if "images" not in tags
+                else f'dataset = "{d}" needs path (a folder of '
+                "<client>/<class>/ or <class>/ image folders)"
+            )
+        if "tabular" in tags:
+            if self.label is None:
+                raise ValueError(
+                    f'dataset = {d!r} needs label = "<column>" (the column '
+                    "holding each row's label)"
+                )
+            return given & {"image_size"}
+        extra = given & {*TABULAR_KEYS, "categorical", "levels", "missing"}
+        if "images" not in tags:
+            extra |= given & {"image_size"}
+        return extra
 
 
 class ModelSection(_Section):
@@ -315,7 +396,7 @@ class PrivacySection(_Section):
     distributed mode only.
     """
 
-    mode: Literal["none", "central", "record", "local", "distributed"] = "none"
+    mode: PrivacyMode = "none"
     clip_norm: float | None = Field(None, gt=0)
     noise_multiplier: float | None = Field(None, gt=0)
     target_epsilon: float | None = Field(None, gt=0)
@@ -391,17 +472,7 @@ class SecAggSection(_Section):
 class RobustSection(_Section):
     """``[robust]``: a Byzantine-robust aggregation rule in place of the mean."""
 
-    rule: Literal[
-        "fedavg",
-        "krum",
-        "multi_krum",
-        "median",
-        "trimmed_mean",
-        "bulyan",
-        "geomed",
-        "norm_bound",
-        "fltrust",
-    ] = "fedavg"
+    rule: RuleName = "fedavg"
     f: int | None = Field(None, ge=0)
     root_size: int = Field(100, ge=1)
     m: int | None = Field(None, ge=1)
@@ -413,16 +484,7 @@ class RobustSection(_Section):
 class AttackSection(_Section):
     """``[attack]``: malicious clients (see :mod:`fedshield.models.attacks`)."""
 
-    kind: Literal[
-        "none",
-        "label_flip",
-        "sign_flip",
-        "gaussian",
-        "backdoor",
-        "alie",
-        "ipm",
-        "free_rider",
-    ] = "none"
+    kind: AttackName = "none"
     fraction: float = Field(0.2, ge=0, lt=0.5)
     scale: float = Field(4.0, gt=0)
     std: float = Field(1.0, gt=0)
@@ -489,63 +551,8 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        if self.secagg.protocol != "none" and self.robust.rule not in (
-            "fedavg",
-            "norm_bound",
-        ):
-            raise ValueError(
-                f"robust.rule = {self.robust.rule!r} needs the individual updates, "
-                "which secure aggregation hides; only norm_bound (each client "
-                "clips its own update) works with [secagg]: use rule = "
-                '"norm_bound", or turn secure aggregation off'
-            )
-        if self.privacy.mode == "distributed":
-            if self.secagg.protocol == "none":
-                raise ValueError(
-                    'privacy.mode = "distributed" needs secure aggregation: the '
-                    "clients add their noise shares before masking; add [secagg] "
-                    'protocol = "secagg" or "secagg+"'
-                )
-            if self.robust.rule != "fedavg":
-                raise ValueError(
-                    f"robust.rule = {self.robust.rule!r} with distributed DP: the "
-                    "clients already clip their updates to privacy.clip_norm; drop "
-                    "[robust]"
-                )
-        if self.secagg.protocol != "none" and self.robust.noise_std:
-            raise ValueError(
-                "robust.noise_std with [secagg] is not supported: use [privacy] "
-                'mode = "central" for noise on the securely aggregated sum'
-            )
-        if self.robust.rule != "fedavg" and self.privacy.mode == "central":
-            raise ValueError(
-                'privacy.mode = "central" sets its own aggregation (clipping and '
-                'noise); drop [robust] or use privacy.mode = "local" or "record"'
-            )
-        if self.robust.rule == "fltrust" and self.privacy.mode != "none":
-            raise ValueError(
-                'robust.rule = "fltrust" trains the server\'s model every round, '
-                "without noise, on a root set drawn from the clients' own data, "
-                "which differential privacy does not cover; use another rule "
-                '(e.g. "norm_bound") or turn [privacy] off'
-            )
-        if (
-            self.privacy.mode == "central"
-            and self.secagg.protocol != "none"
-            and self.privacy.sampling == "poisson"
-        ):
-            raise ValueError(
-                'privacy.mode = "central" with [secagg] needs privacy.sampling = '
-                '"fixed" (and accountant = "rdp"): with Poisson sampling, whether '
-                "the secure sum can run (it needs at least 2 clients, and its "
-                "threshold follows the number sampled) reveals how many clients "
-                "were sampled, which amplification by sampling assumes secret"
-            )
-        if self.secagg.protocol != "none" and self.strategy.name == "scaffold":
-            raise ValueError(
-                "secure aggregation hides the individual updates, and "
-                "SCAFFOLD's control variates need them; use another strategy"
-            )
+        self._check_aggregation()
+        self._check_secure_sum()
         if self.privacy.mode != "none" and self.strategy.name == "scaffold":
             raise ValueError(
                 "differential privacy does not compose with SCAFFOLD's control "
@@ -567,6 +574,67 @@ class ExperimentConfig(_Section):
         self.check_secagg_neighbours(num_clients)
         self.check_client_counts(num_clients)
         return self
+
+    def _check_aggregation(self) -> None:
+        """The robust rule against secure aggregation and differential privacy."""
+        rule = self.robust.rule
+        if self.secagg.protocol != "none" and "secagg" not in RULES.tags(rule):
+            raise ValueError(
+                f"robust.rule = {rule!r} needs the individual updates, "
+                "which secure aggregation hides; only norm_bound (each client "
+                "clips its own update) works with [secagg]: use rule = "
+                '"norm_bound", or turn secure aggregation off'
+            )
+        if self.privacy.mode == "distributed":
+            if self.secagg.protocol == "none":
+                raise ValueError(
+                    'privacy.mode = "distributed" needs secure aggregation: the '
+                    "clients add their noise shares before masking; add [secagg] "
+                    'protocol = "secagg" or "secagg+"'
+                )
+            if rule != "fedavg":
+                raise ValueError(
+                    f"robust.rule = {rule!r} with distributed DP: the "
+                    "clients already clip their updates to privacy.clip_norm; drop "
+                    "[robust]"
+                )
+        if self.secagg.protocol != "none" and self.robust.noise_std:
+            raise ValueError(
+                "robust.noise_std with [secagg] is not supported: use [privacy] "
+                'mode = "central" for noise on the securely aggregated sum'
+            )
+        if rule != "fedavg" and self.privacy.mode == "central":
+            raise ValueError(
+                'privacy.mode = "central" sets its own aggregation (clipping and '
+                'noise); drop [robust] or use privacy.mode = "local" or "record"'
+            )
+        if "server_data" in RULES.tags(rule) and self.privacy.mode != "none":
+            raise ValueError(
+                f'robust.rule = "{rule}" trains the server\'s model every round, '
+                "without noise, on a root set drawn from the clients' own data, "
+                "which differential privacy does not cover; use another rule "
+                '(e.g. "norm_bound") or turn [privacy] off'
+            )
+
+    def _check_secure_sum(self) -> None:
+        """What secure aggregation does not compose with."""
+        if (
+            self.privacy.mode == "central"
+            and self.secagg.protocol != "none"
+            and self.privacy.sampling == "poisson"
+        ):
+            raise ValueError(
+                'privacy.mode = "central" with [secagg] needs privacy.sampling = '
+                '"fixed" (and accountant = "rdp"): with Poisson sampling, whether '
+                "the secure sum can run (it needs at least 2 clients, and its "
+                "threshold follows the number sampled) reveals how many clients "
+                "were sampled, which amplification by sampling assumes secret"
+            )
+        if self.secagg.protocol != "none" and self.strategy.name == "scaffold":
+            raise ValueError(
+                "secure aggregation hides the individual updates, and "
+                "SCAFFOLD's control variates need them; use another strategy"
+            )
 
     @property
     def expected_num_clients(self) -> int | None:
@@ -619,7 +687,8 @@ class ExperimentConfig(_Section):
                 "the records, the model's output size would show whether some "
                 "record has a rare label, outside the DP guarantee"
             )
-        if d.dataset in ("csv", "parquet"):
+        tags = DATASETS.tags(d.dataset)
+        if "tabular" in tags:
             undeclared = sorted(set(d.categorical) - set(d.levels or {}))
             if undeclared:
                 raise ValueError(
@@ -628,7 +697,7 @@ class ExperimentConfig(_Section):
                     '["a", "b"] }} (the one-hot width must not depend on the '
                     "records)"
                 )
-        if d.dataset == "images" and d.image_size is None:
+        if "images" in tags and d.image_size is None:
             raise ValueError(
                 "under [privacy] declare data.image_size = [height, width]: "
                 "the images' own size would come from the records"
@@ -641,13 +710,13 @@ class ExperimentConfig(_Section):
                 'which model.task = "regression" has not; use "iid", "quantity" '
                 'or "natural"'
             )
-        if self.attack.kind in ("label_flip", "backdoor"):
+        if "label" in ATTACKS.tags(self.attack.kind):
             raise ValueError(
                 f"attack.kind = {self.attack.kind!r} changes class labels, which "
                 'model.task = "regression" has not; use a model-poisoning attack '
                 '(e.g. "sign_flip", "gaussian", "alie", "ipm")'
             )
-        if self.data.dataset in ("digits", "breast_cancer", "heart", "fashion_mnist"):
+        if "bundled" in DATASETS.tags(self.data.dataset):
             raise ValueError(
                 f'model.task = "regression" needs numeric labels; the bundled '
                 f"data set {self.data.dataset!r} is a classification data set"
@@ -728,7 +797,9 @@ def _describe(err: ValidationError) -> str:
                 )
             continue
         value = problem.get("input")
-        shown = "" if isinstance(value, dict) else f"; got {value!r}"
+        # An unknown name's message names the value already.
+        named = isinstance(value, dict) or problem["type"] == _UNKNOWN_NAME
+        shown = "" if named else f"; got {value!r}"
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"{key}: {message}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

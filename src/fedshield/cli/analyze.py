@@ -5,11 +5,13 @@ Every (attack, defence) pair asked for, plus a no-attack run (attack
 configuration file. Each pair's configuration is the file with:
 
 - ``[robust]`` set for the defence: ``rule``; ``f`` = ⌊fraction × clients
-  per round⌋ for the rules that take it (:data:`RULES_WITH_F`); ``max_norm``
-  for ``norm_bound`` (``--max-norm``; default: the file's ``robust.max_norm``,
-  else :data:`DEFAULT_MAX_NORM`). The file's keys that belong to one
-  rule (``rule``, ``f``, ``m``, ``beta``, ``max_norm``, ``noise_std``) are
-  dropped, the others (``root_size``) kept. ``--set robust.max_norm`` is
+  per round⌋ for the rules that take it (tagged ``"needs_f"`` in
+  :data:`~fedshield.strategies.robust.RULES`); ``max_norm`` for those that
+  take a bound (``"needs_max_norm"``: ``norm_bound``; ``--max-norm``;
+  default: the file's ``robust.max_norm``, else :data:`DEFAULT_MAX_NORM`).
+  The file's keys that belong to one rule (``rule``, ``f``, ``m``,
+  ``beta``, ``max_norm``, ``noise_std``) are dropped, the others
+  (``root_size``) kept. ``--set robust.max_norm`` is
   ``norm_bound``'s bound too; ``--set robust.rule`` and ``robust.f`` are
   refused; another ``--set robust.KEY=V`` applies to every pair (a rule that
   does not take the key is then refused).
@@ -22,6 +24,11 @@ Each run writes its folder to ``OUT/runs/<attack>__<defence>``; the matrix
 that the configuration refuses (an unsupported rule, Bulyan's n ≥ 4f + 3,
 ...) becomes a row with status ``"refused"``, a run that raises one with
 status ``"failed"``; neither stops the analysis.
+
+The attack and defence names, and their descriptions, come from the
+registries :data:`~fedshield.models.attacks.ATTACKS` and
+:data:`~fedshield.strategies.robust.RULES` (:func:`attack_names`,
+:func:`defence_names`): a rule registered there is a defence here.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, get_args
+from typing import TYPE_CHECKING, Any, Final
 
 from rich.console import Console
 from rich.markup import escape
@@ -52,43 +59,40 @@ from rich.progress import (
 from rich.table import Table
 
 from fedshield.api.config import (
-    AttackSection,
     ExperimentConfig,
-    RobustSection,
     apply_overrides,
     load_config,
     parse_config,
     resolve_paths,
 )
 from fedshield.errors import ConfigError, FedShieldError
+from fedshield.models.attacks import ATTACKS
+from fedshield.strategies.robust import RULES
 
 if TYPE_CHECKING:
     from fedshield.report.matrix import MatrixFiles
 
 __all__ = [
-    "ATTACK_NAMES",
     "DEFAULT_MAX_NORM",
-    "DEFENCE_NAMES",
-    "RULES_WITH_F",
     "Pair",
+    "attack_names",
+    "defence_names",
     "parse_names",
     "plan_pairs",
     "run_analyze",
     "run_pair",
 ]
 
-ATTACK_NAMES: Final[tuple[str, ...]] = get_args(
-    AttackSection.model_fields["kind"].annotation
-)
-"""The names ``--attacks`` accepts: ``[attack] kind``'s, read from the config."""
 
-DEFENCE_NAMES: Final[tuple[str, ...]] = get_args(
-    RobustSection.model_fields["rule"].annotation
-)
-"""The names ``--defences`` accepts (``[robust] rule``; ``fedavg``: the mean)."""
+def attack_names() -> tuple[str, ...]:
+    """The names ``--attacks`` accepts: those of ``[attack] kind`` (ATTACKS)."""
+    return ATTACKS.names()
 
-RULES_WITH_F: Final = frozenset({"krum", "multi_krum", "trimmed_mean", "bulyan"})
-"""Rules given ``robust.f`` = ⌊fraction × clients per round⌋."""
+
+def defence_names() -> tuple[str, ...]:
+    """The names ``--defences`` accepts: the robust rules (``fedavg``: the mean)."""
+    return RULES.names()
+
 
 DEFAULT_MAX_NORM: Final = 1.0
 """``norm_bound``'s L2 bound on each update when neither ``--max-norm`` nor the
@@ -287,9 +291,10 @@ def plan_pairs(
                 f"attack.fraction={fraction!r}",
                 f"robust.rule={json.dumps(defence)}",
             ]
-            if defence in RULES_WITH_F:
+            tags = RULES.tags(defence)
+            if "needs_f" in tags:
                 extra.append(f"robust.f={f}")
-            if defence == "norm_bound":
+            if "needs_max_norm" in tags:
                 extra.append(f"robust.max_norm={max_norm!r}")
             extra += [
                 f"run.name={json.dumps(f'{name}-{attack}-{defence}')}",
@@ -312,8 +317,8 @@ def plan_pairs(
         "defences": ", ".join(defences),
         "malicious fraction": fraction,
         "clients per round": per_round,
-        f"f (for {', '.join(sorted(RULES_WITH_F))})": f,
-        "norm_bound max_norm": max_norm,
+        f"f (for {', '.join(sorted(RULES.names(tag='needs_f')))})": f,
+        f"{', '.join(RULES.names(tag='needs_max_norm'))} max_norm": max_norm,
         "rounds": config.run.rounds,
         "data": f"{config.data.dataset} ({config.data.partition_method}), "
         f"{num_clients} clients",
@@ -539,8 +544,8 @@ def run_analyze(
     from fedshield.report.matrix import tabulate, write_matrix
 
     started = time.perf_counter()
-    attack_names = parse_names(attacks, ATTACK_NAMES, "--attacks")
-    defence_names = parse_names(defences, DEFENCE_NAMES, "--defences")
+    attack_list = parse_names(attacks, attack_names(), "--attacks")
+    defence_list = parse_names(defences, defence_names(), "--defences")
     _check_fraction(fraction)
     base_config = load_config(config_path, overrides)
     out_dir = (
@@ -548,8 +553,8 @@ def run_analyze(
     )
     pairs, settings = plan_pairs(
         config_path,
-        attacks=attack_names,
-        defences=defence_names,
+        attacks=attack_list,
+        defences=defence_list,
         fraction=fraction,
         max_norm=max_norm,
         out_dir=out_dir,
@@ -560,7 +565,7 @@ def run_analyze(
         console.print(
             f"[bold]{escape(base_config.run.name)}[/]: {len(pairs)} runs "
             f"({len({p.attack for p in pairs})} attacks incl. none × "
-            f"{len(defence_names)} defences), {base_config.run.rounds} rounds each, "
+            f"{len(defence_list)} defences), {base_config.run.rounds} rounds each, "
             f"{workers} worker{'s' if workers > 1 else ''}",
             highlight=False,
         )

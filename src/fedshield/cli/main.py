@@ -5,14 +5,19 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperOption
 
 from fedshield.errors import FedShieldError
+
+if TYPE_CHECKING:
+    from fedshield.core.registry import Registry
 
 
 def strict_json(data: Any) -> str:
@@ -37,6 +42,78 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+# --- help read from the registries -------------------------------------------
+#
+# The names an option accepts, and their descriptions, come from the registries
+# (robust rules, attacks, backends) when the help is shown: the registries'
+# modules load only then, and a part registered later is listed.
+
+
+def _rules() -> Registry[Any]:
+    from fedshield.strategies.robust import RULES
+
+    return RULES
+
+
+def _attacks() -> Registry[Any]:
+    from fedshield.models.attacks import ATTACKS
+
+    return ATTACKS
+
+
+def _backends() -> Registry[Any]:
+    from fedshield.simulation.backends import BACKENDS
+
+    return BACKENDS
+
+
+def _names(registry: Registry[Any], *, tag: str | None = None) -> str:
+    return escape(", ".join(registry.names(tag=tag)))
+
+
+def _listing(title: str, registry: Registry[Any]) -> str:
+    """A help paragraph per name: ``title``, then ``name: description``."""
+    lines = [f"{name}: {text}" for name, text in registry.descriptions().items()]
+    return "\n\n".join(escape(line) for line in (title, *lines))
+
+
+_OPTION_HELP: dict[tuple[str, str], Callable[[], str]] = {
+    ("simulate", "backend"): lambda: f"Override run.backend: {_names(_backends())}.",
+    ("analyze", "attacks"): lambda: (
+        f"Comma-separated attacks: {_names(_attacks())} (a no-attack row is "
+        "always added)."
+    ),
+    ("analyze", "defences"): lambda: f"Comma-separated defences: {_names(_rules())}.",
+    ("analyze", "fraction"): lambda: (
+        "Share of malicious clients, in (0, 0.5); robust.f = floor(fraction x "
+        f"clients per round) for {_names(_rules(), tag='needs_f')}."
+    ),
+}
+"""(command, option) -> its help, made when the help is shown."""
+
+_EPILOG: dict[str, Callable[[], str]] = {
+    "simulate": lambda: _listing("Backends:", _backends()),
+    "analyze": lambda: (
+        _listing("Attacks:", _attacks()) + "\n\n" + _listing("Defences:", _rules())
+    ),
+}
+"""command -> the text after its options, made when the help is shown."""
+
+
+class _RegistryHelp(TyperCommand):
+    """A command whose help reads the registries when it is shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            made = _OPTION_HELP.get((str(self.name), str(param.name)))
+            if made is not None and isinstance(param, TyperOption):
+                param.help = made()
+        epilog = _EPILOG.get(str(self.name))
+        if epilog is not None:
+            self.epilog = epilog()
+        super().format_help(ctx, formatter)
+
+
 def _fail(err: FedShieldError) -> typer.Exit:
     err_console.print(
         f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
@@ -44,7 +121,7 @@ def _fail(err: FedShieldError) -> typer.Exit:
     return typer.Exit(code=err.exit_code)
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def simulate(
     config: Annotated[
         Path,
@@ -75,7 +152,7 @@ def simulate(
     backend: Annotated[
         str | None,
         typer.Option(
-            help="Override run.backend: auto, sequential, vectorised, process, ray.",
+            help="Override run.backend (the backends are listed below).",
             show_default=False,
         ),
     ] = None,
@@ -146,7 +223,7 @@ def simulate(
         typer.echo(strict_json(summary))
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def analyze(
     config: Annotated[
         Path,
@@ -155,23 +232,21 @@ def analyze(
     attacks: Annotated[
         str,
         typer.Option(
-            help="Comma-separated attacks: none, label_flip, sign_flip, gaussian, "
-            "backdoor, alie, ipm, free_rider (a no-attack row is always added).",
+            help="Comma-separated attacks (listed below; a no-attack row is "
+            "always added).",
         ),
     ] = "label_flip,sign_flip,alie,ipm,backdoor",
     defences: Annotated[
         str,
         typer.Option(
-            help="Comma-separated defences: fedavg, krum, multi_krum, median, "
-            "trimmed_mean, bulyan, geomed, norm_bound, fltrust.",
+            help="Comma-separated defences (the robust rules, listed below).",
         ),
     ] = "fedavg,krum,median,trimmed_mean,bulyan,geomed,norm_bound,fltrust",
     fraction: Annotated[
         float,
         typer.Option(
             help="Share of malicious clients, in (0, 0.5); robust.f = "
-            "floor(fraction x clients per round) for krum, multi_krum, "
-            "trimmed_mean and bulyan."
+            "floor(fraction x clients per round) for the rules that take f."
         ),
     ] = 0.2,
     max_norm: Annotated[

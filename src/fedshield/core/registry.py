@@ -14,7 +14,7 @@ holds the generic container, so it imports nothing from the layers above.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -114,14 +114,46 @@ class Registry(Generic[T]):
         """The value registered under ``name`` (see :meth:`entry`)."""
         return self.entry(name).value
 
-    def unknown(self, name: object) -> str:
-        """The message for a name that is not registered."""
-        where = f"{self.section}: " if self.section else ""
-        close = difflib.get_close_matches(str(name), list(self._entries), n=1)
+    def remove(self, name: str) -> Entry[T]:
+        """Unregister ``name`` and return its entry (for tests and plug-ins).
+
+        Raises
+        ------
+        ConfigError
+            If no part has that name (see :meth:`entry`).
+        """
+        found = self.entry(name)
+        del self._entries[name]
+        return found
+
+    def unknown(
+        self,
+        name: object,
+        *,
+        with_section: bool = True,
+        choices: Sequence[str] | None = None,
+    ) -> str:
+        """The message for a name that is not registered.
+
+        ``with_section=False`` leaves out the ``section`` prefix, for a
+        caller that names the key itself (the configuration's errors);
+        ``choices``: the names offered, where the caller accepts others
+        besides the registered ones (default: the registered names).
+
+        Examples
+        --------
+        >>> rules = Registry("rule", "[robust]")
+        >>> _ = rules.add("krum", object())
+        >>> rules.unknown("krumm")
+        "[robust]: unknown rule 'krumm' (did you mean 'krum'?); choose one of: krum"
+        """
+        where = f"{self.section}: " if self.section and with_section else ""
+        offered = list(self._entries if choices is None else choices)
+        close = difflib.get_close_matches(str(name), offered, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return (
             f"{where}unknown {self.kind} {name!r}{hint}; "
-            f"choose one of: {', '.join(self._entries)}"
+            f"choose one of: {', '.join(offered)}"
         )
 
     def names(self, *, tag: str | None = None) -> tuple[str, ...]:
@@ -135,6 +167,10 @@ class Registry(Generic[T]):
     def descriptions(self) -> Mapping[str, str]:
         """Each name's one-line description."""
         return {name: entry.description for name, entry in self._entries.items()}
+
+    def tags(self, name: str) -> frozenset[str]:
+        """The tags of ``name`` (see :meth:`entry`)."""
+        return self.entry(name).tags
 
     def help(self) -> str:
         """``name: description`` lines, for a CLI's help text."""

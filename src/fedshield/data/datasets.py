@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
+from fedshield.core.registry import Registry
 from fedshield.errors import ConfigError, DataUnavailableError
 
 __all__ = ["DATASETS", "TASKS", "Dataset", "load_dataset", "split_test"]
@@ -30,8 +31,14 @@ __all__ = ["DATASETS", "TASKS", "Dataset", "load_dataset", "split_test"]
 TASKS: tuple[str, ...] = ("classification", "regression")
 """Values of :attr:`Dataset.task`."""
 
-DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "heart", "fashion_mnist")
-"""Names :func:`load_dataset` accepts."""
+DATASETS: Registry[Callable[..., Any]] = Registry("data set", "[data] dataset")
+"""The data set kinds by name: what ``[data] dataset`` accepts.
+
+Tag ``"bundled"``: a data set that ships with fedshield, its value the loader
+:func:`load_dataset` calls (no arguments, returns a :class:`Dataset`); tag
+``"user"``: the user's own data (:mod:`fedshield.data.user`), its value the
+reader :func:`~fedshield.data.load_user_data` calls with the spec. The
+bundled ones are registered at the end of this module."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -41,7 +48,7 @@ class Dataset:
     Parameters
     ----------
     name
-        The data set's name (one of :data:`DATASETS` for the bundled ones).
+        The data set's name (a bundled one of :data:`DATASETS`, or the user's).
     x
         ``float32`` features of shape ``(n, num_features)``.
     y
@@ -236,7 +243,7 @@ def load_dataset(name: str) -> Dataset:
     Parameters
     ----------
     name
-        One of :data:`DATASETS`: ``"digits"`` (scikit-learn 8x8 digits),
+        A bundled data set of :data:`DATASETS`: ``"digits"`` (scikit-learn 8x8 digits),
         ``"breast_cancer"`` (WDBC, raw values), ``"heart"`` (UCI Heart
         Disease, four hospitals as natural clients) or ``"fashion_mnist"``
         (from the Debian package ``dataset-fashion-mnist``).
@@ -259,15 +266,16 @@ def load_dataset(name: str) -> Dataset:
     >>> ds.x.shape, ds.input_shape, ds.num_classes
     ((1797, 64), (1, 8, 8), 10)
     """
-    loader = _LOADERS.get(name)
-    if loader is None:
-        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+    bundled = DATASETS.names(tag="bundled")
+    if name not in bundled:
+        close = difflib.get_close_matches(str(name), bundled, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        choices = ", ".join(repr(d) for d in DATASETS)
+        choices = ", ".join(repr(d) for d in bundled)
         raise ConfigError(
             f"`name` of load_dataset must be one of {choices}; got {name!r}.{hint}"
         )
-    return loader()
+    dataset: Dataset = DATASETS.get(name)()
+    return dataset
 
 
 def split_test(
@@ -669,10 +677,29 @@ def _load_fashion_mnist() -> Dataset:
     )
 
 
-_LOADERS: Final[Mapping[str, Callable[[], Dataset]]] = {
-    "digits": _load_digits,
-    "breast_cancer": _load_breast_cancer,
-    "heart": _load_heart,
-    "fashion_mnist": _load_fashion_mnist,
-}
-assert tuple(_LOADERS) == DATASETS
+_BUNDLED = frozenset({"bundled"})
+DATASETS.add(
+    "digits",
+    _load_digits,
+    "scikit-learn's 8x8 handwritten digits, 10 classes",
+    tags=_BUNDLED,
+)
+DATASETS.add(
+    "breast_cancer",
+    _load_breast_cancer,
+    "Wisconsin diagnostic breast cancer (WDBC), 30 features, 2 classes",
+    tags=_BUNDLED,
+)
+DATASETS.add(
+    "heart",
+    _load_heart,
+    "UCI Heart Disease, its four hospitals as natural clients",
+    tags=_BUNDLED,
+)
+DATASETS.add(
+    "fashion_mnist",
+    _load_fashion_mnist,
+    "Fashion-MNIST 28x28 clothing images, 10 classes (Debian package "
+    "dataset-fashion-mnist)",
+    tags=_BUNDLED,
+)

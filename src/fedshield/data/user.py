@@ -43,13 +43,67 @@ from typing import IO, Any, Final
 import numpy as np
 
 from fedshield.core.imports import CallableRef
-from fedshield.data.datasets import TASKS, Dataset
+from fedshield.data.datasets import DATASETS, TASKS, Dataset
 from fedshield.errors import ConfigError, DataFileError
 
 __all__ = ["USER_DATA_KINDS", "UserData", "UserDataSpec", "load_user_data"]
 
-USER_DATA_KINDS: tuple[str, ...] = ("csv", "parquet", "npz", "images", "python")
-"""Values of :attr:`UserDataSpec.kind`."""
+_FILES: Final = frozenset({"user", "files"})
+_TABULAR: Final = _FILES | {"tabular"}
+
+
+def _with_path(
+    load: Callable[[UserDataSpec, Path], UserData],
+) -> Callable[[UserDataSpec], UserData]:
+    def read(spec: UserDataSpec) -> UserData:
+        assert spec.path is not None  # checked by UserDataSpec
+        return load(spec, spec.path)
+
+    return read
+
+
+def _register_user_kinds() -> tuple[str, ...]:
+    """Register the user's data kinds in :data:`DATASETS`; their names.
+
+    Tags: ``"user"``; ``"files"``, read from ``path``; ``"tabular"``, named
+    columns (``label``, ``features``, ``categorical``, ``levels``...);
+    ``"images"``, resized to ``image_size``; ``"factory"``, from a Python
+    function.
+    """
+    DATASETS.add(
+        "csv",
+        _with_path(_load_tabular),
+        "your CSV file, or a folder of one file per client; label names the "
+        "label column",
+        tags=_TABULAR,
+    )
+    DATASETS.add(
+        "parquet",
+        _with_path(_load_tabular),
+        "your Parquet file, or a folder of one file per client (pip install "
+        "'fedshield[parquet]')",
+        tags=_TABULAR,
+    )
+    DATASETS.add(
+        "npz",
+        _with_path(_load_npz),
+        "your NumPy .npz arrays x, y and optionally client, or one file per client",
+        tags=_FILES,
+    )
+    DATASETS.add(
+        "images",
+        _with_path(_load_images),
+        "your image folders: path/<client>/<class>/*.png or path/<class>/*.png",
+        tags=_FILES | {"images"},
+    )
+    DATASETS.add(
+        "python",
+        _load_python,
+        'your Python function, factory = "file.py:load", returning {client_id: (x, y)}',
+        tags={"user", "factory"},
+    )
+    return DATASETS.names(tag="user")
+
 
 _IMAGE_SUFFIXES: Final = frozenset({".png", ".jpg", ".jpeg"})
 _IMAGE_MODES: Final = ("L", "RGB")
@@ -66,7 +120,7 @@ class UserDataSpec:
     Parameters
     ----------
     kind
-        One of :data:`USER_DATA_KINDS`: ``"csv"``, ``"parquet"``, ``"npz"``,
+        A kind of :data:`USER_DATA_KINDS`: ``"csv"``, ``"parquet"``, ``"npz"``,
         ``"images"`` or ``"python"``.
     path
         The data file or folder, already resolved against the configuration
@@ -174,8 +228,9 @@ class UserDataSpec:
             object.__setattr__(
                 self, "levels", _normalised_levels(self.levels, problems)
             )
-        if self.kind not in USER_DATA_KINDS:
-            problems.append(f"kind must be one of {USER_DATA_KINDS}; got {self.kind!r}")
+        kinds = DATASETS.names(tag="user")
+        if self.kind not in kinds:
+            problems.append(f"kind must be one of {kinds}; got {self.kind!r}")
         if self.task not in TASKS:
             problems.append(f"task must be one of {TASKS}; got {self.task!r}")
         if self.kind == "python":
@@ -341,14 +396,8 @@ def load_user_data(spec: UserDataSpec) -> UserData:
     >>> data.train.x.tolist()[1]
     [nan, 1.0, 1.0, 0.0]
     """
-    if spec.kind == "python":
-        return _load_python(spec)
-    assert spec.path is not None  # checked by UserDataSpec
-    if spec.kind in ("csv", "parquet"):
-        return _load_tabular(spec, spec.path)
-    if spec.kind == "npz":
-        return _load_npz(spec, spec.path)
-    return _load_images(spec, spec.path)
+    data: UserData = DATASETS.get(spec.kind)(spec)
+    return data
 
 
 # --------------------------------------------------------------------------
@@ -1607,3 +1656,8 @@ def _pair(value: object, source: str) -> tuple[np.ndarray, np.ndarray]:
             raise DataFileError(f"{source}: {name} has dtype object; use numbers")
         arrays.append(item)
     return arrays[0], arrays[1]
+
+
+USER_DATA_KINDS: tuple[str, ...] = _register_user_kinds()
+"""Values of :attr:`UserDataSpec.kind`: the data set kinds of
+:data:`~fedshield.data.DATASETS` tagged ``"user"``."""

@@ -27,44 +27,90 @@ Attacks (``[attack] kind``):
   sends ``−ε μ``.
 - ``free_rider`` — sends the global model back (a zero update) and claims the
   largest sample count the server accepts.
+
+Each kind is an :class:`Attack` registered in :data:`ATTACKS` (its name, a
+one-line description and tags); the configuration, ``fedshield analyze``
+and the report read the names from there. Importing this module does not
+import torch (the honest client is imported when an attack retrains).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedshield.core import ClientUpdate, EvalConfig, FitConfig, Params, derive_rng
+from fedshield.core.registry import Registry
 from fedshield.errors import ConfigError
-from fedshield.models.client import TorchClient
+
+if TYPE_CHECKING:
+    from fedshield.models.client import TorchClient
 
 __all__ = [
+    "ATTACKS",
     "ATTACK_KINDS",
+    "Attack",
     "AttackSpec",
     "MaliciousClient",
     "add_trigger",
     "attack_success",
     "choose_malicious",
     "collude",
+    "honest_fit",
 ]
 
-ATTACK_KINDS = (
-    "none",
-    "label_flip",
-    "sign_flip",
-    "gaussian",
-    "backdoor",
-    "alie",
-    "ipm",
-    "free_rider",
-)
-COLLUDING = ("alie", "ipm")
-LABEL_ATTACKS = ("label_flip", "backdoor")
-"""Attacks that rewrite class labels: classification models only."""
+AttackFit: TypeAlias = Callable[
+    ["MaliciousClient", Params, FitConfig, np.random.Generator], ClientUpdate
+]
+"""A malicious client's own update: ``fit(client, params, config, rng)``."""
+Collusion: TypeAlias = Callable[
+    [NDArray[np.float64], "AttackSpec", int], NDArray[np.float64]
+]
+"""The colluders' common update from their benign ones, stacked one per row:
+``collude(benign, spec, num_clients)``."""
+
+
+def honest_fit(
+    client: MaliciousClient,
+    params: Params,
+    config: FitConfig,
+    rng: np.random.Generator,
+) -> ClientUpdate:
+    """The update the wrapped honest client computes."""
+    return client.inner.fit(params, config, rng)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What one attack kind does to a malicious client's update.
+
+    Parameters
+    ----------
+    fit
+        The client's own update (default: the honest one, unchanged).
+    collude
+        For a colluding attack (tag ``"colluding"``), the update every
+        colluder of a round sends, from their stacked benign updates
+        (:func:`collude`); None for the others.
+    """
+
+    fit: AttackFit = honest_fit
+    collude: Collusion | None = None
+
+
+ATTACKS: Registry[Attack] = Registry("attack", "[attack] kind")
+"""The attacks by name: what ``[attack] kind`` and ``fedshield analyze
+--attacks`` accept; ``"none"`` is no attack (each defence's baseline).
+
+Tags: ``"label"``, the attack rewrites class labels (classification models
+only); ``"colluding"``, its clients share their benign updates and send a
+common one (:attr:`Attack.collude`). Registered below the attacks."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +120,7 @@ class AttackSpec:
     Parameters
     ----------
     kind
-        One of :data:`ATTACK_KINDS`.
+        A name in :data:`ATTACKS`.
     fraction
         Share of all clients that are malicious, in [0, 0.5).
     scale
@@ -104,10 +150,8 @@ class AttackSpec:
     z: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ATTACK_KINDS:
-            raise ConfigError(
-                f"unknown attack {self.kind!r}; choose one of {', '.join(ATTACK_KINDS)}"
-            )
+        if self.kind not in ATTACKS:
+            raise ConfigError(ATTACKS.unknown(self.kind))
         if not 0.0 <= self.fraction < 0.5:
             raise ConfigError(
                 f"[attack] fraction must be in [0, 0.5); got {self.fraction}: with "
@@ -197,77 +241,179 @@ class MaliciousClient:
         max_examples: int,
     ) -> None:
         task = getattr(inner.model, "task", "classification")
-        if spec.kind in LABEL_ATTACKS and task != "classification":
+        if "label" in ATTACKS.tags(spec.kind) and task != "classification":
+            others = [
+                name
+                for name in ATTACKS.names()
+                if name != "none" and "label" not in ATTACKS.tags(name)
+            ]
             raise ConfigError(
                 f"[attack] kind = {spec.kind!r} needs class labels, but the "
                 f"model's task is {task!r}; use a model-poisoning attack "
-                "(sign_flip, gaussian, alie, ipm or free_rider) instead"
+                f"({', '.join(others[:-1])} or {others[-1]}) instead"
             )
         self.client_id = inner.client_id
-        self._inner = inner
-        self._spec = spec
-        self._num_classes = num_classes
-        self._boost = boost
-        self._max_examples = max_examples
+        self.inner = inner
+        self.spec = spec
+        self.num_classes = num_classes
+        self.boost = boost
+        self.max_examples = max_examples
 
     @property
     def model(self) -> object:
         """The model adapter of the wrapped client."""
-        return self._inner.model
+        return self.inner.model
 
     @property
     def num_train_examples(self) -> int:
         """Local training examples (of the wrapped client)."""
-        return self._inner.num_train_examples
+        return self.inner.num_train_examples
 
     def fit(
         self, params: Params, config: FitConfig, rng: np.random.Generator
     ) -> ClientUpdate:
-        """Train (or not) and send the attacked update."""
-        kind = self._spec.kind
-        x, y = self._inner.train_data
-        if kind == "label_flip":
-            flipped = (self._num_classes - 1 - y).astype(y.dtype)
-            return self._refit(x, flipped).fit(params, config, rng)
-        if kind == "backdoor":
-            count = max(1, round(self._spec.poison_fraction * len(y)))
-            idx = rng.choice(len(y), size=count, replace=False)
-            x_bad = add_trigger(x[idx])
-            y_bad = np.full(count, self._spec.target_label, dtype=y.dtype)
-            poisoned = self._refit(
-                np.concatenate([x, x_bad]), np.concatenate([y, y_bad])
-            ).fit(params, config, rng)
-            return replace(
-                poisoned,
-                client_id=self.client_id,
-                delta=poisoned.delta * self._boost,
-                num_examples=len(y),
-            )
-        honest = self._inner.fit(params, config, rng)
-        if kind == "sign_flip":
-            return replace(honest, delta=honest.delta * (-self._spec.scale))
-        if kind == "gaussian":
-            noise = rng.normal(0.0, self._spec.std, honest.delta.spec.size)
-            return replace(
-                honest,
-                delta=Params.from_flat(
-                    noise.astype(np.float32), honest.delta.spec, copy=False
-                ),
-            )
-        if kind == "free_rider":
-            return replace(
-                honest,
-                delta=Params.zeros(honest.delta.spec),
-                num_examples=self._max_examples,
-            )
-        return honest  # alie / ipm: the colluders rewrite it (collude)
+        """Train (or not) and send the attacked update (:attr:`Attack.fit`)."""
+        return ATTACKS.get(self.spec.kind).fit(self, params, config, rng)
 
     def evaluate(self, params: Params, config: EvalConfig) -> dict[str, float]:
         """Evaluate honestly (evaluation is not what this attacker poisons)."""
-        return self._inner.evaluate(params, config)
+        return self.inner.evaluate(params, config)
 
-    def _refit(self, x: np.ndarray, y: np.ndarray) -> TorchClient:
-        return TorchClient(self.client_id, self._inner.model, x_train=x, y_train=y)
+    def refit(self, x: np.ndarray, y: np.ndarray) -> TorchClient:
+        """An honest client with this client's model, on the data ``(x, y)``."""
+        from fedshield.models.client import TorchClient
+
+        return TorchClient(self.client_id, self.inner.model, x_train=x, y_train=y)
+
+
+# ------------------------------------------------------------------ attacks
+
+
+def _label_flip(
+    client: MaliciousClient,
+    params: Params,
+    config: FitConfig,
+    rng: np.random.Generator,
+) -> ClientUpdate:
+    x, y = client.inner.train_data
+    flipped = (client.num_classes - 1 - y).astype(y.dtype)
+    return client.refit(x, flipped).fit(params, config, rng)
+
+
+def _backdoor(
+    client: MaliciousClient,
+    params: Params,
+    config: FitConfig,
+    rng: np.random.Generator,
+) -> ClientUpdate:
+    x, y = client.inner.train_data
+    count = max(1, round(client.spec.poison_fraction * len(y)))
+    idx = rng.choice(len(y), size=count, replace=False)
+    x_bad = add_trigger(x[idx])
+    y_bad = np.full(count, client.spec.target_label, dtype=y.dtype)
+    poisoned = client.refit(np.concatenate([x, x_bad]), np.concatenate([y, y_bad])).fit(
+        params, config, rng
+    )
+    return replace(
+        poisoned,
+        client_id=client.client_id,
+        delta=poisoned.delta * client.boost,
+        num_examples=len(y),
+    )
+
+
+def _sign_flip(
+    client: MaliciousClient,
+    params: Params,
+    config: FitConfig,
+    rng: np.random.Generator,
+) -> ClientUpdate:
+    honest = honest_fit(client, params, config, rng)
+    return replace(honest, delta=honest.delta * (-client.spec.scale))
+
+
+def _gaussian(
+    client: MaliciousClient,
+    params: Params,
+    config: FitConfig,
+    rng: np.random.Generator,
+) -> ClientUpdate:
+    honest = honest_fit(client, params, config, rng)
+    noise = rng.normal(0.0, client.spec.std, honest.delta.spec.size)
+    return replace(
+        honest,
+        delta=Params.from_flat(noise.astype(np.float32), honest.delta.spec, copy=False),
+    )
+
+
+def _free_rider(
+    client: MaliciousClient,
+    params: Params,
+    config: FitConfig,
+    rng: np.random.Generator,
+) -> ClientUpdate:
+    honest = honest_fit(client, params, config, rng)
+    return replace(
+        honest,
+        delta=Params.zeros(honest.delta.spec),
+        num_examples=client.max_examples,
+    )
+
+
+def _alie(
+    benign: NDArray[np.float64], spec: AttackSpec, num_clients: int
+) -> NDArray[np.float64]:
+    z = spec.z if spec.z is not None else alie_z(num_clients, len(benign))
+    result: NDArray[np.float64] = benign.mean(axis=0) - z * benign.std(axis=0)
+    return result
+
+
+def _ipm(
+    benign: NDArray[np.float64], spec: AttackSpec, num_clients: int
+) -> NDArray[np.float64]:
+    result: NDArray[np.float64] = -spec.epsilon * benign.mean(axis=0)
+    return result
+
+
+ATTACKS.add("none", Attack(), "no attack: every client is honest (the baseline)")
+ATTACKS.add(
+    "label_flip",
+    Attack(_label_flip),
+    "trains on flipped labels y -> C - 1 - y",
+    tags={"label"},
+)
+ATTACKS.add("sign_flip", Attack(_sign_flip), "sends -scale times its honest update")
+ATTACKS.add(
+    "gaussian", Attack(_gaussian), "sends Gaussian noise N(0, std^2) as its update"
+)
+ATTACKS.add(
+    "backdoor",
+    Attack(_backdoor),
+    "model replacement: trains on triggered inputs relabelled to target_label "
+    "and boosts its update",
+    tags={"label"},
+)
+ATTACKS.add(
+    "alie",
+    Attack(collude=_alie),
+    "A Little Is Enough: colluders send mean - z std of their benign updates",
+    tags={"colluding"},
+)
+ATTACKS.add(
+    "ipm",
+    Attack(collude=_ipm),
+    "inner-product manipulation: colluders send -epsilon times their benign mean",
+    tags={"colluding"},
+)
+ATTACKS.add(
+    "free_rider",
+    Attack(_free_rider),
+    "sends a zero update and claims the largest sample count",
+)
+
+ATTACK_KINDS: tuple[str, ...] = ATTACKS.names()
+"""The built-in attack names (``ATTACKS.names()`` also lists those registered
+later)."""
 
 
 def collude(
@@ -280,17 +426,12 @@ def collude(
     mean and std of the colluders' own benign updates; ``num_clients`` is the
     round's number of updates, for ALIE's ``z``.
     """
-    if not updates or spec.kind not in COLLUDING:
+    rewrite = ATTACKS.get(spec.kind).collude
+    if not updates or rewrite is None:
         return list(updates)
     stack = np.stack([np.asarray(u.delta.flat, dtype=np.float64) for u in updates])
-    mu = stack.mean(axis=0)
-    spec_ = updates[0].delta.spec
-    if spec.kind == "ipm":
-        bad = -spec.epsilon * mu
-    else:
-        z = spec.z if spec.z is not None else alie_z(num_clients, len(updates))
-        bad = mu - z * stack.std(axis=0)
-    delta = Params.from_flat(bad.astype(np.float32), spec_, copy=False)
+    bad = rewrite(stack, spec, num_clients)
+    delta = Params.from_flat(bad.astype(np.float32), updates[0].delta.spec, copy=False)
     return [replace(u, delta=delta) for u in updates]
 
 

@@ -35,9 +35,15 @@ decimals. A regression cell (a run with an RMSE and no accuracy) fails
 instead when its RMSE rise (:func:`rmse_rise`: its RMSE minus the same
 defence's no-attack RMSE, relative to the latter, rounded to 4 decimals)
 exceeds :data:`RMSE_RISE_THRESHOLD`. A failure the literature predicts
-(:data:`KNOWN_FAILURES`) is *known*; any other is *unexpected*. A refused
+(:func:`known_failure`) is *known*; any other is *unexpected*. A refused
 pair is not a failure of the defence: it is reported as
 ``refused: <message>``.
+
+The attacks' and defences' descriptions on the page, and which rules are no
+defence at all (tag ``"not_robust"``), come from the registries
+:data:`~fedshield.models.attacks.ATTACKS` and
+:data:`~fedshield.strategies.robust.RULES`, imported when first needed
+(neither imports torch).
 """
 
 from __future__ import annotations
@@ -48,13 +54,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
 from fedshield._version import __version__
 from fedshield.report.html import _CSP, _CSS, _esc
 from fedshield.report.plots import DPI, _new_figure
+
+if TYPE_CHECKING:
+    from fedshield.core.registry import Registry
 
 __all__ = [
     "ACCURACY_DROP_THRESHOLD",
@@ -67,6 +76,7 @@ __all__ = [
     "Verdict",
     "accuracy_drop",
     "classify",
+    "known_failure",
     "render_matrix",
     "rmse_rise",
     "tabulate",
@@ -126,26 +136,52 @@ KNOWN_FAILURES: Final[Mapping[tuple[str, str], str]] = {
     ("ipm", "krum"): _IPM_REASON.format(rule="Krum"),
     ("ipm", "multi_krum"): _IPM_REASON.format(rule="Multi-Krum"),
     ("ipm", "median"): _IPM_REASON.format(rule="the coordinate-wise median"),
-    **{
-        (attack, "fedavg"): (
-            "FedAvg's weighted mean is not a robust rule: one client can move it "
-            "anywhere (breakdown point 0; Blanchard et al., NeurIPS 2017)"
-        )
-        for attack in (
-            "label_flip",
-            "sign_flip",
-            "gaussian",
-            "backdoor",
-            "alie",
-            "ipm",
-            "free_rider",
-        )
-    },
 }
 """(attack, defence) pairs the literature reports as broken, with the reason.
 
-A failure of one of these pairs is reported as *known*, any other as
-*unexpected*; one of these that holds is noted as such."""
+Besides these, every attack breaks a rule that is no robust rule at all
+(:func:`known_failure`)."""
+
+_NOT_ROBUST_REASON = (
+    "{rule} is not a robust rule: one client can move it anywhere (breakdown "
+    "point 0; Blanchard et al., NeurIPS 2017)"
+)
+
+
+def _attacks() -> Registry[Any]:
+    from fedshield.models.attacks import ATTACKS
+
+    return ATTACKS
+
+
+def _rules() -> Registry[Any]:
+    from fedshield.strategies.robust import RULES
+
+    return RULES
+
+
+def known_failure(attack: str, defence: str) -> str | None:
+    """Why the literature expects ``attack`` to break ``defence``; None if not.
+
+    The pairs of :data:`KNOWN_FAILURES`, and any attack against a rule tagged
+    ``"not_robust"`` in :data:`~fedshield.strategies.robust.RULES` (the
+    weighted mean of FedAvg).
+
+    Examples
+    --------
+    >>> known_failure("sign_flip", "fedavg")[:40]
+    'fedavg is not a robust rule: one client '
+    >>> known_failure("sign_flip", "median") is None
+    True
+    """
+    reason = KNOWN_FAILURES.get((attack, defence))
+    if reason is not None or attack == NO_ATTACK:
+        return reason
+    rules = _rules()
+    if defence in rules and "not_robust" in rules.tags(defence):
+        return _NOT_ROBUST_REASON.format(rule=defence)
+    return None
+
 
 Outcome = Literal[
     "baseline",
@@ -175,7 +211,8 @@ class Verdict:
     reasons
         Why, in words: the thresholds crossed, or the error message.
     reference
-        For a pair in :data:`KNOWN_FAILURES`, the literature's reason.
+        For a pair the literature expects to fail (:func:`known_failure`),
+        its reason.
     """
 
     outcome: Outcome
@@ -320,8 +357,8 @@ def classify(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> Verd
         ``failure`` when the accuracy drop exceeds
         :data:`ACCURACY_DROP_THRESHOLD`, the ASR exceeds
         :data:`ASR_THRESHOLD` or (regression) the RMSE rise exceeds
-        :data:`RMSE_RISE_THRESHOLD`; known when the pair is in
-        :data:`KNOWN_FAILURES`.
+        :data:`RMSE_RISE_THRESHOLD`; known when :func:`known_failure` gives
+        a reason.
 
     Examples
     --------
@@ -346,7 +383,7 @@ def classify(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> Verd
     attack, defence = str(row.get("attack")), str(row.get("defence"))
     if attack == NO_ATTACK:
         return Verdict("baseline")
-    reference = KNOWN_FAILURES.get((attack, defence))
+    reference = known_failure(attack, defence)
     drop = accuracy_drop(row, baseline)
     rise = rmse_rise(row, baseline)
     asr = _number(row.get("asr"))
@@ -838,6 +875,27 @@ def _time_section(table: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _names_section(table: Sequence[Mapping[str, Any]]) -> str:
+    """What each attack and defence of the table does (from the registries)."""
+    rows = []
+    for column, title, registry in (
+        ("attack", "Attack", _attacks()),
+        ("defence", "Defence", _rules()),
+    ):
+        described = registry.descriptions()
+        for name in _order((str(r[column]) for r in table), first=NO_ATTACK):
+            rows.append(
+                f'<tr><th scope="row">{_esc(title)} {_esc(name)}</th>'
+                f"<td>{_esc(described.get(name, ''))}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<section><h2>Attacks and defences</h2>"
+        f'<table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
+    )
+
+
 def _settings_section(settings: Mapping[str, Any] | None) -> str:
     if not settings:
         return ""
@@ -923,6 +981,7 @@ def render_matrix(
         figure,
         _table_section(table),
         _time_section(table),
+        _names_section(table),
         _settings_section(settings),
         f"<footer>Generated by fedshield {_esc(__version__)}. This page is "
         "self-contained and loads nothing from the network.</footer>",

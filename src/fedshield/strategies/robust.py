@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, replace
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,9 +61,11 @@ from fedshield.core import (
     ParamSpec,
     WeightedMean,
 )
+from fedshield.core.registry import Registry
 from fedshield.errors import ConfigError, InvalidUpdateError
 
 __all__ = [
+    "RULES",
     "RULE_NAMES",
     "Bulyan",
     "CoordinateMedian",
@@ -71,6 +73,7 @@ __all__ = [
     "GeometricMedian",
     "Krum",
     "NormBound",
+    "RobustRule",
     "RuleName",
     "TrimmedMean",
     "make_robust",
@@ -1252,23 +1255,26 @@ class _FLTrustAccumulator:
 
 # ------------------------------------------------------------------ factory
 
-RuleName: TypeAlias = Literal[
-    "fedavg",
-    "krum",
-    "multi_krum",
-    "median",
-    "trimmed_mean",
-    "bulyan",
-    "geomed",
-    "norm_bound",
-    "fltrust",
-]
+RuleName: TypeAlias = str
+"""A name registered in :data:`RULES`."""
 
 _Options: TypeAlias = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class _Recipe:
+class RobustRule:
+    """How :func:`make_robust` builds a rule from its parameters.
+
+    Parameters
+    ----------
+    build
+        Builds the aggregator from the parameters given (those not None).
+    required
+        Parameters the rule needs (``make_robust`` refuses their absence).
+    optional
+        Parameters it also takes; any other is refused.
+    """
+
     build: Callable[[_Options], Aggregator]
     required: frozenset[str] = frozenset()
     optional: frozenset[str] = frozenset()
@@ -1283,26 +1289,82 @@ def _trimmed_mean(options: _Options) -> Aggregator:
     return TrimmedMean(options.get("f"), beta=options.get("beta"))
 
 
-_RECIPES: Mapping[str, _Recipe] = {
-    "fedavg": _Recipe(lambda o: WeightedMean()),
-    "krum": _Recipe(lambda o: Krum(o["f"], m=1), frozenset({"f"})),
-    "multi_krum": _Recipe(
-        lambda o: Krum(o["f"], m=o.get("m")), frozenset({"f"}), frozenset({"m"})
-    ),
-    "median": _Recipe(lambda o: CoordinateMedian()),
-    "trimmed_mean": _Recipe(_trimmed_mean, optional=frozenset({"f", "beta"})),
-    "bulyan": _Recipe(lambda o: Bulyan(o["f"]), frozenset({"f"})),
-    "geomed": _Recipe(
+RULES: Registry[RobustRule] = Registry("robust rule", "[robust] rule")
+"""The robust rules by name: what ``[robust] rule``, ``fedshield analyze
+--defences`` and :func:`make_robust` accept.
+
+Tags: ``"needs_f"``, the rule takes the number of attackers ``f`` (``analyze``
+sets it from ``--fraction``); ``"needs_max_norm"``, it takes an L2 bound
+``max_norm`` (``analyze``'s ``--max-norm``); ``"secagg"``, it works under
+secure aggregation (it needs no individual update); ``"not_robust"``, one
+attacker can move it anywhere (the report counts its failures as known);
+``"server_data"``, the server trains on data drawn from the clients' own
+(outside any differential privacy guarantee).
+"""
+
+_f, _m, _beta = frozenset({"f"}), frozenset({"m"}), frozenset({"beta"})
+RULES.add(
+    "fedavg",
+    RobustRule(lambda o: WeightedMean()),
+    "the weighted mean (no robust rule)",
+    tags={"secagg", "not_robust"},
+)
+RULES.add(
+    "krum",
+    RobustRule(lambda o: Krum(o["f"], m=1), _f),
+    "Krum: the update closest to its n - f - 2 nearest neighbours",
+    tags={"needs_f"},
+)
+RULES.add(
+    "multi_krum",
+    RobustRule(lambda o: Krum(o["f"], m=o.get("m")), _f, _m),
+    "Multi-Krum: the mean of the m updates Krum scores best",
+    tags={"needs_f"},
+)
+RULES.add(
+    "median",
+    RobustRule(lambda o: CoordinateMedian()),
+    "the coordinate-wise median",
+)
+RULES.add(
+    "trimmed_mean",
+    RobustRule(_trimmed_mean, optional=_f | _beta),
+    "the coordinate-wise mean without the f (or a beta share) largest and "
+    "smallest values",
+    tags={"needs_f"},
+)
+RULES.add(
+    "bulyan",
+    RobustRule(lambda o: Bulyan(o["f"]), _f),
+    "Bulyan: a trimmed mean of the updates Krum selects",
+    tags={"needs_f"},
+)
+RULES.add(
+    "geomed",
+    RobustRule(
         lambda o: GeometricMedian(**o), optional=frozenset({"max_iter", "eps", "tol"})
     ),
-    "norm_bound": _Recipe(
+    "the geometric median (Weiszfeld iterations)",
+)
+RULES.add(
+    "norm_bound",
+    RobustRule(
         lambda o: NormBound(**o), frozenset({"max_norm"}), frozenset({"noise_std"})
     ),
-    "fltrust": _Recipe(lambda o: FLTrust(**o), optional=frozenset({"reference"})),
-}
+    "the mean of the updates clipped to an L2 bound max_norm",
+    tags={"needs_max_norm", "secagg"},
+)
+RULES.add(
+    "fltrust",
+    RobustRule(lambda o: FLTrust(**o), optional=frozenset({"reference"})),
+    "FLTrust: updates weighted by their agreement with the server's own "
+    "update on a root set",
+    tags={"server_data"},
+)
 
-RULE_NAMES: tuple[str, ...] = tuple(_RECIPES)
-"""The names :func:`make_robust` accepts."""
+RULE_NAMES: tuple[str, ...] = RULES.names()
+"""The built-in names :func:`make_robust` accepts (``RULES.names()`` also
+lists rules registered later)."""
 
 
 def make_robust(
@@ -1323,7 +1385,7 @@ def make_robust(
     Parameters
     ----------
     rule
-        One of :data:`RULE_NAMES`: ``"fedavg"`` (:class:`WeightedMean`),
+        A name in :data:`RULES`: ``"fedavg"`` (:class:`WeightedMean`),
         ``"krum"`` (:class:`Krum`, m = 1), ``"multi_krum"`` (:class:`Krum`;
         ``m`` defaults to n − f), ``"median"`` (:class:`CoordinateMedian`),
         ``"trimmed_mean"``, ``"bulyan"``, ``"geomed"``
@@ -1350,11 +1412,7 @@ def make_robust(
     >>> make_robust("median")
     CoordinateMedian()
     """
-    recipe = _RECIPES.get(rule)
-    if recipe is None:
-        raise ConfigError(
-            f"unknown robust rule {rule!r}; choose one of {', '.join(RULE_NAMES)}"
-        )
+    recipe = RULES.get(rule)
     given = {
         name: value
         for name, value in {
