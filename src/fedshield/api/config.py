@@ -141,6 +141,12 @@ class RunSection(_Section):
     torch_threads: int = Field(1, ge=1, le=256)
     client_state: Literal["memory", "disk"] = "memory"
     report: bool = True
+    # A round with fewer than strategy.min_clients valid updates: "stop" (the
+    # default, None) ends the run with exit code 30, resumable from the last
+    # round; "continue" records it (completed = false) and goes on from the
+    # same model, as a deployed server would. None keeps older checkpoints'
+    # fingerprints.
+    on_failed_round: Literal["stop", "continue"] | None = None
 
 
 EACH_ROUND = "fedshield.api.process:clients_given_each_round"

@@ -472,6 +472,7 @@ def round_options(config: ExperimentConfig, federation: Federation) -> RoundOpti
         faults=Faults(config.faults.dropout) if config.faults.dropout else None,
         colluders=attack.malicious if attack else (),
         collude=_collusion(federation),
+        on_failed_round=config.run.on_failed_round or "stop",
     )
 
 
@@ -600,11 +601,14 @@ def _write_report(path: Path, prefetch: ReportPrefetch | None) -> None:
 
 
 def _collusion(federation: Federation) -> Any:
-    """ALIE's and IPM's rewrite of the colluders' updates (None otherwise)."""
+    """A colluding attack's rewrite of its clients' updates (None otherwise)."""
     attack = federation.attack
-    if attack is None or attack.spec.kind not in ("alie", "ipm"):
+    if attack is None:
         return None
-    from fedshield.models.attacks import collude
+    from fedshield.models.attacks import ATTACKS, collude
+
+    if ATTACKS.get(attack.spec.kind).collude is None:
+        return None
 
     spec = attack.spec
 

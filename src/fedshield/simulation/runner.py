@@ -261,7 +261,8 @@ def _after_round(
     record: dict[str, Any] = {"round": round_number}
     if not result.completed:
         state = _failed_round(state, result, loop)
-        record.update({"completed": False, "error": result.message})
+        record.update({"completed": False, "error": result.message, "accuracy": None})
+        record["loss"] = None
     else:
         state = result.state
         if loop.evaluate_fn is not None and (
