@@ -1,14 +1,15 @@
-"""Secure aggregation and injected dropouts inside a simulated round.
+"""Secure aggregation's server half, and injected dropouts, in a round.
 
-:func:`secure_sum` runs one round of SecAgg or SecAgg+ (the sans-I/O state
-machines of :mod:`fedshield.secagg.protocol`) over the updates the round's
-clients trained. Each client's half is a :class:`~fedshield.secagg.protocol.
-SecAggClient` that encodes the client's weighted update into integers mod
-``2^b`` (:mod:`fedshield.secagg.encoding`) and masks it; the
-:class:`~fedshield.secagg.protocol.SecAggServer` sees only the serialized
-protocol messages and outputs the sum. In a simulation both halves run in
-this process and the messages are handed over here; over a network the
-client halves run on the clients and a transport carries the same bytes.
+Under ``[secagg]`` a round's clients keep their updates: stage ``fit``
+returns receipts, and the protocol's stages follow (SecAgg or SecAgg+, the
+sans-I/O state machines of :mod:`fedshield.secagg.protocol`).
+:class:`SecureSumRound` is the server's half: it announces the round's public
+plan with the first stage, carries the protocol's bytes between the
+:class:`~fedshield.secagg.protocol.SecAggServer` and the clients, stage by
+stage, and decodes the unmasked sum. The clients' halves
+(:mod:`fedshield.simulation.secure_client`) run wherever the backend holds
+the clients: in this process, a worker process, a Ray actor, or later a
+remote site.
 
 Every client contributes ``[w_k Δ_k, w_k, o_k, w_k ℓ_k, w_k, w_k a_k,
 w_k]``: its update weighted by ``w_k = n_k / max_examples`` (FedAvg's
@@ -21,6 +22,9 @@ The server divides the summed update by the summed weight: the weighted
 FedAvg mean, learned only in sum, as are ``train_loss`` and
 ``train_accuracy``. With distributed DP the vector is the noised update
 alone, and no training metrics are reported.
+
+:func:`secure_sum` runs both halves in this process over given updates, for
+tests and benchmarks of the protocol alone.
 
 :class:`Faults` draws, for each sampled client, whether it drops out and at
 which stage (``[faults] dropout = p``), so that a user can watch the
@@ -157,9 +161,10 @@ class SecureAggregation:
         Accept an explicit ``neighbours`` below the secure minimum
         (:func:`~fedshield.secagg.protocol.check_neighbours`).
     workers
-        Worker processes that run some clients' halves in a simulation
-        (None: one on two or more cores from 32 clients in a round, else
-        none; 0: all in the simulating process).
+        Kept for configurations written before the clients' halves moved to
+        the clients: it no longer changes anything. The halves run where
+        the backend runs the clients (``run.backend = "process"`` or
+        ``"ray"`` with ``run.workers`` spreads them over cores).
     """
 
     protocol: Literal["secagg", "secagg+"] = "secagg"
