@@ -239,6 +239,7 @@ def test_the_accounted_survivors_are_the_clients_in_the_sum(protocol, stage) -> 
     from fedshield.core import ClientUpdate, Params, ParamSpec
     from fedshield.privacy.distributed import DistributedDp
     from fedshield.simulation.secure import SecureAggregation, secure_sum
+    from fedshield.strategies.secure_inputs import SecureInput
 
     n = 8
     spec = ParamSpec((("w", (n,)),))
@@ -259,7 +260,9 @@ def test_the_accounted_survivors_are_the_clients_in_the_sum(protocol, stage) -> 
         max_examples=10,
         drop_at={} if stage == "fit" else gone,
         rng=np.random.default_rng(0),
-        distributed=DistributedDp(clip_norm=1.0, noise_multiplier=1e-3),
+        transform=SecureInput(
+            "distributed", 1.0, DistributedDp(clip_norm=1.0, noise_multiplier=1e-3)
+        ),
     )
     assert result.total is not None
     present = {f"c{i}" for i in range(n) if result.total[i] > 0.25}

@@ -28,6 +28,7 @@ from fedshield.privacy.accounting import DpEventSpec, PrivacyLedger, epsilon
 from fedshield.simulation.secure import SecureAggregation, secure_sum
 from fedshield.strategies import CountSampler, FedAvg
 from fedshield.strategies.dp import DpFedAvg, DpMean, PoissonSampler, PrivacySettings
+from fedshield.strategies.secure_inputs import SecureInput, secure_input
 
 DIM = 20
 CLIP = 1.0
@@ -114,7 +115,7 @@ def _release(
             max_examples=7,
             drop_at={},
             rng=np.random.default_rng(1),
-            clip_norm=rule.clip_norm,
+            transform=secure_input(rule),
         )
         assert result.total is not None
         aggregate = rule.release(
@@ -326,7 +327,7 @@ def test_distributed_release_sensitivity_is_the_events(
                 max_examples=7,
                 drop_at={},
                 rng=np.random.default_rng(2),
-                distributed=mechanism,
+                transform=SecureInput("distributed", mechanism.clip_norm, mechanism),
             )
             assert result.total is not None
             results.append(result)

@@ -661,9 +661,7 @@ def secure_sum(
     max_examples: int,
     drop_at: Mapping[ClientId, str],
     rng: np.random.Generator,
-    clip_norm: float | None = None,
-    norm_bound: float | None = None,
-    distributed: DistributedDp | None = None,
+    transform: SecureInput | None = None,
 ) -> SecureSumResult:
     """One secure aggregation of ``updates``, every party in this process.
 
@@ -673,20 +671,16 @@ def secure_sum(
     protocol's bytes are handed over here, stage by stage. A simulated or
     real round runs the same halves through its backend or transport.
     ``rng`` draws the clients' stochastic rounding (in client order) and the
-    server's public randomness; ``clip_norm`` (central DP), ``norm_bound``
-    and ``distributed`` say what the clients do to their updates (see
-    :class:`~fedshield.strategies.secure_inputs.SecureInput`).
+    server's public randomness; ``transform`` says what the clients do to
+    their updates (default: FedAvg's weighting; see
+    :func:`~fedshield.strategies.secure_inputs.secure_input`).
     """
     from fedshield.simulation.protocol import ClientSession, HoldUpdate
     from fedshield.simulation.secure_client import hold_update, run_secure_stage
 
-    if distributed is not None:
-        transform = SecureInput("distributed", distributed.clip_norm, distributed)
-    elif clip_norm is not None:
-        transform = SecureInput("clipped", clip_norm)
-    else:
-        transform = SecureInput("weighted", norm_bound or 0.0)
-    hold = HoldUpdate(malicious=settings.malicious, lenient=distributed is not None)
+    transform = transform or SecureInput()
+    lenient = transform.kind == "distributed"
+    hold = HoldUpdate(malicious=settings.malicious, lenient=lenient)
     sessions: dict[ClientId, ClientSession] = {}
     receipts: dict[ClientId, FitReceipt] = {}
     for cid in sorted(updates):
