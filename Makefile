@@ -77,5 +77,16 @@ bench-secagg: $(STAMP)
 	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python -c "import sys; sys.path.insert(0, 'bench/peers'); import run_peers; run_peers.ensure_flower_venv()"
 	.bench-peers/flower-venv/bin/python bench/secagg/flower_secaggplus.py
 
+# A real model: the Fashion-MNIST example's CNN round (auto, sequential and
+# vectorised backends) against the compute floor, one plain PyTorch loop over
+# the same clients and mini-batches in the same process, then Flower 1.42 on
+# the same task in .bench-peers/flower-venv (built on first use, as for
+# bench-peers). About 10 minutes; writes bench/cnn/RESULTS.md and
+# bench/cnn/results.json (`bench/cnn/floor.py --quick`: 2 minutes, no Flower).
+.PHONY: bench-cnn
+bench-cnn: $(STAMP)
+	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python -c "import sys; sys.path.insert(0, 'bench/peers'); import run_peers; run_peers.ensure_flower_venv()"
+	$(BIN)/python bench/cnn/floor.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

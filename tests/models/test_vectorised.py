@@ -288,6 +288,188 @@ def test_gathering_each_step_gives_what_gathering_once_gives(
     _assert_same(each, once, params, rtol=0.0, atol=0.0)
 
 
+# --- the hand-differentiated path for convolutional chains ------------------
+
+
+def _image(shape: tuple[int, ...], datasets: Datasets) -> Datasets:
+    return [(x.reshape(-1, *shape), y) for x, y in datasets]
+
+
+CONV_CHAINS: dict[str, tuple[tuple[int, ...], Callable[[], nn.Module]]] = {
+    # stride, dilation, no bias, uneven padding, a pool with its own stride,
+    # padding and ceil mode, other activations, more than one Linear
+    "strided-dilated": (
+        (1, 8, 8),
+        _chain(
+            nn.Conv2d(1, 6, 3, stride=2, padding=(1, 2), bias=False),
+            nn.Tanh(),
+            nn.Conv2d(6, 4, 2, dilation=2, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 5, 12),
+            nn.Sigmoid(),
+            nn.Linear(12, 10),
+        ),
+    ),
+    # four input channels, grouped convolution, a pool before the first conv
+    # and an activation in front of everything (no gradient below it)
+    "grouped-pool-first": (
+        (4, 4, 4),
+        _chain(
+            nn.Identity(),
+            nn.MaxPool2d(2, stride=1),
+            nn.Conv2d(4, 8, 2, groups=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 10),
+        ),
+    ),
+    # the built-in CNN's shape with 2 and 3 channels, ending at the Flatten's
+    # own Linear
+    "two-blocks": (
+        (1, 8, 8),
+        _chain(
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12, 10),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.2])
+@pytest.mark.parametrize("name", sorted(CONV_CHAINS))
+def test_conv_chains_match_sequential_training(
+    name: str, mu: float, datasets: Datasets
+) -> None:
+    from fedshield.models.vectorised import _conv_chain
+
+    shape, build = CONV_CHAINS[name]
+    model = TorchModel(build, input_shape=shape)
+    assert _conv_chain(model._get_bound().module) is not None  # the hand path
+    data = _image(shape, datasets)
+    params = model.init_params(8)
+    config = _config(mu)
+
+    got = train_many(model, params, data, config, rngs=_rngs(len(data)))
+
+    _assert_same(got, _sequential(model, params, data, config), params)
+    moved = [np.abs((new - params).flat).max() for new, _ in got]
+    assert min(moved) > 1e-3
+
+
+def test_plain_sgd_on_the_builtin_cnn_matches(datasets: Datasets) -> None:
+    # No momentum, decay or proximal term: the in-place update path.
+    model = _builtin("cnn")
+    params = model.init_params(4)
+    config = _config(0.0, momentum=0.0, weight_decay=0.0)
+
+    got = train_many(model, params, datasets, config, rngs=_rngs(len(datasets)))
+
+    _assert_same(got, _sequential(model, params, datasets, config), params)
+
+
+def test_conv_chain_detection() -> None:
+    from fedshield.models.vectorised import _conv_chain
+
+    cnn = build_module("cnn", input_shape=(1, 8, 8), num_classes=3)
+    found = _conv_chain(cnn)
+    assert found is not None
+    spatial, head = found
+    assert [kind for kind, _, _ in spatial] == ["conv", "act", "pool"] * 2
+    assert [kind for kind, _, _ in head] == ["flatten", "linear"]
+    assert _conv_chain(build_module("mlp", input_shape=(64,), num_classes=3)) is None
+
+    def conv_then(*layers: nn.Module) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 2, 3), *layers)
+
+    head_ok = (nn.Flatten(), nn.Linear(72, 3))
+    assert _conv_chain(conv_then(*head_ok)) is not None
+    refused = {
+        "no Flatten": conv_then(nn.ReLU()),
+        "pool only": nn.Sequential(nn.MaxPool2d(2), *head_ok),
+        "'same' padding": nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), *head_ok),
+        "reflect padding": nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), *head_ok
+        ),
+        "average pool": conv_then(nn.AvgPool2d(1), *head_ok),
+        "pool indices": conv_then(nn.MaxPool2d(1, return_indices=True), *head_ok),
+        "batch norm": conv_then(nn.BatchNorm2d(2, track_running_stats=False), *head_ok),
+        "partial Flatten": conv_then(nn.Flatten(2), nn.Linear(36, 3)),
+        "a layer after Flatten": conv_then(*head_ok, nn.Unflatten(1, (3, 1))),
+    }
+    for why, module in refused.items():
+        assert _conv_chain(module) is None, why
+    hooked = build_module("cnn", input_shape=(1, 8, 8), num_classes=3)
+    hooked[0].register_forward_hook(lambda *_: None)
+    assert _conv_chain(hooked) is None  # a hook may change the output
+
+    class Conv(nn.Conv2d):
+        pass
+
+    assert _conv_chain(nn.Sequential(Conv(1, 2, 3), *head_ok)) is None
+
+
+def test_conv_chain_and_vmap_steps_give_the_same_gradient() -> None:
+    from fedshield.models.vectorised import _chain_step, _conv_chain, _vmap_step
+
+    _, build = CONV_CHAINS["strided-dilated"]
+    module = build()
+    found = _conv_chain(module)
+    assert found is not None
+    spatial, head = found
+    gen = torch.Generator().manual_seed(0)
+    params = {
+        n: torch.randn((3, *p.shape), generator=gen) * 0.3
+        for n, p in module.named_parameters()
+    }
+    x = torch.randn((3, 5, 1, 8, 8), generator=gen)
+    y = torch.randint(0, 10, (3, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]).bool()
+
+    g1, out1, loss1 = _chain_step(head, spatial=spatial)(params, x, y, mask)
+    g2, out2, loss2 = _vmap_step(module, functional.cross_entropy)(params, x, y, mask)
+
+    torch.testing.assert_close(out1, out2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-6)
+    assert list(g1) == list(params)
+    for name in params:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6)
+        assert float(g1[name].abs().max()) > 0
+
+
+def test_regression_through_a_conv_chain_matches(datasets: Datasets) -> None:
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(48, 1),
+        )
+
+    model = TorchModel(build, input_shape=(1, 8, 8), task="regression")
+    data = [(x, y.astype(np.float32) / 9.0) for x, y in datasets]
+    params = model.init_params(2)
+    config = _config(0.0, lr=0.05)
+
+    got = train_many(model, params, data, config, rngs=_rngs(len(data)))
+
+    for (new, metrics), (ref, ref_metrics) in zip(
+        got, _sequential(model, params, data, config), strict=True
+    ):
+        assert_allclose(new.flat, ref.flat, **TOL)
+        assert metrics.keys() == ref_metrics.keys() == {"loss", "rmse", "mae"}
+        for key in metrics:
+            assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)
+
+
 class _PartlyFrozen(nn.Module):
     def __init__(self) -> None:
         super().__init__()
