@@ -304,6 +304,83 @@ class BackendContract:
             for key in got:
                 assert got[key] == pytest.approx(want[key], rel=rtol, abs=rtol), key
 
+    # -- secure rounds ---------------------------------------------------------
+
+    @pytest.mark.usefixtures("one_torch_thread")
+    @pytest.mark.parametrize(
+        ("protocol", "privacy"),
+        [
+            ("secagg", None),
+            ("secagg+", None),
+            ("secagg", "central"),
+            ("secagg+", "central"),
+            ("secagg", "malicious"),
+        ],
+    )
+    def test_secure_rounds_match_the_sequential_backend(
+        self, backend, protocol, privacy
+    ):
+        # The clients' halves (encoding, clipping, masking) run wherever the
+        # backend holds the clients; the result must not depend on where.
+        from fedshield.api import build_federation, build_strategy, parse_config
+        from fedshield.api.experiment import secure_settings
+
+        raw: dict[str, Any] = {
+            **TINY_DIGITS,
+            "data": {"dataset": "digits", "partition": "iid", "num_clients": 6},
+            "strategy": {"clients_per_round": 6, "min_clients": 4},
+            "secagg": {"protocol": protocol},
+        }
+        if protocol == "secagg+":
+            raw["secagg"] = {
+                "protocol": protocol,
+                "neighbours": 4,
+                "allow_insecure_neighbours": True,
+            }
+        if privacy == "central":
+            raw["privacy"] = {
+                "mode": "central",
+                "clip_norm": 1.0,
+                "noise_multiplier": 0.5,
+                "sampling": "fixed",
+                "accountant": "rdp",
+            }
+        if privacy == "malicious":
+            raw["secagg"] = {"protocol": protocol, "malicious": True}
+        config = parse_config(raw)
+        federation = build_federation(config)
+        strategy = build_strategy(config)
+        initial = strategy.init(federation.model.init_params(config.run.seed))
+
+        def run(runner: Backend) -> tuple[Params, list[dict[str, Any]]]:
+            records: list[dict[str, Any]] = []
+            state = run_rounds(
+                strategy,
+                initial,
+                rounds=config.run.rounds,
+                client_fn=federation.client_fn,
+                client_ids=federation.client_ids,
+                seed=config.run.seed,
+                backend=runner,
+                max_examples=federation.max_examples,
+                secure=secure_settings(config),
+                on_round=lambda _state, record: records.append(dict(record)),
+            )
+            return state.params, records
+
+        got_params, got_records = run(backend)
+        want_params, want_records = run(SequentialBackend())
+        if privacy != "central":  # a DP run writes only what its guarantee covers
+            assert all(r["secagg/aborted"] == 0.0 for r in want_records)
+            assert want_records[-1]["secagg/survivors"] == 6.0
+        assert len(want_records) == config.run.rounds
+        if self.real_model_rtol == 0.0:
+            assert_array_equal(got_params.flat, want_params.flat, strict=True)
+            assert without_times(got_records) == without_times(want_records)
+            return
+        rtol = self.real_model_rtol
+        assert_allclose(got_params.flat, want_params.flat, rtol=rtol, atol=rtol)
+
 
 class PoolBackendContract(BackendContract):
     """Cases of backends that run clients in a pool of workers.
