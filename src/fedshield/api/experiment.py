@@ -98,6 +98,10 @@ class DatasetClients:
         self.cache_bytes = int(cache_bytes)
         self.attack = attack
         self._malicious = frozenset(attack.malicious if attack else ())
+        self.trust: Any = None
+        """What every client checks the server against under secure
+        aggregation (a :class:`~fedshield.simulation.secure_client.
+        ClientTrust`); attached to each client built."""
         self._init_cache()
 
     def _init_cache(self) -> None:
@@ -142,6 +146,7 @@ class DatasetClients:
                 self._cache.move_to_end(client_id)
                 return hit[0]
         client = self._build(client_id)
+        client.trust = self.trust
         size = client.nbytes
         if client_id in self._malicious:
             client = self._corrupt(client)
@@ -156,16 +161,22 @@ class DatasetClients:
         return client
 
     def _corrupt(self, client: TorchClient) -> Any:
-        from fedshield.models.attacks import MaliciousClient
+        from fedshield.models.attacks import ATTACKS, MaliciousClient
 
         assert self.attack is not None
-        return MaliciousClient(
+        corrupt = MaliciousClient(
             client,
             self.attack.spec,
             num_classes=self.attack.num_classes,
             boost=self.attack.boost,
             max_examples=self.attack.max_examples,
         )
+        corrupt.trust = self.trust  # type: ignore[attr-defined]
+        # A simulated colluder shares its update with the coalition and
+        # sends the coalition's rewrite (ALIE, IPM).
+        colluding = ATTACKS.get(self.attack.spec.kind).collude is not None
+        corrupt.colluding = colluding  # type: ignore[attr-defined]
+        return corrupt
 
     def _build(self, client_id: ClientId) -> TorchClient:
         from fedshield.models import TorchClient

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -290,6 +290,7 @@ class _Run:
     run_dir: RunDirectory
     data_print: str
     client_states: Any = None
+    verify_keys: dict[str, bytes] | None = None
     final_state: ServerState | None = None
     status: str = "completed"
     error: str | None = None
@@ -506,7 +507,9 @@ def _execute(run: _Run, state: ServerState, on_round: RoundCallback | None) -> N
             client_ids=federation.client_ids,
             seed=config.run.seed,
             backend=backend,
-            options=round_options(config, federation),
+            options=replace(
+                round_options(config, federation), verify_keys=run.verify_keys
+            ),
             evaluate_fn=federation.evaluate,
             eval_every=config.run.eval_every,
             run_dir=run.run_dir,

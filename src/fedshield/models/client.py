@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,15 @@ class TorchClient:
     (2, ['accuracy', 'loss'])
     """
 
-    __slots__ = ("_model", "_x_test", "_x_train", "_y_test", "_y_train", "client_id")
+    __slots__ = (
+        "_model",
+        "_x_test",
+        "_x_train",
+        "_y_test",
+        "_y_train",
+        "client_id",
+        "trust",
+    )
 
     def __init__(
         self,
@@ -84,6 +93,9 @@ class TorchClient:
                 "together or not at all."
             )
         self.client_id = client_id
+        # What the client checks a secure round's server against (a
+        # simulation.secure_client.ClientTrust), attached by whoever runs it.
+        self.trust: Any = None
         self._model = model
         regression = getattr(model, "task", "classification") == "regression"
         self._x_train = _as_inputs(x_train)

@@ -55,6 +55,7 @@ __all__ = [
     "expand_mask",
     "export_private",
     "generate_keypair",
+    "derive_signing_key",
     "generate_signing_key",
     "import_private",
     "random_seed",
@@ -361,6 +362,23 @@ def add_mask(seed: bytes, total: np.ndarray, *, subtract: bool = False) -> np.nd
 def generate_signing_key() -> SigningKey:
     """A fresh Ed25519 signing key pair."""
     private = Ed25519PrivateKey.generate()
+    return SigningKey(
+        private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
+    )
+
+
+def derive_signing_key(secret: bytes, label: bytes) -> SigningKey:
+    """The Ed25519 key pair that ``secret`` issues to ``label``.
+
+    HKDF-SHA256 of ``secret`` with ``label`` as its ``info`` gives the
+    32-byte private seed: the same secret and label always give the same
+    key, and a party without the secret cannot compute it (a simulated
+    public-key directory issuing each client its long-term key).
+    """
+    if len(secret) < KEY_BYTES:
+        raise ValueError(f"the secret must hold at least {KEY_BYTES} bytes")
+    hkdf = HKDF(algorithm=_SHA256, length=KEY_BYTES, salt=None, info=label)
+    private = Ed25519PrivateKey.from_private_bytes(hkdf.derive(secret))
     return SigningKey(
         private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
     )

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedshield.core import Client, ClientId, EvalConfig, FitConfig, Params
+from fedshield.core import Client, ClientId, ClientUpdate, EvalConfig, FitConfig, Params
 from fedshield.errors import ProtocolError
 from fedshield.simulation.secure_client import (
     SECURE_STAGES,
@@ -76,11 +76,19 @@ class HoldUpdate:
         depends on the client's data).
     max_examples
         Largest ``num_examples`` the server accepts (None: unbounded).
+    count
+        The receipt carries the client's example count (FedAvg's weight);
+        otherwise 1 (central and distributed DP weigh every client 1).
+    share
+        Simulated colluding attackers only: the receipt also carries the
+        client's update, for the coalition to rewrite.
     """
 
     malicious: bool = False
     lenient: bool = False
     max_examples: int | None = None
+    count: bool = True
+    share: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +118,18 @@ class FitReceipt:
     verify_key
         Malicious mode: the public half of the client's signing key.
     rejected
-        Why the client's own check refused its update (empty: accepted); the
-        server records a rejected update, as it would have on receipt.
+        Why the client's own check refused its update (empty: accepted), as
+        a fixed phrase without values (the details stay in the client's
+        log); the server records a rejected update.
+    shared
+        Simulated colluders only (``HoldUpdate.share``): their update.
     """
 
     client_id: ClientId
     num_examples: int
     verify_key: bytes = b""
     rejected: str = ""
+    shared: ClientUpdate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +229,20 @@ class ClientSession:
         self.held: Any = None
         self.signing_key: Any = None
         self.secagg: Any = None
+
+    @property
+    def trust(self) -> Any:
+        """What the client knows for itself (a ``ClientTrust``), if anything.
+
+        Whoever runs the client attaches it to the client object as
+        ``trust``; the server never sends it.
+        """
+        return getattr(self.client, "trust", None)
+
+    @property
+    def colluding(self) -> bool:
+        """Whether the client is a simulated colluding attacker."""
+        return bool(getattr(self.client, "colluding", False))
 
 
 def fit_reply(session: ClientSession, message: FitIns, update: Any) -> Any:

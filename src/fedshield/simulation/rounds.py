@@ -179,6 +179,12 @@ class RoundOptions:
         other would send them.
     on_stage
         Observers called after every stage with a :class:`StageView`.
+    verify_keys
+        Malicious mode: the clients' verification keys from the key
+        directory (their certificates' keys, over a network); None takes
+        each round's keys from the clients' receipts, which the clients
+        then cannot check (no protection against a server enrolling
+        identities of its own).
     on_failed_round
         ``"stop"`` (the default): a round with too few clients ends the run
         (:class:`~fedshield.errors.RoundFailedError`); ``"continue"``: it is
@@ -195,6 +201,7 @@ class RoundOptions:
     collude: CollusionFn | None = None
     on_stage: tuple[StageObserver, ...] = ()
     on_failed_round: Literal["stop", "continue"] = "stop"
+    verify_keys: Mapping[str, bytes] | None = None
 
     @property
     def colluding(self) -> frozenset[str]:
@@ -296,7 +303,9 @@ class FitRound:
             own = config
             if self._client_states is not None and self._plan.is_stateful:
                 own = replace(config, state=self._client_states(cid))
-            return FitIns(params, own, None if cid in self._colluders else hold)
+            if hold is not None and cid in self._colluders:
+                return FitIns(params, own, replace(hold, share=True))
+            return FitIns(params, own, hold)
 
         shared = None if self._plan.is_stateful or self._colluders else message("")
         return StageRequest(
@@ -314,10 +323,12 @@ class FitRound:
         secure = self._options.secure
         if secure is None:
             return None
+        kind = secure_input(self._rule).kind
         return HoldUpdate(
             malicious=secure.malicious,
-            lenient=secure_input(self._rule).kind == "distributed",
+            lenient=kind == "distributed",
             max_examples=self._options.max_examples,
+            count=kind == "weighted",
         )
 
     def receive(self, replies: Iterable[StageReply]) -> StageRequest | RoundResult:
@@ -364,7 +375,7 @@ class FitRound:
         if isinstance(reply.value, FitReceipt):
             self._take_receipt(fit, reply.client_id, reply.value)
             return
-        if self._options.secure is not None and reply.client_id not in self._colluders:
+        if self._options.secure is not None:
             raise InvalidUpdateError(
                 f"client {reply.client_id!r} sent its update in the clear to a "
                 "secure round (it should have kept it); refused unread"
@@ -411,16 +422,23 @@ class FitRound:
             raise InvalidUpdateError(
                 f"update from client {cid!r} rejected: {receipt.rejected}"
             )
+        n = receipt.num_examples
         limit = self._options.max_examples
-        if receipt.num_examples < 1 or (
-            limit is not None and receipt.num_examples > limit
-        ):
+        if type(n) is not int or n < 1 or (limit is not None and n > limit):
             raise InvalidUpdateError(
-                f"client {cid!r} declared {receipt.num_examples} examples; "
-                f"expected 1..{limit if limit is not None else 'any'}"
+                f"client {cid!r} declared an example count that is not an "
+                f"integer in 1..{limit if limit is not None else 'any'}"
             )
-        fit.receipts[cid] = receipt
-        fit.rows.append((float(receipt.num_examples), {}))
+        if cid in self._colluders:
+            shared = receipt.shared
+            if shared is None:
+                raise InvalidUpdateError(f"colluder {cid!r} shared no update")
+            update = validate_update(
+                shared, self._state.params.spec, max_examples=limit
+            )
+            fit.colluding.append((update, self._strategy.weight(update)))
+        fit.receipts[cid] = replace(receipt, shared=None)
+        fit.rows.append((float(n), {}))
 
     def _rewrite_colluders(self, fit: _FitOutcome) -> dict[str, ClientUpdate]:
         """The colluders' rewritten updates (aggregated now, or held for SecAgg)."""
@@ -429,14 +447,11 @@ class FitRound:
             return {}
         rewritten = collude([u for u, _ in fit.colluding], len(fit.rows))
         held: dict[str, ClientUpdate] = {}
-        for update, (benign, weight) in zip(rewritten, fit.colluding, strict=True):
+        for update, (_, weight) in zip(rewritten, fit.colluding, strict=True):
             if fit.accumulator is not None:
                 fit.accumulator.add(update, weight)
             else:  # the colluder sends the rewrite through the protocol
                 held[update.client_id] = update
-                fit.receipts[update.client_id] = FitReceipt(
-                    update.client_id, benign.num_examples
-                )
         return held
 
     def _enough(self, fit: _FitOutcome) -> bool:
@@ -487,6 +502,7 @@ class FitRound:
             rng=self._rng,
             timeout_s=self._options.timeout_s,
             replacements=replacements,
+            verify_keys=self._options.verify_keys,
         )
         return self._secure_step(self._secure_round.start())
 
@@ -520,7 +536,7 @@ class FitRound:
                         cid, stage, FailureKind.DROPPED, f"dropped out at stage {stage}"
                     )
                 )
-        rule = self._plan.aggregator
+        rule = self._rule
         if isinstance(rule, ClippedSumRelease) and result.total is not None:
             return rule.release(
                 result.total,

@@ -333,6 +333,9 @@ class SecureSumRound:
         Each stage's deadline.
     replacements
         Simulated colluders: the update each one sends instead of its own.
+    verify_keys
+        Malicious mode: the clients' keys from the key directory (None:
+        from their receipts).
     """
 
     def __init__(
@@ -348,6 +351,7 @@ class SecureSumRound:
         rng: np.random.Generator,
         timeout_s: float | None = None,
         replacements: Mapping[ClientId, ClientUpdate] | None = None,
+        verify_keys: Mapping[ClientId, bytes] | None = None,
     ) -> None:
         self._settings = settings
         self._spec = spec
@@ -359,6 +363,7 @@ class SecureSumRound:
         self._rng = rng
         self._timeout_s = timeout_s
         self._replacements = dict(replacements or {})
+        self._verify_keys = verify_keys
         self._clients = sorted(self._receipts)
         self._metrics: dict[str, float] = {"secagg/clients": float(len(self._clients))}
         self._dropped: dict[ClientId, str] = {}
@@ -385,11 +390,17 @@ class SecureSumRound:
             return self._abort(str(err))
         from fedshield.secagg.protocol import SecAggServer
 
-        table = (
-            {cid: self._receipts[cid].verify_key for cid in self._clients}
-            if config.malicious
-            else None
-        )
+        table: dict[ClientId, bytes] | None = None
+        if config.malicious:
+            known = self._verify_keys
+            if known is None:  # the clients' word, in their receipts
+                known = {cid: self._receipts[cid].verify_key for cid in self._clients}
+            unknown = [cid for cid in self._clients if cid not in known]
+            if unknown:
+                return self._abort(
+                    f"no verification key for {unknown[:3]} in the key directory"
+                )
+            table = {cid: known[cid] for cid in self._clients}
         self._plan = plan
         self._server = SecAggServer(
             config, self._round_idx, self._clients, verify_keys=table

@@ -21,9 +21,10 @@ weighted likewise, each extra word scaled into the range by a public bound.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,18 +37,24 @@ if TYPE_CHECKING:
     from fedshield.privacy.distributed import DdgParameters
     from fedshield.secagg.protocol import SecAggConfig
     from fedshield.simulation.protocol import ClientSession, FitReceipt, HoldUpdate
+    from fedshield.strategies.secure_inputs import SecureInput
 
 __all__ = [
     "EXTRA_WORDS",
+    "REJECTED_OWN_CHECK",
     "LOSS_BOUND",
     "SECURE_STAGES",
+    "ClientTrust",
     "InputPlan",
+    "KeyDirectory",
     "SecureSetup",
     "SecureStageIns",
     "encode_input",
     "hold_update",
     "run_secure_stage",
 ]
+
+logger = logging.getLogger(__name__)
 
 SECURE_STAGES = (
     "advertise_keys",
@@ -157,13 +164,108 @@ class SecureStageIns:
     setup: SecureSetup | None = None
 
 
+class KeyDirectory:
+    """The simulation's public-key directory: each client's long-term key.
+
+    It stands for the certificates of a deployment: each enrolled client's
+    Ed25519 signing key is issued from ``secret``
+    (:func:`~fedshield.secagg.crypto.derive_signing_key`), and every client
+    checks the server's table of verification keys against it, so a server
+    can neither substitute a client's key nor enrol identities of its own.
+    It lives with the clients (attached to them by whoever runs them), never
+    with the server's code, which gets :meth:`public_table` only. All
+    simulated clients share the directory, so it defends against the
+    server, not against clients impersonating each other.
+    """
+
+    __slots__ = ("_clients", "_keys", "_secret")
+
+    def __init__(self, clients: Iterable[str], secret: bytes | None = None) -> None:
+        self._clients = frozenset(clients)
+        self._secret = secret if secret is not None else os.urandom(32)
+        self._keys: dict[str, Any] = {}
+
+    def __getstate__(self) -> tuple[frozenset[str], bytes]:
+        return self._clients, self._secret
+
+    def __setstate__(self, state: tuple[frozenset[str], bytes]) -> None:
+        self._clients, self._secret = state
+        self._keys = {}
+
+    def signing_key(self, client_id: str) -> Any:
+        """The client's own signing key (its session asks for it)."""
+        if client_id not in self._clients:
+            raise ProtocolError(f"{client_id!r} is not enrolled in the key directory")
+        key = self._keys.get(client_id)
+        if key is None:
+            from fedshield.secagg import crypto
+
+            key = crypto.derive_signing_key(self._secret, client_id.encode("utf-8"))
+            self._keys[client_id] = key
+        return key
+
+    def public_table(self, clients: Iterable[str]) -> dict[str, bytes]:
+        """The verification keys of ``clients`` (public)."""
+        return {cid: self.signing_key(cid).public for cid in clients}
+
+    def check_table(self, table: Mapping[str, bytes]) -> None:
+        """Refuse a key table that is not the directory's.
+
+        Raises
+        ------
+        ProtocolError
+            If the table names a client that is not enrolled, or gives any
+            client a key other than its own.
+        """
+        for cid, key in table.items():
+            if cid not in self._clients:
+                raise ProtocolError(
+                    f"the server's key table names {cid!r}, which is not enrolled"
+                )
+            if key != self.signing_key(cid).public:
+                raise ProtocolError(
+                    f"the server's key table gives {cid!r} a key that is not its own"
+                )
+
+
+@dataclass(frozen=True)
+class ClientTrust:
+    """What a client knows for itself and checks the server's word against.
+
+    Attached to the client by whoever runs it (the simulation, later a
+    site's own configuration), never sent by the server.
+
+    Parameters
+    ----------
+    keys
+        The key directory (malicious mode): the client signs with its own
+        long-term key and refuses a key table that is not the directory's.
+    transform
+        What the client itself expects to do to its update. The client
+        refuses a plan of another kind and, under distributed DP, a plan
+        whose noise or randomness differs from what its own mechanism
+        gives for the announced round.
+    """
+
+    keys: KeyDirectory | None = None
+    transform: SecureInput | None = None
+
+
+REJECTED_OWN_CHECK = (
+    "the update failed the client's own check (shape, finite values, example "
+    "count or metrics); the details are in the client's log"
+)
+"""What a receipt says of a refused update: no values leave the client."""
+
+
 def hold_update(
     session: ClientSession, update: object, hold: HoldUpdate, spec: Any
 ) -> FitReceipt:
     """Keep the client's update for the protocol; the receipt the server gets.
 
     The client checks its own update as the server would have on receipt;
-    a refused update is dropped and the receipt says why.
+    a refused update is dropped, logged here, and the receipt says only
+    that it was refused.
     """
     from fedshield.simulation.protocol import FitReceipt
 
@@ -185,18 +287,22 @@ def hold_update(
                 "state cannot be sent"
             )
     except InvalidUpdateError as err:
-        num = getattr(update, "num_examples", 0)
-        return FitReceipt(
-            client_id, int(num) if isinstance(num, int) else 0, b"", str(err)
-        )
+        logger.warning("client %s: its update is not sent: %s", client_id, err)
+        return FitReceipt(client_id, 1, b"", REJECTED_OWN_CHECK)
     session.held = checked
     verify_key = b""
     if hold.malicious:
-        from fedshield.secagg import crypto
+        keys = session.trust.keys if session.trust is not None else None
+        if keys is not None:  # its long-term key, issued by the directory
+            session.signing_key = keys.signing_key(client_id)
+        else:  # no directory: a key for the round, announced in the receipt
+            from fedshield.secagg import crypto
 
-        session.signing_key = crypto.generate_signing_key()
-        verify_key = session.signing_key.public
-    return FitReceipt(client_id, checked.num_examples, verify_key)
+            session.signing_key = crypto.generate_signing_key()
+            verify_key = session.signing_key.public
+    count = checked.num_examples if hold.count else 1
+    shared = checked if hold.share and session.colluding else None
+    return FitReceipt(client_id, count, verify_key, "", shared)
 
 
 def _lenient(update: ClientUpdate, spec: Any) -> ClientUpdate:
@@ -225,6 +331,7 @@ def run_secure_stage(
                 "secure aggregation's first stage reached a client that holds "
                 "no update (it did not train in this round)"
             )
+        _check_setup(session, setup)
         if setup.replacement is not None:  # a simulated colluder
             held = replace(held, delta=setup.replacement)
         half = SecAggClient(
@@ -248,6 +355,55 @@ def run_secure_stage(
         )
     reply: bytes = half.handle(message.request)
     return reply
+
+
+def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
+    """Refuse a round's setup that the client's own knowledge contradicts.
+
+    Raises
+    ------
+    ProtocolError
+        If the setup replaces the update of a client that is not a simulated
+        colluder, names keys the directory did not issue, or asks for a kind
+        of input, or distributed-DP noise, other than the client's own.
+    """
+    if setup.replacement is not None and not session.colluding:
+        raise ProtocolError(
+            "the server sent an update to send in place of this client's own; "
+            "an honest client sends only what it trained"
+        )
+    trust = session.trust
+    if trust is None:
+        return
+    if setup.config.malicious and trust.keys is not None:
+        trust.keys.check_table(setup.verify_keys)
+    expected = trust.transform
+    plan = setup.plan
+    if expected is None:
+        return
+    if plan.kind != expected.kind:
+        raise ProtocolError(
+            f"the server asks for a {plan.kind!r} input; this client's "
+            f"configuration says {expected.kind!r}"
+        )
+    if expected.distributed is not None:
+        own = expected.distributed
+        ddp = plan.ddp
+        if ddp is None or ddp.threshold != setup.config.threshold:
+            raise ProtocolError("the server's distributed-DP plan is incomplete")
+        mine = own.parameters(
+            dimension=plan.size, num_clients=ddp.num_clients, threshold=ddp.threshold
+        )
+        if (
+            ddp != mine
+            or plan.bound != own.clip_norm
+            or plan.secure_rng != own.secure_rng
+        ):
+            raise ProtocolError(
+                "the server's distributed-DP plan differs from this client's own "
+                f"mechanism (noise std {ddp.noise_std:g}, expected "
+                f"{mine.noise_std:g}); refused"
+            )
 
 
 def encode_input(
@@ -283,7 +439,17 @@ def encode_input(
         norm = float(np.linalg.norm(delta))
         # The word carries the centred indicator 1[‖Δ‖ ≤ C] − ½.
         weight = (1.0 if norm <= plan.bound else 0.0) - 0.5
-        values[:size] = delta * min(1.0, plan.bound / max(norm, 1e-300))
+        # Stochastic rounding moves each value by less than one step, so the
+        # encoded update's norm can exceed the clip norm by √d steps: clip
+        # that much lower, so that what is summed has norm ≤ C, the
+        # sensitivity the accountant assumes.
+        bound = plan.bound - math.sqrt(size) / enc.scale
+        if bound <= 0:
+            raise ProtocolError(
+                "the encoding is too coarse for the clip norm: raise [secagg] "
+                "precision_bits"
+            )
+        values[:size] = delta * min(1.0, bound / max(norm, 1e-300))
         metric_weight = 1.0
     r = enc.clip
     values[size] = weight * r
