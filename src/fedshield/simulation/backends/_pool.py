@@ -6,10 +6,20 @@ on it: the worker-side helpers, the routing of clients to workers within a
 round, in-order buffering of replies, the bookkeeping of rounds, stages and
 clients whose state was lost, and the failures handed out when a worker dies
 or hangs. See :mod:`fedshield.simulation.backends.process` for the design.
+
+What crosses between the parent and a worker
+--------------------------------------------
+Stage messages and replies cross as :mod:`fedshield.simulation.wire` bytes
+(:func:`_encode_reply` on the worker, :func:`_read_reply` here), never as
+pickles: a reply is a client's data, and unpickling it would run whatever
+code it names. The one pickle is ``client_fn``, the server's own code, sent
+from the parent to each worker (:func:`_load_client_fn`): it never travels
+the other way.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -17,7 +27,8 @@ from types import TracebackType
 from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from fedshield.core import Client, ClientId
-from fedshield.errors import ConfigError
+from fedshield.errors import ConfigError, ProtocolError
+from fedshield.simulation import wire
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.protocol import (
     ClientFailure,
@@ -25,6 +36,8 @@ from fedshield.simulation.protocol import (
     StageReply,
     StageRequest,
 )
+
+logger = logging.getLogger("fedshield.simulation.backends")
 
 # ---------------------------------------------------------------------------
 # Worker side
@@ -60,24 +73,52 @@ def _failing_client_fn(message: str) -> ClientFn:
 
 
 def _load_client_fn(payload: bytes, where: str) -> tuple[ClientFn, str | None]:
-    """Unpickle ``client_fn``; a stand-in that fails every client if it cannot."""
+    """Unpickle ``client_fn``; a stand-in that fails every client if it cannot.
+
+    The only pickle a worker reads, and it comes from the server (the
+    server's own code, never a client's data); replies go back as wire
+    bytes.
+    """
     try:
-        client_fn: ClientFn = pickle.loads(payload)
+        client_fn: ClientFn = pickle.loads(payload)  # the server's code, see above
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         return _failing_client_fn(f"{where} could not load client_fn: {error}"), error
     return client_fn, None
 
 
-def _unsent_reply(
-    reply: StageReply, stage: str, where: str, err: Exception
-) -> StageReply:
-    """The failure sent instead of a reply that could not be pickled."""
-    return _failure(
-        reply.client_id,
-        stage,
-        FailureKind.ERROR,
-        f"the reply could not be sent from {where}: {type(err).__name__}: {err}",
+def _encode_reply(reply: StageReply, stage: str, where: str) -> bytes:
+    """``reply`` as wire bytes; its client's failure if the wire cannot carry it."""
+    try:
+        return wire.encode_reply(reply)
+    except Exception as err:  # a value the wire cannot carry fails its client only
+        logger.warning(
+            "client %s: its reply to stage %r cannot be sent from %s: %s",
+            reply.client_id,
+            stage,
+            where,
+            err,
+        )
+        return wire.encode_reply(
+            _failure(
+                reply.client_id,
+                stage,
+                FailureKind.ERROR,
+                f"the reply could not be sent from {where}: "
+                f"{type(err).__name__}: {err}",
+            )
+        )
+
+
+def _stage_failure(client_id: ClientId, stage: str, where: str, why: str) -> bytes:
+    """A client's failure when its worker could not read the stage's messages."""
+    return wire.encode_reply(
+        _failure(
+            client_id,
+            stage,
+            FailureKind.ERROR,
+            f"{where} could not read the stage's messages: {why}",
+        )
     )
 
 
@@ -112,14 +153,94 @@ def _failure(
     return StageReply(client_id, failure=ClientFailure(client_id, stage, kind, message))
 
 
-def _share(request: StageRequest, client_ids: list[ClientId]) -> StageRequest:
-    """``request`` restricted to ``client_ids`` (one worker's share)."""
-    return StageRequest(
-        request.stage,
-        request.round_idx,
-        {client_id: request.messages[client_id] for client_id in client_ids},
-        request.timeout_s,
-    )
+def _encode_shares(
+    request: StageRequest, groups: dict[int, list[ClientId]], seed: int, where: str
+) -> tuple[dict[int, bytes], list[StageReply]]:
+    """Each worker's share of ``request`` as wire bytes, and clients left out.
+
+    A message the wire cannot carry (a server-side bug: a message type it
+    does not know) fails its client with kind ``error``, as the sequential
+    backend fails a client given a message it cannot run; the client is
+    taken out of ``groups``.
+    """
+    shares: dict[int, bytes] = {}
+    failed: list[StageReply] = []
+    for index, client_ids in list(groups.items()):
+        try:
+            shares[index] = wire.encode_request(request, client_ids, seed)
+            continue
+        except ProtocolError:
+            pass
+        kept = []
+        for client_id in client_ids:
+            try:
+                wire.encode_request(request, [client_id], seed)
+            except ProtocolError as err:
+                logger.error(
+                    "client %s: the message of stage %r cannot be sent to %s: %s",
+                    client_id,
+                    request.stage,
+                    where,
+                    err,
+                )
+                failed.append(
+                    _failure(
+                        client_id,
+                        request.stage,
+                        FailureKind.ERROR,
+                        f"the stage's message could not be sent to {where}: {err}",
+                    )
+                )
+            else:
+                kept.append(client_id)
+        if kept:
+            groups[index] = kept
+            shares[index] = wire.encode_request(request, kept, seed)
+        else:
+            del groups[index]
+    return shares, failed
+
+
+def _read_reply(
+    data: object, client_id: ClientId, stage: str, where: str, max_bytes: int
+) -> StageReply:
+    """The reply ``client_id``'s worker sent; a ``rejected`` failure if malformed.
+
+    Nothing in ``data`` is run: it is read as wire bytes, and a reply that
+    is not exactly one (truncated, oversized, another client's, not bytes)
+    fails that client alone, and the round goes on.
+    """
+    try:
+        return wire.decode_reply(
+            data,  # type: ignore[arg-type]  # checked by decode_reply
+            max_bytes=max_bytes,
+            expect_client=client_id,
+        )
+    except ProtocolError as err:
+        logger.warning(
+            "client %s: its reply to stage %r from %s was refused: %s",
+            client_id,
+            stage,
+            where,
+            err,
+        )
+        return _failure(
+            client_id,
+            stage,
+            FailureKind.REJECTED,
+            f"its reply from {where} was refused: {err}",
+        )
+
+
+def _check_reply_limit(max_reply_bytes: int) -> None:
+    if (
+        isinstance(max_reply_bytes, bool)
+        or not isinstance(max_reply_bytes, int)
+        or max_reply_bytes < 1
+    ):
+        raise ConfigError(
+            f"`max_reply_bytes` must be an int >= 1; got {max_reply_bytes!r}"
+        )
 
 
 def _in_order(

@@ -42,6 +42,30 @@ Failures
     Clients whose objects lived in a worker that died keep no state: in later
     stages of that round they get a failure of kind ``error`` rather than a
     silently rebuilt client.
+Serialisation
+    The pipe carries byte frames only. A worker's share of a stage and each
+    client's reply are :mod:`fedshield.simulation.wire` messages, read
+    strictly: a reply that is not exactly one (truncated, over
+    ``max_reply_bytes``, another client's) is a failure of kind
+    ``rejected`` for that client and the round goes on; a reply the wire
+    cannot carry (a metric that is not a number) fails its client in the
+    worker. Nothing a worker sends is unpickled. The one pickle is
+    ``client_fn``, the server's own code, sent to each worker once (not
+    one per client): it travels from the parent to the workers only.
+
+    ==========================  ===============================================
+    frame (first byte)          content
+    ==========================  ===============================================
+    ``I`` parent → worker       generation (8 bytes); then one frame:
+                                ``client_fn`` pickled
+    ``S`` parent → worker       stage sequence number (8 bytes), the share
+                                (:func:`~fedshield.simulation.wire.encode_request`)
+    ``E``, ``X`` parent →       end the round; stop
+    ``R`` worker → parent       :func:`~fedshield.simulation.wire.encode_ready`
+    ``P`` worker → parent       sequence number, one client's reply
+                                (:func:`~fedshield.simulation.wire.encode_reply`)
+    ``U`` worker → parent       sequence number, why the share was unreadable
+    ==========================  ===============================================
 """
 
 from __future__ import annotations
@@ -50,6 +74,7 @@ import contextlib
 import logging
 import os
 import pickle
+import platform
 import signal
 import sys
 import time
@@ -63,18 +88,21 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
 from fedshield.core import ClientId
-from fedshield.errors import ConfigError
+from fedshield.errors import ConfigError, ProtocolError
+from fedshield.simulation import wire
 from fedshield.simulation.backends._pool import (
     _check_deadlines,
+    _check_reply_limit,
     _check_workers,
+    _encode_reply,
+    _encode_shares,
     _failing_client_fn,
     _failure,
     _load_client_fn,
     _pin_torch_threads,
     _pinning,
     _PoolBackend,
-    _share,
-    _unsent_reply,
+    _read_reply,
 )
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
@@ -94,51 +122,69 @@ MpContext = Literal["spawn", "forkserver"]
 _STOP_WAIT_S = 2.0
 """How long a worker asked to stop may take before it is killed."""
 
+# Frame kinds (see the module docstring).
+_INIT = b"I"
+_STAGE = b"S"
+_END_ROUND = b"E"
+_STOP = b"X"
+_READY = b"R"
+_REPLY = b"P"
+_UNREADABLE = b"U"
+_WHERE = "the worker process"
+
+
+def _number(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
 
 # ---------------------------------------------------------------------------
 # Worker side
 # ---------------------------------------------------------------------------
 
 
-def _send_reply(conn: Connection, seq: int, stage: str, reply: StageReply) -> None:
-    try:
-        data = pickle.dumps(("reply", seq, reply), protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as err:  # an unpicklable reply fails its client only
-        failure = _unsent_reply(reply, stage, "the worker process", err)
-        data = pickle.dumps(("reply", seq, failure), protocol=pickle.HIGHEST_PROTOCOL)
-    conn.send_bytes(data)
-
-
 def _worker_main(conn: Connection, torch_threads: int) -> None:
-    """Serve ``init``, ``stage``, ``end_round`` and ``stop`` messages."""
+    """Serve the parent's frames (see the module docstring) until told to stop."""
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     client_fn: ClientFn = _failing_client_fn("no client_fn was sent to the worker")
     cache: dict[ClientId, ClientSession] = {}
     while True:
         try:
-            message = conn.recv()
+            frame = conn.recv_bytes()
         except (EOFError, OSError):  # the parent has gone
             return
-        kind = message[0]
-        if kind == "init":
-            payload = conn.recv_bytes()
-            client_fn, error = _load_client_fn(payload, "the worker process")
+        kind = frame[:1]
+        if kind == _INIT:
+            generation = int.from_bytes(frame[1:9], "big")
+            try:
+                payload = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            client_fn, error = _load_client_fn(payload, _WHERE)
             del payload
             _pin_torch_threads(torch_threads)
-            conn.send(("ready", message[1], error))
-        elif kind == "stage":
-            _, seq, request, seed = message
+            ready = wire.WorkerReady(generation, os.getpid(), platform.node(), error)
+            conn.send_bytes(_READY + wire.encode_ready(ready))
+        elif kind == _STAGE:
+            seq = frame[1:9]
+            try:
+                request, seed = wire.decode_request(memoryview(frame)[9:])
+            except ProtocolError as err:
+                conn.send_bytes(_UNREADABLE + seq + str(err).encode("utf-8", "replace"))
+                continue
+            del frame
             build = _pinning(client_fn, torch_threads)
             for client_id in request.messages:
                 _pin_torch_threads(torch_threads)
                 reply = run_client_stage(
                     build, client_id, request, seed=seed, cache=cache
                 )
-                _send_reply(conn, seq, request.stage, reply)
-        elif kind == "end_round":
+                data = _encode_reply(reply, request.stage, _WHERE)
+                del reply
+                conn.send_bytes(_REPLY + seq + data)
+        elif kind == _END_ROUND:
             cache.clear()
-        elif kind == "stop":
+        elif kind == _STOP:
             # Skip the interpreter's teardown: with torch loaded it takes
             # 0.5-2 s per worker, and a worker holds nothing that needs it
             # (as a forked multiprocessing child, it ends with os._exit).
@@ -238,6 +284,9 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
         its worker is stopped as hung.
     start_timeout_s
         Seconds a new worker may take to start and load ``client_fn``.
+    max_reply_bytes
+        Largest reply read from a worker; a larger one is refused (a
+        failure of kind ``rejected`` for its client).
 
     Raises
     ------
@@ -261,6 +310,7 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
         ordered: bool = True,
         grace_s: float = 5.0,
         start_timeout_s: float = 300.0,
+        max_reply_bytes: int = wire.DEFAULT_MAX_BYTES,
     ) -> None:
         if num_workers is None:
             num_workers = _default_num_workers()
@@ -277,12 +327,14 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
                 )
             )
         _check_deadlines(grace_s, start_timeout_s)
+        _check_reply_limit(max_reply_bytes)
         self.num_workers = num_workers
         self.torch_threads = torch_threads
         self.mp_context = mp_context
         self.ordered = ordered
         self.grace_s = float(grace_s)
         self.start_timeout_s = float(start_timeout_s)
+        self.max_reply_bytes = max_reply_bytes
         # Typed loosely: typeshed gives a method chosen at run time the
         # BaseContext type, which lacks the Process and Pipe factories.
         try:
@@ -316,8 +368,9 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
         if self._closed:
             raise RuntimeError("this ProcessPoolBackend is closed")
         seq, order, early, groups = self._open_stage(request, client_fn)
-        self._dispatch(request, seed, seq, groups)
-        return self._arrange(order, self._collect(request, seed, seq, early))
+        shares, unsent = _encode_shares(request, groups, seed, _WHERE)
+        self._dispatch(seq, groups, shares)
+        return self._arrange(order, self._collect(request, seed, seq, early + unsent))
 
     def __repr__(self) -> str:
         return (
@@ -371,10 +424,9 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
 
     def _dispatch(
         self,
-        request: StageRequest,
-        seed: int,
         seq: int,
         groups: Mapping[int, list[ClientId]],
+        shares: Mapping[int, bytes],
     ) -> None:
         """Start and initialise the workers ``groups`` needs, then send work."""
         started = []
@@ -389,7 +441,7 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
         for worker in started:
             if worker.generation != self._generation:
                 self._send_init(worker, self._payload())
-            self._send_stage(worker, request, seed, seq, groups[worker.index])
+            self._send_stage(worker, seq, groups[worker.index], shares[worker.index])
         # Workers keep their copy; the parent need not hold a second one.
         self._payload_bytes = None
 
@@ -397,24 +449,18 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
         worker.generation = self._generation
         worker.is_ready = False
         worker.started_at = time.monotonic()
-        if _post(worker.conn, ("init", self._generation)):
+        if _post(worker.conn, _INIT + _number(self._generation)):
             _post(worker.conn, payload)
 
     def _send_stage(
-        self,
-        worker: _Worker,
-        request: StageRequest,
-        seed: int,
-        seq: int,
-        client_ids: list[ClientId],
+        self, worker: _Worker, seq: int, client_ids: list[ClientId], share: bytes
     ) -> None:
-        batch = _share(request, client_ids)
         worker.pending = deque(client_ids)
         worker.clock = time.monotonic()
-        _post(worker.conn, ("stage", seq, batch, seed))
+        _post(worker.conn, _STAGE + _number(seq) + share)
 
     def _end_round_on(self, slot: _Worker) -> None:
-        _post(slot.conn, ("end_round",))
+        _post(slot.conn, _END_ROUND)
 
     def _take_pending(self, slot: _Worker) -> Iterator[ClientId]:
         # One at a time, as they are asked for.
@@ -468,40 +514,45 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
             try:
                 if not worker.conn.poll():
                     return
-                data = worker.conn.recv_bytes()
+                frame = worker.conn.recv_bytes()
             except (EOFError, OSError):
                 return  # the worker died; its sentinel tells
-            try:
-                message = pickle.loads(data)
-            except Exception as err:  # a reply this process cannot rebuild
-                client_id = worker.pending.popleft()  # replies come in order
-                worker.built.add(client_id)
-                worker.clock = time.monotonic()
-                yield _failure(
-                    client_id,
-                    request.stage,
-                    FailureKind.ERROR,
-                    f"its reply could not be read: {type(err).__name__}: {err}",
-                )
+            kind = frame[:1]
+            if kind == _READY:
+                self._on_ready(worker, frame)
                 continue
-            if message[0] == "ready":
-                if message[1] == worker.generation:
-                    worker.is_ready = True
-                    worker.clock = time.monotonic()
-                    if message[2] is not None:
-                        logger.warning(
-                            "worker %d could not load client_fn: %s",
-                            worker.index,
-                            message[2],
-                        )
-                continue
-            _, reply_seq, reply = message
-            if reply_seq != seq or reply.client_id != worker.pending[0]:
-                continue  # a stale reply from an abandoned stage
-            worker.pending.popleft()
-            worker.built.add(reply.client_id)
+            if kind in (_REPLY, _UNREADABLE) and len(frame) >= 9:
+                if int.from_bytes(frame[1:9], "big") != seq:
+                    continue  # a stale frame from an abandoned stage
+                if kind == _UNREADABLE:
+                    why = frame[9:].decode("utf-8", "replace")
+                    message = f"the worker process could not read the stage: {why}"
+                    yield from self._fail_all(worker, request.stage, message)
+                    return
+                data: object = memoryview(frame)[9:]
+            else:
+                data = frame  # not a frame: refused as the next client's reply
+            client_id = worker.pending.popleft()  # replies come in order
+            worker.built.add(client_id)
             worker.clock = time.monotonic()
-            yield reply
+            yield _read_reply(
+                data, client_id, request.stage, _WHERE, self.max_reply_bytes
+            )
+
+    def _on_ready(self, worker: _Worker, frame: bytes) -> None:
+        try:
+            ready = wire.decode_ready(memoryview(frame)[1:])
+        except ProtocolError as err:
+            logger.warning("worker %d sent a malformed greeting: %s", worker.index, err)
+            ready = wire.WorkerReady(worker.generation or 0, 0, "?", None)
+        if ready.generation != worker.generation:
+            return
+        worker.is_ready = True
+        worker.clock = time.monotonic()
+        if ready.error is not None:
+            logger.warning(
+                "worker %d could not load client_fn: %s", worker.index, ready.error
+            )
 
     def _on_death(
         self, worker: _Worker, request: StageRequest, seed: int, seq: int
@@ -571,7 +622,9 @@ class ProcessPoolBackend(_PoolBackend[_Worker]):
         if rerun:
             fresh = self._start_worker(worker.index)
             self._send_init(fresh, self._payload())
-            self._send_stage(fresh, request, seed, seq, rerun)
+            # These clients' messages were sent once: they encode again.
+            share = wire.encode_request(request, rerun, seed)
+            self._send_stage(fresh, seq, rerun, share)
             self._payload_bytes = None
 
 
@@ -592,7 +645,7 @@ def _shutdown(workers: list[_Worker | None]) -> None:
     """Ask every worker to stop; stop those still running after a while."""
     for worker in workers:
         if worker is not None:
-            _post(worker.conn, ("stop",))
+            _post(worker.conn, _STOP)
     deadline = time.monotonic() + _STOP_WAIT_S
     for index, worker in enumerate(workers):
         if worker is not None:
@@ -601,17 +654,14 @@ def _shutdown(workers: list[_Worker | None]) -> None:
             workers[index] = None
 
 
-def _post(conn: Connection, message: tuple[Any, ...] | bytes) -> bool:
-    """Send ``message`` (bytes as they are); ``False`` if the worker is gone.
+def _post(conn: Connection, frame: bytes) -> bool:
+    """Send ``frame``; ``False`` if the worker is gone.
 
     A dead worker is not an error here: the parent notices it through the
     process sentinel while collecting replies, and handles it there.
     """
     try:
-        if isinstance(message, bytes):
-            conn.send_bytes(message)
-        else:
-            conn.send(message)
+        conn.send_bytes(frame)
     except OSError:
         return False
     return True

@@ -65,12 +65,30 @@ Failures
     of that round they get a failure of kind ``error`` rather than a
     silently rebuilt client.
 Serialisation
-    Messages and replies cross as pickles made by the backend itself, not by
-    Ray's zero-copy serialiser: arrays arrive as owned copies, exactly as
-    from the process backend (not as read-only views of Ray's object
-    store), and a reply that cannot be pickled fails only its client.
-    ``client_fn`` is pickled with Ray's cloudpickle, so closures and lambdas
-    work too.
+    Ray carries bytes: an actor's share of a stage and each client's reply
+    are :mod:`fedshield.simulation.wire` messages made by the backend
+    itself, not by Ray's serialiser, so arrays arrive as owned copies,
+    exactly as from the process backend. The driver reads a reply strictly:
+    one that is not exactly a wire message (truncated, over
+    ``max_reply_bytes``, another client's, not bytes) is a failure of kind
+    ``rejected`` for its client and the round goes on; a reply the wire
+    cannot carry (a metric that is not a number) fails its client in the
+    actor. Nothing an actor returns is unpickled by this backend. The one
+    pickle is ``client_fn``, the server's own code, pickled with Ray's
+    cloudpickle (so closures and lambdas work too), put in the object store
+    once and loaded by each actor: it travels from the driver to the actors
+    only. (Ray's own transport between its processes is Ray's business:
+    every node of a Ray cluster is trusted with the cluster, see
+    ``docs/cluster.md``.)
+Clusters
+    Ray 2.60 starts a cluster (``ray start --head``) with token
+    authentication when a token exists (``~/.ray/auth_token``, written by
+    any earlier local ``ray.init``, or ``RAY_AUTH_TOKEN``); a driver that
+    joins by address must then be told so: ``RAY_AUTH_MODE=token`` and the
+    cluster's token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``). When joining fails, the :class:`TransportError`
+    says which of these is missing; ``docs/cluster.md`` walks through a
+    cluster.
 """
 
 from __future__ import annotations
@@ -89,18 +107,22 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedshield.core import ClientId
-from fedshield.errors import ConfigError, TransportError
+from fedshield.errors import ConfigError, ProtocolError, TransportError
+from fedshield.simulation import wire
 from fedshield.simulation.backends._pool import (
     _check_deadlines,
+    _check_reply_limit,
     _check_workers,
+    _encode_reply,
+    _encode_shares,
     _failing_client_fn,
     _failure,
     _load_client_fn,
     _pin_torch_threads,
     _pinning,
     _PoolBackend,
-    _share,
-    _unsent_reply,
+    _read_reply,
+    _stage_failure,
 )
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.backends.sequential import run_client_stage
@@ -135,14 +157,7 @@ def _import_ray() -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _dump_reply(reply: StageReply, stage: str) -> bytes:
-    try:
-        return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as err:  # an unpicklable reply fails its client only
-        return pickle.dumps(
-            _unsent_reply(reply, stage, "the Ray worker", err),
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+_WHERE = "the Ray worker"
 
 
 class _ClientActor:
@@ -166,38 +181,31 @@ class _ClientActor:
         self.seed = 0
         self.stage_error: str | None = None
 
-    def load(self, payload: bytes) -> tuple[int, str, str | None]:
-        """Unpickle ``client_fn``; return this worker's pid, node and any error."""
-        self.client_fn, error = _load_client_fn(payload, "the Ray worker")
+    def load(self, generation: int, payload: bytes) -> bytes:
+        """Unpickle ``client_fn`` (the server's code); a wire ``worker_ready``."""
+        self.client_fn, error = _load_client_fn(payload, _WHERE)
         del payload
         _pin_torch_threads(self.torch_threads)
-        return os.getpid(), _node_address(), error
+        ready = wire.WorkerReady(generation, os.getpid(), _node_address(), error)
+        return wire.encode_ready(ready)
 
     def begin_stage(self, seq: int, stage: str, payload: bytes) -> None:
-        """Keep this actor's share of a stage: ``(request, seed)`` pickled."""
+        """Keep this actor's share of a stage (wire bytes, read strictly)."""
         self.seq = seq
         self.stage = stage
         try:
-            self.request, self.seed = pickle.loads(payload)
+            self.request, self.seed = wire.decode_request(payload)
             self.stage_error = None
-        except Exception as err:
+        except ProtocolError as err:
             self.request = None
             self.stage_error = f"{type(err).__name__}: {err}"
 
     def run_client(self, seq: int, client_id: ClientId) -> bytes:
-        """Run one client of the current stage; its reply, pickled."""
+        """Run one client of the current stage; its reply as wire bytes."""
         request = self.request
         if seq != self.seq or request is None:
             why = self.stage_error or "it was sent for another stage"
-            return pickle.dumps(
-                _failure(
-                    client_id,
-                    self.stage,
-                    FailureKind.ERROR,
-                    f"the Ray worker could not read the stage's messages: {why}",
-                ),
-                protocol=pickle.HIGHEST_PROTOCOL,
-            )
+            return _stage_failure(client_id, self.stage, _WHERE, why)
         _pin_torch_threads(self.torch_threads)
         reply = run_client_stage(
             _pinning(self.client_fn, self.torch_threads),
@@ -206,7 +214,7 @@ class _ClientActor:
             seed=self.seed,
             cache=self.cache,
         )
-        return _dump_reply(reply, request.stage)
+        return _encode_reply(reply, request.stage, _WHERE)
 
     def end_round(self) -> None:
         """Drop the clients of the round (and the last stage's messages)."""
@@ -215,9 +223,11 @@ class _ClientActor:
 
 
 def _node_address() -> str:
+    """The Ray node running this code, for messages: address and id prefix."""
     try:
         ray = _import_ray()
-        return str(ray.util.get_node_ip_address())
+        node_id = str(ray.get_runtime_context().get_node_id())[:8]
+        return f"{ray.util.get_node_ip_address()}, node {node_id}"
     except Exception:  # only for messages
         return "?"
 
@@ -256,7 +266,7 @@ class _Actor:
     clock: float = 0.0
     """When the first call in flight started running (as seen from here)."""
     batch: bytes | None = None
-    """This actor's share of the open stage, pickled, until sent."""
+    """This actor's share of the open stage (wire bytes), until sent."""
     queue: deque[ClientId] = field(default_factory=deque)
     """Clients of the open stage not yet submitted, in order."""
     built: set[ClientId] = field(default_factory=set)
@@ -351,6 +361,9 @@ class RayBackend(_PoolBackend[_Actor]):
     log_to_driver
         Show the actors' output and logs in this process (default: only in
         Ray's log files).
+    max_reply_bytes
+        Largest reply read from an actor; a larger one is refused (a
+        failure of kind ``rejected`` for its client).
 
     Raises
     ------
@@ -381,6 +394,7 @@ class RayBackend(_PoolBackend[_Actor]):
         start_timeout_s: float = 300.0,
         runtime_env: Mapping[str, Any] | None = None,
         log_to_driver: bool = False,
+        max_reply_bytes: int = wire.DEFAULT_MAX_BYTES,
     ) -> None:
         if address is not None and (not isinstance(address, str) or not address):
             raise ConfigError(
@@ -401,6 +415,7 @@ class RayBackend(_PoolBackend[_Actor]):
         if not gpus_per_worker >= 0:
             raise ConfigError(f"`gpus_per_worker` must be >= 0; got {gpus_per_worker}")
         _check_deadlines(grace_s, start_timeout_s)
+        _check_reply_limit(max_reply_bytes)
         # Fail here, not at the first round, when the extra is missing.
         _import_ray()
         self.address = address
@@ -414,6 +429,7 @@ class RayBackend(_PoolBackend[_Actor]):
         self.start_timeout_s = float(start_timeout_s)
         self.runtime_env = None if runtime_env is None else dict(runtime_env)
         self.log_to_driver = log_to_driver
+        self.max_reply_bytes = max_reply_bytes
         self._session = _Session()
         self._actor_class: Any = None
         self._actors: list[_Actor | None] = []
@@ -511,12 +527,16 @@ class RayBackend(_PoolBackend[_Actor]):
                 kwargs["num_cpus"] = self.num_cpus
         else:
             kwargs["address"] = self.address
+        refused: tuple[type[BaseException], ...] = (ConnectionError,)
+        auth_error = getattr(ray.exceptions, "AuthenticationError", None)
+        if isinstance(auth_error, type):
+            refused += (auth_error,)
         try:
             ray.init(**kwargs)
-        except ConnectionError as err:
-            raise TransportError(
-                f"RayBackend could not join the Ray cluster at {self.address!r}: {err}"
-            ) from err
+        except refused as err:
+            is_auth = auth_error is not None and isinstance(err, auth_error)
+            message = _join_error(self.address, err, os.environ, is_auth=is_auth)
+            raise TransportError(message) from err
 
     def _default_num_workers(self, ray: Any) -> int:
         resources = ray.cluster_resources()
@@ -548,12 +568,13 @@ class RayBackend(_PoolBackend[_Actor]):
         self.start()
         seq, order, early, groups = self._open_stage(request, client_fn)
         self._stage = (request, seed)
+        shares, unsent = _encode_shares(request, groups, seed, _WHERE)
         for index, client_ids in groups.items():
             actor = self._actors[index]
             if actor is None:
                 actor = self._start_actor(index)
-            self._assign(actor, seq, client_ids)
-        return self._arrange(order, self._collect(request, seq, early))
+            self._assign(actor, seq, client_ids, shares[index])
+        return self._arrange(order, self._collect(request, seq, early + unsent))
 
     def close(self) -> None:
         """Stop every actor, and Ray if this backend started it (idempotent)."""
@@ -590,12 +611,19 @@ class RayBackend(_PoolBackend[_Actor]):
         self._actors[index] = actor
         return actor
 
-    def _assign(self, actor: _Actor, seq: int, client_ids: list[ClientId]) -> None:
+    def _assign(
+        self,
+        actor: _Actor,
+        seq: int,
+        client_ids: list[ClientId],
+        share: bytes | None = None,
+    ) -> None:
         """Give ``actor`` its share of the open stage and submit it."""
-        assert self._stage is not None
-        request, seed = self._stage
-        batch = _share(request, client_ids)
-        actor.batch = pickle.dumps((batch, seed), protocol=pickle.HIGHEST_PROTOCOL)
+        if share is None:  # clients handed to a new actor: sent once before
+            assert self._stage is not None
+            request, seed = self._stage
+            share = wire.encode_request(request, client_ids, seed)
+        actor.batch = share
         actor.queue = deque(client_ids)
         self._advance(actor, seq)
 
@@ -615,7 +643,8 @@ class RayBackend(_PoolBackend[_Actor]):
         if actor.generation != self._generation:
             actor.generation = self._generation
             actor.loaded_in = seq
-            return _Call(handle.load.remote(self._client_fn_ref), "load")
+            ref = handle.load.remote(self._generation, self._client_fn_ref)
+            return _Call(ref, "load")
         if actor.batch is not None:
             assert self._stage is not None
             ref = handle.begin_stage.remote(seq, self._stage[0].stage, actor.batch)
@@ -714,31 +743,33 @@ class RayBackend(_PoolBackend[_Actor]):
             actor.inflight.popleft()
             actor.clock = time.monotonic()
             if call.kind == "load":
-                actor.pid, actor.node, error = value
-                if error is not None:
-                    logger.warning(
-                        "%s could not load client_fn: %s", actor.describe(), error
-                    )
+                self._on_loaded(actor, value)
             self._advance(actor, seq)
             if call.client_id is not None:
                 actor.built.add(call.client_id)
                 yield self._read_reply(value, call.client_id, request.stage, actor)
 
     def _read_reply(
-        self, data: bytes, client_id: ClientId, stage: str, actor: _Actor
+        self, data: object, client_id: ClientId, stage: str, actor: _Actor
     ) -> StageReply:
+        return _read_reply(
+            data, client_id, stage, actor.describe(), self.max_reply_bytes
+        )
+
+    def _on_loaded(self, actor: _Actor, data: object) -> None:
         try:
-            reply = pickle.loads(data)
-        except Exception as err:  # a reply this process cannot rebuild
-            return _failure(
-                client_id,
-                stage,
-                FailureKind.ERROR,
-                f"its reply from {actor.describe()} could not be read: "
-                f"{type(err).__name__}: {err}",
+            if not isinstance(data, bytes):
+                raise ProtocolError(f"a greeting is bytes; got {type(data).__name__}")
+            ready = wire.decode_ready(data)
+        except ProtocolError as err:
+            logger.warning("%s sent a malformed greeting: %s", actor.describe(), err)
+            return
+        actor.pid, actor.node = ready.pid, ready.node
+        logger.info("%s holds client_fn", actor.describe())
+        if ready.error is not None:
+            logger.warning(
+                "%s could not load client_fn: %s", actor.describe(), ready.error
             )
-        assert isinstance(reply, StageReply) and reply.client_id == client_id
-        return reply
 
     def _on_death(
         self, actor: _Actor, request: StageRequest, seq: int, err: BaseException
@@ -834,6 +865,73 @@ class RayBackend(_PoolBackend[_Actor]):
         if rerun:
             fresh = self._start_actor(actor.index, is_careful=is_careful)
             self._assign(fresh, seq, rerun)
+
+
+_AUTH_CLUES = (
+    "InvalidAuthToken",
+    "AuthenticationError",
+    "Unauthenticated",
+    "authentication token",
+)
+"""What Ray's errors (or their causes) say when token authentication refused."""
+
+
+def _join_error(
+    address: str | None,
+    err: BaseException,
+    environ: Mapping[str, str],
+    *,
+    is_auth: bool = False,
+) -> str:
+    """Why joining the cluster at ``address`` failed, and what to do about it.
+
+    Ray 2.60's own error says only "Failed to connect to Ray cluster at ..."
+    (after 20 s of retries); the cause, when token authentication refused
+    the driver, is in the exception's chain and in its C++ log lines.
+    """
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    token_mode = environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    get_token = (
+        "the token is what `ray get-auth-token` prints on the head node; give it "
+        "to this process as RAY_AUTH_TOKEN=<token>, or as a file named by "
+        "RAY_AUTH_TOKEN_PATH or at ~/.ray/auth_token"
+    )
+    if is_auth or any(clue in text for clue in _AUTH_CLUES):
+        if not token_mode:
+            remedy = (
+                "the cluster uses token authentication and this process sent no "
+                "token. Run `export RAY_AUTH_MODE=token` (Ray never turns it on "
+                "for an explicit address) with the cluster's token available: "
+                + get_token
+            )
+        else:
+            remedy = (
+                "the cluster uses token authentication and this process's token "
+                "is missing or not the cluster's: " + get_token
+            )
+    else:
+        remedy = (
+            "is a Ray cluster running there (`ray start --head --port=PORT` on the "
+            "head node; `ray status --address=HOST:PORT` checks), and can this "
+            "machine reach it?"
+        )
+        if not token_mode:
+            remedy += (
+                " If the cluster uses token authentication (Ray 2.60 turns it on "
+                "when `ray start --head` finds a token, such as the "
+                "~/.ray/auth_token an earlier local Ray run leaves), also run "
+                "`export RAY_AUTH_MODE=token`; " + get_token
+            )
+    return (
+        f"RayBackend could not join the Ray cluster at {address!r} ({first}): "
+        f"{remedy}. See docs/cluster.md in the fedshield repository."
+    )
 
 
 def _shutdown(actors: list[_Actor | None], session: _Session) -> None:
