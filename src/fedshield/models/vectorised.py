@@ -2,13 +2,19 @@
 
 :func:`train_many` runs the local training of ``K`` clients that share one
 model as one computation over stacked parameters ``(K, ...)``: each step
-evaluates every client's gradient with ``torch.func.vmap(torch.func.grad(...))``
-over :func:`torch.func.functional_call` of the one cached module, then applies
-``K`` SGD updates with a few whole-tensor operations. It computes the same
-thing as calling :meth:`TorchModel.train` once per client with the same
-generators, up to floating-point rounding (batched kernels sum in a different
-order), which is what makes many small clients cheap to simulate on one
-machine.
+evaluates every client's gradient, then applies ``K`` SGD updates with a few
+whole-tensor operations. The gradient comes from one of three steps
+(:func:`_make_step`): plain chains of ``Linear`` layers and activations (the
+built-in logistic and MLP models) are differentiated by hand with batched
+matrix products; convolutional chains (``Conv2d``, ``MaxPool2d`` and
+activations, then such a chain: the built-in CNN) run their convolutional
+layers client by client in the channels-last layout with ATen's own backward
+kernels and the rest batched; any other module goes through
+``torch.func.vmap`` of :func:`torch.func.functional_call` and one autograd
+backward. It computes the same thing as calling :meth:`TorchModel.train` once
+per client with the same generators, up to floating-point rounding (batched
+kernels sum in a different order), which is what makes many small clients
+cheap to simulate on one machine.
 """
 
 from __future__ import annotations
