@@ -674,6 +674,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         ]
     elif isinstance(flower, str):
         text += [f"Flower: {flower}", ""]
+    text += [
+        "Why the ratios are what they are (operator profiles of each way of "
+        "training a round, from `.venv/bin/python bench/cnn/profile_step.py`), "
+        "and the example's end-to-end time: BENCHMARKS.md, section \"A real "
+        'model: the Fashion-MNIST CNN against the compute floor".',
+        "",
+    ]
     path.write_text("\n".join(text))
 
 
