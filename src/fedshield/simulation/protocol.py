@@ -37,6 +37,7 @@ __all__ = [
     "FitIns",
     "FitReceipt",
     "HoldUpdate",
+    "STAGES_WITH_RANDOMNESS",
     "RoundProtocol",
     "StageReply",
     "StageRequest",
@@ -256,16 +257,26 @@ def fit_reply(session: ClientSession, message: FitIns, update: Any) -> Any:
     return hold_update(session, update, message.hold, message.params.spec)
 
 
-def _run_fit(session: ClientSession, message: Any, rng: np.random.Generator) -> Any:
+Rng = np.random.Generator | None
+"""A stage's randomness: None for a stage that draws none
+(:data:`STAGES_WITH_RANDOMNESS`)."""
+
+STAGES_WITH_RANDOMNESS = frozenset({"fit", SECURE_STAGES[0]})
+"""The client stages that draw from ``derive_rng(seed, "stage", stage, round,
+client)``: training, and the secure round's first stage (the encoding's
+stochastic rounding). The others get no generator, which saves deriving one
+per client and stage."""
+
+
+def _run_fit(session: ClientSession, message: Any, rng: Rng) -> Any:
     if not isinstance(message, FitIns):
         raise ProtocolError(f"stage 'fit' expects FitIns; got {type(message).__name__}")
+    assert rng is not None
     update = session.client.fit(message.params, message.config, rng)
     return fit_reply(session, message, update)
 
 
-def _run_evaluate(
-    session: ClientSession, message: Any, rng: np.random.Generator
-) -> Any:
+def _run_evaluate(session: ClientSession, message: Any, rng: Rng) -> Any:
     if not isinstance(message, EvaluateIns):
         raise ProtocolError(
             f"stage 'evaluate' expects EvaluateIns; got {type(message).__name__}"
@@ -273,14 +284,14 @@ def _run_evaluate(
     return dict(session.client.evaluate(message.params, message.config))
 
 
-def _run_secure(stage: str) -> Callable[[ClientSession, Any, np.random.Generator], Any]:
-    def run(session: ClientSession, message: Any, rng: np.random.Generator) -> Any:
+def _run_secure(stage: str) -> Callable[[ClientSession, Any, Rng], Any]:
+    def run(session: ClientSession, message: Any, rng: Rng) -> Any:
         return run_secure_stage(session, stage, message, rng)
 
     return run
 
 
-_CLIENT_STAGES: dict[str, Callable[[ClientSession, Any, np.random.Generator], Any]] = {
+_CLIENT_STAGES: dict[str, Callable[[ClientSession, Any, Rng], Any]] = {
     "fit": _run_fit,
     "evaluate": _run_evaluate,
     **{stage: _run_secure(stage) for stage in SECURE_STAGES},
@@ -292,7 +303,7 @@ def execute_stage(
     stage: str,
     message: Any,
     *,
-    rng: np.random.Generator,
+    rng: Rng,
 ) -> Any:
     """Run the client half of ``stage`` on ``client``.
 

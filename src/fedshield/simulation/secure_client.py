@@ -314,7 +314,7 @@ def _lenient(update: ClientUpdate, spec: Any) -> ClientUpdate:
 
 
 def run_secure_stage(
-    session: ClientSession, stage: str, message: Any, rng: np.random.Generator
+    session: ClientSession, stage: str, message: Any, rng: np.random.Generator | None
 ) -> bytes:
     """Answer one protocol stage for the client held by ``session``."""
     from fedshield.secagg.protocol import SecAggClient
@@ -325,6 +325,11 @@ def run_secure_stage(
         )
     setup = message.setup
     if setup is not None:
+        if stage != SECURE_STAGES[0] or rng is None:
+            raise ProtocolError(
+                f"the round's setup came with stage {stage!r}; it belongs to "
+                f"{SECURE_STAGES[0]!r}"
+            )
         held = session.held
         if held is None:
             raise ProtocolError(

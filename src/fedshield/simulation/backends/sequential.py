@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from fedshield.core import ClientId, derive_rng
 from fedshield.simulation.backends.base import ClientFn
 from fedshield.simulation.protocol import (
+    STAGES_WITH_RANDOMNESS,
     ClientFailure,
     ClientSession,
     FailureKind,
@@ -43,7 +44,11 @@ def run_client_stage(
     ``request.timeout_s`` becomes one of kind ``timeout``.
     """
     started = time.perf_counter()
-    rng = derive_rng(seed, "stage", request.stage, request.round_idx, client_id)
+    rng = (
+        derive_rng(seed, "stage", request.stage, request.round_idx, client_id)
+        if request.stage in STAGES_WITH_RANDOMNESS
+        else None
+    )
     try:
         session = cache.get(client_id) if cache is not None else None
         if session is None:
