@@ -305,3 +305,49 @@ def test_colluders_take_part_in_a_secure_round(tmp_path, kind) -> None:  # type:
     rows = [json.loads(line) for line in (path / "metrics.jsonl").open()]
     assert all(r["secagg/survivors"] == 8.0 for r in rows), rows
     assert secure["accuracy"] == pytest.approx(plain["accuracy"], abs=0.03)
+
+
+def _digits(malicious: bool, privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "run": {"name": "t", "rounds": 2, "seed": 4, "report": False},
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": 6},
+        "model": {"kind": "logistic"},
+        "strategy": {"clients_per_round": 6, "min_clients": 4},
+        "secagg": {"protocol": "secagg", "malicious": malicious},
+    }
+    if privacy is not None:
+        raw["privacy"] = privacy
+    return raw
+
+
+def _rows(path: Any, name: str) -> list[dict[str, Any]]:
+    import json
+
+    file = path / name
+    return [json.loads(line) for line in file.open()] if file.exists() else []
+
+
+def test_simulate_gives_its_clients_a_key_directory(tmp_path, tampering) -> None:  # type: ignore[no-untyped-def]
+    import fedshield as fs
+
+    _, honest = fs.simulate(_digits(True), out=tmp_path / "h", write_report=False)
+    assert all(r["secagg/aborted"] == 0.0 for r in _rows(honest, "metrics.jsonl"))
+    tampering(_sybil_table)
+    _, path = fs.simulate(_digits(True), out=tmp_path / "t", write_report=False)
+    assert all(r["secagg/aborted"] == 1.0 for r in _rows(path, "metrics.jsonl"))
+    assert any("not its own" in f["message"] for f in _rows(path, "failures.jsonl"))
+
+
+def test_simulate_gives_its_clients_their_own_distributed_noise(
+    tmp_path, tampering
+) -> None:  # type: ignore[no-untyped-def]
+    import fedshield as fs
+
+    privacy = {"mode": "distributed", "noise_multiplier": 1.0, "clip_norm": 1.0}
+    config = _digits(False, privacy)
+    _, honest = fs.simulate(config, out=tmp_path / "h", write_report=False)
+    assert _rows(honest, "failures.jsonl") == []
+    tampering(_weak_noise)
+    _, path = fs.simulate(config, out=tmp_path / "t", write_report=False)
+    failures = _rows(path, "failures.jsonl")
+    assert failures and all("differs" in f["message"] for f in failures)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -389,12 +390,78 @@ def _build_run(
         secure.check(
             expected, federation.model.spec.size + EXTRA_WORDS, distributed=distributed
         )
+        backend_name = _pool_for_secure_rounds(config, backend_name, expected)
     # The bundled data sets are fixed (hash-checked or packaged): only the
     # user's data can change under the same configuration, so only it is
     # hashed whole (a fashion_mnist run would spend ~0.5 s hashing 200 MB).
     user_data = clients is not None or config.data.is_user_data
     data_print = data_fingerprint(federation, private=mode != "none" or not user_data)
-    return _Run(config, federation, strategy, backend_name, secure, run_dir, data_print)
+    run = _Run(config, federation, strategy, backend_name, secure, run_dir, data_print)
+    run.verify_keys = _give_clients_trust(run, distributed)
+    return run
+
+
+SECURE_POOL_MIN_CLIENTS = 32
+"""``auto`` runs secure rounds of at least this many clients on the process
+pool, on two or more cores (``[secagg] workers = "auto"``)."""
+
+
+def _pool_for_secure_rounds(
+    config: ExperimentConfig, backend_name: str, expected: int
+) -> str:
+    """``process`` where ``auto`` should spread a secure round over cores.
+
+    The clients' halves of SecAgg (key agreements, masks) run where the
+    clients run. From :data:`SECURE_POOL_MIN_CLIENTS` clients a round, on two
+    or more cores, that work outweighs a worker pool's start-up, so ``auto``
+    runs the clients on the process pool (``[secagg] workers``: its size;
+    ``0`` keeps them in this process).
+    """
+    workers = config.secagg.workers
+    if (
+        config.run.backend != "auto"
+        or workers == 0
+        or backend_name not in ("sequential", "vectorised")
+        or (os.cpu_count() or 1) < 2
+        or expected < SECURE_POOL_MIN_CLIENTS
+    ):
+        return backend_name
+    logger.info(
+        "run.backend = 'auto': %d clients a round under secure aggregation run "
+        "on the process pool (set [secagg] workers = 0 to keep them here)",
+        expected,
+    )
+    return "process"
+
+
+def _give_clients_trust(
+    run: _Run, distributed: DistributedDp | None
+) -> dict[str, bytes] | None:
+    """Attach to the clients what they check the server's word against.
+
+    Under secure aggregation each client knows, from its own configuration,
+    what it is to do to its update (and, under distributed DP, with how much
+    noise), and in malicious mode holds its long-term signing key from the
+    simulation's key directory. The server's code gets only the directory's
+    public table (returned).
+    """
+    from fedshield.simulation.secure_client import ClientTrust, KeyDirectory
+    from fedshield.strategies.secure_inputs import SecureInput
+
+    secure, config = run.secure, run.config
+    client_fn = run.federation.client_fn
+    if secure is None or not hasattr(client_fn, "trust"):
+        return None
+    if distributed is not None:
+        transform = SecureInput("distributed", distributed.clip_norm, distributed)
+    elif config.privacy.mode == "central":
+        transform = SecureInput("clipped")
+    else:
+        transform = SecureInput("weighted")
+    ids = run.federation.client_ids
+    keys = KeyDirectory(ids) if secure.malicious else None
+    client_fn.trust = ClientTrust(keys=keys, transform=transform)
+    return keys.public_table(ids) if keys is not None else None
 
 
 def _resumed_state(run: _Run) -> ServerState:
@@ -486,9 +553,11 @@ def _execute(run: _Run, state: ServerState, on_round: RoundCallback | None) -> N
         if on_round is not None:
             on_round(new_state, record)
 
+    secagg_workers = config.secagg.workers
     backend = make_backend(
         run.backend_name,
-        workers=config.run.workers,
+        workers=config.run.workers
+        or (secagg_workers if isinstance(secagg_workers, int) else None),
         ray_address=config.run.ray_address,
         torch_threads=config.run.torch_threads,
     )
