@@ -34,7 +34,12 @@ from fedshield.errors import (
     PrivacyBudgetExceeded,
 )
 from fedshield.report.prefetch import PrefetchError, ReportPrefetch
-from fedshield.simulation import RoundOptions, RunDirectory, run_rounds
+from fedshield.simulation import (
+    ProcessPoolBackend,
+    RoundOptions,
+    RunDirectory,
+    run_rounds,
+)
 from fedshield.simulation.rundir import ATTACK, CONFIG, PARTITION, SUMMARY
 from fedshield.simulation.secure import EXTRA_WORDS, Faults, SecureAggregation
 from fedshield.simulation.state_store import new_client_states
@@ -292,6 +297,7 @@ class _Run:
     data_print: str
     client_states: Any = None
     verify_keys: dict[str, bytes] | None = None
+    secure_workers: int = 0
     final_state: ServerState | None = None
     status: str = "completed"
     error: str | None = None
@@ -390,7 +396,7 @@ def _build_run(
         secure.check(
             expected, federation.model.spec.size + EXTRA_WORDS, distributed=distributed
         )
-        backend_name = _pool_for_secure_rounds(config, backend_name, expected)
+        run_secure_workers = _secure_workers(config, backend_name, expected)
     # The bundled data sets are fixed (hash-checked or packaged): only the
     # user's data can change under the same configuration, so only it is
     # hashed whole (a fashion_mnist run would spend ~0.5 s hashing 200 MB).
@@ -398,40 +404,37 @@ def _build_run(
     data_print = data_fingerprint(federation, private=mode != "none" or not user_data)
     run = _Run(config, federation, strategy, backend_name, secure, run_dir, data_print)
     run.verify_keys = _give_clients_trust(run, distributed)
+    if secure is not None:
+        run.secure_workers = run_secure_workers
     return run
 
 
 SECURE_POOL_MIN_CLIENTS = 32
-"""``auto`` runs secure rounds of at least this many clients on the process
-pool, on two or more cores (``[secagg] workers = "auto"``)."""
+"""From this many clients a round, on two or more cores, a secure round's
+client halves are spread over a worker process (``[secagg] workers =
+"auto"``)."""
 
 
-def _pool_for_secure_rounds(
-    config: ExperimentConfig, backend_name: str, expected: int
-) -> str:
-    """``process`` where ``auto`` should spread a secure round over cores.
+def _secure_workers(config: ExperimentConfig, backend_name: str, expected: int) -> int:
+    """Worker processes for the clients' halves of secure rounds (0: none).
 
     The clients' halves of SecAgg (key agreements, masks) run where the
-    clients run. From :data:`SECURE_POOL_MIN_CLIENTS` clients a round, on two
-    or more cores, that work outweighs a worker pool's start-up, so ``auto``
-    runs the clients on the process pool (``[secagg] workers``: its size;
-    ``0`` keeps them in this process).
+    clients run: with an in-process backend, on one core. ``[secagg]
+    workers`` (``auto``: one, from :data:`SECURE_POOL_MIN_CLIENTS` clients a
+    round on two or more cores) hands every other client's half to that
+    many worker processes after training
+    (:class:`~fedshield.simulation.backends.offload.SecureOffload`).
     """
     workers = config.secagg.workers
-    if (
-        config.run.backend != "auto"
-        or workers == 0
-        or backend_name not in ("sequential", "vectorised")
-        or (os.cpu_count() or 1) < 2
-        or expected < SECURE_POOL_MIN_CLIENTS
+    if config.secagg.protocol == "none" or backend_name not in (
+        "sequential",
+        "vectorised",
     ):
-        return backend_name
-    logger.info(
-        "run.backend = 'auto': %d clients a round under secure aggregation run "
-        "on the process pool (set [secagg] workers = 0 to keep them here)",
-        expected,
-    )
-    return "process"
+        return 0
+    if workers == "auto":
+        cores = os.cpu_count() or 1
+        return 1 if cores >= 2 and expected >= SECURE_POOL_MIN_CLIENTS else 0
+    return int(workers)
 
 
 def _give_clients_trust(
@@ -553,14 +556,19 @@ def _execute(run: _Run, state: ServerState, on_round: RoundCallback | None) -> N
         if on_round is not None:
             on_round(new_state, record)
 
-    secagg_workers = config.secagg.workers
     backend = make_backend(
         run.backend_name,
-        workers=config.run.workers
-        or (secagg_workers if isinstance(secagg_workers, int) else None),
+        workers=config.run.workers,
         ray_address=config.run.ray_address,
         torch_threads=config.run.torch_threads,
     )
+    if run.secure_workers:
+        from fedshield.simulation.backends.offload import SecureOffload
+
+        pool = ProcessPoolBackend(run.secure_workers, torch_threads=1)
+        auto = config.secagg.workers == "auto"
+        least = SECURE_POOL_MIN_CLIENTS if auto else 2
+        backend = SecureOffload(backend, pool, min_clients=least)
     import torch
 
     # Small models train fastest single-threaded; more threads mostly add

@@ -56,7 +56,9 @@ __all__ = [
     "export_private",
     "generate_keypair",
     "derive_signing_key",
+    "export_signing_key",
     "generate_signing_key",
+    "import_signing_key",
     "import_private",
     "random_seed",
     "sign",
@@ -379,6 +381,27 @@ def derive_signing_key(secret: bytes, label: bytes) -> SigningKey:
         raise ValueError(f"the secret must hold at least {KEY_BYTES} bytes")
     hkdf = HKDF(algorithm=_SHA256, length=KEY_BYTES, salt=None, info=label)
     private = Ed25519PrivateKey.from_private_bytes(hkdf.derive(secret))
+    return SigningKey(
+        private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
+    )
+
+
+def export_signing_key(key: SigningKey) -> bytes:
+    """The raw 32-byte private seed of a signing key (it stays with its owner)."""
+    return key.private.private_bytes(_RAW, _RAW_PRIVATE, serialization.NoEncryption())
+
+
+def import_signing_key(raw: bytes) -> SigningKey:
+    """The signing key whose private seed is ``raw`` (see :func:`export_signing_key`).
+
+    Raises
+    ------
+    ProtocolError
+        If ``raw`` is not 32 bytes.
+    """
+    if len(raw) != KEY_BYTES:
+        raise ProtocolError(f"a signing key is {KEY_BYTES} bytes; got {len(raw)}")
+    private = Ed25519PrivateKey.from_private_bytes(raw)
     return SigningKey(
         private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
     )

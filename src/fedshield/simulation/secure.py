@@ -161,10 +161,11 @@ class SecureAggregation:
         Accept an explicit ``neighbours`` below the secure minimum
         (:func:`~fedshield.secagg.protocol.check_neighbours`).
     workers
-        Kept for configurations written before the clients' halves moved to
-        the clients: it no longer changes anything. The halves run where
-        the backend runs the clients (``run.backend = "process"`` or
-        ``"ray"`` with ``run.workers`` spreads them over cores).
+        With an in-process backend, worker processes that take over every
+        other client's half after training (None: one on two or more cores
+        from 32 clients in a round, else none; 0: all in the simulating
+        process; see :class:`~fedshield.simulation.backends.offload.
+        SecureOffload`).
     """
 
     protocol: Literal["secagg", "secagg+"] = "secagg"

@@ -45,11 +45,13 @@ __all__ = [
     "LOSS_BOUND",
     "SECURE_STAGES",
     "ClientTrust",
+    "HandedHalf",
     "InputPlan",
     "KeyDirectory",
     "SecureSetup",
     "SecureStageIns",
     "encode_input",
+    "hand_over",
     "hold_update",
     "run_secure_stage",
 ]
@@ -162,6 +164,60 @@ class SecureStageIns:
 
     request: bytes
     setup: SecureSetup | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HandedHalf:
+    """A client's half of a secure round, handed to another of its processes.
+
+    The simulation spreads the clients' halves of a large secure round over
+    cores (:class:`~fedshield.simulation.backends.offload.SecureOffload`):
+    the process that trained the client checks the round's setup against
+    the client's trust, then hands over what the half needs. It travels
+    between two processes of the clients' side, never to the server.
+
+    Parameters
+    ----------
+    held
+        The client's update (a simulated colluder's: the coalition's rewrite).
+    signing_key
+        Malicious mode: the raw private seed of the client's signing key
+        (empty otherwise).
+    ins
+        The protocol's first stage for the client, its setup checked.
+    """
+
+    held: ClientUpdate
+    signing_key: bytes
+    ins: SecureStageIns
+
+
+def hand_over(session: ClientSession, message: SecureStageIns) -> HandedHalf:
+    """Check ``message``'s setup for the client; what another process needs.
+
+    The client's plaintext update leaves ``session`` (it is now the other
+    process's to encode).
+
+    Raises
+    ------
+    ProtocolError
+        As :func:`run_secure_stage` would for the same setup.
+    """
+    setup = message.setup
+    held = session.held
+    if setup is None or held is None:
+        raise ProtocolError("only a client that holds an update joins the round")
+    _check_setup(session, setup)
+    if setup.replacement is not None:  # a simulated colluder
+        held = replace(held, delta=setup.replacement)
+        message = replace(message, setup=replace(setup, replacement=None))
+    key = b""
+    if session.signing_key is not None:
+        from fedshield.secagg import crypto
+
+        key = crypto.export_signing_key(session.signing_key)
+    session.held = None
+    return HandedHalf(held, key, message)
 
 
 class KeyDirectory:
@@ -319,6 +375,14 @@ def run_secure_stage(
     """Answer one protocol stage for the client held by ``session``."""
     from fedshield.secagg.protocol import SecAggClient
 
+    handed = isinstance(message, HandedHalf)
+    if isinstance(message, HandedHalf):  # checked by the process that handed it
+        from fedshield.secagg import crypto
+
+        session.held = message.held
+        key = message.signing_key
+        session.signing_key = crypto.import_signing_key(key) if key else None
+        message = message.ins
     if not isinstance(message, SecureStageIns):
         raise ProtocolError(
             f"stage {stage!r} expects SecureStageIns; got {type(message).__name__}"
@@ -336,7 +400,8 @@ def run_secure_stage(
                 "secure aggregation's first stage reached a client that holds "
                 "no update (it did not train in this round)"
             )
-        _check_setup(session, setup)
+        if not handed:
+            _check_setup(session, setup)
         if setup.replacement is not None:  # a simulated colluder
             held = replace(held, delta=setup.replacement)
         half = SecAggClient(

@@ -100,7 +100,12 @@ from fedshield.simulation.protocol import (
     StageReply,
     StageRequest,
 )
-from fedshield.simulation.secure_client import InputPlan, SecureSetup, SecureStageIns
+from fedshield.simulation.secure_client import (
+    HandedHalf,
+    InputPlan,
+    SecureSetup,
+    SecureStageIns,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -470,18 +475,10 @@ _SECURE_SETUP = _Record(
         "replacement": _Optional(_Tensor()),
     },
 )
-_MESSAGE = _OneOf(
-    _Record(
-        "fit",
-        FitIns,
-        {"params": _Tensor(), "config": _FIT_CONFIG, "hold": _Optional(_HOLD)},
-    ),
-    _Record("evaluate", EvaluateIns, {"params": _Tensor(), "config": _EVAL_CONFIG}),
-    _Record(
-        "secure",
-        SecureStageIns,
-        {"request": _Bytes(), "setup": _Optional(_SECURE_SETUP)},
-    ),
+_SECURE = _Record(
+    "secure",
+    SecureStageIns,
+    {"request": _Bytes(), "setup": _Optional(_SECURE_SETUP)},
 )
 
 # What a client reports may hold NaN or infinity: the round refuses it (as
@@ -511,6 +508,22 @@ _RECEIPT = _Record(
     },
 )
 _METRICS = _MapOf(_REPORTED)
+_MESSAGE = _OneOf(
+    _Record(
+        "fit",
+        FitIns,
+        {"params": _Tensor(), "config": _FIT_CONFIG, "hold": _Optional(_HOLD)},
+    ),
+    _Record("evaluate", EvaluateIns, {"params": _Tensor(), "config": _EVAL_CONFIG}),
+    _SECURE,
+    # Between two processes of the clients' side (SecureOffload), never from
+    # the server: a client's half of a secure round, its setup checked.
+    _Record(
+        "handed",
+        HandedHalf,
+        {"held": _UPDATE, "signing_key": _Bytes(), "ins": _SECURE},
+    ),
+)
 _FAILURE = _Record(
     "failure",
     ClientFailure,

@@ -109,6 +109,10 @@ class SequentialBackend:
                 client_fn, client_id, request, seed=seed, cache=self._clients
             )
 
+    def session(self, client_id: ClientId) -> ClientSession | None:
+        """The client's session in the current round (None: not built)."""
+        return self._clients.get(client_id)
+
     def end_round(self) -> None:
         """Drop the clients of the round."""
         self._clients.clear()

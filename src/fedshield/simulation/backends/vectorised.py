@@ -148,6 +148,10 @@ class VectorisedBackend:
                 )
             yield reply
 
+    def session(self, client_id: ClientId) -> ClientSession | None:
+        """The client's session in the current round (None: not built)."""
+        return self._clients.get(client_id)
+
     def end_round(self) -> None:
         """Drop the clients of the round."""
         self._clients.clear()
