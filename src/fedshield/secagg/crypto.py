@@ -361,12 +361,16 @@ def add_mask(seed: bytes, total: np.ndarray, *, subtract: bool = False) -> np.nd
     return total
 
 
-def generate_signing_key() -> SigningKey:
-    """A fresh Ed25519 signing key pair."""
-    private = Ed25519PrivateKey.generate()
+def _signing_key(private: Ed25519PrivateKey) -> SigningKey:
     return SigningKey(
         private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
     )
+
+
+def generate_signing_key() -> SigningKey:
+    """A fresh Ed25519 signing key pair."""
+    private = Ed25519PrivateKey.generate()
+    return _signing_key(private)
 
 
 def derive_signing_key(secret: bytes, label: bytes) -> SigningKey:
@@ -381,9 +385,7 @@ def derive_signing_key(secret: bytes, label: bytes) -> SigningKey:
         raise ValueError(f"the secret must hold at least {KEY_BYTES} bytes")
     hkdf = HKDF(algorithm=_SHA256, length=KEY_BYTES, salt=None, info=label)
     private = Ed25519PrivateKey.from_private_bytes(hkdf.derive(secret))
-    return SigningKey(
-        private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
-    )
+    return _signing_key(private)
 
 
 def export_signing_key(key: SigningKey) -> bytes:
@@ -402,9 +404,7 @@ def import_signing_key(raw: bytes) -> SigningKey:
     if len(raw) != KEY_BYTES:
         raise ProtocolError(f"a signing key is {KEY_BYTES} bytes; got {len(raw)}")
     private = Ed25519PrivateKey.from_private_bytes(raw)
-    return SigningKey(
-        private=private, public=private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
-    )
+    return _signing_key(private)
 
 
 def sign(key: SigningKey | Ed25519PrivateKey, message: bytes) -> bytes:
