@@ -101,6 +101,31 @@ def without_times(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
+def run_config(
+    config: Any, runner: Backend, **options: Any
+) -> tuple[Params, list[dict[str, Any]]]:
+    """Run ``config``'s federation on ``runner``; the model and the records."""
+    from fedshield.api import build_federation, build_strategy
+
+    federation = build_federation(config)
+    strategy = build_strategy(config)
+    initial = strategy.init(federation.model.init_params(config.run.seed))
+    records: list[dict[str, Any]] = []
+    state = run_rounds(
+        strategy,
+        initial,
+        rounds=config.run.rounds,
+        client_fn=federation.client_fn,
+        client_ids=federation.client_ids,
+        seed=config.run.seed,
+        backend=runner,
+        max_examples=federation.max_examples,
+        on_round=lambda _state, record: records.append(dict(record)),
+        **options,
+    )
+    return state.params, records
+
+
 class BackendContract:
     """Cases every backend must pass.
 
@@ -265,29 +290,13 @@ class BackendContract:
 
     @pytest.mark.usefixtures("one_torch_thread")
     def test_digits_run_matches_the_sequential_backend(self, backend, tmp_path):
-        from fedshield.api import build_federation, build_strategy, parse_config
+        from fedshield.api import build_federation, parse_config
 
         config = parse_config(TINY_DIGITS)
-        federation = build_federation(config)
-        strategy = build_strategy(config)
-        initial = strategy.init(federation.model.init_params(config.run.seed))
+        evaluate = build_federation(config).evaluate
 
         def run(runner: Backend) -> tuple[Params, list[dict[str, Any]]]:
-            records: list[dict[str, Any]] = []
-            state = run_rounds(
-                strategy,
-                initial,
-                rounds=config.run.rounds,
-                client_fn=federation.client_fn,
-                client_ids=federation.client_ids,
-                seed=config.run.seed,
-                backend=runner,
-                evaluate_fn=federation.evaluate,
-                federated_eval=True,
-                max_examples=federation.max_examples,
-                on_round=lambda _state, record: records.append(dict(record)),
-            )
-            return state.params, records
+            return run_config(config, runner, evaluate_fn=evaluate, federated_eval=True)
 
         got_params, got_records = run(backend)
         want_params, want_records = run(SequentialBackend())
@@ -322,7 +331,7 @@ class BackendContract:
     ):
         # The clients' halves (encoding, clipping, masking) run wherever the
         # backend holds the clients; the result must not depend on where.
-        from fedshield.api import build_federation, build_strategy, parse_config
+        from fedshield.api import parse_config
         from fedshield.api.experiment import secure_settings
 
         raw: dict[str, Any] = {
@@ -348,25 +357,9 @@ class BackendContract:
         if privacy == "malicious":
             raw["secagg"] = {"protocol": protocol, "malicious": True}
         config = parse_config(raw)
-        federation = build_federation(config)
-        strategy = build_strategy(config)
-        initial = strategy.init(federation.model.init_params(config.run.seed))
 
         def run(runner: Backend) -> tuple[Params, list[dict[str, Any]]]:
-            records: list[dict[str, Any]] = []
-            state = run_rounds(
-                strategy,
-                initial,
-                rounds=config.run.rounds,
-                client_fn=federation.client_fn,
-                client_ids=federation.client_ids,
-                seed=config.run.seed,
-                backend=runner,
-                max_examples=federation.max_examples,
-                secure=secure_settings(config),
-                on_round=lambda _state, record: records.append(dict(record)),
-            )
-            return state.params, records
+            return run_config(config, runner, secure=secure_settings(config))
 
         got_params, got_records = run(backend)
         want_params, want_records = run(SequentialBackend())
