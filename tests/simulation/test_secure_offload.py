@@ -41,17 +41,20 @@ def test_handed_halves_give_the_same_run(pool, secagg) -> None:  # type: ignore[
     }
     config = parse_config(raw)
     federation = build_federation(config)
+    malicious = bool(secagg.get("malicious"))
     keys = KeyDirectory(federation.client_ids)
-    federation.client_fn.trust = ClientTrust(keys=keys)
+
     strategy = build_strategy(config)
     initial = strategy.init(federation.model.init_params(3))
     options = RoundOptions(
         secure=secure_settings(config),
         max_examples=federation.max_examples,
-        verify_keys=keys.public_table(federation.client_ids),
+        verify_keys=keys.public_table(federation.client_ids) if malicious else None,
     )
 
     def run(backend: Any) -> tuple[Any, list[dict[str, Any]]]:
+        # A fresh trust a run: each client joins a round's secure sum once.
+        federation.client_fn.trust = ClientTrust(keys=keys if malicious else None)
         records: list[dict[str, Any]] = []
         state = run_rounds(
             strategy,

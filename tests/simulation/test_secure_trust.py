@@ -27,6 +27,7 @@ from fedshield.simulation.secure_client import (
     InputPlan,
     KeyDirectory,
     encode_input,
+    plan_digest,
 )
 from fedshield.strategies import CountSampler, FedAvg
 from fedshield.strategies.dp import DistributedSum, DpMean
@@ -165,18 +166,102 @@ def test_a_directory_signed_round_completes() -> None:
     assert result.metrics["secagg/survivors"] == 5.0
 
 
-def _weak_noise(cid: str, setup: Any) -> Any:
-    ddp = dataclasses.replace(setup.plan.ddp, noise_std=1e-6)
-    return dataclasses.replace(setup, plan=dataclasses.replace(setup.plan, ddp=ddp))
+def _with_plan(setup: Any, plan: Any) -> Any:
+    # A consistent lie: the config binds the new plan (as a server would).
+    config = dataclasses.replace(setup.config, context=plan_digest(plan))
+    return dataclasses.replace(setup, plan=plan, config=config)
+
+
+def _weak_noise(plan: Any) -> Any:
+    return dataclasses.replace(plan, ddp=dataclasses.replace(plan.ddp, noise_std=1e-6))
+
+
+@pytest.fixture
+def lying_plan(monkeypatch):  # type: ignore[no-untyped-def]
+    """Install a server that announces ``edit(plan)`` to every client (bound)."""
+
+    def install(edit):  # type: ignore[no-untyped-def]
+        class Lying(SecureSumRound):
+            def _configure(self, n):  # type: ignore[no-untyped-def]
+                config, plan = super()._configure(n)
+                return config, edit(plan)
+
+        monkeypatch.setattr(rounds_module, "SecureSumRound", Lying)
+
+    return install
+
+
+def _unbound_plan(cid: str, setup: Any) -> Any:
+    # The plan changed without the config binding it.
+    plan = dataclasses.replace(setup.plan, max_examples=2**40)
+    return dataclasses.replace(setup, plan=plan)
+
+
+def _isolating_plans(cid: str, setup: Any) -> Any:
+    # Every client but the victim weighs its update ~0 (each plan bound).
+    if cid == "0":
+        return setup
+    return _with_plan(setup, dataclasses.replace(setup.plan, max_examples=2**40))
+
+
+def test_a_plan_the_config_does_not_bind_is_refused(tampering) -> None:  # type: ignore[no-untyped-def]
+    tampering(_unbound_plan)
+    result = _run({cid: Client(cid) for cid in IDS})
+    assert result.metrics["secagg/aborted"] == 1.0
+    assert all("does not bind" in f.message for f in result.failures)
+
+
+def test_different_plans_for_different_clients_abort_a_malicious_round(  # type: ignore[no-untyped-def]
+    tampering,
+) -> None:
+    keys = KeyDirectory(IDS)
+    tampering(_isolating_plans)
+    result = _run(
+        {cid: Client(cid, ClientTrust(keys=keys)) for cid in IDS},
+        malicious=True,
+        verify_keys=keys.public_table(IDS),
+    )
+    # The victim's signature binds another plan than the others': no round.
+    assert result.metrics["secagg/aborted"] == 1.0
+    assert np.all(result.state.params.flat == 0)
+
+
+def test_a_downgrade_to_semi_honest_is_refused(tampering) -> None:  # type: ignore[no-untyped-def]
+    keys = KeyDirectory(IDS)
+
+    def downgrade(cid: str, setup: Any) -> Any:
+        config = dataclasses.replace(setup.config, malicious=False)
+        return dataclasses.replace(setup, config=config, verify_keys={})
+
+    tampering(downgrade)
+    result = _run(
+        {cid: Client(cid, ClientTrust(keys=keys)) for cid in IDS},
+        malicious=True,
+        verify_keys=keys.public_table(IDS),
+    )
+    assert result.metrics["secagg/aborted"] == 1.0
+    assert any("malicious-mode rounds only" in f.message for f in result.failures)
+
+
+def test_a_client_joins_a_rounds_secure_sum_once() -> None:
+    trust = ClientTrust()
+    clients = {cid: Client(cid, trust) for cid in IDS}
+    first = _run(clients)
+    assert first.metrics["secagg/aborted"] == 0.0
+    # The same round again over the same updates (a server that would
+    # subtract two sums): every client refuses.
+    again = _run(clients)
+    assert again.metrics["secagg/aborted"] == 1.0
+    assert all("already joined" in f.message for f in again.failures)
 
 
 @pytest.mark.parametrize("checks", [True, False])
 def test_weaker_distributed_noise_is_refused_by_a_client_that_checks(  # type: ignore[no-untyped-def]
-    tampering, checks
+    lying_plan, checks
 ) -> None:
     mechanism = DistributedDp(clip_norm=1.0, noise_multiplier=1.0, secure_rng=False)
     trust = ClientTrust(transform=SecureInput("distributed", 1.0, mechanism))
-    tampering(_weak_noise)
+    lying_plan(_weak_noise)
     result = _run(
         {cid: Client(cid, trust if checks else None) for cid in IDS},
         aggregator=DistributedSum(mechanism),
@@ -338,16 +423,14 @@ def test_simulate_gives_its_clients_a_key_directory(tmp_path, tampering) -> None
     assert any("not its own" in f["message"] for f in _rows(path, "failures.jsonl"))
 
 
-def test_simulate_gives_its_clients_their_own_distributed_noise(
-    tmp_path, tampering
-) -> None:  # type: ignore[no-untyped-def]
+def test_simulate_gives_its_clients_their_own_noise(tmp_path, lying_plan) -> None:  # type: ignore[no-untyped-def]
     import fedshield as fs
 
     privacy = {"mode": "distributed", "noise_multiplier": 1.0, "clip_norm": 1.0}
     config = _digits(False, privacy)
     _, honest = fs.simulate(config, out=tmp_path / "h", write_report=False)
     assert _rows(honest, "failures.jsonl") == []
-    tampering(_weak_noise)
+    lying_plan(_weak_noise)
     _, path = fs.simulate(config, out=tmp_path / "t", write_report=False)
     failures = _rows(path, "failures.jsonl")
     assert failures and all("differs" in f["message"] for f in failures)

@@ -144,6 +144,7 @@ class DatasetClients:
             hit = self._cache.get(client_id)
             if hit is not None:
                 self._cache.move_to_end(client_id)
+                hit[0].trust = self.trust  # the run's, not an earlier one's
                 return hit[0]
         client = self._build(client_id)
         client.trust = self.trust

@@ -463,7 +463,9 @@ def _give_clients_trust(
         transform = SecureInput("weighted")
     ids = run.federation.client_ids
     keys = KeyDirectory(ids) if secure.malicious else None
-    client_fn.trust = ClientTrust(keys=keys, transform=transform)
+    client_fn.trust = ClientTrust(
+        keys=keys, transform=transform, max_examples=run.federation.max_examples
+    )
     return keys.public_table(ids) if keys is not None else None
 
 

@@ -372,6 +372,11 @@ class SecAggConfig:
     security_parameter: int = 40
     expected_dropout: float = 0.1
     allow_insecure_neighbours: bool = False
+    context: bytes = b""
+    """Bytes every party binds into the round (the config digest that every
+    advertisement signs in malicious mode): a digest of whatever else the
+    round's parties must agree on, e.g. how each client encodes its input.
+    Empty: nothing more (digests as before)."""
 
     def __post_init__(self) -> None:
         if self.protocol not in ("secagg", "secagg+"):
@@ -676,7 +681,7 @@ def _consistency_message(
 
 
 def _config_digest(config: SecAggConfig, num_clients: int, neighbours: int) -> bytes:
-    document = {
+    document: dict[str, object] = {
         "version": VERSION,
         "protocol": config.protocol,
         "threshold": config.threshold,
@@ -686,6 +691,8 @@ def _config_digest(config: SecAggConfig, num_clients: int, neighbours: int) -> b
         "num_clients": num_clients,
         "neighbours": neighbours,
     }
+    if config.context:
+        document["context"] = config.context.hex()
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).digest()
 
 

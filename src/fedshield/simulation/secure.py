@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -59,6 +59,7 @@ from fedshield.simulation.secure_client import (
     InputPlan,
     SecureSetup,
     SecureStageIns,
+    plan_digest,
 )
 from fedshield.strategies.secure_inputs import SecureInput
 
@@ -402,6 +403,9 @@ class SecureSumRound:
                     f"no verification key for {unknown[:3]} in the key directory"
                 )
             table = {cid: known[cid] for cid in self._clients}
+        # Every party binds the plan into the round: clients shown different
+        # plans cannot agree on it (malicious mode checks every signature).
+        config = replace(config, context=plan_digest(plan))
         self._plan = plan
         self._server = SecAggServer(
             config, self._round_idx, self._clients, verify_keys=table
@@ -440,11 +444,20 @@ class SecureSumRound:
                 server.receive_one(cid, reply.value)
             except ProtocolError as err:
                 self._refused(cid, str(err))
+        self._record_refusals()
         try:
             server.end_stage()
         except ProtocolError as err:
             return self._abort(str(err))
         return self._next()
+
+    def _record_refusals(self) -> None:
+        """The protocol's own refusals (a bad signature...) as rejected failures."""
+        server = self._server
+        assert server is not None
+        for cid, why in server.refused.items():
+            if cid not in self._dropped:
+                self._refused(cid, why)
 
     def _next(self) -> StageRequest | SecureSumResult:
         server = self._server

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -53,6 +53,7 @@ __all__ = [
     "encode_input",
     "hand_over",
     "hold_update",
+    "plan_digest",
     "run_secure_stage",
 ]
 
@@ -216,6 +217,8 @@ def hand_over(session: ClientSession, message: SecureStageIns) -> HandedHalf:
         from fedshield.secagg import crypto
 
         key = crypto.export_signing_key(session.signing_key)
+    # Checked numbers (validate_update), as plain floats for the wire.
+    held = replace(held, metrics={k: float(v) for k, v in held.metrics.items()})
     session.held = None
     return HandedHalf(held, key, message)
 
@@ -295,16 +298,45 @@ class ClientTrust:
     ----------
     keys
         The key directory (malicious mode): the client signs with its own
-        long-term key and refuses a key table that is not the directory's.
+        long-term key, refuses a key table that is not the directory's, and
+        refuses a round that is not in malicious mode.
     transform
         What the client itself expects to do to its update. The client
         refuses a plan of another kind and, under distributed DP, a plan
         whose noise or randomness differs from what its own mechanism
-        gives for the announced round.
+        gives for the announced round; it also decides, not the server,
+        whether its receipt carries its example count.
+    max_examples
+        The client's own bound on ``num_examples`` (FedAvg's weight
+        ``n / max_examples``); None: the server's word.
+    started
+        The rounds each client of this process has joined a secure sum in:
+        a client joins a round's secure aggregation once (a server that ran
+        it twice over the same update could subtract two sums). Kept per
+        process, as a site keeps it on its own disk.
     """
 
     keys: KeyDirectory | None = None
     transform: SecureInput | None = None
+    max_examples: int | None = None
+    started: set[tuple[str, int]] = field(default_factory=set, compare=False)
+
+
+def plan_digest(plan: InputPlan) -> bytes:
+    """SHA-256 of every field of ``plan``: what the round binds (``context``)."""
+    import hashlib
+    import json
+
+    ddp = plan.ddp
+    fields = {
+        name: getattr(plan, name)
+        for name in InputPlan.__dataclass_fields__
+        if name != "ddp"
+    }
+    if ddp is not None:
+        fields["ddp"] = {name: getattr(ddp, name) for name in ddp.__dataclass_fields__}
+    text = json.dumps(fields, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 REJECTED_OWN_CHECK = (
@@ -328,6 +360,7 @@ def hold_update(
     session.held = None
     session.signing_key = None
     client_id = session.client_id
+    hold = _own_hold(session, hold)
     try:
         if hold.lenient and isinstance(update, ClientUpdate):
             update = _lenient(update, spec)
@@ -361,6 +394,23 @@ def hold_update(
     return FitReceipt(client_id, count, verify_key, "", shared)
 
 
+def _own_hold(session: ClientSession, hold: HoldUpdate) -> HoldUpdate:
+    """``hold`` with what the client's own trust decides in place of the server's."""
+    trust = session.trust
+    if trust is None:
+        return hold
+    kind = trust.transform.kind if trust.transform is not None else None
+    return replace(
+        hold,
+        malicious=hold.malicious or trust.keys is not None,
+        lenient=hold.lenient if kind is None else kind == "distributed",
+        count=hold.count if kind is None else kind == "weighted",
+        max_examples=trust.max_examples
+        if trust.max_examples is not None
+        else hold.max_examples,
+    )
+
+
 def _lenient(update: ClientUpdate, spec: Any) -> ClientUpdate:
     """Distributed DP: a non-finite update counts as zero; no metric leaves."""
     delta = update.delta
@@ -376,6 +426,11 @@ def run_secure_stage(
     from fedshield.secagg.protocol import SecAggClient
 
     handed = isinstance(message, HandedHalf)
+    if handed and not getattr(session.client, "takes_handed_halves", False):
+        raise ProtocolError(
+            "a handed-over half reached a client that trains its own update; "
+            "only the clients' own worker processes take one"
+        )
     if isinstance(message, HandedHalf):  # checked by the process that handed it
         from fedshield.secagg import crypto
 
@@ -442,11 +497,24 @@ def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
             "the server sent an update to send in place of this client's own; "
             "an honest client sends only what it trained"
         )
+    _check_plan_fits(setup, session.held)
     trust = session.trust
     if trust is None:
         return
-    if setup.config.malicious and trust.keys is not None:
+    if trust.keys is not None:
+        if not setup.config.malicious:
+            raise ProtocolError(
+                "this client takes part in malicious-mode rounds only (it holds "
+                "a key from the directory); the server asked for another mode"
+            )
         trust.keys.check_table(setup.verify_keys)
+    joined = (session.client_id, setup.round_idx)
+    if joined in trust.started:
+        raise ProtocolError(
+            f"this client already joined round {setup.round_idx + 1}'s secure "
+            "aggregation; it sends an update to one protocol per round"
+        )
+    trust.started.add(joined)
     expected = trust.transform
     plan = setup.plan
     if expected is None:
@@ -461,6 +529,11 @@ def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
         ddp = plan.ddp
         if ddp is None or ddp.threshold != setup.config.threshold:
             raise ProtocolError("the server's distributed-DP plan is incomplete")
+        if setup.verify_keys and ddp.num_clients != len(setup.verify_keys):
+            raise ProtocolError(
+                "the server's distributed-DP plan counts another number of "
+                "clients than the round's roster"
+            )
         mine = own.parameters(
             dimension=plan.size, num_clients=ddp.num_clients, threshold=ddp.threshold
         )
@@ -474,6 +547,36 @@ def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
                 f"mechanism (noise std {ddp.noise_std:g}, expected "
                 f"{mine.noise_std:g}); refused"
             )
+
+
+def _check_plan_fits(setup: SecureSetup, held: Any) -> None:
+    """Refuse a plan that does not fit the update or the protocol's config.
+
+    The encoding's modulus and length must be the protocol's, the plan
+    must be for this model's size, and the config must bind the plan
+    (``context``), so that in malicious mode clients shown different plans
+    cannot agree on a round.
+    """
+    plan, config = setup.plan, setup.config
+    size = held.delta.spec.size if isinstance(held, ClientUpdate) else plan.size
+    extra = 0 if plan.kind == "distributed" else EXTRA_WORDS
+    ddp_bits = plan.ddp.modulus_bits if plan.ddp is not None else plan.modulus_bits
+    if (
+        plan.size != size
+        or config.vector_length != plan.length
+        or (extra and plan.length != size + extra)
+        or config.modulus_bits != plan.modulus_bits
+        or ddp_bits != plan.modulus_bits
+    ):
+        raise ProtocolError(
+            "the server's input plan does not fit this client's update or the "
+            "protocol's modulus and length; refused"
+        )
+    if config.context != plan_digest(plan):
+        raise ProtocolError(
+            "the round's configuration does not bind the input plan the server "
+            "announced; refused"
+        )
 
 
 def encode_input(

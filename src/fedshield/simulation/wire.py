@@ -430,6 +430,7 @@ _SECAGG_CONFIG = _Record(
         "security_parameter": _INT,
         "expected_dropout": _NUM,
         "allow_insecure_neighbours": _BOOL,
+        "context": _Bytes(),
     },
 )
 _DDG = _Record(

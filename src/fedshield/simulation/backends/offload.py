@@ -48,6 +48,10 @@ class _HoldsSessions(Protocol):
 class _Half:
     """A client whose half of a secure round was handed to this process."""
 
+    takes_handed_halves = True
+    """Only such a placeholder takes a :class:`HandedHalf` (a client that
+    trains refuses one: it could come from the server)."""
+
     def __init__(self, client_id: ClientId) -> None:
         self.client_id = client_id
 
@@ -149,7 +153,7 @@ class SecureOffload:
                 continue  # the inner backend reports the malformed message
             try:
                 messages[client_id] = hand_over(session, message)
-            except FedShieldError as err:
+            except Exception as err:  # a client's failure must not stop the round
                 failure = ClientFailure(
                     client_id,
                     SECURE_STAGES[0],
