@@ -75,12 +75,14 @@ def _failing_client_fn(message: str) -> ClientFn:
 def _load_client_fn(payload: bytes, where: str) -> tuple[ClientFn, str | None]:
     """Unpickle ``client_fn``; a stand-in that fails every client if it cannot.
 
-    The only pickle a worker reads, and it comes from the server (the
-    server's own code, never a client's data); replies go back as wire
-    bytes.
+    The only pickle a worker reads: the simulation's client factory, sent
+    by the process that starts the pool (the simulator's own code and what
+    it gives the clients, such as their trust and key directory; never a
+    reply from a client, and never through the round's server code).
+    Replies go back as wire bytes.
     """
     try:
-        client_fn: ClientFn = pickle.loads(payload)  # the server's code, see above
+        client_fn: ClientFn = pickle.loads(payload)  # the simulator's, see above
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         return _failing_client_fn(f"{where} could not load client_fn: {error}"), error
