@@ -75,8 +75,10 @@ import logging
 import os
 import pickle
 import platform
+import queue
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections import deque
@@ -112,6 +114,7 @@ from fedshield.simulation.protocol import (
     StageReply,
     StageRequest,
 )
+from fedshield.simulation.secure_client import SECURE_STAGES
 
 __all__ = ["ProcessPoolBackend"]
 
@@ -148,6 +151,15 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     client_fn: ClientFn = _failing_client_fn("no client_fn was sent to the worker")
     cache: dict[ClientId, ClientSession] = {}
+    # A secure stage's replies leave through a sender thread: a client's
+    # half never waits on a full pipe while the parent answers its own
+    # clients' halves (it reads when it can). Other stages send directly, so
+    # that a worker that dies loses only the client it was running; the
+    # parent collects every reply of a stage before it sends the next one,
+    # so the two paths never reorder frames.
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_all, args=(conn, outbox), daemon=True)
+    sender.start()
     while True:
         try:
             frame = conn.recv_bytes()
@@ -174,6 +186,7 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
                 continue
             del frame
             build = _pinning(client_fn, torch_threads)
+            post = outbox.put if request.stage in SECURE_STAGES else conn.send_bytes
             for client_id in request.messages:
                 _pin_torch_threads(torch_threads)
                 reply = run_client_stage(
@@ -181,7 +194,7 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
                 )
                 data = _encode_reply(reply, request.stage, _WHERE)
                 del reply
-                conn.send_bytes(_REPLY + seq + data)
+                post(_REPLY + seq + data)
         elif kind == _END_ROUND:
             cache.clear()
         elif kind == _STOP:
@@ -189,10 +202,24 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
             # 0.5-2 s per worker, and a worker holds nothing that needs it
             # (as a forked multiprocessing child, it ends with os._exit).
             cache.clear()
+            outbox.put(None)
+            sender.join(timeout=5)
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(0)
+
+
+def _send_all(conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
+    """A worker's sender thread: each frame in order, until None or the pipe dies."""
+    while True:
+        frame = outbox.get()
+        if frame is None:
+            return
+        try:
+            conn.send_bytes(frame)
+        except (EOFError, OSError):  # the parent has gone
+            return
 
 
 # ---------------------------------------------------------------------------
