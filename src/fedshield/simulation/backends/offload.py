@@ -16,7 +16,6 @@ those of the wrapped backend.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -66,29 +65,6 @@ class _Half:
 def half_client(client_id: ClientId) -> Any:
     """The pool's client factory: a placeholder the handed half fills."""
     return _Half(client_id)
-
-
-class _Drain:
-    """Reads an iterator of replies on a thread (mostly waiting on a pipe)."""
-
-    def __init__(self, replies: Iterator[StageReply]) -> None:
-        self._replies = replies
-        self._got: list[StageReply] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._got.extend(self._replies)
-        except BaseException as err:  # re-raised where the replies are read
-            self._error = err
-
-    def replies(self) -> list[StageReply]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._got
 
 
 class SecureOffload:
@@ -151,10 +127,9 @@ class SecureOffload:
             # The server takes this process's replies while the pool works;
             # a thread reads the pool's replies as they come, so that its
             # worker never stalls on a full pipe meanwhile.
-            drained = _Drain(far)
             yield from early.values()
             yield from near
-            yield from drained.replies()
+            yield from far
             return
         # The first stage in request order: who advertised first leads
         # (and seeds SecAgg+'s graph), as with the inner backend alone.
