@@ -434,3 +434,23 @@ def test_simulate_gives_its_clients_their_own_noise(tmp_path, lying_plan) -> Non
     _, path = fs.simulate(config, out=tmp_path / "t", write_report=False)
     failures = _rows(path, "failures.jsonl")
     assert failures and all("differs" in f["message"] for f in failures)
+
+
+def test_a_refused_protocol_reply_is_recorded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Client 3 answers share_keys with junk bytes: the protocol refuses it,
+    # the round records a rejected failure and goes on without it.
+    from fedshield.simulation import secure_client
+
+    original = secure_client.run_secure_stage
+
+    def junk(session, stage, message, rng):  # type: ignore[no-untyped-def]
+        reply = original(session, stage, message, rng)
+        if session.client_id == "3" and stage == "share_keys":
+            return b"\x00junk"
+        return reply
+
+    monkeypatch.setattr("fedshield.simulation.protocol.run_secure_stage", junk)
+    result = _run({cid: Client(cid) for cid in IDS})
+    rejected = [f for f in result.failures if f.client_id == "3"]
+    assert rejected and rejected[0].kind == "rejected"
+    assert result.metrics["secagg/survivors"] == 4.0

@@ -79,8 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FIT = "fit"
-
 
 @dataclass(frozen=True)
 class Faults:
@@ -539,7 +537,13 @@ class SecureSumRound:
         return config, plan
 
     def _refused(self, cid: ClientId, why: str) -> None:
+        """A reply the protocol refused: recorded, and the client is dropped."""
+        stage = self._asked[0]
         logger.warning("round %d: client %s refused: %s", self._round_idx + 1, cid, why)
+        self._failures.append(
+            ClientFailure(cid, stage, FailureKind.REJECTED, f"reply refused: {why}")
+        )
+        self._dropped.setdefault(cid, stage)
 
     def _abort(self, message: str) -> SecureSumResult:
         _count_drops(self._metrics, self._dropped)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from fedshield.core import ClientId
 from fedshield.errors import FedShieldError
 from fedshield.simulation.backends.base import Backend, ClientFn
 from fedshield.simulation.protocol import (
     ClientFailure,
-    ClientSession,
     FailureKind,
     StageReply,
     StageRequest,
@@ -37,12 +36,6 @@ from fedshield.simulation.secure_client import (
 )
 
 __all__ = ["SecureOffload", "half_client"]
-
-
-class _HoldsSessions(Protocol):
-    """An in-process backend whose client sessions can be reached."""
-
-    def session(self, client_id: ClientId) -> ClientSession | None: ...
 
 
 class _Half:
