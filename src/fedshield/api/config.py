@@ -507,6 +507,32 @@ class FaultsSection(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class NetworkSection(_Section):
+    """``[network]``: a deployment between organisations (``fedshield serve``).
+
+    ``fedshield simulate`` ignores it. The server holds no data: the sites
+    and the model's shape are configured here, not read from ``[data]``.
+    """
+
+    sites: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]] = (
+        Field(default_factory=list)
+    )
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, max_length=4
+    )
+    num_classes: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    fit_timeout_s: float = Field(600.0, gt=0)
+    stage_timeout_s: float = Field(60.0, gt=0)
+    poll_s: float = Field(25.0, gt=0, le=60)
+    heartbeat_s: float = Field(5.0, gt=0, le=60)
+    offline_after: int = Field(3, ge=1, le=100)
+    chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20)
+    max_upload_mb: float = Field(16384.0, gt=0)
+    clock_skew_s: float = Field(120.0, gt=0, le=3600)
+    wait_for_sites_s: float = Field(600.0, gt=0)
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: one TOML file."""
 
@@ -520,6 +546,7 @@ class ExperimentConfig(_Section):
     robust: RobustSection = Field(default_factory=RobustSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     faults: FaultsSection = Field(default_factory=FaultsSection)
+    network: NetworkSection | None = None
 
     @property
     def runs_federated_eval(self) -> bool:
@@ -774,7 +801,9 @@ class ExperimentConfig(_Section):
 _SECTIONS: dict[str, type[_Section]] = {
     name: field.annotation  # type: ignore[misc]
     for name, field in ExperimentConfig.model_fields.items()
+    if name != "network"
 }
+_SECTIONS["network"] = NetworkSection
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:

@@ -1490,6 +1490,11 @@ class SecAggClient:
 # Server
 
 
+def _expand(entropy: bytes, label: bytes, size: int) -> bytes:
+    """``size`` bytes for ``label`` from a secret (BLAKE2b keyed by it)."""
+    return hashlib.blake2b(label, key=entropy[:64], digest_size=size).digest()
+
+
 class SecAggServer:
     """The server's side of a SecAgg / SecAgg+ round.
 
@@ -1532,8 +1537,11 @@ class SecAggServer:
         clients: Sequence[str],
         *,
         verify_keys: Mapping[str, bytes] | None = None,
+        entropy: bytes | None = None,
     ) -> None:
         _require_int("round_idx", round_idx, low=0)
+        if entropy is not None and len(entropy) < 32:
+            raise ConfigError("entropy must be at least 32 secret random bytes")
         ids = tuple(clients)
         for cid in ids:
             _check_participant_id(cid)
@@ -1552,10 +1560,22 @@ class SecAggServer:
                     f"missing {missing[:5]}"
                 )
         self._verify_keys = dict(verify_keys or {})
-        self._session = os.urandom(SESSION_BYTES)
+        # A server that must replay a round after a crash (fedshield serve)
+        # derives its randomness from a secret it keeps, so that it sends
+        # byte-identical requests and never asks a question twice with
+        # different words; otherwise from the operating system.
+        self._session = (
+            os.urandom(SESSION_BYTES)
+            if entropy is None
+            else _expand(entropy, b"session", SESSION_BYTES)
+        )
         self._digest = _config_digest(config, n, self._neighbours)
         # r_S, its commitment, and the round binding every advertisement signs.
-        self._seed_share = crypto.random_seed()
+        self._seed_share = (
+            crypto.random_seed()
+            if entropy is None
+            else _expand(entropy, b"seed-share", len(crypto.random_seed()))
+        )
         self._seed_commitment = _seed_commitment(
             self._session, round_idx, self._seed_share
         )

@@ -190,6 +190,10 @@ class RoundOptions:
         (:class:`~fedshield.errors.RoundFailedError`); ``"continue"``: it is
         recorded (``completed`` false) and the next round starts from the
         same model, as a server of a real deployment would go on.
+    server_secret
+        A secret the server keeps (``fedshield serve``: in its state
+        folder): the secure rounds' server randomness is derived from it
+        (:meth:`round_entropy`); None: from the operating system.
     """
 
     federated_eval: bool = False
@@ -202,6 +206,21 @@ class RoundOptions:
     on_stage: tuple[StageObserver, ...] = ()
     on_failed_round: Literal["stop", "continue"] = "stop"
     verify_keys: Mapping[str, bytes] | None = None
+    server_secret: bytes | None = None
+
+    def round_entropy(self, round_idx: int) -> bytes | None:
+        """The secure round's server randomness for ``round_idx`` (None: the OS's).
+
+        From ``server_secret`` when set: a networked server replaying a round
+        after a crash sends byte-identical requests.
+        """
+        if self.server_secret is None:
+            return None
+        import hashlib
+
+        return hashlib.blake2b(
+            round_idx.to_bytes(8, "little"), key=self.server_secret[:64]
+        ).digest()
 
     @property
     def colluding(self) -> frozenset[str]:
@@ -503,6 +522,7 @@ class FitRound:
             timeout_s=self._options.timeout_s,
             replacements=replacements,
             verify_keys=self._options.verify_keys,
+            entropy=self._options.round_entropy(self._plan.round_idx),
         )
         return self._secure_step(self._secure_round.start())
 

@@ -336,6 +336,10 @@ class SecureSumRound:
     verify_keys
         Malicious mode: the clients' keys from the key directory (None:
         from their receipts).
+    entropy
+        The SecAgg server's randomness for the round, from a secret the
+        server keeps (None: the operating system's): a networked server
+        replaying a round after a crash sends the same requests again.
     """
 
     def __init__(
@@ -352,7 +356,9 @@ class SecureSumRound:
         timeout_s: float | None = None,
         replacements: Mapping[ClientId, ClientUpdate] | None = None,
         verify_keys: Mapping[ClientId, bytes] | None = None,
+        entropy: bytes | None = None,
     ) -> None:
+        self._entropy = entropy
         self._settings = settings
         self._spec = spec
         self._round_idx = round_idx
@@ -406,7 +412,11 @@ class SecureSumRound:
         config = replace(config, context=plan_digest(plan))
         self._plan = plan
         self._server = SecAggServer(
-            config, self._round_idx, self._clients, verify_keys=table
+            config,
+            self._round_idx,
+            self._clients,
+            verify_keys=table,
+            entropy=self._entropy,
         )
         replacements = self._replacements
         self._setups = {
