@@ -1,0 +1,1 @@
+"""Flower App: FedAvg over three hospitals of UCI Heart Disease (deployment mode)."""
