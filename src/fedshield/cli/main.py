@@ -522,3 +522,111 @@ def ca_revoke(
     except FedShieldError as err:
         raise _fail(err) from None
     typer.echo(f"revoked {name}: {ca / 'ca.crl'} lists it")
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path,
+        typer.Argument(help="The run's configuration (TOML, with a network section)."),
+    ],
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="The federation's CA folder (fedshield ca init)."),
+    ] = None,
+    state: Annotated[
+        Path,
+        typer.Option(
+            "--state",
+            help="State folder: the run's outputs, state.db and blobs; the same "
+            "folder again resumes the run.",
+        ),
+    ] = Path("server-state"),
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT to listen on (port 0: any).")
+    ] = "127.0.0.1:8443",
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="No TLS (tests on 127.0.0.1 only)."),
+    ] = False,
+    port_file: Annotated[
+        Path | None,
+        typer.Option("--port-file", help="Write the bound port here once listening."),
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="text or json (the summary).")
+    ] = "text",
+) -> None:
+    """Serve a federation to sites over gRPC with mutual TLS (operator)."""
+    from fedshield.cli.network import run_serve
+
+    if (ca is None) == (not insecure):
+        raise _fail(
+            FedShieldError(
+                "give --ca CA_DIR (mutual TLS), or --insecure on 127.0.0.1 for tests"
+            )
+        )
+    try:
+        run_serve(
+            config,
+            ca=ca,
+            state=state,
+            listen=listen,
+            port_file=port_file,
+            as_json=format_ == "json",
+            console=Console(),
+        )
+    except FedShieldError as err:
+        raise _fail(err) from None
+
+
+@app.command()
+def join(
+    server: Annotated[str, typer.Option("--server", help="HOST:PORT of the server.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="SITE.toml: this site's [data] section.")
+    ],
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", help="Folder with NAME.key, NAME.crt and ca.crt."),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option("--policy", help="POLICY.toml: what this site takes part in."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", help="This site's copy of a Python model factory (kind python)."
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS (tests on 127.0.0.1 only).")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The site's name with --insecure.")
+    ] = None,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout", help="Seconds to retry an unreachable server."
+        ),
+    ] = 300.0,
+) -> None:
+    """Join a federation as a site: outbound connections only (site)."""
+    from fedshield.cli.network import run_join
+
+    try:
+        run_join(
+            server,
+            data=data,
+            identity=identity,
+            policy=policy,
+            model=model,
+            insecure=insecure,
+            name=name,
+            connect_timeout_s=connect_timeout,
+            console=Console(),
+        )
+    except FedShieldError as err:
+        raise _fail(err) from None

@@ -1,0 +1,526 @@
+"""A federation between organisations: ``fedshield serve`` and ``fedshield join``.
+
+:func:`serve` runs the same rounds as :func:`~fedshield.api.run.simulate`
+(strategies, DP modes, SecAgg/SecAgg+, robust rules) with a
+:class:`~fedshield.transport.backend.GrpcBackend` in place of the
+simulator's: the clients are sites that join over mutual TLS. The server
+holds no data: ``[network]`` names the sites (the names in their
+certificates) and the model's input shape and classes. Its ``--state``
+folder ends with the same outputs as a simulation's run folder
+(``summary.json``, ``metrics.jsonl``, ``report.html``, ``checkpoint.npz``)
+plus ``state.db`` and ``blobs/``; the same command on the same folder
+resumes, mid-stage, with the decisions it had made.
+
+:func:`site_builder` is the site's half: from the plan the server announces
+(its configuration without ``[data]``) and the site's own ``[data]``
+section, it builds the site's client on its own data and its own copy of
+the model code, and its policy's checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedshield.api.config import ExperimentConfig, load_config, parse_config
+from fedshield.api.experiment import build_strategy, secure_settings
+from fedshield.core import ServerState
+from fedshield.errors import ConfigError, FedShieldError, PrivacyBudgetExceeded
+from fedshield.simulation import RoundOptions, RunDirectory, run_rounds
+from fedshield.simulation.rundir import CONFIG, SUMMARY
+
+__all__ = ["ServeOutcome", "plan_of", "serve", "site_builder"]
+
+logger = logging.getLogger(__name__)
+
+SIMULATION_ONLY = ("attack", "faults")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The model's input shape and classes, from ``[network]`` (no data here)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _check_serveable(config: ExperimentConfig) -> Any:
+    net = config.network
+    if net is None or not net.sites:
+        raise ConfigError(
+            "fedshield serve needs a [network] section naming the sites: "
+            'sites = ["hospital-a", "hospital-b", ...] (the names in their '
+            "certificates), with input_shape and num_classes"
+        )
+    if net.input_shape is None or net.num_classes is None:
+        raise ConfigError(
+            "[network] needs input_shape (e.g. [13]) and num_classes: the server "
+            "holds no data to read them from"
+        )
+    if len(set(net.sites)) != len(net.sites):
+        raise ConfigError("[network] sites must be distinct")
+    if config.attack.kind != "none" or config.faults.dropout:
+        raise ConfigError(
+            "[attack] and [faults] are simulated; a deployment has real sites. "
+            "Remove them from the server's configuration"
+        )
+    if config.robust.rule == "fltrust":
+        raise ConfigError(
+            "robust.rule = 'fltrust' needs a root data set at the server, which "
+            "a deployment's server does not hold; use another rule"
+        )
+    if config.privacy.mode == "record":
+        raise ConfigError(
+            'privacy.mode = "record" accounts with every site\'s record count, '
+            "which the server does not know; use central, local or distributed DP"
+        )
+    return net
+
+
+def plan_of(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
+    """What a site learns when it joins: the configuration without ``[data]``."""
+    sections = config.to_dict()
+    sections.pop("data", None)
+    net = sections.get("network", {})
+    return {
+        "run_id": run_id,
+        "config": sections,
+        "sites": list(net.get("sites", [])),
+        "rounds": config.run.rounds,
+    }
+
+
+def _model(config: ExperimentConfig) -> Any:
+    from fedshield.api.experiment import _build_model
+
+    net = config.network
+    assert net is not None and net.input_shape and net.num_classes
+    shape = _Shape(tuple(net.input_shape), int(net.num_classes))
+    return _build_model(config, shape, None)  # type: ignore[arg-type]
+
+
+@dataclass
+class ServeOutcome:
+    """How :func:`serve` ended."""
+
+    summary: dict[str, Any]
+    state_dir: Path
+    port: int
+    events: list[tuple[float, str, str, str]] = field(default_factory=list)
+
+
+def serve(
+    config_path: Path | ExperimentConfig,
+    *,
+    ca_dir: Path | None,
+    state_dir: Path,
+    listen: str,
+    port_file: Path | None = None,
+    on_round: Callable[[ServerState, Mapping[str, Any]], None] | None = None,
+    on_listening: Callable[[int], None] | None = None,
+) -> ServeOutcome:
+    """Serve the run ``config_path`` describes until its last round.
+
+    ``ca_dir`` None is ``--insecure`` (refused unless ``listen`` is a
+    loopback address). A ``state_dir`` that holds a run resumes it.
+
+    Raises
+    ------
+    FedShieldError
+        Configuration, certificate, state or round failures (exit codes as
+        for ``simulate``; 40-46 for the transport's).
+    """
+    from fedshield.transport.backend import GrpcBackend, Mailbox
+    from fedshield.transport.server import FleetServer, ServerSettings
+    from fedshield.transport.store import ServerStore
+
+    config = (
+        config_path
+        if isinstance(config_path, ExperimentConfig)
+        else load_config(Path(config_path))
+    )
+    net = _check_serveable(config)
+    if ca_dir is None and not _is_loopback(listen):
+        raise ConfigError(
+            f"--insecure is for loopback only (127.0.0.1 / localhost); {listen} is "
+            "not: give --ca CA_DIR"
+        )
+    started = time.perf_counter()
+    sites = tuple(net.sites)
+    model = _model(config)
+    strategy = build_strategy(config, num_clients=len(sites))
+    mode = config.privacy.mode
+    if mode != "none":
+        from fedshield.strategies.dp import DpFedAvg
+
+        assert isinstance(strategy, DpFedAvg)
+        strategy.check(len(sites), dimension=model.spec.size)
+    else:
+        strategy.check(len(sites))
+    secure = secure_settings(config)
+    if secure is not None:
+        from fedshield.api.experiment import client_sampler
+        from fedshield.simulation.secure import EXTRA_WORDS
+
+        distributed = (
+            strategy.privacy.distributed()  # type: ignore[union-attr]
+            if mode == "distributed"
+            else None
+        )
+        expected = client_sampler(config).expected_count(len(sites))
+        secure.check(expected, model.spec.size + EXTRA_WORDS, distributed=distributed)
+    run_dir = RunDirectory(Path(state_dir))
+    resume = (Path(state_dir) / "state.db").exists() and run_dir.has_run()
+    run_dir.prepare(resume=resume, overwrite=False)
+    store = ServerStore(Path(state_dir))
+    from fedshield.api.run import config_fingerprint
+
+    fingerprint = config_fingerprint(config)
+    recorded = store.meta("fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise ConfigError(
+            f"{state_dir} holds a run of another configuration (fingerprint "
+            f"{recorded}, this one {fingerprint}); only run.rounds may change on "
+            "resume; use a new --state folder"
+        )
+    store.set_meta("fingerprint", fingerprint)
+    run_id = store.meta("run_id")
+    if run_id is None:
+        run_id = f"{config.run.name}-{store.secret('run-id').hex()[:12]}"
+        store.set_meta("run_id", run_id)
+    state = _initial_state(config, run_dir, model, strategy, resume)
+    import tomli_w
+
+    run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
+    mailbox = Mailbox(store, offline_after_s=net.heartbeat_s * net.offline_after)
+    settings = ServerSettings(
+        listen=listen,
+        sites=sites,
+        run_id=run_id,
+        plan_json=json.dumps(plan_of(config, run_id), sort_keys=True).encode(),
+        ca_dir=Path(ca_dir) if ca_dir is not None else None,
+        poll_s=net.poll_s,
+        heartbeat_s=net.heartbeat_s,
+        chunk_bytes=net.chunk_bytes,
+        max_upload_bytes=int(net.max_upload_mb * (1 << 20)),
+        clock_skew_s=net.clock_skew_s,
+    )
+    server = FleetServer(settings, mailbox)
+    port = server.start()
+    if port_file is not None:
+        tmp = Path(port_file).with_suffix(".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(port_file)
+    if on_listening is not None:
+        on_listening(port)
+    logger.info(
+        "serving %s on port %d (%s)", run_id, port, "mTLS" if ca_dir else "insecure"
+    )
+    backend = GrpcBackend(
+        mailbox,
+        store,
+        fit_timeout_s=net.fit_timeout_s,
+        stage_timeout_s=net.stage_timeout_s,
+    )
+    status, error = "completed", None
+    final = state
+    try:
+        here = mailbox.wait_for_sites(list(sites), net.wait_for_sites_s)
+        logger.info("%d of %d sites joined; starting", len(here), len(sites))
+
+        def remember(new_state: ServerState, record: Mapping[str, Any]) -> None:
+            nonlocal final
+            final = new_state
+            if on_round is not None:
+                on_round(new_state, record)
+
+        options = RoundOptions(
+            federated_eval=config.runs_federated_eval,
+            timeout_s=config.run.timeout_s,
+            max_examples=net.max_examples,
+            secure=secure,
+            on_failed_round=config.run.on_failed_round or "continue",
+            server_secret=store.secret("secagg"),
+        )
+        final = run_rounds(
+            strategy,
+            state,
+            rounds=config.run.rounds,
+            client_fn=_no_clients,
+            client_ids=list(sites),
+            seed=config.run.seed,
+            backend=backend,
+            options=options,
+            evaluate_fn=None,
+            eval_every=config.run.eval_every,
+            run_dir=run_dir,
+            on_round=remember,
+        )
+    except PrivacyBudgetExceeded as err:
+        status, error = "budget_exhausted", str(err)
+    except FedShieldError as err:
+        status, error = "failed", str(err)
+        raise
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted by the operator"
+        raise
+    finally:
+        backend.close()
+        _drain(mailbox, sites, 3.0)
+        server.stop()
+        summary = _write_summary(config, run_dir, final, status, error, started, model)
+        events = store.events()
+        store.close()
+    return ServeOutcome(summary, Path(state_dir), port, events)
+
+
+def _no_clients(client_id: str) -> Any:
+    raise AssertionError("the server builds no clients: the sites do")
+
+
+def _drain(mailbox: Any, sites: tuple[str, ...], seconds: float) -> None:
+    """Give the sites' long polls a moment to hear that the run is over."""
+    time.sleep(min(seconds, 0.5))
+
+
+def _initial_state(
+    config: ExperimentConfig,
+    run_dir: RunDirectory,
+    model: Any,
+    strategy: Any,
+    resume: bool,
+) -> ServerState:
+    from fedshield.api.run import config_fingerprint
+
+    if resume:
+        state: ServerState = run_dir.load_checkpoint()
+        run_dir.truncate_records(state.round_idx)
+        logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
+        return state
+    params = model.init_params(config.run.seed)
+    state = strategy.init(params).evolve(
+        metadata={"fingerprint": config_fingerprint(config)}
+    )
+    run_dir.save_checkpoint(state)
+    return state
+
+
+def _write_summary(
+    config: ExperimentConfig,
+    run_dir: RunDirectory,
+    state: ServerState,
+    status: str,
+    error: str | None,
+    started: float,
+    model: Any,
+) -> dict[str, Any]:
+    from fedshield.api.run import _summary, _write_report
+
+    summary = _summary(
+        config,
+        None,
+        state,
+        run_dir.read_metrics(),
+        status=status,
+        wall_seconds=time.perf_counter() - started,
+        error=error,
+    )
+    net = config.network
+    assert net is not None
+    if summary.get("accuracy") is None:
+        # The server holds no test set: the headline is the sites' own
+        # evaluation (federated), when the run asks for it.
+        last: dict[str, Any] = next(
+            (
+                r
+                for r in reversed(run_dir.read_metrics())
+                if r.get("federated_accuracy") is not None
+            ),
+            {},
+        )
+        summary["accuracy"] = last.get("federated_accuracy")
+        summary["loss"] = last.get("federated_loss")
+        summary["accuracy_source"] = "federated" if last else None
+    summary["num_clients"] = len(net.sites)
+    summary["dataset"] = "sites"
+    summary["backend"] = "grpc"
+    summary["num_parameters"] = model.spec.size
+    run_dir.write_json(SUMMARY, summary)
+    if config.run.report:
+        _write_report(run_dir.path, None)
+    return summary
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+# ---------------------------------------------------------------------------
+# The site's half
+# ---------------------------------------------------------------------------
+
+
+def load_site_data(path: Path) -> dict[str, Any]:
+    """The ``[data]`` section of a site's ``SITE.toml`` (paths made absolute).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not TOML, or has no ``[data]``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--data {path} does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} has no [data] section; a site's file holds its [data] "
+            '(e.g. dataset = "csv", path = "my.csv", label = "target")'
+        )
+    extra = sorted(set(doc) - {"data"})
+    if extra:
+        raise ConfigError(
+            f"{path}: only [data] belongs in a site's file (found {extra}); the "
+            "rest of the configuration comes from the server"
+        )
+    data = dict(data)
+    for key in ("path", "test_path"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[key] = str((path.parent / value).resolve())
+    factory = data.get("factory")
+    if isinstance(factory, str) and ":" in factory:
+        file, _, fn = factory.rpartition(":")
+        if not Path(file).is_absolute():
+            data["factory"] = f"{(path.parent / file).resolve()}:{fn}"
+    return data
+
+
+def site_builder(
+    site_data: Mapping[str, Any],
+    *,
+    policy: Any = None,
+    model_source: Path | None = None,
+) -> Callable[[dict[str, Any]], Any]:
+    """The site's ``build(plan)``: its client on its own data, and its checks.
+
+    ``policy`` is a :class:`~fedshield.transport.policy.SitePolicy` (None:
+    take part in anything). ``model_source``: the site's own copy of a
+    Python model factory (``[model] kind = "python"``), whose hash the
+    policy checks; the site never runs code the server sent.
+    """
+    from fedshield.transport.site import SiteSetup
+
+    def build(plan: dict[str, Any]) -> SiteSetup:
+        if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
+            raise ConfigError("the server's plan is malformed (no configuration)")
+        sections = {
+            k: dict(v) for k, v in plan["config"].items() if isinstance(v, dict)
+        }
+        for name in SIMULATION_ONLY:
+            sections.pop(name, None)
+        net = sections.get("network", {})
+        data = dict(site_data)
+        data.setdefault("partition", "iid")
+        data["num_clients"] = 1
+        sections["data"] = data
+        if (
+            model_source is not None
+            and sections.get("model", {}).get("kind") == "python"
+        ):
+            fn = str(sections["model"].get("factory", ":build")).rpartition(":")[2]
+            sections["model"]["factory"] = f"{model_source.resolve()}:{fn}"
+        config = parse_config(sections)
+        from fedshield.api.experiment import build_federation
+
+        federation = build_federation(config)
+        shape = list(federation.train.input_shape)
+        if net.get("input_shape") and list(net["input_shape"]) != shape:
+            raise ConfigError(
+                f"this site's data has input shape {shape}; the run expects "
+                f"{net['input_shape']} (check the site's features)"
+            )
+        classes = federation.train.num_classes
+        if net.get("num_classes") and int(net["num_classes"]) != classes:
+            raise ConfigError(
+                f"this site's data has {classes} classes; the run expects "
+                f"{net['num_classes']} (set classes in the site's [data])"
+            )
+        guard = None
+        if policy is not None:
+            from fedshield.transport.policy import SiteGuard
+
+            source = model_source.read_bytes() if model_source is not None else None
+            guard = SiteGuard(
+                policy,
+                plan["config"],
+                plan.get("sites", []),
+                factory_source=source,
+                num_records=len(federation.train.y),
+                dimension=federation.model.spec.size,
+            )
+            guard.check_run()
+            logger.info("site policy: %s", guard.describe())
+        rows = federation.client_fn.parts[federation.client_ids[0]]
+        trust = _site_trust(config, len(plan.get("sites", [])) or 1)
+        built: dict[str, Any] = {}
+
+        def client_fn(name: str) -> Any:
+            # The site's one client, named as its certificate names it.
+            if name not in built:
+                from fedshield.api.experiment import DatasetClients
+
+                built.clear()
+                built[name] = DatasetClients(
+                    federation.model,
+                    federation.train,
+                    {name: rows},
+                    client_test_fraction=config.data.client_test_fraction,
+                    seed=config.run.seed,
+                )
+                built[name].trust = trust
+            return built[name](name)
+
+        return SiteSetup(
+            client_fn,
+            check_task=guard.check_task if guard is not None else None,
+            filter_metrics=guard.filter_metrics if guard is not None else None,
+        )
+
+    return build
+
+
+def _site_trust(config: ExperimentConfig, num_sites: int) -> Any:
+    """What the site checks a secure round's setup against (its own config)."""
+    if config.secagg.protocol == "none":
+        return None
+    from fedshield.simulation.secure_client import ClientTrust
+    from fedshield.strategies.secure_inputs import SecureInput
+
+    if config.privacy.mode == "distributed":
+        strategy = build_strategy(config, num_clients=num_sites)
+        distributed = strategy.privacy.distributed()  # type: ignore[union-attr]
+        transform = SecureInput("distributed", distributed.clip_norm, distributed)
+    elif config.privacy.mode == "central":
+        transform = SecureInput("clipped")
+    else:
+        transform = SecureInput("weighted")
+    max_examples = config.network.max_examples if config.network else None
+    return ClientTrust(keys=None, transform=transform, max_examples=max_examples)
+
+
+def factory_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a model factory's source, as a policy lists it."""
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
