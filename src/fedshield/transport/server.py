@@ -108,7 +108,6 @@ class _Servicer(pb_grpc.FleetServicer):
                 f"(fedshield {request.version}), this server {PROTOCOL_VERSION} "
                 f"(fedshield {__version__}); install the same fedshield version",
             )
-        self.s.mailbox.joined(cid)
         logger.info("site %s joined (fedshield %s)", cid, request.version)
         st = self.s.settings
         return pb.JoinReply(
@@ -137,6 +136,7 @@ class _Servicer(pb_grpc.FleetServicer):
                 f"run {request.run_id!r} is not this server's run ({st.run_id!r}); "
                 "join again",
             )
+        self.s.mailbox.joined(cid)  # ready: its client is built
         deadline = time.monotonic() + st.poll_s
         while True:
             changed = self.s.changed

@@ -183,6 +183,7 @@ class SiteClient:
         self._sessions: dict[int, ClientSession] = {}
         self._status = "connecting"
         self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
         self.chunk_bytes = 1 << 20
         self.poll_s = 25.0
         self.heartbeat_s = 5.0
@@ -259,13 +260,23 @@ class SiteClient:
         self.poll_s = reply.poll_s or self.poll_s
         self.heartbeat_s = reply.heartbeat_s or self.heartbeat_s
         self.chunk_bytes = int(reply.chunk_bytes) or self.chunk_bytes
+        self._start_heartbeats()
         if reply.run_id != self.run_id:
+            self.set_status("preparing")
             self.run_id = reply.run_id
             self.plan = json.loads(reply.plan_json)
             self._cache.clear()
             self._sessions.clear()
             self.setup = self.build(self.plan)
         self.set_status("connected")
+
+    def _start_heartbeats(self) -> None:
+        if self._beat is None or not self._beat.is_alive():
+            self._stop.clear()
+            self._beat = threading.Thread(
+                target=self._heartbeats, name="heartbeat", daemon=True
+            )
+            self._beat.start()
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -284,8 +295,6 @@ class SiteClient:
     def run(self) -> int:
         """Join and serve tasks until the run is over; return tasks answered."""
         self.join()
-        beat = threading.Thread(target=self._heartbeats, daemon=True)
-        beat.start()
         try:
             while True:
                 self.set_status("waiting")
@@ -307,11 +316,17 @@ class SiteClient:
                 if outcome == "task":
                     self._serve(reply.task)
         finally:
-            self._stop.set()
+            self._stop_heartbeats()
+
+    def _stop_heartbeats(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=15)
+            self._beat = None
 
     def close(self) -> None:
-        """Close the channel."""
-        self._stop.set()
+        """Stop the heartbeats and close the channel."""
+        self._stop_heartbeats()
         self._channel.close()
 
     # -- one task ----------------------------------------------------------------
