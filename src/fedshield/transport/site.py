@@ -152,6 +152,9 @@ class SiteClient:
     status
         Called with each status change (connected, waiting, training,
         uploading, done).
+    run_lock
+        Held while the site runs a stage (sites in threads of one process
+        that share one model object: :mod:`fedshield.transport.loopback`).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class SiteClient:
         name: str | None = None,
         connect_timeout_s: float = 300.0,
         status: Callable[[str], None] | None = None,
+        run_lock: Any = None,
     ) -> None:
         if identity is None and not insecure:
             raise SiteError("a site needs --identity (or --insecure on loopback)")
@@ -173,6 +177,7 @@ class SiteClient:
         self.build = build
         self.connect_timeout_s = connect_timeout_s
         self._status_cb = status
+        self._run_lock = run_lock if run_lock is not None else contextlib.nullcontext()
         self.signer = Signer(self.name, identity.key_pem if identity else None)
         self._channel = self._open_channel(insecure)
         self.stub = pb_grpc.FleetStub(self._channel)  # type: ignore[no-untyped-call]
@@ -400,11 +405,6 @@ class SiteClient:
                     self.name, stage, FailureKind.DROPPED, f"site policy: {reason}"
                 )
                 return wire.encode_reply(StageReply(self.name, failure=failure))
-        session = self._sessions.get(round_idx)
-        if session is None:
-            self._sessions = {round_idx: ClientSession(self.name, None)}  # type: ignore[arg-type]
-            session = self._sessions[round_idx]
-            session.client = self.setup.client_fn(self.name)
         rng = (
             np.random.default_rng(
                 np.random.SeedSequence(int.from_bytes(task.stage_seed, "little"))
@@ -414,7 +414,8 @@ class SiteClient:
         )
         self.set_status("training" if stage == "fit" else "working")
         try:
-            value = execute_stage(session, stage, request.messages[self.name], rng=rng)
+            with self._run_lock:
+                value = self._execute(round_idx, stage, request, rng)
         except Exception as err:  # reported as the site's failure, as in simulation
             logger.warning("%s of round %d failed: %s", stage, round_idx, err)
             failure = ClientFailure(
@@ -423,6 +424,26 @@ class SiteClient:
             return wire.encode_reply(StageReply(self.name, failure=failure))
         value = self._filtered(value)
         return wire.encode_reply(StageReply(self.name, value=value))
+
+    def forget_sessions(self) -> None:
+        """Drop the round's client and the replies kept for retried tasks.
+
+        A test harness's ``end_round``: it asks the same tasks again.
+        """
+        with self._run_lock:
+            self._sessions = {}
+            self._cache.clear()
+
+    def _execute(
+        self, round_idx: int, stage: str, request: Any, rng: np.random.Generator | None
+    ) -> Any:
+        assert self.setup is not None
+        session = self._sessions.get(round_idx)
+        if session is None:  # a new round: a new client, as in simulation
+            self._sessions = {}
+            session = ClientSession(self.name, self.setup.client_fn(self.name))
+            self._sessions[round_idx] = session
+        return execute_stage(session, stage, request.messages[self.name], rng=rng)
 
     def _filtered(self, value: Any) -> Any:
         keep = self.setup.filter_metrics if self.setup is not None else None
