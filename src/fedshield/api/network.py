@@ -432,20 +432,27 @@ def site_builder(
         for name in SIMULATION_ONLY:
             sections.pop(name, None)
         net = sections.get("network", {})
-        data = dict(site_data)
-        data.setdefault("partition", "iid")
-        data["num_clients"] = 1
-        sections["data"] = data
         if (
             model_source is not None
             and sections.get("model", {}).get("kind") == "python"
         ):
             fn = str(sections["model"].get("factory", ":build")).rpartition(":")[2]
             sections["model"]["factory"] = f"{model_source.resolve()}:{fn}"
-        config = parse_config(sections)
+        num_sites = max(1, len(plan.get("sites", [])))
+        # The whole plan, validated as the server's configuration is (the
+        # data section stands for the federation's sites)...
+        config = parse_config(
+            {**sections, "data": {"dataset": "digits", "num_clients": num_sites}}
+        )
+        # ... and this site's own data, as one client of its own.
+        data = dict(site_data)
+        data.setdefault("partition", "iid")
+        data["num_clients"] = 1
+        own = {"run": sections.get("run", {}), "model": sections.get("model", {})}
         from fedshield.api.experiment import build_federation
 
-        federation = build_federation(config)
+        own_config = parse_config({**own, "data": data})
+        federation = build_federation(own_config)
         shape = list(federation.train.input_shape)
         if net.get("input_shape") and list(net["input_shape"]) != shape:
             raise ConfigError(
@@ -487,7 +494,7 @@ def site_builder(
                     federation.model,
                     federation.train,
                     {name: rows},
-                    client_test_fraction=config.data.client_test_fraction,
+                    client_test_fraction=own_config.data.client_test_fraction,
                     seed=config.run.seed,
                 )
                 built[name].trust = trust

@@ -46,6 +46,7 @@ from fedshield.simulation.protocol import (
     StageReply,
     StageRequest,
 )
+from fedshield.transport.faults import crash_point
 from fedshield.transport.store import HistoryError, ServerStore
 
 __all__ = ["GrpcBackend", "Mailbox", "OpenTask", "stage_seed"]
@@ -262,7 +263,8 @@ class Mailbox:
             self.store.add_reply(task.round_idx, task.stage, client_id, data)
             self._replies[client_id] = data
             self._lock.notify_all()
-            return "accepted"
+        crash_point("server.after_reply")
+        return "accepted"
 
     def reply_digest(self, client_id: ClientId, task_id: str) -> str | None:
         """SHA-256 of the site's accepted reply to ``task_id`` (None: none)."""
@@ -367,6 +369,7 @@ class GrpcBackend:
                     self.store.add_reply(round_idx, stage, cid, data)
                     stored[cid] = data
             self.store.close_stage(round_idx, stage, sorted(stored))
+            crash_point("server.after_stage_close")
         for cid in request.messages:
             found = stored.get(cid)
             if found is None:  # a closed stage without this client: cannot happen

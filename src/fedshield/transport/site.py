@@ -48,6 +48,7 @@ from fedshield.simulation.protocol import (
     execute_stage,
 )
 from fedshield.transport.auth import Identity, Signer
+from fedshield.transport.faults import crash_point
 from fedshield.transport.proto import fleet_pb2 as pb
 from fedshield.transport.proto import fleet_pb2_grpc as pb_grpc
 from fedshield.transport.server import PROTOCOL_VERSION
@@ -413,6 +414,8 @@ class SiteClient:
             else None
         )
         self.set_status("training" if stage == "fit" else "working")
+        if stage == "fit":
+            crash_point("site.mid_fit")
         try:
             with self._run_lock:
                 value = self._execute(round_idx, stage, request, rng)
