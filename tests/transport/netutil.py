@@ -7,6 +7,7 @@ SERVING (no sleeps). Every process a test starts is killed when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -155,10 +156,8 @@ class Procs:
             if proc.poll() is None:
                 proc.kill()
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
