@@ -245,6 +245,14 @@ class Mailbox:
                     return cid
         return None
 
+    def task_owner(self, task_id: str) -> ClientId | None:
+        """Whose open task ``task_id`` is (None: nobody's)."""
+        with self._lock:
+            for cid, task in self._open.items():
+                if task.task_id == task_id:
+                    return cid
+        return None
+
     def accept(self, client_id: ClientId, task_id: str, data: bytes) -> str:
         """Record a result; ``accepted``, ``duplicate``, ``closed`` or ``conflict``.
 

@@ -210,6 +210,13 @@ class _Servicer(pb_grpc.FleetServicer):
                 f"a result of {size} bytes is over this server's cap of {cap} "
                 "bytes; refused before reading it",
             )
+        owner = s.mailbox.task_owner(header.task_id)
+        if owner is not None and owner != cid:
+            s.event(cid, "foreign_task", header.task_id[:16])
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "that task is another site's: a site answers only its own tasks",
+            )
         task = s.mailbox.task_for(cid)
         if task is None or task.task_id != header.task_id:
             done = s.mailbox.reply_digest(cid, header.task_id)

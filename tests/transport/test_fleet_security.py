@@ -1,0 +1,389 @@
+"""The Fleet server refuses what it must, says why, and loses nothing.
+
+A real server (mutual TLS with a test CA, on a port the OS picks) in this
+process; sites are raw gRPC stubs that sign their requests as a site does,
+or attackers who do not. Each refusal is checked for its status, its words,
+and that the stage goes on for the honest sites.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from fedshield.core import EvalConfig, Params
+from fedshield.simulation import wire
+from fedshield.simulation.protocol import (
+    EvaluateIns,
+    FailureKind,
+    StageReply,
+    StageRequest,
+)
+from fedshield.transport import ca
+from fedshield.transport.auth import Signer, load_identity
+from fedshield.transport.backend import GrpcBackend, Mailbox
+from fedshield.transport.proto import fleet_pb2 as pb
+from fedshield.transport.proto import fleet_pb2_grpc as pb_grpc
+from fedshield.transport.server import FleetServer, ServerSettings
+from fedshield.transport.site import SiteClient, SiteError, SiteSetup
+from fedshield.transport.store import ServerStore
+
+from .netutil import channel, make_ca
+
+pytestmark = pytest.mark.grpc
+
+SITES = ("alpha", "beta", "gamma")
+PARAMS = Params({"w": np.arange(3, dtype=np.float32)})
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    ca_dir, folders = make_ca(root, SITES)
+    return root, ca_dir, folders
+
+
+class Fleet:
+    """A server, its mailbox, and a stage the test opens itself."""
+
+    def __init__(self, ca_dir, state, *, max_upload_bytes=1 << 20, sites=SITES):
+        self.store = ServerStore(state)
+        self.mailbox = Mailbox(self.store, offline_after_s=30)
+        settings = ServerSettings(
+            listen="127.0.0.1:0",
+            sites=tuple(sites),
+            run_id="r1",
+            plan_json=b'{"config": {}}',
+            ca_dir=ca_dir,
+            poll_s=1.0,
+            chunk_bytes=4096,
+            max_upload_bytes=max_upload_bytes,
+        )
+        self.server = FleetServer(settings, self.mailbox)
+        self.port = self.server.start()
+        self.backend = GrpcBackend(self.mailbox, self.store, fit_timeout_s=20)
+        self.replies: list[StageReply] = []
+        self._thread: threading.Thread | None = None
+
+    def evaluate_stage(self, sites=SITES, params=PARAMS):
+        """Open an evaluate stage for ``sites`` in a thread; replies land in .replies."""
+        message = EvaluateIns(params, EvalConfig(round_idx=0))
+        request = StageRequest("evaluate", 0, dict.fromkeys(sites, message), 20.0)
+
+        def run():
+            self.replies = list(self.backend.run_stage(request, client_fn=None, seed=1))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        for _ in range(200):  # the stage opens at once; wait for its tasks
+            if all(self.mailbox.task_for(s) for s in sites):
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError("the stage did not open")
+
+    def finish_stage(self):
+        assert self._thread is not None
+        self._thread.join(timeout=30)
+        return {r.client_id: r for r in self.replies}
+
+    def close(self):
+        self.server.stop(grace_s=0.2)
+        self.store.close()
+
+
+@pytest.fixture
+def fleet(pki, tmp_path):
+    _, ca_dir, _ = pki
+    f = Fleet(ca_dir, tmp_path / "state")
+    yield f
+    f.close()
+
+
+class Raw:
+    """A site speaking the protocol by hand (to send what a site would not)."""
+
+    def __init__(self, port, folder, *, name=None):
+        self.identity = load_identity(folder)
+        self.channel = channel(port, self.identity)
+        self.stub = pb_grpc.FleetStub(self.channel)
+        self.signer = Signer(name or self.identity.name, self.identity.key_pem)
+
+    def call(self, method, request):
+        return getattr(self.stub, method)(self.signer.sign(method, request), timeout=10)
+
+    def pull(self):
+        return self.call("PullTask", pb.PullTaskRequest(run_id="r1"))
+
+    def push(self, task_id, data, *, size=None, digest=None, chunks=None):
+        digest = digest or hashlib.sha256(data).hexdigest()
+        header = pb.ResultHeader(
+            task_id=task_id, digest=digest, size=len(data) if size is None else size
+        )
+        self.signer.sign("PushResult", header)
+        parts = [pb.ResultPart(header=header)]
+        pieces = chunks if chunks is not None else [data]
+        parts += [pb.ResultPart(chunk=pb.Chunk(data=p)) for p in pieces]
+        return self.stub.PushResult(iter(parts), timeout=10)
+
+
+def metrics_reply(name, loss=1.0):
+    return wire.encode_reply(StageReply(name, value={"loss": loss}))
+
+
+def code_of(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+# -- identity -----------------------------------------------------------------
+
+
+def test_an_honest_exchange_works(fleet, pki):
+    _, _, folders = pki
+    fleet.evaluate_stage(sites=("alpha",))
+    alpha = Raw(fleet.port, folders["alpha"])
+    task = alpha.pull().task
+    assert task.stage == "evaluate" and task.round == 0
+    reply = alpha.push(task.task_id, metrics_reply("alpha"))
+    assert reply.status == pb.PushResultReply.ACCEPTED
+    got = fleet.finish_stage()
+    assert got["alpha"].ok and got["alpha"].value == {"loss": 1.0}
+
+
+def test_a_certificate_from_another_ca_fails_the_handshake(fleet, tmp_path):
+    _, folders = make_ca(tmp_path / "other", ("alpha",))
+    joined = SiteClient(
+        f"127.0.0.1:{fleet.port}",
+        load_identity(folders["alpha"]),
+        lambda plan: SiteSetup(lambda name: None),
+        connect_timeout_s=3,
+    )
+    with pytest.raises(SiteError) as info:
+        joined.join()
+    joined.close()
+    # The site cannot tell a foreign CA from a dead server at first; it says both.
+    assert info.value.exit_code in (40, 41)
+
+
+def test_an_expired_certificate_is_refused(fleet, pki, tmp_path, monkeypatch):
+    _, ca_dir, _ = pki
+    folder = tmp_path / "old"
+    csr = ca.request("omega", folder)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.DAYS + 30)
+    monkeypatch.setattr(ca, "_now", lambda: long_ago)
+    ca.approve(csr, ca_dir, folder)
+    monkeypatch.undo()
+    site = Raw(fleet.port, folder)
+    code, _ = code_of(lambda: site.call("Join", pb.JoinRequest(protocol=1)))
+    # The TLS stack refuses an expired client certificate in the handshake.
+    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_a_revoked_site_is_refused_at_its_next_request(pki, tmp_path):
+    root, ca_dir, _ = pki
+    sites = ("delta",)
+    folder = tmp_path / "delta"
+    ca.approve(ca.request("delta", folder), ca_dir, folder)
+    fleet = Fleet(ca_dir, tmp_path / "state", sites=sites)
+    try:
+        delta = Raw(fleet.port, folder)
+        assert delta.call("Heartbeat", pb.HeartbeatRequest()).boot_id
+        ca.revoke("delta", ca_dir)
+        code, details = code_of(lambda: delta.call("Heartbeat", pb.HeartbeatRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in details
+    finally:
+        fleet.close()
+
+
+def test_a_site_cannot_speak_for_another(fleet, pki):
+    _, _, folders = pki
+    liar = Raw(fleet.port, folders["alpha"], name="beta")
+    code, details = code_of(lambda: liar.call("Heartbeat", pb.HeartbeatRequest()))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "'alpha'" in details and "'beta'" in details
+
+
+def test_an_altered_request_fails_its_signature(fleet, pki):
+    _, _, folders = pki
+    alpha = Raw(fleet.port, folders["alpha"])
+    request = alpha.signer.sign("PullTask", pb.PullTaskRequest(run_id="r1"))
+    request.run_id = "r2"  # changed after signing
+    code, details = code_of(lambda: alpha.stub.PullTask(request, timeout=5))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "signature" in details
+    # Signed for another method: refused too.
+    other = alpha.signer.sign("Heartbeat", pb.PullTaskRequest(run_id="r1"))
+    code, _ = code_of(lambda: alpha.stub.PullTask(other, timeout=5))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_replayed_nonce_with_another_body_is_refused_a_retry_is_harmless(fleet, pki):
+    _, _, folders = pki
+    alpha = Raw(fleet.port, folders["alpha"])
+    beat = alpha.signer.sign("Heartbeat", pb.HeartbeatRequest(status="waiting"))
+    assert alpha.stub.Heartbeat(beat, timeout=5).boot_id  # the original
+    assert alpha.stub.Heartbeat(beat, timeout=5).boot_id  # a byte-identical retry
+    # The same nonce on another (validly signed) body: a replay, refused.
+    other = pb.HeartbeatRequest(status="training")
+    alpha.signer.sign("Heartbeat", other)
+    other.envelope.nonce = beat.envelope.nonce
+    other.envelope.signature = b""
+    key = alpha.signer._key
+    from fedshield.transport.auth import DOMAIN, body_digest
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    other.envelope.signature = key.sign(
+        DOMAIN + b"Heartbeat\0" + body_digest(other), ec.ECDSA(hashes.SHA256())
+    )
+    code, details = code_of(lambda: alpha.stub.Heartbeat(other, timeout=5))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "nonce" in details
+
+
+def test_a_stale_or_future_clock_is_refused_with_the_offset(fleet, pki):
+    _, _, folders = pki
+    alpha = Raw(fleet.port, folders["alpha"])
+    alpha.signer.offset_ms = -10 * 60 * 1000
+    code, details = code_of(lambda: alpha.call("Heartbeat", pb.HeartbeatRequest()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "-600" in details and "clock" in details
+
+
+def test_a_stranger_with_a_valid_certificate_is_not_a_site_of_the_run(pki, tmp_path):
+    _, ca_dir, folders = pki
+    fleet = Fleet(ca_dir, tmp_path / "state", sites=("beta", "gamma"))
+    try:
+        alpha = Raw(fleet.port, folders["alpha"])
+        code, details = code_of(lambda: alpha.call("Join", pb.JoinRequest(protocol=1)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "not a site of this run" in details
+    finally:
+        fleet.close()
+
+
+def test_a_version_mismatch_is_named(fleet, pki):
+    _, _, folders = pki
+    alpha = Raw(fleet.port, folders["alpha"])
+    code, details = code_of(
+        lambda: alpha.call("Join", pb.JoinRequest(protocol=99, version="9.9"))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version mismatch" in details
+
+
+# -- tasks ----------------------------------------------------------------------
+
+
+def test_a_site_cannot_fetch_or_answer_another_sites_task(fleet, pki):
+    _, _, folders = pki
+    big = Params({"w": np.ones(40_000, dtype=np.float32)})
+    fleet.evaluate_stage(params=big)
+    alpha, beta = Raw(fleet.port, folders["alpha"]), Raw(fleet.port, folders["beta"])
+    beta_task = beta.pull().task
+    assert not beta_task.payload  # too big to travel inline: fetched by digest
+    code, _ = code_of(
+        lambda: list(
+            alpha.stub.FetchBlob(
+                alpha.signer.sign(
+                    "FetchBlob", pb.FetchBlobRequest(digest=beta_task.payload_digest)
+                ),
+                timeout=5,
+            )
+        )
+    )
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    # Answering beta's task as alpha: refused, and beta's answer still counts.
+    code, _ = code_of(lambda: alpha.push(beta_task.task_id, metrics_reply("alpha")))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    for site in (alpha, beta, Raw(fleet.port, folders["gamma"])):
+        task = site.pull().task
+        site.push(task.task_id, metrics_reply(site.identity.name))
+    got = fleet.finish_stage()
+    assert all(got[name].ok for name in SITES)
+
+
+def test_oversized_overlong_malformed_and_equivocating_results(fleet, pki):
+    _, _, folders = pki
+    fleet.evaluate_stage()
+    alpha, beta, gamma = (Raw(fleet.port, folders[n]) for n in SITES)
+    a, b, g = alpha.pull().task, beta.pull().task, gamma.pull().task
+    # Declared over the cap (1 MiB here): refused before a byte is read.
+    code, details = code_of(lambda: alpha.push(a.task_id, b"x", size=2 << 20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in details
+    # More bytes than declared: refused, nothing kept.
+    data = metrics_reply("alpha")
+    code, _ = code_of(lambda: alpha.push(a.task_id, data, size=len(data) - 5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # The honest result still goes through afterwards.
+    assert alpha.push(a.task_id, data).status == pb.PushResultReply.ACCEPTED
+    # A second, different result for the same task: refused and logged.
+    code, details = code_of(lambda: alpha.push(a.task_id, metrics_reply("alpha", 2.0)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "one result per task" in details
+    # The same result again: a harmless duplicate.
+    assert alpha.push(a.task_id, data).status == pb.PushResultReply.DUPLICATE
+    # Garbage with a correct digest: rejected, recorded, the round goes on.
+    code, details = code_of(lambda: beta.push(b.task_id, b"\x89FSU garbage"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in details
+    # Another site's words in a valid envelope: refused as malformed too.
+    code, _ = code_of(lambda: gamma.push(g.task_id, metrics_reply("alpha")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    got = fleet.finish_stage()
+    assert got["alpha"].ok and got["alpha"].value == {"loss": 1.0}
+    assert got["beta"].failure.kind == FailureKind.REJECTED
+    assert got["gamma"].failure.kind == FailureKind.REJECTED
+    kinds = {(c, k) for _, c, k, _ in fleet.store.events()}
+    assert {("alpha", "oversized"), ("alpha", "equivocation")} <= kinds
+    assert ("beta", "malformed_result") in kinds
+
+
+def test_an_upload_cut_short_resumes_from_the_server_offset(fleet, pki):
+    _, _, folders = pki
+    fleet.evaluate_stage(sites=("alpha",))
+    alpha = Raw(fleet.port, folders["alpha"])
+    task = alpha.pull().task
+    data = metrics_reply("alpha") + b""
+    half = len(data) // 2
+    reply = alpha.push(task.task_id, data, chunks=[data[:half]])
+    assert reply.status == pb.PushResultReply.PARTIAL and reply.received == half
+    digest = hashlib.sha256(data).hexdigest()
+    status = alpha.call(
+        "UploadStatus", pb.UploadStatusRequest(task_id=task.task_id, digest=digest)
+    )
+    assert status.received == half
+    header = pb.ResultHeader(
+        task_id=task.task_id, digest=digest, size=len(data), offset=half
+    )
+    alpha.signer.sign("PushResult", header)
+    parts = [
+        pb.ResultPart(header=header),
+        pb.ResultPart(chunk=pb.Chunk(data=data[half:])),
+    ]
+    assert alpha.stub.PushResult(iter(parts)).status == pb.PushResultReply.ACCEPTED
+    assert fleet.finish_stage()["alpha"].value == {"loss": 1.0}
+
+
+def test_a_site_that_says_nothing_is_a_timeout_and_one_that_goes_quiet_drops(
+    pki, tmp_path
+):
+    _, ca_dir, folders = pki
+    fleet = Fleet(ca_dir, tmp_path / "state")
+    fleet.mailbox.offline_after_s = 1.0
+    try:
+        alpha = Raw(fleet.port, folders["alpha"])
+        fleet.evaluate_stage(sites=("alpha", "beta"))
+        task = alpha.pull().task
+        alpha.push(task.task_id, metrics_reply("alpha"))
+        got = fleet.finish_stage()  # beta never came: offline after 1 s
+        assert got["alpha"].ok
+        assert got["beta"].failure.kind == FailureKind.DROPPED
+    finally:
+        fleet.close()
