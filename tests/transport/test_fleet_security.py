@@ -71,7 +71,7 @@ class Fleet:
         self._thread: threading.Thread | None = None
 
     def evaluate_stage(self, sites=SITES, params=PARAMS):
-        """Open an evaluate stage for ``sites`` in a thread; replies land in .replies."""
+        """Open an evaluate stage for ``sites`` in a thread (replies: .replies)."""
         message = EvaluateIns(params, EvalConfig(round_idx=0))
         request = StageRequest("evaluate", 0, dict.fromkeys(sites, message), 20.0)
 
@@ -186,7 +186,7 @@ def test_an_expired_certificate_is_refused(fleet, pki, tmp_path, monkeypatch):
 
 
 def test_a_revoked_site_is_refused_at_its_next_request(pki, tmp_path):
-    root, ca_dir, _ = pki
+    _, ca_dir, _ = pki
     sites = ("delta",)
     folder = tmp_path / "delta"
     ca.approve(ca.request("delta", folder), ca_dir, folder)
@@ -236,9 +236,10 @@ def test_a_replayed_nonce_with_another_body_is_refused_a_retry_is_harmless(fleet
     other.envelope.nonce = beat.envelope.nonce
     other.envelope.signature = b""
     key = alpha.signer._key
-    from fedshield.transport.auth import DOMAIN, body_digest
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedshield.transport.auth import DOMAIN, body_digest
 
     other.envelope.signature = key.sign(
         DOMAIN + b"Heartbeat\0" + body_digest(other), ec.ECDSA(hashes.SHA256())
