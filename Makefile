@@ -88,5 +88,12 @@ bench-cnn: $(STAMP)
 	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python -c "import sys; sys.path.insert(0, 'bench/peers'); import run_peers; run_peers.ensure_flower_venv()"
 	$(BIN)/python bench/cnn/floor.py
 
+# One server and three hospital sites on 127.0.0.1 (gRPC, mutual TLS, SecAgg+,
+# central DP) on UCI Heart Disease: examples/network/demo.sh, into
+# runs/demo-network/ (about a minute).
+.PHONY: demo-network
+demo-network: $(STAMP)
+	bash examples/network/demo.sh
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
