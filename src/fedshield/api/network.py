@@ -504,9 +504,49 @@ def site_builder(
             client_fn,
             check_task=guard.check_task if guard is not None else None,
             filter_metrics=guard.filter_metrics if guard is not None else None,
+            check_message=_dp_options_check(
+                config, num_sites, federation.model.spec.size
+            ),
         )
 
     return build
+
+
+def _dp_options_check(
+    config: ExperimentConfig, num_sites: int, dimension: int
+) -> Callable[[str, Any], None] | None:
+    """The site's check that a ``fit`` asks for the DP the plan announced.
+
+    Under local DP the site clips and noises its own update with the clip
+    norm and noise multiplier the task's options carry: a server could ask
+    for less noise than the plan (and the site's accountant) assumes. The
+    site computes the options from the plan itself and refuses a task whose
+    options differ.
+    """
+    if config.privacy.mode == "none":
+        return None
+    from fedshield.strategies.dp import DpFedAvg
+    from fedshield.transport.site import SiteRefusal
+
+    strategy = build_strategy(config, num_clients=num_sites)
+    assert isinstance(strategy, DpFedAvg)
+    strategy.check(num_sites, dimension=dimension)
+    expected = dict(strategy.mechanism.client_options(strategy) or {})
+    if not expected:
+        return None
+
+    def check(stage: str, message: Any) -> None:
+        if stage != "fit":
+            return
+        options = getattr(getattr(message, "config", None), "options", {})
+        for key, want in expected.items():
+            if options.get(key) != want:
+                raise SiteRefusal(
+                    f"the task asks for {key} = {options.get(key)!r}; the plan "
+                    f"this site accounts for says {want!r}"
+                )
+
+    return check
 
 
 def _site_trust(config: ExperimentConfig, num_sites: int) -> Any:

@@ -112,6 +112,9 @@ class SiteSetup:
     client_fn: Callable[[str], Any]
     check_task: Callable[[int, str], None] | None = None
     filter_metrics: Callable[[Mapping[str, float]], dict[str, float]] | None = None
+    check_message: Callable[[str, Any], None] | None = None
+    """Checks a task's message against the plan (e.g. the DP options a
+    ``fit`` asks the site to apply); raises to refuse it."""
 
 
 def _classify(err: grpc.RpcError, server: str) -> SiteError:
@@ -394,18 +397,21 @@ class SiteClient:
             )
         if request.stage != stage or request.round_idx != round_idx:
             raise SiteError("a task's header disagrees with its payload")
-        if self.setup.check_task is not None:
-            try:
-                self.setup.check_task(round_idx, stage)
-            except Exception as err:
-                reason = getattr(err, "reason", None) or str(err)
-                logger.warning(
-                    "site policy: refused %s of round %d: %s", stage, round_idx, reason
-                )
-                failure = ClientFailure(
-                    self.name, stage, FailureKind.DROPPED, f"site policy: {reason}"
-                )
-                return wire.encode_reply(StageReply(self.name, failure=failure))
+        setup = self.setup
+        try:  # the site's own checks, before anything runs
+            if setup.check_task is not None:
+                setup.check_task(round_idx, stage)
+            if setup.check_message is not None:
+                setup.check_message(stage, request.messages[self.name])
+        except Exception as err:
+            reason = getattr(err, "reason", None) or str(err)
+            logger.warning(
+                "site policy: refused %s of round %d: %s", stage, round_idx, reason
+            )
+            failure = ClientFailure(
+                self.name, stage, FailureKind.DROPPED, f"site policy: {reason}"
+            )
+            return wire.encode_reply(StageReply(self.name, failure=failure))
         rng = (
             np.random.default_rng(
                 np.random.SeedSequence(int.from_bytes(task.stage_seed, "little"))
