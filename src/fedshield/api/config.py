@@ -673,13 +673,17 @@ class ExperimentConfig(_Section):
     def expected_num_clients(self) -> int | None:
         """The number of clients, when the configuration alone says it.
 
-        ``data.num_clients`` if set; else 10 for a bundled data set split by
+        ``data.num_clients`` if set; else the number of ``[network]`` sites;
+        else 10 for a bundled data set split by
         a partitioner; ``None`` when the user's data names its clients (a
         ``client_column``, a folder of per-client files, a factory): the
         count is known once the data is read.
         """
         if self.data.num_clients is not None:
             return self.data.num_clients
+        if self.network is not None and self.network.sites:
+            # A deployment (fedshield serve): the sites are the clients.
+            return len(self.network.sites)
         if self.data.is_user_data or self.data.partition == "natural":
             return None
         return 10
