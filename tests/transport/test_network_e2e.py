@@ -78,32 +78,79 @@ def test_three_sites_three_rounds_over_mutual_tls(uninterrupted):
         assert (state / name).exists(), name
 
 
+def _crash_and_resume(root, ca_dir, identities, data, config, state, fault):
+    """Serve until ``fault`` kills the server, restart it on the same state."""
+    with processes(root) as procs:
+        server = procs.server(config, state, ca_dir, fault=fault)
+        port = wait_ready(server, state, identities[SITES[0]])
+        sites = {
+            name: procs.site(port, name, identities[name], data[name]) for name in SITES
+        }
+        assert server.wait(timeout=120) == 137, procs.log("server")  # killed
+        # The same command on the same state (and address: the sites keep
+        # retrying it) resumes where the server was.
+        again = procs.server(config, state, ca_dir, name="server-2", port=port)
+        wait_ready(again, state, identities[SITES[0]])
+        codes = wait_all({"server": again, **sites}, timeout_s=240)
+    assert codes == dict.fromkeys(["server", *SITES], 0), procs.log("server-2")
+    return procs
+
+
+def _same_run(state, plain):
+    assert_array_equal(final_params(state), final_params(plain), strict=True)
+    records = [json.loads(x) for x in (state / "metrics.jsonl").open()]
+    want = [json.loads(x) for x in (plain / "metrics.jsonl").open()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(records) == strip(want)
+    return records
+
+
 def test_server_killed_mid_stage_resumes_to_the_same_model(federation, uninterrupted):
     root, ca_dir, identities, data = federation
     config, plain = uninterrupted
     state = root / "state-crash"
     # Each round accepts 6 replies (3 fits, 3 evaluations): the 8th is the
     # second fit of round 2, with the stage still open.
-    with processes(root) as procs:
-        server = procs.server(config, state, ca_dir, fault="server.after_reply:8")
-        port = wait_ready(server, state, identities[SITES[0]])
-        sites = {
-            name: procs.site(port, name, identities[name], data[name]) for name in SITES
-        }
-        assert server.wait(timeout=120) == 137  # killed mid-stage
-        done = [json.loads(x) for x in (state / "metrics.jsonl").open()]
-        assert len(done) == 1  # round 1 committed, round 2 open
-        # The same command on the same state (and address: the sites keep
-        # retrying it) resumes round 2 where it was.
-        again = procs.server(config, state, ca_dir, name="server-2", port=port)
-        wait_ready(again, state, identities[SITES[0]])
-        codes = wait_all({"server": again, **sites}, timeout_s=240)
-    assert codes == dict.fromkeys(["server", *SITES], 0), procs.log("server-2")
-    assert_array_equal(final_params(state), final_params(plain), strict=True)
-    records = [json.loads(x) for x in (state / "metrics.jsonl").open()]
-    want = [json.loads(x) for x in (plain / "metrics.jsonl").open()]
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
-    assert strip(records) == strip(want)
+    _crash_and_resume(
+        root, ca_dir, identities, data, config, state, "server.after_reply:8"
+    )
+    _same_run(state, plain)
+
+
+def test_secure_dp_round_resumes_mid_protocol_with_the_same_model_and_epsilon(
+    federation,
+):
+    # The hard case: SecAgg+ and central DP, the server killed inside the
+    # secure protocol of round 2. The restarted server replays the round
+    # with byte-identical requests (its SecAgg randomness comes from a
+    # secret in its state), so no site is asked a question twice with other
+    # words, and the run ends as an uninterrupted one: same model, same
+    # records, the same epsilon (no round charged twice).
+    root, ca_dir, identities, data = federation
+    config = server_config(
+        root / "secure-dp.toml",
+        secagg={"protocol": "secagg+"},
+        privacy={
+            "mode": "central",
+            "clip_norm": 1.0,
+            "noise_multiplier": 1.0,
+            "sampling": "fixed",
+            "accountant": "rdp",
+        },
+        strategy={"min_clients": 2},
+    )
+    plain = root / "state-secure-plain"
+    codes, procs = _run(root, ca_dir, identities, data, config, plain)
+    assert codes == dict.fromkeys(["server", *SITES], 0), procs.log("server")
+    # Per round: fit, advertise_keys, share_keys, masked_input, unmask and
+    # evaluate, 3 replies each: reply 26 is the second of round 2's share_keys.
+    state = root / "state-secure-crash"
+    _crash_and_resume(
+        root, ca_dir, identities, data, config, state, "server.after_reply:26"
+    )
+    records = _same_run(state, plain)
+    assert records[-1]["epsilon"] > 0
+    assert all(r["secagg/aborted"] == 0.0 for r in records)
 
 
 def test_a_site_killed_mid_round_the_round_completes_under_secagg(federation):

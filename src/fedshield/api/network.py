@@ -238,6 +238,9 @@ def serve(
         def remember(new_state: ServerState, record: Mapping[str, Any]) -> None:
             nonlocal final
             final = new_state
+            # The committed state, uncharged for the next round (see
+            # _initial_state): what a replayed round starts from.
+            RunDirectory(Path(state_dir) / COMMITTED).save_checkpoint(new_state)
             if on_round is not None:
                 on_round(new_state, record)
 
@@ -290,6 +293,24 @@ def _drain(mailbox: Any, sites: tuple[str, ...], seconds: float) -> None:
     time.sleep(min(seconds, 0.5))
 
 
+COMMITTED = "committed"
+"""Subfolder of ``--state`` holding the last committed round's state."""
+
+
+def _replay_is_identical(config: ExperimentConfig) -> bool:
+    """Whether a replayed round releases exactly what the interrupted one did.
+
+    True without DP, and for central DP whose noise comes from the run's
+    seed: the server redraws the same noise, and the sites answer the
+    replayed tasks from their caches. With noise from the operating system
+    (``secure_rng``, local and distributed DP) a replay may release other
+    noise, so the interrupted round stays charged as well (the simulator's
+    rule: every release counted).
+    """
+    p = config.privacy
+    return p.mode == "none" or (p.mode == "central" and not p.secure_rng)
+
+
 def _initial_state(
     config: ExperimentConfig,
     run_dir: RunDirectory,
@@ -301,6 +322,16 @@ def _initial_state(
 
     if resume:
         state: ServerState = run_dir.load_checkpoint()
+        committed = RunDirectory(run_dir.path / COMMITTED)
+        if _replay_is_identical(config) and committed.has_run():
+            # The checkpoint was charged for the round the crash cut short
+            # (before its clients trained). The replay releases exactly what
+            # that round would have (the same seeded noise, the sites' same
+            # cached answers): charging it again would count one release
+            # twice. Resume from the round's uncharged start instead.
+            start = committed.load_checkpoint()
+            if start.round_idx == state.round_idx:
+                state = start
         run_dir.truncate_records(state.round_idx)
         logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
         return state
