@@ -32,26 +32,26 @@ pytestmark = [pytest.mark.grpc, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
-    ca_dir, identities = make_ca(root)
-    data = write_site_data(root)
+    ca_dir, identities = make_ca(root, (*SITES, "delta"))
+    data = write_site_data(root, (*SITES, "delta"))
     return root, ca_dir, identities, data
 
 
 def _run(
-    root, ca_dir, identities, data, config, state, *, fault=None, site_faults=None
+    root, ca_dir, identities, data, config, state, *, site_faults=None, sites=SITES
 ):
-    """Serve ``config`` to the three sites; the exit codes and the processes."""
+    """Serve ``config`` to ``sites``; the exit codes and the processes."""
     site_faults = site_faults or {}
     with processes(root) as procs:
-        server = procs.server(config, state, ca_dir, fault=fault)
+        server = procs.server(config, state, ca_dir)
         port = wait_ready(server, state, identities[SITES[0]])
-        sites = {
+        running = {
             name: procs.site(
                 port, name, identities[name], data[name], fault=site_faults.get(name)
             )
-            for name in SITES
+            for name in sites
         }
-        codes = wait_all({"server": server, **sites}, timeout_s=240)
+        codes = wait_all({"server": server, **running}, timeout_s=240)
     return codes, procs
 
 
@@ -129,7 +129,7 @@ def test_secure_dp_round_resumes_mid_protocol_with_the_same_model_and_epsilon(
     root, ca_dir, identities, data = federation
     config = server_config(
         root / "secure-dp.toml",
-        secagg={"protocol": "secagg+"},
+        secagg={"protocol": "secagg+", "malicious": True},
         privacy={
             "mode": "central",
             "clip_norm": 1.0,
@@ -154,11 +154,15 @@ def test_secure_dp_round_resumes_mid_protocol_with_the_same_model_and_epsilon(
 
 
 def test_a_site_killed_mid_round_the_round_completes_under_secagg(federation):
+    # Malicious-mode SecAgg (what a network runs) needs t > 2n/3: with four
+    # sites, t = 3, so the round survives one site dying mid-round.
     root, ca_dir, identities, data = federation
+    four = (*SITES, "delta")
     config = server_config(
         root / "secagg.toml",
-        secagg={"protocol": "secagg"},
-        strategy={"min_clients": 2},
+        sites=four,
+        secagg={"protocol": "secagg", "malicious": True},
+        strategy={"min_clients": 3},
         network={"heartbeat_s": 1.0, "offline_after": 3},
     )
     state = root / "state-secagg-kill"
@@ -170,16 +174,17 @@ def test_a_site_killed_mid_round_the_round_completes_under_secagg(federation):
         config,
         state,
         site_faults={"gamma": "site.mid_fit:2"},
+        sites=four,
     )
     assert codes["gamma"] == 137
     assert codes["server"] == 0, procs.log("server")
-    assert codes["alpha"] == codes["beta"] == 0
+    assert codes["alpha"] == codes["beta"] == codes["delta"] == 0
     records = [json.loads(x) for x in (state / "metrics.jsonl").open()]
     assert len(records) == 3
-    assert records[0]["num_clients"] == 3
-    assert records[1]["num_clients"] == 2  # gamma died training round 2
+    assert records[0]["num_clients"] == 4
+    assert records[1]["num_clients"] == 3  # gamma died training round 2
     assert all(r["secagg/aborted"] == 0.0 for r in records)
-    assert records[1]["secagg/survivors"] == 2.0
+    assert records[1]["secagg/survivors"] == 3.0
     failures = [json.loads(x) for x in (state / "failures.jsonl").open()]
     assert {(f["client_id"], f["kind"]) for f in failures} >= {("gamma", "dropped")}
     assert np.isfinite(final_params(state)).all()

@@ -147,6 +147,15 @@ def serve(
         else load_config(Path(config_path))
     )
     net = _check_serveable(config)
+    secagg = config.secagg
+    if ca_dir is not None and secagg.protocol != "none" and not secagg.malicious:
+        raise ConfigError(
+            "over a network, secure aggregation runs in malicious mode: set "
+            "[secagg] malicious = true (every protocol message is signed with a "
+            "key each site's certificate attests, so the server can neither "
+            "substitute a site's key nor enrol one of its own; without it a "
+            "server that swaps advertised keys can unmask a site's update)"
+        )
     if ca_dir is None and not _is_loopback(listen):
         raise ConfigError(
             f"--insecure is for loopback only (127.0.0.1 / localhost); {listen} is "
@@ -444,13 +453,17 @@ def site_builder(
     *,
     policy: Any = None,
     model_source: Path | None = None,
+    identity: Any = None,
 ) -> Callable[[dict[str, Any]], Any]:
     """The site's ``build(plan)``: its client on its own data, and its checks.
 
     ``policy`` is a :class:`~fedshield.transport.policy.SitePolicy` (None:
     take part in anything). ``model_source``: the site's own copy of a
     Python model factory (``[model] kind = "python"``), whose hash the
-    policy checks; the site never runs code the server sent.
+    policy checks; the site never runs code the server sent. ``identity``
+    (the site's certificate, :class:`~fedshield.transport.auth.Identity`)
+    binds its SecAgg keys in malicious mode
+    (:class:`~fedshield.transport.secagg_keys.SiteKeys`).
     """
     from fedshield.transport.site import SiteSetup
 
@@ -512,7 +525,20 @@ def site_builder(
             guard.check_run()
             logger.info("site policy: %s", guard.describe())
         rows = federation.client_fn.parts[federation.client_ids[0]]
-        trust = _site_trust(config, len(plan.get("sites", [])) or 1)
+        keys = None
+        if config.secagg.protocol != "none" and config.secagg.malicious:
+            if identity is None:
+                logger.warning(
+                    "malicious-mode SecAgg without a certificate (--insecure): "
+                    "this site cannot check the server's key table"
+                )
+            else:
+                from fedshield.transport.secagg_keys import SiteKeys
+
+                keys = SiteKeys(
+                    identity, str(plan.get("run_id", "")), plan.get("sites", [])
+                )
+        trust = _site_trust(config, num_sites, keys)
         built: dict[str, Any] = {}
 
         def client_fn(name: str) -> Any:
@@ -580,7 +606,7 @@ def _dp_options_check(
     return check
 
 
-def _site_trust(config: ExperimentConfig, num_sites: int) -> Any:
+def _site_trust(config: ExperimentConfig, num_sites: int, keys: Any = None) -> Any:
     """What the site checks a secure round's setup against (its own config)."""
     if config.secagg.protocol == "none":
         return None
@@ -596,7 +622,7 @@ def _site_trust(config: ExperimentConfig, num_sites: int) -> Any:
     else:
         transform = SecureInput("weighted")
     max_examples = config.network.max_examples if config.network else None
-    return ClientTrust(keys=None, transform=transform, max_examples=max_examples)
+    return ClientTrust(keys=keys, transform=transform, max_examples=max_examples)
 
 
 def factory_digest(path: Path) -> str:

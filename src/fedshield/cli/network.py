@@ -112,7 +112,9 @@ def run_join(
         from fedshield.transport.policy import SitePolicy
 
         site_policy = SitePolicy.load(policy)
-    build = site_builder(load_site_data(data), policy=site_policy, model_source=model)
+    build = site_builder(
+        load_site_data(data), policy=site_policy, model_source=model, identity=ident
+    )
     started = time.monotonic()
 
     def status(text: str) -> None:

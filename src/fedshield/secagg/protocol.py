@@ -496,6 +496,10 @@ class SecAggConfig:
                     expected_dropout=float(self.expected_dropout),
                 )
             return self.neighbours
+        if self.threshold >= n:
+            # Every client must survive (malicious mode's t > 2n/3 at small
+            # n): no sparser graph is correct, the complete graph is SecAgg.
+            return n - 1
         return choose_neighbours(
             n,
             security_parameter=self.security_parameter,

@@ -124,6 +124,11 @@ class FitReceipt:
         log); the server records a rejected update.
     shared
         Simulated colluders only (``HoldUpdate.share``): their update.
+    attestation
+        Malicious mode over a network: the client's certificate and its
+        signature binding ``verify_key`` to its identity and the run
+        (:class:`fedshield.transport.secagg_keys.SiteKeys`), which the
+        server relays so every client can check every key.
     """
 
     client_id: ClientId
@@ -131,6 +136,7 @@ class FitReceipt:
     verify_key: bytes = b""
     rejected: str = ""
     shared: ClientUpdate | None = None
+    attestation: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -419,6 +419,13 @@ class SecureSumRound:
             entropy=self._entropy,
         )
         replacements = self._replacements
+        # Over a network the clients attest their keys with their
+        # certificates; the server relays the attestations unchanged.
+        attestations = {
+            cid: self._receipts[cid].attestation
+            for cid in self._clients
+            if self._receipts[cid].attestation
+        }
         self._setups = {
             cid: SecureSetup(
                 self._round_idx,
@@ -426,6 +433,7 @@ class SecureSumRound:
                 plan,
                 table or {},
                 replacements[cid].delta if cid in replacements else None,
+                attestations if table else {},
             )
             for cid in self._clients
         }

@@ -146,6 +146,9 @@ class SecureSetup:
     replacement
         Simulated colluding attackers only: the update the coalition
         rewrote for this client, sent instead of its own.
+    attestations
+        Malicious mode over a network: each client's attestation of its
+        key (from its receipt), relayed for the clients to check.
     """
 
     round_idx: int
@@ -153,6 +156,7 @@ class SecureSetup:
     plan: InputPlan
     verify_keys: Mapping[str, bytes]
     replacement: Params | None = None
+    attestations: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +271,19 @@ class KeyDirectory:
         """The verification keys of ``clients`` (public)."""
         return {cid: self.signing_key(cid).public for cid in clients}
 
-    def check_table(self, table: Mapping[str, bytes]) -> None:
+    def announce(self, client_id: str) -> tuple[bytes, bytes]:
+        """What the client's receipt says of its key: nothing.
+
+        The server has the directory's public table.
+        """
+        del client_id
+        return b"", b""
+
+    def check_table(
+        self,
+        table: Mapping[str, bytes],
+        attestations: Mapping[str, bytes] | None = None,
+    ) -> None:
         """Refuse a key table that is not the directory's.
 
         Raises
@@ -379,11 +395,12 @@ def hold_update(
         logger.warning("client %s: its update is not sent: %s", client_id, err)
         return FitReceipt(client_id, 1, b"", REJECTED_OWN_CHECK)
     session.held = checked
-    verify_key = b""
+    verify_key = attestation = b""
     if hold.malicious:
         keys = session.trust.keys if session.trust is not None else None
-        if keys is not None:  # its long-term key, issued by the directory
+        if keys is not None:  # its key from the directory (or its certificate)
             session.signing_key = keys.signing_key(client_id)
+            verify_key, attestation = keys.announce(client_id)
         else:  # no directory: a key for the round, announced in the receipt
             from fedshield.secagg import crypto
 
@@ -391,7 +408,7 @@ def hold_update(
             verify_key = session.signing_key.public
     count = checked.num_examples if hold.count else 1
     shared = checked if hold.share and session.colluding else None
-    return FitReceipt(client_id, count, verify_key, "", shared)
+    return FitReceipt(client_id, count, verify_key, "", shared, attestation)
 
 
 def _own_hold(session: ClientSession, hold: HoldUpdate) -> HoldUpdate:
@@ -507,7 +524,7 @@ def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
                 "this client takes part in malicious-mode rounds only (it holds "
                 "a key from the directory); the server asked for another mode"
             )
-        trust.keys.check_table(setup.verify_keys)
+        trust.keys.check_table(setup.verify_keys, setup.attestations)
     joined = (session.client_id, setup.round_idx)
     if joined in trust.started:
         raise ProtocolError(

@@ -474,6 +474,7 @@ _SECURE_SETUP = _Record(
         "plan": _INPUT_PLAN,
         "verify_keys": _MapOf(_Bytes()),
         "replacement": _Optional(_Tensor()),
+        "attestations": _MapOf(_Bytes()),
     },
 )
 _SECURE = _Record(
@@ -506,6 +507,7 @@ _RECEIPT = _Record(
         "verify_key": _Bytes(),
         "rejected": _STR,
         "shared": _Optional(_UPDATE),  # simulated colluders only
+        "attestation": _Bytes(),
     },
 )
 _METRICS = _MapOf(_REPORTED)

@@ -110,6 +110,8 @@ class Mailbox:
     sites: dict[ClientId, _Site] = field(default_factory=dict)
     finished: bool = False
     notify: Any = None
+    on_close: Any = None
+    """Called when a stage closes (the server drops partial uploads)."""
     _open: dict[ClientId, OpenTask] = field(default_factory=dict)
     _replies: dict[ClientId, bytes] = field(default_factory=dict)
     _blobs: dict[str, bytes] = field(default_factory=dict)
@@ -203,6 +205,8 @@ class Mailbox:
             self._open = {}
             self._replies = {}
             self._blobs = {}
+        if self.on_close is not None:
+            self.on_close()
         return replies, offline
 
     def _is_offline(self, client_id: ClientId) -> bool:

@@ -188,8 +188,9 @@ class _Servicer(pb_grpc.FleetServicer):
     async def UploadStatus(self, request: Any, context: Any) -> Any:
         cid = await self._auth("UploadStatus", request, context)
         part = self.s.part_path(cid, request.task_id, request.digest)
-        received = part.stat().st_size if part.exists() else 0
-        return pb.UploadStatusReply(received=received)
+        tag = part.with_suffix(".digest")
+        same = part.exists() and tag.exists() and tag.read_text() == request.digest
+        return pb.UploadStatusReply(received=part.stat().st_size if same else 0)
 
     async def PushResult(self, request_iterator: Any, context: Any) -> Any:
         first = await anext(aiter(request_iterator), None)
@@ -231,14 +232,19 @@ class _Servicer(pb_grpc.FleetServicer):
                 )
             return pb.PushResultReply(status=pb.PushResultReply.STAGE_CLOSED)
         part = s.part_path(cid, header.task_id, header.digest)
-        have = part.stat().st_size if part.exists() else 0
-        if offset != have:
+        have = s.part_size(part, header.digest)
+        if offset > have:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the upload resumes at byte {have}, not {offset}",
             )
-        received = have
-        with open(part, "ab") as fh:
+        received = offset
+        with open(part, "r+b" if part.exists() else "wb") as fh:
+            # One upload per site and task: bytes before ``offset`` are kept
+            # (same site, task and digest: the same content), later ones and
+            # any other result's partial upload are dropped.
+            fh.truncate(offset)
+            fh.seek(offset)
             async for item in request_iterator:
                 if item.WhichOneof("part") != "chunk":
                     await context.abort(
@@ -331,9 +337,24 @@ class FleetServer:
             self._on_event(client_id, kind, detail)
 
     def part_path(self, client_id: str, task_id: str, digest: str) -> Path:
-        """Where an upload in progress is kept."""
-        safe = hashlib.sha256(f"{client_id}\0{task_id}\0{digest}".encode()).hexdigest()
+        """Where a site's upload in progress for a task is kept (one per task)."""
+        del digest  # one partial upload per site and task, whatever its digest
+        safe = hashlib.sha256(f"{client_id}\0{task_id}".encode()).hexdigest()
         return self._uploads / f"{safe}.part"
+
+    def part_size(self, part: Path, digest: str) -> int:
+        """Bytes kept of an upload of ``digest`` (0: none, or another digest's)."""
+        tag = part.with_suffix(".digest")
+        if not part.exists() or not tag.exists() or tag.read_text() != digest:
+            part.unlink(missing_ok=True)
+            tag.write_text(digest)
+            return 0
+        return part.stat().st_size
+
+    def clear_uploads(self) -> None:
+        """Drop every partial upload (a stage closed: they can no longer count)."""
+        for path in self._uploads.iterdir():
+            path.unlink(missing_ok=True)
 
     def take_result(
         self, client_id: str, task: Any, part: Path, digest: str
@@ -419,6 +440,7 @@ class FleetServer:
                 raise err
             raise TransportError(f"could not start the gRPC server: {err}") from err
         self.mailbox.notify = lambda: self._call(self._wake)
+        self.mailbox.on_close = self.clear_uploads
         return self.port
 
     def _call(self, fn: Callable[[], None]) -> None:

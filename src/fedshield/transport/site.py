@@ -189,6 +189,7 @@ class SiteClient:
         self.plan: dict[str, Any] = {}
         self.setup: SiteSetup | None = None
         self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._refused: set[str] = set()
         self._sessions: dict[int, ClientSession] = {}
         self._status = "connecting"
         self._stop = threading.Event()
@@ -341,6 +342,11 @@ class SiteClient:
     # -- one task ----------------------------------------------------------------
 
     def _serve(self, task: Any) -> None:
+        if task.task_id in self._refused:
+            # The server refused this site's result for the task; it will not
+            # take another. Wait for the next stage rather than spin.
+            self._stop.wait(min(self.poll_s, 5.0))
+            return
         cached = self._cache.get(task.task_id)
         if cached is None:
             payload = self._payload(task)
@@ -482,9 +488,14 @@ class SiteClient:
                     error = _classify(err, self.server)
                     if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                         logger.error("the server rejected a result: %s", err.details())
+                        self._refused.add(task_id)
                         return
                     if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        if "resumes at byte" in (err.details() or ""):
+                            offset = 0  # start the upload again
+                            continue
                         logger.error("the server refused a result: %s", err.details())
+                        self._refused.add(task_id)
                         return
                     raise error from None
                 time.sleep(min(0.5 * 2**attempts, 20.0) * random.random())
