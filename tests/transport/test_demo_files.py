@@ -120,9 +120,13 @@ def test_demo_policy_accepts_the_plan() -> None:
     assert guard.epsilon_after(rounds) == pytest.approx(9.482, abs=0.01)
 
 
-def test_example_policy_refuses_a_threshold_of_two() -> None:
-    # Why the demo has its own policy: SecAgg's threshold for 3 sites is 2.
+def test_example_policy_accepts_the_malicious_plan_not_a_threshold_of_two() -> None:
+    # Malicious-mode SecAgg (what the network runs) needs all 3 of 3 sites:
+    # the shipped policy (min_clients = 3) accepts it; a semi-honest plan's
+    # threshold of 2 it refuses.
     plan, _ = _plan()
-    guard = SiteGuard(SitePolicy.load(NETWORK / "policy.toml"), plan, SITES)
+    policy = SitePolicy.load(NETWORK / "policy.toml")
+    SiteGuard(policy, plan, SITES).check_run()
+    semi_honest = {**plan, "secagg": {**plan["secagg"], "malicious": False}}
     with pytest.raises(PolicyRefusal, match="min_clients = 3"):
-        guard.check_run()
+        SiteGuard(policy, semi_honest, SITES).check_run()

@@ -8,9 +8,11 @@ and that the stage goes on for the honest sites.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -388,3 +390,57 @@ def test_a_site_that_says_nothing_is_a_timeout_and_one_that_goes_quiet_drops(
         assert got["beta"].failure.kind == FailureKind.DROPPED
     finally:
         fleet.close()
+
+
+def test_a_server_checks_peers_without_the_ca_key(pki, tmp_path):
+    # The internet-facing server needs ca.crt and ca.crl only.
+    import shutil
+
+    _, ca_dir, folders = pki
+    public = tmp_path / "ca-public"
+    public.mkdir()
+    for name in ("ca.crt", "ca.crl", "server.crt", "server.key"):
+        shutil.copy(ca_dir / name, public / name)
+    fleet = Fleet(public, tmp_path / "state")
+    try:
+        alpha = Raw(fleet.port, folders["alpha"])
+        assert alpha.call("Heartbeat", pb.HeartbeatRequest()).boot_id
+    finally:
+        fleet.close()
+
+
+def test_claimed_names_are_bounded_and_events_rate_limited(fleet, pki):
+    _, _, folders = pki
+    alpha = Raw(fleet.port, folders["alpha"], name="x" * 100_000)
+    for _ in range(30):
+        code, details = code_of(lambda: alpha.call("Heartbeat", pb.HeartbeatRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "64 characters" in details
+    events = fleet.store.events()
+    assert len(events) <= 11
+    assert all(
+        len(client) <= 65 and len(detail) <= 301 for _, client, _, detail in events
+    )
+
+
+def test_one_long_poll_per_site(fleet, pki):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, folders = pki
+    alpha = Raw(fleet.port, folders["alpha"])
+    fleet.server.settings = dataclasses.replace(fleet.server.settings, poll_s=12.0)
+
+    def pull():
+        request = alpha.signer.sign("PullTask", pb.PullTaskRequest(run_id="r1"))
+        reply = alpha.stub.PullTask(request, timeout=60)
+        return reply, time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        started = time.monotonic()
+        polls = [pool.submit(pull) for _ in range(8)]
+        done = [p.result(timeout=90) for p in polls]
+    # Each newer poll ends the older ones at their next look (within 5 s):
+    # eight polls from one site never hold eight slots for the full 12 s.
+    ended_early = [t - started for r, t in done if t - started < 8]
+    assert len(ended_early) >= 7
+    assert all(r.WhichOneof("outcome") == "wait" for r, _ in done)

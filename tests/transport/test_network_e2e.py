@@ -73,7 +73,7 @@ def test_three_sites_three_rounds_over_mutual_tls(uninterrupted):
     assert summary["backend"] == "grpc"
     records = [json.loads(line) for line in (state / "metrics.jsonl").open()]
     assert [r["num_clients"] for r in records] == [3, 3, 3]
-    assert records[-1]["federated_accuracy"] > 0.25  # chance: 0.1
+    assert records[-1]["federated_accuracy"] > 0.2  # chance: 0.1
     for name in ("checkpoint.npz", "report.html", "config.toml", "state.db"):
         assert (state / name).exists(), name
 

@@ -184,3 +184,61 @@ def test_a_site_file_holds_only_data(tmp_path):
     path.write_text('[model]\nkind = "cnn"\n')
     with pytest.raises(ConfigError, match="no \\[data\\]"):
         load_site_data(path)
+
+
+def test_the_ledger_answers_each_round_and_stage_once_and_never_backwards(tmp_path):
+    from fedshield.transport.site import TaskLedger
+
+    path = tmp_path / "ledger.json"
+    ledger = TaskLedger(path)
+    ledger.check("r", 0, "fit", "t0", cached=False)
+    ledger.record("r", 0, "fit", "t0")
+    # The same round's fit again with other parameters (another task id):
+    # a second release for one round of the accountant, or two updates to
+    # difference. Refused.
+    with pytest.raises(SiteRefusal, match="once"):
+        ledger.check("r", 0, "fit", "t0-other", cached=False)
+    ledger.record("r", 3, "fit", "t3")
+    with pytest.raises(SiteRefusal, match="do not go back"):
+        ledger.check("r", 1, "fit", "t1", cached=False)
+    ledger.record("r", 3, "evaluate", "e3")
+    with pytest.raises(SiteRefusal, match="once"):
+        ledger.check("r", 3, "evaluate", "e3-again", cached=False)
+    # Kept on disk: after a restart the same task is not answered again
+    # (the reply is no longer cached: it would be a new release).
+    again = TaskLedger(path)
+    with pytest.raises(SiteRefusal, match="restarted"):
+        again.check("r", 3, "fit", "t3", cached=False)
+    again.check("r", 4, "fit", "t4", cached=False)  # the next round is fine
+    again.check("other-run", 0, "fit", "x", cached=False)  # another run
+
+
+def test_the_plan_carries_no_seed():
+    from fedshield.api.network import plan_of
+
+    plan = plan_of(_config(privacy=CENTRAL), "run-1")
+    assert "seed" not in plan["config"]["run"]
+    assert "data" not in plan["config"]
+
+
+def test_metrics_are_filtered_on_the_client_before_anything_is_held():
+    from fedshield.api.network import _MetricsFilter
+    from fedshield.core import ClientUpdate, Params
+
+    class Client:
+        trust = "mine"
+
+        def fit(self, params, config, rng):
+            return ClientUpdate("a", params, 3, metrics={"loss": 1.0, "secret": 2.0})
+
+        def evaluate(self, params, config):
+            return {"loss": 1.0, "secret": 2.0}
+
+    def keep(metrics):
+        return {k: v for k, v in metrics.items() if k == "loss"}
+
+    filtered = _MetricsFilter(Client(), keep)
+    params = Params({"w": __import__("numpy").zeros(2, "float32")})
+    assert dict(filtered.fit(params, None, None).metrics) == {"loss": 1.0}
+    assert filtered.evaluate(params, None) == {"loss": 1.0}
+    assert filtered.trust == "mine"  # what the client knows passes through

@@ -88,6 +88,10 @@ def plan_of(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
     """What a site learns when it joins: the configuration without ``[data]``."""
     sections = config.to_dict()
     sections.pop("data", None)
+    # The run's seed stays with the server: the central-DP noise, the sample
+    # and every site's stage seed derive from it (a site that knew it could
+    # subtract the noise, or compute another site's randomness).
+    sections.get("run", {}).pop("seed", None)
     net = sections.get("network", {})
     return {
         "run_id": run_id,
@@ -221,7 +225,10 @@ def serve(
         max_upload_bytes=int(net.max_upload_mb * (1 << 20)),
         clock_skew_s=net.clock_skew_s,
     )
-    server = FleetServer(settings, mailbox)
+    # Nothing a site sends for this model is larger than its update with the
+    # codec's overhead (a SecAgg masked vector packs at most 8 bytes a word).
+    reply_cap = 16 * model.spec.size + (16 << 20)
+    server = FleetServer(settings, mailbox, max_reply_bytes=reply_cap)
     port = server.start()
     if port_file is not None:
         tmp = Path(port_file).with_suffix(".tmp")
@@ -237,6 +244,7 @@ def serve(
         store,
         fit_timeout_s=net.fit_timeout_s,
         stage_timeout_s=net.stage_timeout_s,
+        max_reply_bytes=reply_cap,
     )
     status, error = "completed", None
     final = state
@@ -555,7 +563,10 @@ def site_builder(
                     seed=config.run.seed,
                 )
                 built[name].trust = trust
-            return built[name](name)
+            client = built[name](name)
+            if guard is not None:
+                client = _MetricsFilter(client, guard.filter_metrics)
+            return client
 
         return SiteSetup(
             client_fn,
@@ -567,6 +578,30 @@ def site_builder(
         )
 
     return build
+
+
+class _MetricsFilter:
+    """A site's client whose metrics pass its policy before anything leaves.
+
+    Filtering here, not on the reply, covers secure aggregation too: there
+    the update (with its metrics) is held and encoded into the masked sum.
+    """
+
+    def __init__(self, client: Any, keep: Callable[[Mapping[str, float]], Any]):
+        self._client = client
+        self._keep = keep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def fit(self, params: Any, config: Any, rng: Any) -> Any:
+        from dataclasses import replace
+
+        update = self._client.fit(params, config, rng)
+        return replace(update, metrics=self._keep(update.metrics))
+
+    def evaluate(self, params: Any, config: Any) -> Any:
+        return self._keep(self._client.evaluate(params, config))
 
 
 def _dp_options_check(

@@ -99,7 +99,7 @@ def run_join(
     from fedshield.api.network import load_site_data, site_builder
     from fedshield.errors import ConfigError
     from fedshield.transport.auth import load_identity
-    from fedshield.transport.site import SiteClient, run_site
+    from fedshield.transport.site import SiteClient, TaskLedger, run_site
 
     _logging()
     if identity is None and not insecure:
@@ -128,6 +128,7 @@ def run_join(
         name=name,
         connect_timeout_s=connect_timeout_s,
         status=status,
+        ledger=TaskLedger(identity / "ledger.json" if identity is not None else None),
     )
     done = run_site(client)
     console.print(f"done: answered {done} tasks", highlight=False)

@@ -191,6 +191,8 @@ class RequestGuard:
             raise AuthError("the request names no client (envelope.client_id)")
         if claimed == "server":
             raise AuthError("no site may call itself 'server'")
+        if len(claimed) > 64:
+            raise AuthError("a site's name has at most 64 characters")
         now_ms = int(time.time() * 1000)
         skew = env.sent_at_ms - now_ms
         if abs(skew) > self._skew_ms:

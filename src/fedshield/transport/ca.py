@@ -117,6 +117,18 @@ def _load(paths: CaPaths) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     return key, x509.load_pem_x509_certificate(paths.cert.read_bytes())
 
 
+_CERTS: dict[tuple[str, float], x509.Certificate] = {}
+
+
+def _ca_cert(paths: CaPaths) -> x509.Certificate:
+    """The CA's certificate (parsed once per file version)."""
+    key = (str(paths.cert), paths.cert.stat().st_mtime)
+    cert = _CERTS.get(key)
+    if cert is None:
+        cert = _CERTS[key] = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+    return cert
+
+
 def _index(paths: CaPaths) -> dict[str, dict[str, object]]:
     if not paths.index.exists():
         return {}
@@ -352,7 +364,13 @@ def verify(cert_pem: bytes, ca_dir: Path, *, now: dt.datetime | None = None) -> 
         Saying which check failed.
     """
     paths = CaPaths(Path(ca_dir))
-    _, ca_cert = _load(paths)
+    # The certificate and the revocation list only: a server that checks
+    # its peers needs no signing key (it may run without ca.key).
+    if not paths.cert.exists() or not paths.crl.exists():
+        raise ConfigError(
+            f"{paths.root} holds no ca.crt / ca.crl; copy them from the CA folder"
+        )
+    ca_cert = _ca_cert(paths)
     cert = x509.load_pem_x509_certificate(cert_pem)
     ca_public = ca_cert.public_key()
     assert isinstance(ca_public, ec.EllipticCurvePublicKey)

@@ -72,6 +72,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _printable(text: str, limit: int) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class _Servicer(pb_grpc.FleetServicer):
     def __init__(self, server: FleetServer) -> None:
         self.s = server
@@ -137,6 +142,9 @@ class _Servicer(pb_grpc.FleetServicer):
                 "join again",
             )
         self.s.mailbox.joined(cid)  # ready: its client is built
+        # One long poll per site: a newer one ends this one (within 5 s, at
+        # its next look; waking every poll would cost O(sites) each time).
+        ticket = self.s._polls[cid] = self.s._polls.get(cid, 0) + 1
         deadline = time.monotonic() + st.poll_s
         while True:
             changed = self.s.changed
@@ -159,7 +167,7 @@ class _Servicer(pb_grpc.FleetServicer):
             if self.s.mailbox.finished:
                 return pb.PullTaskReply(run_id=st.run_id, finished=True)
             left = deadline - time.monotonic()
-            if left <= 0 or self.s.stopping:
+            if left <= 0 or self.s.stopping or self.s._polls.get(cid) != ticket:
                 return pb.PullTaskReply(run_id=st.run_id, wait=True)
             try:
                 await asyncio.wait_for(changed.wait(), timeout=min(left, 5.0))
@@ -309,6 +317,8 @@ class FleetServer:
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._changed: asyncio.Event | None = None
+        self._event_window: list[float] = [0.0, 0]
+        self._polls: dict[str, int] = {}
         self._uploads = mailbox.store.dir / "uploads"
         self._uploads.mkdir(exist_ok=True)
         self.port = 0
@@ -327,7 +337,20 @@ class FleetServer:
             old.set()
 
     def event(self, client_id: str, kind: str, detail: str) -> None:
-        """Log a refused request or a site's refusal (and keep it in the store)."""
+        """Log a refused request or a site's refusal (and keep it in the store).
+
+        What a peer claims is cut to a printable 64 (id) / 300 (detail)
+        characters, and at most 10 events a second are kept, so refused
+        requests cannot fill the disk or the log.
+        """
+        client_id = _printable(client_id, 64)
+        detail = _printable(detail, 300)
+        now = time.monotonic()
+        if now - self._event_window[0] >= 1.0:
+            self._event_window = [now, 0]
+        self._event_window[1] += 1
+        if self._event_window[1] > 10:
+            return
         logger.warning("%s: %s (%s)", client_id, kind, detail)
         try:
             self.mailbox.store.log_event(client_id, kind, detail)
@@ -462,7 +485,8 @@ class FleetServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=None,
+            # Long polls take slots: one per site, plus room for the rest.
+            maximum_concurrent_rpcs=4 * len(st.sites) + 64,
         )
         pb_grpc.add_FleetServicer_to_server(  # type: ignore[no-untyped-call]
             _Servicer(self), server

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -58,6 +59,7 @@ __all__ = [
     "SiteError",
     "SiteRefusal",
     "SiteSetup",
+    "TaskLedger",
     "run_site",
 ]
 
@@ -117,6 +119,71 @@ class SiteSetup:
     ``fit`` asks the site to apply); raises to refuse it."""
 
 
+class TaskLedger:
+    """What a site answered: one answer per run, round and stage, on its disk.
+
+    A server could otherwise ask a site the same round twice with other
+    parameters (two noised releases for one round of its accountant, or
+    two updates to difference), evaluate the site's data as often as it
+    likes, or take the rounds backwards. The ledger refuses a second task
+    for a (run, round, stage) already answered, a ``fit`` for a round
+    earlier than one already trained, and, after the site restarted (its
+    replies are no longer cached), the same task again. Kept in
+    ``--identity DIR/ledger.json`` (in memory without a folder).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._runs: dict[str, dict[str, Any]] = {}
+        if path is not None and path.exists():
+            try:
+                self._runs = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise SiteError(
+                    f"{path} (this site's record of what it answered) is "
+                    f"unreadable: {err}; refusing to start without it"
+                ) from None
+
+    def check(
+        self, run_id: str, round_idx: int, stage: str, task_id: str, cached: bool
+    ) -> None:
+        """Raise :class:`SiteRefusal` if the site must not answer this task."""
+        run = self._runs.get(run_id, {})
+        answered = run.get("answered", {})
+        key = f"{stage}:{round_idx}"
+        known = answered.get(key)
+        if known is not None and known != task_id:
+            raise SiteRefusal(
+                f"already answered {stage} of round {round_idx + 1} in this run "
+                "(another task); a site answers each round's stage once"
+            )
+        if known is not None and not cached:
+            raise SiteRefusal(
+                f"answered {stage} of round {round_idx + 1} before it restarted; "
+                "not again"
+            )
+        if stage == "fit" and known is None and round_idx < run.get("last_fit", -1):
+            raise SiteRefusal(
+                f"a fit for round {round_idx + 1} after round "
+                f"{run['last_fit'] + 1}: rounds do not go back"
+            )
+
+    def record(self, run_id: str, round_idx: int, stage: str, task_id: str) -> None:
+        """Remember an answer (on disk before the answer leaves)."""
+        run = self._runs.setdefault(run_id, {"answered": {}, "last_fit": -1})
+        run["answered"][f"{stage}:{round_idx}"] = task_id
+        if stage == "fit":
+            run["last_fit"] = max(run["last_fit"], round_idx)
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._runs, sort_keys=True))
+            tmp.replace(self.path)
+
+    def forget(self) -> None:
+        """Forget everything (a test harness that asks the same tasks again)."""
+        self._runs = {}
+
+
 def _classify(err: grpc.RpcError, server: str) -> SiteError:
     code, details = err.code(), err.details() or ""
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -156,6 +223,9 @@ class SiteClient:
     status
         Called with each status change (connected, waiting, training,
         uploading, done).
+    ledger
+        What the site answered (:class:`TaskLedger`; ``fedshield join``
+        keeps it in the identity folder).
     run_lock
         Held while the site runs a stage (sites in threads of one process
         that share one model object: :mod:`fedshield.transport.loopback`).
@@ -172,6 +242,7 @@ class SiteClient:
         connect_timeout_s: float = 300.0,
         status: Callable[[str], None] | None = None,
         run_lock: Any = None,
+        ledger: TaskLedger | None = None,
     ) -> None:
         if identity is None and not insecure:
             raise SiteError("a site needs --identity (or --insecure on loopback)")
@@ -189,6 +260,7 @@ class SiteClient:
         self.plan: dict[str, Any] = {}
         self.setup: SiteSetup | None = None
         self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self.ledger = ledger if ledger is not None else TaskLedger()
         self._refused: set[str] = set()
         self._sessions: dict[int, ClientSession] = {}
         self._status = "connecting"
@@ -352,6 +424,7 @@ class SiteClient:
             payload = self._payload(task)
             cached = self._answer(task, payload)
             self._cache[task.task_id] = cached
+            self.ledger.record(self.run_id, int(task.round), task.stage, task.task_id)
             while len(self._cache) > 64:
                 self._cache.popitem(last=False)
         self.set_status("uploading")
@@ -405,6 +478,7 @@ class SiteClient:
             raise SiteError("a task's header disagrees with its payload")
         setup = self.setup
         try:  # the site's own checks, before anything runs
+            self.ledger.check(self.run_id, round_idx, stage, task.task_id, cached=False)
             if setup.check_task is not None:
                 setup.check_task(round_idx, stage)
             if setup.check_message is not None:
@@ -448,6 +522,7 @@ class SiteClient:
         with self._run_lock:
             self._sessions = {}
             self._cache.clear()
+            self.ledger.forget()
 
     def _execute(
         self, round_idx: int, stage: str, request: Any, rng: np.random.Generator | None
