@@ -17,6 +17,8 @@ import time
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedshield.core import EvalConfig, Params
 from fedshield.simulation import wire
@@ -444,3 +446,57 @@ def test_one_long_poll_per_site(fleet, pki):
     ended_early = [t - started for r, t in done if t - started < 8]
     assert len(ended_early) >= 7
     assert all(r.WhichOneof("outcome") == "wait" for r, _ in done)
+
+
+def test_a_full_disk_asks_the_site_to_retry_and_loses_nothing(fleet, pki, monkeypatch):
+    import errno
+
+    _, _, folders = pki
+    fleet.evaluate_stage(sites=("alpha",))
+    alpha = Raw(fleet.port, folders["alpha"])
+    task = alpha.pull().task
+    real_put = fleet.store.blobs.put
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fleet.store.blobs, "put", full)
+    code, details = code_of(lambda: alpha.push(task.task_id, metrics_reply("alpha")))
+    assert code == grpc.StatusCode.UNAVAILABLE  # a site retries UNAVAILABLE
+    assert "disk" in details and "full" in details
+    monkeypatch.setattr(fleet.store.blobs, "put", real_put)  # space freed
+    reply = alpha.push(task.task_id, metrics_reply("alpha"))
+    assert reply.status == pb.PushResultReply.ACCEPTED
+    assert fleet.finish_stage()["alpha"].value == {"loss": 1.0}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_attestations_of_random_bytes_are_refused_with_a_protocol_error(data):
+    from fedshield.errors import ProtocolError
+
+    keys = _FUZZ_KEYS[0]
+    with pytest.raises(ProtocolError):
+        keys.check_table({"beta": b"k" * 32}, {"beta": data})
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400))
+def test_random_task_payloads_are_refused_not_crashing_the_site(data):
+    from fedshield.errors import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        wire.decode_request(data)
+
+
+_FUZZ_KEYS: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuzz_keys(pki):
+    from fedshield.transport.secagg_keys import SiteKeys
+
+    _, _, folders = pki
+    _FUZZ_KEYS.append(SiteKeys(load_identity(folders["alpha"]), "r1", SITES))
+    yield
+    _FUZZ_KEYS.clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -285,6 +286,14 @@ def serve(
         )
     except PrivacyBudgetExceeded as err:
         status, error = "budget_exhausted", str(err)
+    except (OSError, sqlite3.OperationalError) as err:
+        from fedshield.transport.store import disk_full
+
+        full = disk_full(err, Path(state_dir))
+        if full is None:
+            raise
+        status, error = "failed", str(full)
+        raise full from err
     except FedShieldError as err:
         status, error = "failed", str(err)
         raise

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from fedshield.transport.auth import AuthError, RequestGuard, peer_certificate
 from fedshield.transport.backend import Mailbox
 from fedshield.transport.proto import fleet_pb2 as pb
 from fedshield.transport.proto import fleet_pb2_grpc as pb_grpc
+from fedshield.transport.store import disk_full
 
 __all__ = ["PROTOCOL_VERSION", "FleetServer", "ServerSettings"]
 
@@ -281,6 +283,8 @@ class _Servicer(pb_grpc.FleetServicer):
             return pb.PushResultReply(status=pb.PushResultReply.DUPLICATE)
         if status == "closed":
             return pb.PushResultReply(status=pb.PushResultReply.STAGE_CLOSED)
+        if status == "unavailable":  # the site retries, as for a restart
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
         code = (
             grpc.StatusCode.FAILED_PRECONDITION
             if status == "conflict"
@@ -417,7 +421,14 @@ class FleetServer:
                 task.round_idx,
                 reply.failure.message,
             )
-        status = self.mailbox.accept(client_id, task.task_id, data)
+        try:
+            status = self.mailbox.accept(client_id, task.task_id, data)
+        except (OSError, sqlite3.OperationalError) as err:
+            full = disk_full(err, self.mailbox.store.dir)
+            if full is None:
+                raise
+            logger.error("%s", full)
+            return "unavailable", f"the server cannot record results now: {full}"
         if status == "conflict":
             self.event(client_id, "equivocation", task.task_id[:16])
             return status, (

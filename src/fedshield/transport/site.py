@@ -465,7 +465,11 @@ class SiteClient:
         assert self.setup is not None
         stage, round_idx = task.stage, int(task.round)
         try:
-            request, _ = wire.decode_request(payload)
+            # The payload's size was announced and its digest checked: the
+            # codec's default ceiling does not apply (models over 2 GiB).
+            request, _ = wire.decode_request(
+                payload, max_bytes=max(len(payload), wire.DEFAULT_MAX_BYTES)
+            )
         except ProtocolError as err:
             failure = ClientFailure(self.name, stage, FailureKind.REJECTED, str(err))
             return wire.encode_reply(StageReply(self.name, failure=failure))

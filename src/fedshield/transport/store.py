@@ -27,7 +27,14 @@ from pathlib import Path
 
 from fedshield.errors import FedShieldError
 
-__all__ = ["BlobStore", "HistoryError", "ServerStore", "StageRecord"]
+__all__ = [
+    "BlobStore",
+    "HistoryError",
+    "ServerStore",
+    "StageRecord",
+    "StateFullError",
+    "disk_full",
+]
 
 SCHEMA_VERSION = 1
 
@@ -36,6 +43,27 @@ class HistoryError(FedShieldError):
     """The server's state disagrees with what it is asked to do (exit 46)."""
 
     exit_code = 46
+
+
+class StateFullError(FedShieldError):
+    """The state folder's disk is full (exit 48): free space, run again."""
+
+    exit_code = 48
+
+
+def disk_full(err: BaseException, where: Path) -> StateFullError | None:
+    """The error to raise for ``err`` if it says the disk is full (else None)."""
+    import errno
+
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(err, sqlite3.OperationalError) and "full" in str(err)
+    )
+    if not full:
+        return None
+    return StateFullError(
+        f"the disk holding {where} is full ({err}); nothing recorded "
+        "so far is lost: free space and run the same command again to resume"
+    )
 
 
 class BlobStore:
