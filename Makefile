@@ -97,3 +97,11 @@ demo-network: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the Fleet service's Python modules from its protobuf schema
+# (src/fedshield/transport/proto/fleet.proto); tests/transport/test_proto.py
+# checks that the committed modules match the schema.
+.PHONY: proto
+proto: $(STAMP)
+	cd src && ../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. \
+		--grpc_python_out=. --pyi_out=. fedshield/transport/proto/fleet.proto

@@ -1,9 +1,8 @@
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -17,13 +16,7 @@ class Envelope(_message.Message):
     nonce: bytes
     sent_at_ms: int
     signature: bytes
-    def __init__(
-        self,
-        client_id: str | None = ...,
-        nonce: bytes | None = ...,
-        sent_at_ms: int | None = ...,
-        signature: bytes | None = ...,
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., sent_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("envelope", "protocol", "version")
@@ -33,25 +26,10 @@ class JoinRequest(_message.Message):
     envelope: Envelope
     protocol: int
     version: str
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        protocol: int | None = ...,
-        version: str | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., protocol: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = (
-        "boot_id",
-        "chunk_bytes",
-        "heartbeat_s",
-        "plan_json",
-        "poll_s",
-        "protocol",
-        "run_id",
-        "server_time_ms",
-        "version",
-    )
+    __slots__ = ("run_id", "plan_json", "server_time_ms", "boot_id", "protocol", "version", "poll_s", "heartbeat_s", "chunk_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -70,18 +48,7 @@ class JoinReply(_message.Message):
     poll_s: float
     heartbeat_s: float
     chunk_bytes: int
-    def __init__(
-        self,
-        run_id: str | None = ...,
-        plan_json: bytes | None = ...,
-        server_time_ms: int | None = ...,
-        boot_id: str | None = ...,
-        protocol: int | None = ...,
-        version: str | None = ...,
-        poll_s: float | None = ...,
-        heartbeat_s: float | None = ...,
-        chunk_bytes: int | None = ...,
-    ) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., plan_json: _Optional[bytes] = ..., server_time_ms: _Optional[int] = ..., boot_id: _Optional[str] = ..., protocol: _Optional[int] = ..., version: _Optional[str] = ..., poll_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("envelope", "status")
@@ -89,21 +56,15 @@ class HeartbeatRequest(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     status: str
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        status: str | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., status: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("boot_id", "server_time_ms")
+    __slots__ = ("server_time_ms", "boot_id")
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
     boot_id: str
-    def __init__(
-        self, server_time_ms: int | None = ..., boot_id: str | None = ...
-    ) -> None: ...
+    def __init__(self, server_time_ms: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("envelope", "run_id")
@@ -111,23 +72,10 @@ class PullTaskRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     run_id: str
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        run_id: str | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = (
-        "deadline_ms",
-        "payload",
-        "payload_digest",
-        "payload_size",
-        "round",
-        "stage",
-        "stage_seed",
-        "task_id",
-    )
+    __slots__ = ("task_id", "round", "stage", "deadline_ms", "payload", "payload_size", "payload_digest", "stage_seed")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -144,20 +92,10 @@ class Task(_message.Message):
     payload_size: int
     payload_digest: str
     stage_seed: bytes
-    def __init__(
-        self,
-        task_id: str | None = ...,
-        round: int | None = ...,
-        stage: str | None = ...,
-        deadline_ms: int | None = ...,
-        payload: bytes | None = ...,
-        payload_size: int | None = ...,
-        payload_digest: str | None = ...,
-        stage_seed: bytes | None = ...,
-    ) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., payload: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., payload_digest: _Optional[str] = ..., stage_seed: _Optional[bytes] = ...) -> None: ...
 
 class PullTaskReply(_message.Message):
-    __slots__ = ("finished", "run_id", "task", "wait")
+    __slots__ = ("task", "wait", "finished", "run_id")
     TASK_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -166,37 +104,26 @@ class PullTaskReply(_message.Message):
     wait: bool
     finished: bool
     run_id: str
-    def __init__(
-        self,
-        task: Task | _Mapping | None = ...,
-        wait: bool | None = ...,
-        finished: bool | None = ...,
-        run_id: str | None = ...,
-    ) -> None: ...
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[bool] = ..., finished: _Optional[bool] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class FetchBlobRequest(_message.Message):
-    __slots__ = ("digest", "envelope", "offset")
+    __slots__ = ("envelope", "digest", "offset")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     digest: str
     offset: int
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        digest: str | None = ...,
-        offset: int | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: bytes | None = ...) -> None: ...
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("digest", "envelope", "offset", "size", "task_id")
+    __slots__ = ("envelope", "task_id", "digest", "size", "offset")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -207,36 +134,24 @@ class ResultHeader(_message.Message):
     digest: str
     size: int
     offset: int
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        task_id: str | None = ...,
-        digest: str | None = ...,
-        size: int | None = ...,
-        offset: int | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., task_id: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ResultPart(_message.Message):
-    __slots__ = ("chunk", "header")
+    __slots__ = ("header", "chunk")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: ResultHeader
     chunk: Chunk
-    def __init__(
-        self,
-        header: ResultHeader | _Mapping | None = ...,
-        chunk: Chunk | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushResultReply(_message.Message):
-    __slots__ = ("received", "status")
+    __slots__ = ("status", "received")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACCEPTED: _ClassVar[PushResultReply.Status]
         DUPLICATE: _ClassVar[PushResultReply.Status]
         STAGE_CLOSED: _ClassVar[PushResultReply.Status]
         PARTIAL: _ClassVar[PushResultReply.Status]
-
     ACCEPTED: PushResultReply.Status
     DUPLICATE: PushResultReply.Status
     STAGE_CLOSED: PushResultReply.Status
@@ -245,29 +160,20 @@ class PushResultReply(_message.Message):
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     status: PushResultReply.Status
     received: int
-    def __init__(
-        self,
-        status: PushResultReply.Status | str | None = ...,
-        received: int | None = ...,
-    ) -> None: ...
+    def __init__(self, status: _Optional[_Union[PushResultReply.Status, str]] = ..., received: _Optional[int] = ...) -> None: ...
 
 class UploadStatusRequest(_message.Message):
-    __slots__ = ("digest", "envelope", "task_id")
+    __slots__ = ("envelope", "task_id", "digest")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     task_id: str
     digest: str
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        task_id: str | None = ...,
-        digest: str | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., task_id: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class UploadStatusReply(_message.Message):
     __slots__ = ("received",)
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     received: int
-    def __init__(self, received: int | None = ...) -> None: ...
+    def __init__(self, received: _Optional[int] = ...) -> None: ...
