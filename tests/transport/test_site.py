@@ -242,3 +242,56 @@ def test_metrics_are_filtered_on_the_client_before_anything_is_held():
     assert dict(filtered.fit(params, None, None).metrics) == {"loss": 1.0}
     assert filtered.evaluate(params, None) == {"loss": 1.0}
     assert filtered.trust == "mine"  # what the client knows passes through
+
+
+def test_the_epsilon_cap_composes_the_sites_runs(tmp_path):
+    # A server cannot reset a site's budget by starting a new run: the
+    # ledger on the site's disk sums what its earlier runs spent.
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fedshield.core import ClientUpdate, Params
+    from fedshield.simulation import wire
+    from fedshield.simulation.protocol import StageRequest
+    from fedshield.transport.site import SiteSetup, TaskLedger
+
+    params = Params({"w": np.zeros(2, np.float32)})
+
+    class Client:
+        def fit(self, params, config, rng):
+            return ClientUpdate("alpha", params, 3)
+
+    ledger = TaskLedger(tmp_path / "ledger.json")
+    setup = SiteSetup(
+        lambda name: Client(), epsilon_after=lambda r: 1.0 * r, max_epsilon=3.5
+    )
+
+    def fit(run_id, round_idx):
+        client = SiteClient(
+            "127.0.0.1:9", None, lambda plan: setup, insecure=True, name="alpha",
+            ledger=ledger,
+        )  # fmt: skip
+        client.setup, client.run_id = setup, run_id
+        request = StageRequest(
+            "fit", round_idx, {"alpha": FitIns(params, FitConfig(round_idx))}
+        )
+        payload = wire.encode_request(request, ["alpha"], 0)
+        task = SimpleNamespace(
+            stage="fit",
+            round=round_idx,
+            stage_seed=b"\1" * 32,
+            task_id=f"{run_id}{round_idx}",
+        )
+        reply = wire.decode_reply(client._answer(task, payload))
+        ledger.record(
+            run_id, round_idx, "fit", task.task_id, client._cost("fit", round_idx)
+        )
+        client.close()
+        return reply
+
+    assert fit("run-1", 0).ok and fit("run-1", 1).ok  # ε 2 spent in run 1
+    assert fit("run-2", 0).ok  # 2 + 1 = 3 <= 3.5
+    refused = fit("run-2", 1)  # 2 + 2 = 4 > 3.5
+    assert refused.failure is not None
+    assert "over this site's runs would be 4" in refused.failure.message

@@ -584,6 +584,8 @@ def site_builder(
             check_message=_dp_options_check(
                 config, num_sites, federation.model.spec.size
             ),
+            epsilon_after=guard.epsilon_after if guard is not None else None,
+            max_epsilon=policy.max_epsilon if policy is not None else None,
         )
 
     return build

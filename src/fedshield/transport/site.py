@@ -117,6 +117,11 @@ class SiteSetup:
     check_message: Callable[[str, Any], None] | None = None
     """Checks a task's message against the plan (e.g. the DP options a
     ``fit`` asks the site to apply); raises to refuse it."""
+    epsilon_after: Callable[[int], float] | None = None
+    """The site's own ε after a run's first ``r`` rounds (its policy's
+    accountant); with ``max_epsilon``, the ledger composes runs."""
+    max_epsilon: float | None = None
+    """The site's cap on ε over every run it took part in."""
 
 
 class TaskLedger:
@@ -168,12 +173,27 @@ class TaskLedger:
                 f"{run['last_fit'] + 1}: rounds do not go back"
             )
 
-    def record(self, run_id: str, round_idx: int, stage: str, task_id: str) -> None:
+    def spent_elsewhere(self, run_id: str) -> float:
+        """The ε this site spent in its other runs (basic composition: a sum)."""
+        return float(
+            sum(r.get("epsilon", 0.0) for k, r in self._runs.items() if k != run_id)
+        )
+
+    def record(
+        self,
+        run_id: str,
+        round_idx: int,
+        stage: str,
+        task_id: str,
+        epsilon: float | None = None,
+    ) -> None:
         """Remember an answer (on disk before the answer leaves)."""
         run = self._runs.setdefault(run_id, {"answered": {}, "last_fit": -1})
         run["answered"][f"{stage}:{round_idx}"] = task_id
         if stage == "fit":
             run["last_fit"] = max(run["last_fit"], round_idx)
+        if epsilon is not None:
+            run["epsilon"] = max(float(run.get("epsilon", 0.0)), epsilon)
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self._runs, sort_keys=True))
@@ -424,7 +444,13 @@ class SiteClient:
             payload = self._payload(task)
             cached = self._answer(task, payload)
             self._cache[task.task_id] = cached
-            self.ledger.record(self.run_id, int(task.round), task.stage, task.task_id)
+            self.ledger.record(
+                self.run_id,
+                int(task.round),
+                task.stage,
+                task.task_id,
+                self._cost(task.stage, int(task.round)),
+            )
             while len(self._cache) > 64:
                 self._cache.popitem(last=False)
         self.set_status("uploading")
@@ -487,6 +513,15 @@ class SiteClient:
                 setup.check_task(round_idx, stage)
             if setup.check_message is not None:
                 setup.check_message(stage, request.messages[self.name])
+            cost = self._cost(stage, round_idx)
+            if cost is not None and setup.max_epsilon is not None:
+                total = self.ledger.spent_elsewhere(self.run_id) + cost
+                if total > setup.max_epsilon:
+                    raise SiteRefusal(
+                        f"epsilon over this site's runs would be {total:.4g} "
+                        f"(this run {cost:.4g} after round {round_idx + 1}), above "
+                        f"its max_epsilon = {setup.max_epsilon:g}"
+                    )
         except Exception as err:
             reason = getattr(err, "reason", None) or str(err)
             logger.warning(
@@ -517,6 +552,13 @@ class SiteClient:
             return wire.encode_reply(StageReply(self.name, failure=failure))
         value = self._filtered(value)
         return wire.encode_reply(StageReply(self.name, value=value))
+
+    def _cost(self, stage: str, round_idx: int) -> float | None:
+        """The run's ε once the site trained round ``round_idx`` (fit only)."""
+        setup = self.setup
+        if stage != "fit" or setup is None or setup.epsilon_after is None:
+            return None
+        return float(setup.epsilon_after(round_idx + 1))
 
     def forget_sessions(self) -> None:
         """Drop the round's client and the replies kept for retried tasks.
