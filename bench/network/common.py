@@ -113,6 +113,8 @@ class PeakRss:
         self.every_s = every_s
         self.samples_peak_kib = 0
         self.hwm_kib = 0
+        self.cpu_s = 0.0
+        """User + system CPU seconds, as last sampled (threads included)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -126,8 +128,17 @@ class PeakRss:
                     out[key] = int(value.split()[0])
         return out
 
+    def _cpu(self) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (
+                Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            )
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+            self.cpu_s = max(self.cpu_s, ticks / os.sysconf("SC_CLK_TCK"))
+
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
+            self._cpu()
             values = self._read()
             if not values:
                 continue
@@ -202,12 +213,30 @@ def machine() -> dict[str, Any]:
                 break
     load = os.getloadavg()
     return {
+        "git": source_version(),
         "cpus": os.cpu_count(),
         "cpu": cpu,
         "python": platform.python_version(),
         "gpu": "none",
         "loadavg_at_start": [round(v, 2) for v in load],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def source_version() -> dict[str, Any]:
+    """The commit measured, and whether src/ had changes not committed."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+            ).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD"),
+        "src_uncommitted": git("status", "--porcelain", "src").splitlines(),
     }
 
 

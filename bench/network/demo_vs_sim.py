@@ -51,7 +51,7 @@ import numpy as np
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     ROOT,
     LineWatcher,
     PeakRss,
@@ -74,7 +74,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def _make_sites(out: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_sites", NETWORK / "make_sites.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_sites", NETWORK / "make_sites.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -107,15 +109,25 @@ def run_network(
     config.write_text(tomli_w.dumps(sections(variant)))
     state = work / "state"
     port_file = work / "port"
-    policy = ["--policy", str(NETWORK / "demo_policy.toml")] if variant == "demo" else []
+    policy = (
+        ["--policy", str(NETWORK / "demo_policy.toml")] if variant == "demo" else []
+    )
     started = time.perf_counter()
     with processes(work / "logs", env) as procs:
         server = procs.start(
             "server",
             fedshield_cmd(
-                "serve", config, "--ca", ca_dir, "--state", state,
-                "--listen", "127.0.0.1:0", "--port-file", port_file,
-            ),  # fmt: skip
+                "serve",
+                config,
+                "--ca",
+                ca_dir,
+                "--state",
+                state,
+                "--listen",
+                "127.0.0.1:0",
+                "--port-file",
+                port_file,
+            ),
         )
         rss = PeakRss(server.pid)
         watcher = LineWatcher(state / "metrics.jsonl")
@@ -125,10 +137,15 @@ def run_network(
             procs.start(
                 site,
                 fedshield_cmd(
-                    "join", "--server", f"127.0.0.1:{port}",
-                    "--identity", idents[site],
-                    "--data", sites_dir / site / "site.toml", *policy,
-                ),  # fmt: skip
+                    "join",
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--identity",
+                    idents[site],
+                    "--data",
+                    sites_dir / site / "site.toml",
+                    *policy,
+                ),
             )
         code = server.wait(timeout=280)
         rss.stop()
@@ -148,7 +165,9 @@ def run_network(
     return {
         "final_params": _final_params(state),
         "stages_per_round": len(stages) / max(1, len(records)),
-        "stages_of_round_1": [stage for r, stage in stages if r == min(x for x, _ in stages)],
+        "stages_of_round_1": [
+            stage for r, stage in stages if r == min(x for x, _ in stages)
+        ],
         "seconds": [r.get("seconds") for r in records],
         "between_records_s": list(np.diff(stamps)),
         "accuracy": summary.get("accuracy"),
@@ -242,6 +261,33 @@ def per_round(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def report(
+    variant: str, k: int, one: dict[str, Any], backends: list[str], one_thread: bool
+) -> None:
+    net = one["network"]["per_round"]
+    ratios = []
+    for b in backends:
+        sim_b = one[f"simulation_{b}"]["per_round"]["median_excl_round1"]
+        ratio = one[f"ratio_vs_{b}_median_excl_round1"]
+        ratios.append(f"vs {b}: {ratio:.2f} ({sim_b:.3f} s)")
+    print(
+        f"{variant} run {k}: network {net['median_excl_round1']:.3f} s/round "
+        f"(round 1 {net['round1']}); " + ", ".join(ratios),
+        flush=True,
+    )
+    if one_thread:
+        net1 = one["network_1thread"]["per_round"]["median_excl_round1"]
+        ratios = [
+            f"vs {b}: {one[f'ratio_1thread_vs_{b}_median_excl_round1']:.2f}"
+            for b in backends
+        ]
+        print(
+            f"  network with OMP_NUM_THREADS=1: {net1:.3f} s/round, ratio "
+            + ", ".join(ratios),
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -261,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
-        "command": "python bench/network/demo_vs_sim.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python bench/network/demo_vs_sim.py "
+        + " ".join(argv or sys.argv[1:]),
         "machine": machine(),
     }
     with tempfile.TemporaryDirectory(prefix="fedshield-bench-net-") as tmp:
@@ -282,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                     work = root / f"{variant}-{k}-{what}"
                     work.mkdir()
                     if what == "network":
-                        one["network"] = run_network(work, variant, sites_dir, ca_dir, idents)
+                        one["network"] = run_network(
+                            work, variant, sites_dir, ca_dir, idents
+                        )
                     elif what == "network-1thread":
                         one["network_1thread"] = run_network(
                             work, variant, sites_dir, ca_dir, idents, ONE_THREAD
@@ -292,10 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                         one[f"simulation_{backend}"] = run_simulation(
                             work, variant, sites_dir, backend
                         )
-                # Did both train the same model? (Not under DP: the network
-                # server's noise comes from its own secret.)
+                # Did both train the same model? (Compared to the network's.)
                 net_params = one["network"].pop("final_params")
-                for key in [k for k in one if k.startswith(("simulation_", "network_"))]:
+                others = [x for x in one if x.startswith(("simulation_", "network_"))]
+                for key in others:
                     other = one[key].pop("final_params")
                     one[key]["final_params_max_abs_diff_vs_network"] = float(
                         np.max(np.abs(other - net_params))
@@ -324,31 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 one["extra_seconds_per_round"] = (
                     net["median_excl_round1"] - sim["median_excl_round1"]
                 )
-                print(
-                    f"{variant} run {k}: network {net['median_excl_round1']:.3f} s/round "
-                    f"(round 1 {net['round1']}), simulation "
-                    f"{sim['median_excl_round1']:.3f} s/round (round 1 "
-                    f"{sim['round1']}), ratio {one['ratio_median_excl_round1']:.2f}; "
-                    f"accuracy net {one['network']['accuracy']} sim "
-                    f"{base['accuracy']}; "
-                    + ", ".join(
-                        f"vs {b}: {one[f'ratio_vs_{b}_median_excl_round1']:.2f}"
-                        f" ({one[f'simulation_{b}']['per_round']['median_excl_round1']:.3f} s)"
-                        for b in backends
-                    ),
-                    flush=True,
-                )
-                if args.one_thread:
-                    print(
-                        f"  network with OMP_NUM_THREADS=1: "
-                        f"{one['network_1thread']['per_round']['median_excl_round1']:.3f}"
-                        " s/round, ratio "
-                        + ", ".join(
-                            f"vs {b}: {one[f'ratio_1thread_vs_{b}_median_excl_round1']:.2f}"
-                            for b in backends
-                        ),
-                        flush=True,
-                    )
+                report(variant, k, one, backends, args.one_thread)
                 runs.append(one)
             result[variant] = {"runs": runs}
     if not args.no_save:

@@ -39,7 +39,7 @@ import numpy as np
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     PeakRss,
     machine,
     processes,
@@ -53,7 +53,9 @@ def site_names(n: int) -> list[str]:
     return [f"s{i:04d}" for i in range(n)]
 
 
-def server_config(path: Path, n: int, per_round: int, rounds: int, wait_s: float) -> None:
+def server_config(
+    path: Path, n: int, per_round: int, rounds: int, wait_s: float
+) -> None:
     config: dict[str, Any] = {
         "run": {"name": "many", "rounds": rounds, "seed": 3, "federated_eval": False},
         "model": {"kind": "logistic"},
@@ -173,7 +175,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                     "--listen", "127.0.0.1:0", "--port-file", str(port_file),
                 ],
             )  # fmt: skip
-            rss = PeakRss(server.pid)
+            rss = PeakRss(server.pid, every_s=0.1)
             port = wait_port(server, port_file, 120)
             listening = time.perf_counter() - started
             site_procs, site_rss = [], []
@@ -211,6 +213,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             for k in range(procs_n)
         ]
         records = read_metrics(state / "metrics.jsonl") if code == 0 else []
+        failures_file = state / "failures.jsonl"
+        failures = read_metrics(failures_file) if failures_file.exists() else []
         summary = (
             json.loads((state / "summary.json").read_text())
             if (state / "summary.json").exists()
@@ -231,9 +235,13 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         "rounds_after_all_joined_s": None if joined_at is None else ended - joined_at,
         "round_seconds": [r.get("seconds") for r in records],
         "round_num_clients": [r.get("num_clients") for r in records],
+        "failures": len(failures),
+        "failures_sample": failures[:3],
         "rounds_completed": [r.get("completed", True) for r in records],
         "server_peak_rss_mib": rss.peak_mib,
         "server_hwm_mib": rss.hwm_kib / 1024,
+        "server_cpu_s": rss.cpu_s,
+        "site_process_cpu_s": [round(r.cpu_s, 2) for r in site_rss],
         "site_process_peak_rss_mib": [round(r.peak_mib, 1) for r in site_rss],
         "server_log_tail": log.splitlines()[-8:],
     }
@@ -264,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=1))
     if not args.no_save:
-        update_results(f"many_clients_{args.sites}", result)
+        key = f"many_clients_{args.sites}"
+        if args.per_round != 100:
+            key += f"_per_round_{args.per_round}"
+        update_results(key, result)
     return 0
 
 

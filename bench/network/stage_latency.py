@@ -27,12 +27,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from common import machine, make_ca, update_results  # noqa: E402
+from common import machine, make_ca, update_results
+from tests.contracts.backend_contract import fit_request
+from tests.contracts.fakes import FakeClients
 
-from fedshield.transport import auth, backend, server, site, store  # noqa: E402
-from fedshield.transport.loopback import LoopbackBackend  # noqa: E402
-from tests.contracts.backend_contract import fit_request  # noqa: E402
-from tests.contracts.fakes import FakeClients  # noqa: E402
+from fedshield.transport import auth, backend, server, site, store
+from fedshield.transport.loopback import LoopbackBackend
 
 SITES = ["0", "1", "2"]
 STEPS: list[tuple[Any, str]] = [
@@ -88,13 +88,17 @@ def measure(stages: int, tls: bool, spent: dict[str, list[float]]) -> dict[str, 
         )  # fmt: skip
         clients = FakeClients(3)
         try:
-            list(lb.run_stage(fit_request(SITES, round_idx=0), client_fn=clients, seed=1))
+            list(
+                lb.run_stage(fit_request(SITES, round_idx=0), client_fn=clients, seed=1)
+            )
             spent.clear()
             times = []
             for r in range(1, stages + 1):
                 started = time.perf_counter()
                 replies = list(
-                    lb.run_stage(fit_request(SITES, round_idx=r), client_fn=clients, seed=1)
+                    lb.run_stage(
+                        fit_request(SITES, round_idx=r), client_fn=clients, seed=1
+                    )
                 )
                 times.append(time.perf_counter() - started)
                 assert all(reply.ok for reply in replies)
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, row in result[key]["steps"].items():
             print(
                 f"  {label:28s} {row['per_stage']:4.1f}/stage  median "
-                f"{row['median_ms']:6.2f} ms  total {row['total_ms_per_stage']:6.2f} ms/stage"
+                f"{row['median_ms']:6.2f} ms  "
+                f"total {row['total_ms_per_stage']:6.2f} ms/stage"
             )
     if not args.no_save:
         update_results("stage_latency", result)

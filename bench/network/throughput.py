@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRss, machine, update_results  # noqa: E402
+from common import PeakRss, machine, update_results
 
-from fedshield.core import ClientUpdate, EvalConfig, FitConfig, Params  # noqa: E402
-from fedshield.simulation import (  # noqa: E402
+from fedshield.core import ClientUpdate, EvalConfig, FitConfig, Params
+from fedshield.simulation import (
     EvaluateIns,
     FitIns,
     StageReply,
@@ -156,11 +156,54 @@ def steps(params: Params, tmp: Path) -> dict[str, float]:
     return out
 
 
+def instrument() -> dict[str, list[float]]:
+    """Time the transport's steps in this process (wrappers; src unchanged)."""
+    import collections
+
+    from fedshield.transport import backend, server, site, store
+
+    spent: dict[str, list[float]] = collections.defaultdict(list)
+
+    def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label].append(time.perf_counter() - started)
+
+        return call
+
+    for owner, names in (
+        (site.SiteClient, ("_fetch", "_payload", "_answer", "_push")),
+        (server.FleetServer, ("take_result",)),
+        (backend.Mailbox, ("owner", "accept")),
+        (store.BlobStore, ("put",)),
+        (wire, ("encode_request", "decode_request", "encode_reply", "decode_reply")),
+    ):
+        for name in names:
+            label = f"{getattr(owner, '__name__', owner)}.{name}".replace(
+                "fedshield.simulation.", ""
+            )
+            setattr(owner, name, timed(label, getattr(owner, name)))
+    digest: Any = vars(backend.OpenTask)["payload_digest"]
+    label = "OpenTask.payload_digest (SHA-256 of the payload)"
+    task_class: Any = backend.OpenTask
+    task_class.payload_digest = property(timed(label, digest.fget))
+    return spent
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mb", type=float, default=100.0)
     parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time the transport's steps (one download and one upload after "
+        "the measured repeats; wrappers in this process)",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     from fedshield.transport.loopback import LoopbackBackend
@@ -222,6 +265,27 @@ def main(argv: list[str] | None = None) -> int:
                     f"({up[-1]:.2f} s)",
                     flush=True,
                 )
+            if args.breakdown:
+                spent = instrument()
+                k = args.repeats
+                result["breakdown_download_s"] = stage("evaluate", 1 + 2 * k, big)
+                got = {key: (len(v), sum(v)) for key, v in spent.items()}
+                spent.clear()
+                result["breakdown_upload_s"] = stage("fit", 2 + 2 * k, small)
+                result["breakdown"] = {
+                    "download": {
+                        k2: {"calls": c, "seconds": t} for k2, (c, t) in got.items()
+                    },
+                    "upload": {
+                        k2: {"calls": len(v), "seconds": sum(v)}
+                        for k2, v in spent.items()
+                    },
+                }
+                for way in ("download", "upload"):
+                    print(f"{way} breakdown ({result[f'breakdown_{way}_s']:.2f} s):")
+                    rows = result["breakdown"][way].items()
+                    for label, row in sorted(rows, key=lambda kv: -kv[1]["seconds"]):
+                        print(f"  {label:50s} x{row['calls']}  {row['seconds']:.3f} s")
         finally:
             backend.close()
     rss.stop()
@@ -240,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     result["process_peak_rss_mib"] = rss.peak_mib
     for key in ("download", "upload", "raw_tcp"):
         r = result[key]
-        print(f"{key}: best {r['best_MBps']:.0f} MB/s, median {r['median_MBps']:.0f} MB/s")
+        print(
+            f"{key}: best {r['best_MBps']:.0f} MB/s, median {r['median_MBps']:.0f} MB/s"
+        )
     print("steps (s):", {k: round(v, 3) for k, v in result["steps_s"].items()})
     print(f"peak RSS of this process: {rss.peak_mib:.0f} MiB")
     if not args.no_save:
