@@ -140,18 +140,45 @@ def serve(
     ------
     FedShieldError
         Configuration, certificate, state or round failures (exit codes as
-        for ``simulate``; 40-46 for the transport's).
+        for ``simulate``; 40-48 for the transport's).
     """
-    from fedshield.transport.backend import GrpcBackend, Mailbox
-    from fedshield.transport.server import FleetServer, ServerSettings
-    from fedshield.transport.store import ServerStore
-
     config = (
         config_path
         if isinstance(config_path, ExperimentConfig)
         else load_config(Path(config_path))
     )
-    net = _check_serveable(config)
+    started = time.perf_counter()
+    run = _Served.build(config, ca_dir=ca_dir, state_dir=Path(state_dir), listen=listen)
+    port = run.start(port_file)
+    if on_listening is not None:
+        on_listening(port)
+    status, error = "completed", None
+    try:
+        run.rounds(on_round)
+    except PrivacyBudgetExceeded as err:
+        status, error = "budget_exhausted", str(err)
+    except (OSError, sqlite3.OperationalError) as err:
+        from fedshield.transport.store import disk_full
+
+        full = disk_full(err, run.state_dir)
+        if full is None:
+            raise
+        status, error = "failed", str(full)
+        raise full from err
+    except FedShieldError as err:
+        status, error = "failed", str(err)
+        raise
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted by the operator"
+        raise
+    finally:
+        summary, events = run.finish(status, error, started)
+    return ServeOutcome(summary, run.state_dir, port, events)
+
+
+def _check_network_security(
+    config: ExperimentConfig, ca_dir: Path | None, listen: str
+) -> None:
     secagg = config.secagg
     if ca_dir is not None and secagg.protocol != "none" and not secagg.malicious:
         raise ConfigError(
@@ -166,9 +193,12 @@ def serve(
             f"--insecure is for loopback only (127.0.0.1 / localhost); {listen} is "
             "not: give --ca CA_DIR"
         )
-    started = time.perf_counter()
-    sites = tuple(net.sites)
-    model = _model(config)
+
+
+def _checked_strategy(
+    config: ExperimentConfig, model: Any, sites: tuple[str, ...]
+) -> Any:
+    """The strategy for ``sites``, checked as ``simulate`` checks it."""
     strategy = build_strategy(config, num_clients=len(sites))
     mode = config.privacy.mode
     if mode != "none":
@@ -190,10 +220,11 @@ def serve(
         )
         expected = client_sampler(config).expected_count(len(sites))
         secure.check(expected, model.spec.size + EXTRA_WORDS, distributed=distributed)
-    run_dir = RunDirectory(Path(state_dir))
-    resume = (Path(state_dir) / "state.db").exists() and run_dir.has_run()
-    run_dir.prepare(resume=resume, overwrite=False)
-    store = ServerStore(Path(state_dir))
+    return strategy
+
+
+def _run_id(config: ExperimentConfig, store: Any, state_dir: Path) -> str:
+    """The run's id, kept in the store; refuse a state of another config."""
     from fedshield.api.run import config_fingerprint
 
     fingerprint = config_fingerprint(config)
@@ -209,105 +240,153 @@ def serve(
     if run_id is None:
         run_id = f"{config.run.name}-{store.secret('run-id').hex()[:12]}"
         store.set_meta("run_id", run_id)
-    state = _initial_state(config, run_dir, model, strategy, resume)
-    import tomli_w
+    return str(run_id)
 
-    run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
-    mailbox = Mailbox(store, offline_after_s=net.heartbeat_s * net.offline_after)
-    settings = ServerSettings(
-        listen=listen,
-        sites=sites,
-        run_id=run_id,
-        plan_json=json.dumps(plan_of(config, run_id), sort_keys=True).encode(),
-        ca_dir=Path(ca_dir) if ca_dir is not None else None,
-        poll_s=net.poll_s,
-        heartbeat_s=net.heartbeat_s,
-        chunk_bytes=net.chunk_bytes,
-        max_upload_bytes=int(net.max_upload_mb * (1 << 20)),
-        clock_skew_s=net.clock_skew_s,
-    )
-    # Nothing a site sends for this model is larger than its update with the
-    # codec's overhead (a SecAgg masked vector packs at most 8 bytes a word).
-    reply_cap = 16 * model.spec.size + (16 << 20)
-    server = FleetServer(settings, mailbox, max_reply_bytes=reply_cap)
-    port = server.start()
-    if port_file is not None:
-        tmp = Path(port_file).with_suffix(".tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(port_file)
-    if on_listening is not None:
-        on_listening(port)
-    logger.info(
-        "serving %s on port %d (%s)", run_id, port, "mTLS" if ca_dir else "insecure"
-    )
-    backend = GrpcBackend(
-        mailbox,
-        store,
-        fit_timeout_s=net.fit_timeout_s,
-        stage_timeout_s=net.stage_timeout_s,
-        max_reply_bytes=reply_cap,
-    )
-    status, error = "completed", None
-    final = state
-    try:
-        here = mailbox.wait_for_sites(list(sites), net.wait_for_sites_s)
-        logger.info("%d of %d sites joined; starting", len(here), len(sites))
+
+@dataclass
+class _Served:
+    """One served run: what was built for it, and its steps."""
+
+    config: ExperimentConfig
+    net: Any
+    sites: tuple[str, ...]
+    model: Any
+    strategy: Any
+    state_dir: Path
+    run_dir: RunDirectory
+    store: Any
+    run_id: str
+    state: ServerState
+    server: Any
+    mailbox: Any
+    reply_cap: int
+    ca_dir: Path | None
+
+    @classmethod
+    def build(
+        cls,
+        config: ExperimentConfig,
+        *,
+        ca_dir: Path | None,
+        state_dir: Path,
+        listen: str,
+    ) -> _Served:
+        """Check everything, open (or resume) the state, make the server."""
+        from fedshield.transport.backend import Mailbox
+        from fedshield.transport.server import FleetServer, ServerSettings
+        from fedshield.transport.store import ServerStore
+
+        net = _check_serveable(config)
+        _check_network_security(config, ca_dir, listen)
+        sites = tuple(net.sites)
+        model = _model(config)
+        strategy = _checked_strategy(config, model, sites)
+        run_dir = RunDirectory(state_dir)
+        resume = (state_dir / "state.db").exists() and run_dir.has_run()
+        run_dir.prepare(resume=resume, overwrite=False)
+        store = ServerStore(state_dir)
+        run_id = _run_id(config, store, state_dir)
+        state = _initial_state(config, run_dir, model, strategy, resume)
+        import tomli_w
+
+        run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
+        mailbox = Mailbox(store, offline_after_s=net.heartbeat_s * net.offline_after)
+        settings = ServerSettings(
+            listen=listen,
+            sites=sites,
+            run_id=run_id,
+            plan_json=json.dumps(plan_of(config, run_id), sort_keys=True).encode(),
+            ca_dir=Path(ca_dir) if ca_dir is not None else None,
+            poll_s=net.poll_s,
+            heartbeat_s=net.heartbeat_s,
+            chunk_bytes=net.chunk_bytes,
+            max_upload_bytes=int(net.max_upload_mb * (1 << 20)),
+            clock_skew_s=net.clock_skew_s,
+        )
+        # Nothing a site sends for this model is larger than its update with
+        # the codec's overhead (a SecAgg masked vector packs <= 8 bytes a word).
+        reply_cap = 16 * model.spec.size + (16 << 20)
+        server = FleetServer(settings, mailbox, max_reply_bytes=reply_cap)
+        return cls(
+            config, net, sites, model, strategy, state_dir, run_dir, store,
+            run_id, state, server, mailbox, reply_cap, ca_dir,
+        )  # fmt: skip
+
+    def start(self, port_file: Path | None) -> int:
+        """Listen; write the port file once listening; return the port."""
+        port = int(self.server.start())
+        if port_file is not None:
+            tmp = Path(port_file).with_suffix(".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(port_file)
+        mode = "mTLS" if self.ca_dir else "insecure"
+        logger.info("serving %s on port %d (%s)", self.run_id, port, mode)
+        return port
+
+    def rounds(
+        self, on_round: Callable[[ServerState, Mapping[str, Any]], None] | None
+    ) -> None:
+        """Wait for the sites, then run the rounds through the gRPC backend."""
+        from fedshield.transport.backend import GrpcBackend
+
+        config, net = self.config, self.net
+        here = self.mailbox.wait_for_sites(list(self.sites), net.wait_for_sites_s)
+        logger.info("%d of %d sites joined; starting", len(here), len(self.sites))
 
         def remember(new_state: ServerState, record: Mapping[str, Any]) -> None:
-            nonlocal final
-            final = new_state
+            self.state = new_state
             # The committed state, uncharged for the next round (see
             # _initial_state): what a replayed round starts from.
-            RunDirectory(Path(state_dir) / COMMITTED).save_checkpoint(new_state)
+            RunDirectory(self.state_dir / COMMITTED).save_checkpoint(new_state)
             if on_round is not None:
                 on_round(new_state, record)
 
+        backend = GrpcBackend(
+            self.mailbox,
+            self.store,
+            fit_timeout_s=net.fit_timeout_s,
+            stage_timeout_s=net.stage_timeout_s,
+            max_reply_bytes=self.reply_cap,
+        )
         options = RoundOptions(
             federated_eval=config.runs_federated_eval,
             timeout_s=config.run.timeout_s,
             max_examples=net.max_examples,
-            secure=secure,
+            secure=secure_settings(config),
             on_failed_round=config.run.on_failed_round or "continue",
-            server_secret=store.secret("secagg"),
+            server_secret=self.store.secret("secagg"),
         )
-        final = run_rounds(
-            strategy,
-            state,
-            rounds=config.run.rounds,
-            client_fn=_no_clients,
-            client_ids=list(sites),
-            seed=config.run.seed,
-            backend=backend,
-            options=options,
-            evaluate_fn=None,
-            eval_every=config.run.eval_every,
-            run_dir=run_dir,
-            on_round=remember,
-        )
-    except PrivacyBudgetExceeded as err:
-        status, error = "budget_exhausted", str(err)
-    except (OSError, sqlite3.OperationalError) as err:
-        from fedshield.transport.store import disk_full
+        try:
+            self.state = run_rounds(
+                self.strategy,
+                self.state,
+                rounds=config.run.rounds,
+                client_fn=_no_clients,
+                client_ids=list(self.sites),
+                seed=config.run.seed,
+                backend=backend,
+                options=options,
+                evaluate_fn=None,
+                eval_every=config.run.eval_every,
+                run_dir=self.run_dir,
+                on_round=remember,
+            )
+        finally:
+            backend.close()
 
-        full = disk_full(err, Path(state_dir))
-        if full is None:
-            raise
-        status, error = "failed", str(full)
-        raise full from err
-    except FedShieldError as err:
-        status, error = "failed", str(err)
-        raise
-    except KeyboardInterrupt:
-        status, error = "interrupted", "interrupted by the operator"
-        raise
-    finally:
-        backend.close()
-        _drain(mailbox, sites, 3.0)
-        server.stop()
-        summary = _write_summary(config, run_dir, final, status, error, started, model)
-        events = store.events()
-        store.close()
-    return ServeOutcome(summary, Path(state_dir), port, events)
+    def finish(
+        self, status: str, error: str | None, started: float
+    ) -> tuple[dict[str, Any], list[tuple[float, str, str, str]]]:
+        """Tell the sites, stop serving, write the summary and the report."""
+        self.mailbox.finish()
+        _drain(self.mailbox, self.sites, 3.0)
+        self.server.stop()
+        summary = _write_summary(
+            self.config, self.run_dir, self.state, status, error, started, self.model
+        )
+        events = self.store.events()
+        self.store.close()
+        return summary, events
 
 
 def _no_clients(client_id: str) -> Any:
@@ -485,47 +564,8 @@ def site_builder(
     from fedshield.transport.site import SiteSetup
 
     def build(plan: dict[str, Any]) -> SiteSetup:
-        if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
-            raise ConfigError("the server's plan is malformed (no configuration)")
-        sections = {
-            k: dict(v) for k, v in plan["config"].items() if isinstance(v, dict)
-        }
-        for name in SIMULATION_ONLY:
-            sections.pop(name, None)
-        net = sections.get("network", {})
-        if (
-            model_source is not None
-            and sections.get("model", {}).get("kind") == "python"
-        ):
-            fn = str(sections["model"].get("factory", ":build")).rpartition(":")[2]
-            sections["model"]["factory"] = f"{model_source.resolve()}:{fn}"
-        num_sites = max(1, len(plan.get("sites", [])))
-        # The whole plan, validated as the server's configuration is (the
-        # data section stands for the federation's sites)...
-        config = parse_config(
-            {**sections, "data": {"dataset": "digits", "num_clients": num_sites}}
-        )
-        # ... and this site's own data, as one client of its own.
-        data = dict(site_data)
-        data.setdefault("partition", "iid")
-        data["num_clients"] = 1
-        own = {"run": sections.get("run", {}), "model": sections.get("model", {})}
-        from fedshield.api.experiment import build_federation
-
-        own_config = parse_config({**own, "data": data})
-        federation = build_federation(own_config)
-        shape = list(federation.train.input_shape)
-        if net.get("input_shape") and list(net["input_shape"]) != shape:
-            raise ConfigError(
-                f"this site's data has input shape {shape}; the run expects "
-                f"{net['input_shape']} (check the site's features)"
-            )
-        classes = federation.train.num_classes
-        if net.get("num_classes") and int(net["num_classes"]) != classes:
-            raise ConfigError(
-                f"this site's data has {classes} classes; the run expects "
-                f"{net['num_classes']} (set classes in the site's [data])"
-            )
+        config, own_config, num_sites = _site_configs(plan, site_data, model_source)
+        federation = _site_federation(config, own_config, plan)
         guard = None
         if policy is not None:
             from fedshield.transport.policy import SiteGuard
@@ -541,44 +581,9 @@ def site_builder(
             )
             guard.check_run()
             logger.info("site policy: %s", guard.describe())
-        rows = federation.client_fn.parts[federation.client_ids[0]]
-        keys = None
-        if config.secagg.protocol != "none" and config.secagg.malicious:
-            if identity is None:
-                logger.warning(
-                    "malicious-mode SecAgg without a certificate (--insecure): "
-                    "this site cannot check the server's key table"
-                )
-            else:
-                from fedshield.transport.secagg_keys import SiteKeys
-
-                keys = SiteKeys(
-                    identity, str(plan.get("run_id", "")), plan.get("sites", [])
-                )
-        trust = _site_trust(config, num_sites, keys)
-        built: dict[str, Any] = {}
-
-        def client_fn(name: str) -> Any:
-            # The site's one client, named as its certificate names it.
-            if name not in built:
-                from fedshield.api.experiment import DatasetClients
-
-                built.clear()
-                built[name] = DatasetClients(
-                    federation.model,
-                    federation.train,
-                    {name: rows},
-                    client_test_fraction=own_config.data.client_test_fraction,
-                    seed=config.run.seed,
-                )
-                built[name].trust = trust
-            client = built[name](name)
-            if guard is not None:
-                client = _MetricsFilter(client, guard.filter_metrics)
-            return client
-
+        trust = _site_trust(config, num_sites, _site_keys(config, plan, identity))
         return SiteSetup(
-            client_fn,
+            _site_client_fn(federation, own_config, trust, guard),
             check_task=guard.check_task if guard is not None else None,
             filter_metrics=guard.filter_metrics if guard is not None else None,
             check_message=_dp_options_check(
@@ -589,6 +594,103 @@ def site_builder(
         )
 
     return build
+
+
+def _site_configs(
+    plan: dict[str, Any], site_data: Mapping[str, Any], model_source: Path | None
+) -> tuple[ExperimentConfig, ExperimentConfig, int]:
+    """The plan validated as the server's configuration, and the site's own."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
+        raise ConfigError("the server's plan is malformed (no configuration)")
+    sections = {k: dict(v) for k, v in plan["config"].items() if isinstance(v, dict)}
+    for name in SIMULATION_ONLY:
+        sections.pop(name, None)
+    if model_source is not None and sections.get("model", {}).get("kind") == "python":
+        fn = str(sections["model"].get("factory", ":build")).rpartition(":")[2]
+        sections["model"]["factory"] = f"{model_source.resolve()}:{fn}"
+    num_sites = max(1, len(plan.get("sites", [])))
+    # The whole plan, validated as the server's configuration is (the data
+    # section stands for the federation's sites)...
+    config = parse_config(
+        {**sections, "data": {"dataset": "digits", "num_clients": num_sites}}
+    )
+    # ... and this site's own data, as one client of its own.
+    data = dict(site_data)
+    data.setdefault("partition", "iid")
+    data["num_clients"] = 1
+    own = {"run": sections.get("run", {}), "model": sections.get("model", {})}
+    return config, parse_config({**own, "data": data}), num_sites
+
+
+def _site_federation(
+    config: ExperimentConfig, own_config: ExperimentConfig, plan: dict[str, Any]
+) -> Any:
+    """The site's data and model; refuse data that does not fit the run."""
+    from fedshield.api.experiment import build_federation
+
+    federation = build_federation(own_config)
+    import torch
+
+    # As simulate does: small models train fastest single-threaded ([run]
+    # torch_threads, default 1); more threads mostly synchronise.
+    torch.set_num_threads(config.run.torch_threads)
+    net = plan["config"].get("network", {})
+    shape = list(federation.train.input_shape)
+    if net.get("input_shape") and list(net["input_shape"]) != shape:
+        raise ConfigError(
+            f"this site's data has input shape {shape}; the run expects "
+            f"{net['input_shape']} (check the site's features)"
+        )
+    classes = federation.train.num_classes
+    if net.get("num_classes") and int(net["num_classes"]) != classes:
+        raise ConfigError(
+            f"this site's data has {classes} classes; the run expects "
+            f"{net['num_classes']} (set classes in the site's [data])"
+        )
+    return federation
+
+
+def _site_keys(config: ExperimentConfig, plan: dict[str, Any], identity: Any) -> Any:
+    """Malicious-mode SecAgg: the site's key, attested by its certificate."""
+    if config.secagg.protocol == "none" or not config.secagg.malicious:
+        return None
+    if identity is None:
+        logger.warning(
+            "malicious-mode SecAgg without a certificate (--insecure): this site "
+            "cannot check the server's key table"
+        )
+        return None
+    from fedshield.transport.secagg_keys import SiteKeys
+
+    return SiteKeys(identity, str(plan.get("run_id", "")), plan.get("sites", []))
+
+
+def _site_client_fn(
+    federation: Any, own_config: ExperimentConfig, trust: Any, guard: Any
+) -> Callable[[str], Any]:
+    """Builds the site's one client, named as its certificate names it."""
+    rows = federation.client_fn.parts[federation.client_ids[0]]
+    built: dict[str, Any] = {}
+
+    def client_fn(name: str) -> Any:
+        if name not in built:
+            from fedshield.api.experiment import DatasetClients
+
+            built.clear()
+            built[name] = DatasetClients(
+                federation.model,
+                federation.train,
+                {name: rows},
+                client_test_fraction=own_config.data.client_test_fraction,
+                seed=own_config.run.seed,
+            )
+            built[name].trust = trust
+        client = built[name](name)
+        if guard is not None:
+            client = _MetricsFilter(client, guard.filter_metrics)
+        return client
+
+    return client_fn
 
 
 class _MetricsFilter:

@@ -77,15 +77,16 @@ class OpenTask:
     deadline: float
     """Server clock (``time.time()``)."""
     task_id: str = ""
+    payload_digest: str = ""
+    """SHA-256 (hex) of the payload alone (what ``FetchBlob`` serves)."""
 
     def __post_init__(self) -> None:
+        digest = hashlib.sha256(self.payload)
+        if not self.payload_digest:
+            self.payload_digest = digest.hexdigest()
         if not self.task_id:
-            self.task_id = hashlib.sha256(self.payload + self.seed).hexdigest()
-
-    @property
-    def payload_digest(self) -> str:
-        """SHA-256 (hex) of the payload alone (what ``FetchBlob`` serves)."""
-        return hashlib.sha256(self.payload).hexdigest()
+            digest.update(self.seed)  # SHA-256(payload || seed), one pass
+            self.task_id = digest.hexdigest()
 
 
 @dataclass
@@ -113,8 +114,10 @@ class Mailbox:
     on_close: Any = None
     """Called when a stage closes (the server drops partial uploads)."""
     _open: dict[ClientId, OpenTask] = field(default_factory=dict)
-    _replies: dict[ClientId, bytes] = field(default_factory=dict)
+    _replies: dict[ClientId, tuple[bytes, Any]] = field(default_factory=dict)
+    _saving: dict[ClientId, bytes] = field(default_factory=dict)
     _blobs: dict[str, bytes] = field(default_factory=dict)
+    _owners: dict[str, ClientId] = field(default_factory=dict)
     _opened_at: float = 0.0
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
@@ -177,6 +180,7 @@ class Mailbox:
             self._open = dict(tasks)
             self._replies = {}
             self._blobs = {t.payload_digest: t.payload for t in tasks.values()}
+            self._owners = {t.payload_digest: c for c, t in tasks.items()}
             self._opened_at = time.monotonic()
             self._lock.notify_all()
         if self.notify is not None:
@@ -184,12 +188,14 @@ class Mailbox:
 
     def wait_stage(
         self, deadline: float
-    ) -> tuple[dict[ClientId, bytes], set[ClientId]]:
+    ) -> tuple[dict[ClientId, tuple[bytes, Any]], set[ClientId]]:
         """Wait for the open stage's replies; close it.
 
-        Returns the accepted replies and the sites found offline. Ends when
-        every site replied, at ``deadline`` (server clock), or when every
-        site still to reply is offline (no request for ``offline_after_s``).
+        Returns the accepted replies (their bytes and, when decoded
+        already, the reply) and the sites found offline. Ends when every
+        site replied, at ``deadline`` (server clock), or when every site
+        still to reply is offline (no request for ``offline_after_s``); a
+        reply being written to disk then is waited for.
         """
         with self._lock:
             while True:
@@ -201,10 +207,13 @@ class Mailbox:
                 if left <= 0:
                     break
                 self._lock.wait(min(left, 0.5))
+            self._open = {}  # nothing more is accepted
+            while self._saving:  # replies on their way to disk count
+                self._lock.wait(0.5)
             replies = dict(self._replies)
-            self._open = {}
             self._replies = {}
             self._blobs = {}
+            self._owners = {}
         if self.on_close is not None:
             self.on_close()
         return replies, offline
@@ -244,10 +253,7 @@ class Mailbox:
     def owner(self, digest: str) -> ClientId | None:
         """Whose open task has this payload digest (None: nobody's)."""
         with self._lock:
-            for cid, task in self._open.items():
-                if task.payload_digest == digest:
-                    return cid
-        return None
+            return self._owners.get(digest)
 
     def task_owner(self, task_id: str) -> ClientId | None:
         """Whose open task ``task_id`` is (None: nobody's)."""
@@ -257,24 +263,37 @@ class Mailbox:
                     return cid
         return None
 
-    def accept(self, client_id: ClientId, task_id: str, data: bytes) -> str:
+    def accept(
+        self, client_id: ClientId, task_id: str, data: bytes, decoded: Any = None
+    ) -> str:
         """Record a result; ``accepted``, ``duplicate``, ``closed`` or ``conflict``.
 
-        ``data`` has been decoded and checked by the caller. A result for a
-        task that is not this site's open task is ``closed`` (too late, or
-        not its task: the caller checks ownership first).
+        ``data`` has been decoded (``decoded``) and checked by the caller. A
+        result for a task that is not this site's open task is ``closed``
+        (too late, or not its task: the caller checks ownership first). The
+        result is written to disk outside the lock (sites' results are
+        saved in parallel); it counts once it is there.
         """
         with self._lock:
             task = self._open.get(client_id)
             if task is None or task.task_id != task_id:
                 return "closed"
             known = self._replies.get(client_id)
-            if known is not None:
-                return "duplicate" if known == data else "conflict"
+            seen = known[0] if known is not None else self._saving.get(client_id)
+            if seen is not None:
+                return "duplicate" if seen == data else "conflict"
+            self._saving[client_id] = data
+        saved = False
+        try:
             # Persisted before it counts: a restarted server finds it.
             self.store.add_reply(task.round_idx, task.stage, client_id, data)
-            self._replies[client_id] = data
-            self._lock.notify_all()
+            saved = True
+        finally:
+            with self._lock:
+                del self._saving[client_id]
+                if saved:
+                    self._replies[client_id] = (data, decoded)
+                self._lock.notify_all()
         crash_point("server.after_reply")
         return "accepted"
 
@@ -284,8 +303,8 @@ class Mailbox:
             task = self._open.get(client_id)
             if task is None or task.task_id != task_id:
                 return None
-            data = self._replies.get(client_id)
-            return None if data is None else hashlib.sha256(data).hexdigest()
+            known = self._replies.get(client_id)
+            return None if known is None else hashlib.sha256(known[0]).hexdigest()
 
 
 class GrpcBackend:
@@ -357,13 +376,19 @@ class GrpcBackend:
         self.store.add_tasks(
             round_idx, stage, {cid: t.task_id for cid, t in tasks.items()}
         )
-        stored = {cid: self.store.blobs.get(d) for cid, d in record.replies.items()}
+        stored: dict[ClientId, Any] = {
+            cid: self.store.blobs.get(d) for cid, d in record.replies.items()
+        }
+        decoded: dict[ClientId, StageReply] = {}
         if not record.closed:
             ask = {cid: t for cid, t in tasks.items() if cid not in stored}
             if ask:
                 self.mailbox.open_stage(ask)
                 got, offline = self.mailbox.wait_stage(deadline)
-                stored.update(got)
+                for cid, (data, reply) in got.items():
+                    stored[cid] = data
+                    if reply is not None:
+                        decoded[cid] = reply
                 for cid in ask:
                     if cid in got:
                         continue
@@ -378,11 +403,17 @@ class GrpcBackend:
                     )
                     failure = ClientFailure(cid, stage, kind, why)
                     data = wire.encode_reply(StageReply(cid, failure=failure))
-                    self.store.add_reply(round_idx, stage, cid, data)
+                    if not self.store.add_reply(round_idx, stage, cid, data):
+                        # A reply reached the disk first: it is what counts.
+                        fresh = self.store.stage(round_idx, stage).replies[cid]
+                        data = self.store.blobs.get(fresh)
                     stored[cid] = data
             self.store.close_stage(round_idx, stage, sorted(stored))
             crash_point("server.after_stage_close")
         for cid in request.messages:
+            if cid in decoded:  # checked when it arrived: not decoded twice
+                yield decoded[cid]
+                continue
             found = stored.get(cid)
             if found is None:  # a closed stage without this client: cannot happen
                 failure = ClientFailure(cid, stage, FailureKind.DROPPED, "no record")

@@ -422,7 +422,7 @@ class FleetServer:
                 reply.failure.message,
             )
         try:
-            status = self.mailbox.accept(client_id, task.task_id, data)
+            status = self.mailbox.accept(client_id, task.task_id, data, reply)
         except (OSError, sqlite3.OperationalError) as err:
             full = disk_full(err, self.mailbox.store.dir)
             if full is None:

@@ -457,18 +457,21 @@ class SiteClient:
         self._push(task.task_id, cached)
         self.tasks_done += 1
 
-    def _payload(self, task: Any) -> bytes:
+    def _payload(self, task: Any) -> Any:
+        data: bytes | bytearray
         if task.payload or task.payload_size == 0:
             data = bytes(task.payload)
         else:
             data = self._fetch(task.payload_digest, int(task.payload_size))
-        if hashlib.sha256(data).hexdigest() != task.payload_digest:
+        digest = hashlib.sha256(data)
+        if digest.hexdigest() != task.payload_digest:
             raise SiteError("a task's payload does not match its digest")
-        if hashlib.sha256(data + task.stage_seed).hexdigest() != task.task_id:
+        digest.update(task.stage_seed)  # SHA-256(payload || seed), one pass
+        if digest.hexdigest() != task.task_id:
             raise SiteError("a task's id does not match its content")
         return data
 
-    def _fetch(self, digest: str, size: int) -> bytes:
+    def _fetch(self, digest: str, size: int) -> bytearray:
         buf = bytearray()
         attempts = 0
         while len(buf) < size:
@@ -484,9 +487,9 @@ class SiteClient:
                 if err.code() not in RETRYABLE or attempts > 8:
                     raise _classify(err, self.server) from None
                 time.sleep(min(0.5 * 2**attempts, 20.0) * random.random())
-        return bytes(buf)
+        return buf
 
-    def _answer(self, task: Any, payload: bytes) -> bytes:
+    def _answer(self, task: Any, payload: Any) -> bytes:
         """Run the task (or refuse it); the reply's wire bytes."""
         assert self.setup is not None
         stage, round_idx = task.stage, int(task.round)
