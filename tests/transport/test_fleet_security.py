@@ -456,16 +456,15 @@ def test_a_full_disk_asks_the_site_to_retry_and_loses_nothing(fleet, pki, monkey
     fleet.evaluate_stage(sites=("alpha",))
     alpha = Raw(fleet.port, folders["alpha"])
     task = alpha.pull().task
-    real_put = fleet.store.blobs.put
-
-    def full(data):
+    def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(fleet.store.blobs, "put", full)
+    monkeypatch.setattr(fleet.store.blobs, "adopt", full)
     code, details = code_of(lambda: alpha.push(task.task_id, metrics_reply("alpha")))
     assert code == grpc.StatusCode.UNAVAILABLE  # a site retries UNAVAILABLE
     assert "disk" in details and "full" in details
-    monkeypatch.setattr(fleet.store.blobs, "put", real_put)  # space freed
+    monkeypatch.undo()  # space freed
     reply = alpha.push(task.task_id, metrics_reply("alpha"))
     assert reply.status == pb.PushResultReply.ACCEPTED
     assert fleet.finish_stage()["alpha"].value == {"loss": 1.0}

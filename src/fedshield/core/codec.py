@@ -298,14 +298,16 @@ def encode_tree(value: Tree) -> bytes:
         "blobs": [len(b) for b in writer.blobs],
     }
     text = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
-    parts: list[bytes] = [
+    parts: list[bytes | memoryview] = [
         MAGIC,
         bytes([VERSION]),
         len(text).to_bytes(4, "big"),
         text,
     ]
+    # Views of the arrays (no copy of their own): the join copies once.
     parts += [
-        np.ascontiguousarray(t.flat, dtype=_WORD).tobytes() for t in writer.tensors
+        memoryview(np.ascontiguousarray(t.flat, dtype=_WORD)).cast("B")  # type: ignore[arg-type]
+        for t in writer.tensors
     ]
     parts += writer.blobs
     return b"".join(parts)

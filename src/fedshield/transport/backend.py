@@ -114,8 +114,10 @@ class Mailbox:
     on_close: Any = None
     """Called when a stage closes (the server drops partial uploads)."""
     _open: dict[ClientId, OpenTask] = field(default_factory=dict)
-    _replies: dict[ClientId, tuple[bytes, Any]] = field(default_factory=dict)
-    _saving: dict[ClientId, bytes] = field(default_factory=dict)
+    _replies: dict[ClientId, tuple[bytes | bytearray, Any]] = field(
+        default_factory=dict
+    )
+    _saving: dict[ClientId, bytes | bytearray] = field(default_factory=dict)
     _blobs: dict[str, bytes] = field(default_factory=dict)
     _owners: dict[str, ClientId] = field(default_factory=dict)
     _opened_at: float = 0.0
@@ -188,7 +190,7 @@ class Mailbox:
 
     def wait_stage(
         self, deadline: float
-    ) -> tuple[dict[ClientId, tuple[bytes, Any]], set[ClientId]]:
+    ) -> tuple[dict[ClientId, tuple[bytes | bytearray, Any]], set[ClientId]]:
         """Wait for the open stage's replies; close it.
 
         Returns the accepted replies (their bytes and, when decoded
@@ -264,7 +266,14 @@ class Mailbox:
         return None
 
     def accept(
-        self, client_id: ClientId, task_id: str, data: bytes, decoded: Any = None
+        self,
+        client_id: ClientId,
+        task_id: str,
+        data: bytes | bytearray,
+        decoded: Any = None,
+        *,
+        file: Any = None,
+        digest: str | None = None,
     ) -> str:
         """Record a result; ``accepted``, ``duplicate``, ``closed`` or ``conflict``.
 
@@ -286,7 +295,9 @@ class Mailbox:
         saved = False
         try:
             # Persisted before it counts: a restarted server finds it.
-            self.store.add_reply(task.round_idx, task.stage, client_id, data)
+            self.store.add_reply(
+                task.round_idx, task.stage, client_id, data, file=file, digest=digest
+            )
             saved = True
         finally:
             with self._lock:

@@ -249,11 +249,16 @@ class _Servicer(pb_grpc.FleetServicer):
                 f"the upload resumes at byte {have}, not {offset}",
             )
         received = offset
+        buf = bytearray()
+        hasher = hashlib.sha256()  # as the bytes arrive, not in one pass after
         with open(part, "r+b" if part.exists() else "wb") as fh:
             # One upload per site and task: bytes before ``offset`` are kept
             # (same site, task and digest: the same content), later ones and
             # any other result's partial upload are dropped.
             fh.truncate(offset)
+            if offset:
+                buf += fh.read(offset)
+                hasher.update(buf)
             fh.seek(offset)
             async for item in request_iterator:
                 if item.WhichOneof("part") != "chunk":
@@ -270,12 +275,14 @@ class _Servicer(pb_grpc.FleetServicer):
                         f"more bytes than the {size} declared; upload discarded",
                     )
                 fh.write(item.chunk.data)
+                buf += item.chunk.data
+                hasher.update(item.chunk.data)
         if received < size:
             return pb.PushResultReply(
                 status=pb.PushResultReply.PARTIAL, received=received
             )
         status, message = await asyncio.to_thread(
-            s.take_result, cid, task, part, header.digest
+            s.take_result, cid, task, part, header.digest, buf, hasher.hexdigest()
         )
         if status == "accepted":
             return pb.PushResultReply(status=pb.PushResultReply.ACCEPTED)
@@ -384,12 +391,22 @@ class FleetServer:
             path.unlink(missing_ok=True)
 
     def take_result(
-        self, client_id: str, task: Any, part: Path, digest: str
+        self,
+        client_id: str,
+        task: Any,
+        part: Path,
+        digest: str,
+        data: bytearray,
+        received: str,
     ) -> tuple[str, str]:
-        """Check a complete upload and hand it to the mailbox (off the loop)."""
-        data = part.read_bytes()
-        part.unlink(missing_ok=True)
-        if hashlib.sha256(data).hexdigest() != digest:
+        """Check a complete upload and hand it to the mailbox (off the loop).
+
+        ``data`` is the upload (also in ``part``, which, once checked,
+        becomes the reply's stored copy: it is not written twice);
+        ``received`` the SHA-256 of what arrived.
+        """
+        if received != digest:
+            part.unlink(missing_ok=True)
             self.event(client_id, "bad_digest", task.task_id[:16])
             return "invalid", "the result's bytes do not match its digest; resend"
         try:
@@ -407,6 +424,7 @@ class FleetServer:
             failure = ClientFailure(
                 client_id, task.stage, FailureKind.REJECTED, f"malformed result: {err}"
             )
+            part.unlink(missing_ok=True)
             self.mailbox.accept(
                 client_id,
                 task.task_id,
@@ -422,7 +440,9 @@ class FleetServer:
                 reply.failure.message,
             )
         try:
-            status = self.mailbox.accept(client_id, task.task_id, data, reply)
+            status = self.mailbox.accept(
+                client_id, task.task_id, data, reply, file=part, digest=digest
+            )
         except (OSError, sqlite3.OperationalError) as err:
             full = disk_full(err, self.mailbox.store.dir)
             if full is None:

@@ -80,7 +80,7 @@ class BlobStore:
             raise ValueError(f"not a SHA-256 hex digest: {digest[:80]!r}")
         return self.root / digest[:2] / digest
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: bytes | bytearray) -> str:
         """Store ``data`` durably; return its digest."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path(digest)
@@ -93,6 +93,19 @@ class BlobStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return digest
+
+    def adopt(self, file: Path, digest: str) -> str:
+        """Make ``file`` (content ``digest``, checked by the caller) the blob."""
+        path = self.path(digest)
+        if path.exists():
+            Path(file).unlink(missing_ok=True)
+            return digest
+        path.parent.mkdir(exist_ok=True)
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(file, path)
         _fsync_dir(path.parent)
         return digest
 
@@ -249,10 +262,24 @@ class ServerStore:
                 raise
 
     def add_reply(
-        self, round_idx: int, stage: str, client_id: str, data: bytes
+        self,
+        round_idx: int,
+        stage: str,
+        client_id: str,
+        data: bytes | bytearray,
+        *,
+        file: Path | None = None,
+        digest: str | None = None,
     ) -> bool:
-        """Record a client's accepted reply; False if one was recorded already."""
-        digest = self.blobs.put(data)
+        """Record a client's accepted reply; False if one was recorded already.
+
+        With ``file`` (holding ``data``, of SHA-256 ``digest``) the file
+        becomes the stored copy instead of a new write.
+        """
+        if file is not None and digest is not None:
+            digest = self.blobs.adopt(file, digest)
+        else:
+            digest = self.blobs.put(data)
         with self._lock:
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO replies (round, stage, client_id, digest) "
