@@ -129,6 +129,20 @@ def _ca_cert(paths: CaPaths) -> x509.Certificate:
     return cert
 
 
+_CRLS: dict[str, tuple[tuple[int, int], x509.CertificateRevocationList]] = {}
+
+
+def _crl(paths: CaPaths) -> x509.CertificateRevocationList:
+    """The revocation list, parsed again whenever the file changes."""
+    stat = paths.crl.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    found = _CRLS.get(str(paths.crl))
+    if found is None or found[0] != version:
+        found = (version, x509.load_pem_x509_crl(paths.crl.read_bytes()))
+        _CRLS[str(paths.crl)] = found
+    return found[1]
+
+
 def _index(paths: CaPaths) -> dict[str, dict[str, object]]:
     if not paths.index.exists():
         return {}
@@ -388,7 +402,7 @@ def verify(cert_pem: bytes, ca_dir: Path, *, now: dt.datetime | None = None) -> 
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
         raise ConfigError("the certificate is not for client authentication")
-    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    crl = _crl(paths)
     if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
         raise ConfigError("the certificate has been revoked")
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
