@@ -456,6 +456,7 @@ def test_a_full_disk_asks_the_site_to_retry_and_loses_nothing(fleet, pki, monkey
     fleet.evaluate_stage(sites=("alpha",))
     alpha = Raw(fleet.port, folders["alpha"])
     task = alpha.pull().task
+
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
