@@ -105,6 +105,11 @@ def run_network(
     idents: dict[str, Path],
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    # Each repeat stands for a fresh federation: the sites' ledgers (what
+    # they answered, and the epsilon they spent over their runs) would
+    # otherwise refuse later repeats once their max_epsilon is reached.
+    for folder in idents.values():
+        (folder / "ledger.json").unlink(missing_ok=True)
     config = work / "server.toml"
     config.write_text(tomli_w.dumps(sections(variant)))
     state = work / "state"
