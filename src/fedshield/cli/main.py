@@ -584,7 +584,10 @@ def serve(
 def join(
     server: Annotated[str, typer.Option("--server", help="HOST:PORT of the server.")],
     data: Annotated[
-        Path, typer.Option("--data", help="SITE.toml: this site's [data] section.")
+        Path,
+        typer.Option(
+            "--data", help="SITE.toml: this site's data section (its own data only)."
+        ),
     ],
     identity: Annotated[
         Path | None,
