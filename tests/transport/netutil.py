@@ -93,6 +93,9 @@ def _env(fault: str | None) -> dict[str, str]:
     if fault:
         env["FEDSHIELD_FAULT"] = fault
     env["PYTHONUNBUFFERED"] = "1"
+    # The same server secret in every run, so that two state folders give
+    # the same run (an uninterrupted one to compare a crashed one with).
+    env["FEDSHIELD_SERVER_SECRET"] = "5e" * 32
     return env
 
 

@@ -109,3 +109,64 @@ def test_check_table_refuses_foreign_certificates_other_runs_and_missing_proofs(
     # Alice's own entry replaced.
     with pytest.raises(ProtocolError, match="not its own"):
         alice.check_table({**table, "0": table["1"]}, proofs)
+
+
+def _victim_and_one(cid, setup):
+    # A round of the victim "0" and one other, at threshold 2: the server
+    # (with a Sybil on its roster) would learn the victim's update.
+    keys = {k: v for k, v in setup.verify_keys.items() if k in ("0", "1")}
+    config = dataclasses.replace(setup.config, threshold=2)
+    return dataclasses.replace(setup, verify_keys=keys, config=config)
+
+
+def test_a_round_of_too_few_clients_or_a_low_threshold_is_refused(
+    identities,
+    tampering,  # noqa: F811
+):
+    from fedshield.simulation.secure import SecureAggregation
+
+    own, _ = identities
+    settings = SecureAggregation(protocol="secagg", malicious=True)
+    clients = {
+        cid: Client(
+            cid,
+            ClientTrust(
+                keys=SiteKeys(own[cid], "run-1", IDS),
+                min_clients=3,
+                threshold_for=settings.threshold_for,
+            ),
+        )
+        for cid in IDS
+    }
+    tampering(_victim_and_one)
+    result = _run(clients, malicious=True)
+    assert result.metrics["secagg/aborted"] == 1.0
+    assert any("at least 3" in f.message for f in result.failures)
+
+
+def _low_threshold(cid, setup):
+    return dataclasses.replace(
+        setup, config=dataclasses.replace(setup.config, threshold=3)
+    )
+
+
+def test_a_threshold_below_the_clients_own_is_refused(identities, tampering):  # noqa: F811
+    from fedshield.simulation.secure import SecureAggregation
+
+    own, _ = identities
+    settings = SecureAggregation(protocol="secagg", malicious=True)
+    clients = {
+        cid: Client(
+            cid,
+            ClientTrust(
+                keys=SiteKeys(own[cid], "run-1", IDS),
+                min_clients=3,
+                threshold_for=settings.threshold_for,
+            ),
+        )
+        for cid in IDS
+    }
+    tampering(_low_threshold)  # 3 of 5; malicious mode's own is 4
+    result = _run(clients, malicious=True)
+    assert result.metrics["secagg/aborted"] == 1.0
+    assert any("configuration gives 4" in f.message for f in result.failures)

@@ -295,3 +295,34 @@ def test_the_epsilon_cap_composes_the_sites_runs(tmp_path):
     refused = fit("run-2", 1)  # 2 + 2 = 4 > 3.5
     assert refused.failure is not None
     assert "over this site's runs would be 4" in refused.failure.message
+
+
+def test_a_refused_task_costs_nothing_and_moves_no_round(tmp_path):
+    from fedshield.transport.site import TaskLedger
+
+    ledger = TaskLedger(tmp_path / "ledger.json")
+    ledger.record("evil", 4_000_000_000, "fit", "t", None, ran=False)
+    ledger.check("evil", 3, "fit", "t3", cached=False)  # no "going back"
+    assert ledger.spent_elsewhere("other") == 0.0
+    (tmp_path / "bad.json").write_text('{"r": {"answered": []}}')
+    with pytest.raises(SiteError, match="unreadable"):
+        TaskLedger(tmp_path / "bad.json")
+
+
+def test_the_servers_seed_is_keyed_by_its_secret(tmp_path, monkeypatch):
+    # Sites see values derived from the seed (stage seeds, the first model):
+    # with a small run.seed they could try every value; keyed by a 256-bit
+    # secret kept in the server's state they cannot.
+    from fedshield.api.network import _server_seed
+    from fedshield.transport.store import ServerStore
+
+    monkeypatch.delenv("FEDSHIELD_SERVER_SECRET", raising=False)
+    config = _config()
+    a = _server_seed(config, ServerStore(tmp_path / "a"))
+    b = _server_seed(config, ServerStore(tmp_path / "b"))
+    assert a != b and a.bit_length() > 200
+    assert _server_seed(config, ServerStore(tmp_path / "a")) == a  # kept
+    monkeypatch.setenv("FEDSHIELD_SERVER_SECRET", "11" * 32)
+    c = _server_seed(config, ServerStore(tmp_path / "c"))
+    d = _server_seed(config, ServerStore(tmp_path / "d"))
+    assert c == d  # reproducible when the operator asks for it

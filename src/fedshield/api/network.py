@@ -25,6 +25,7 @@ import logging
 import sqlite3
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,21 @@ def _checked_strategy(
     return strategy
 
 
+def _server_seed(config: ExperimentConfig, store: Any) -> int:
+    """The run's seed as the server uses it: ``run.seed`` keyed by a secret.
+
+    Every site sees values derived from the seed (its stage seeds, the
+    first model); a small ``run.seed`` could be found by trying them all,
+    and with it the central-DP noise and the sample. Keyed by a 256-bit
+    secret kept in the state (``FEDSHIELD_SERVER_SECRET`` reproduces it),
+    the seed is out of reach; the same state gives the same run.
+    """
+    digest = hashlib.blake2b(
+        str(config.run.seed).encode(), key=store.secret("seed"), digest_size=32
+    ).digest()
+    return int.from_bytes(digest, "little")
+
+
 def _run_id(config: ExperimentConfig, store: Any, state_dir: Path) -> str:
     """The run's id, kept in the store; refuse a state of another config."""
     from fedshield.api.run import config_fingerprint
@@ -238,7 +254,9 @@ def _run_id(config: ExperimentConfig, store: Any, state_dir: Path) -> str:
     store.set_meta("fingerprint", fingerprint)
     run_id = store.meta("run_id")
     if run_id is None:
-        run_id = f"{config.run.name}-{store.secret('run-id').hex()[:12]}"
+        # Fresh for every state folder (never derived from a configured
+        # secret): a site keeps what it answered per run id.
+        run_id = f"{config.run.name}-{uuid.uuid4().hex[:12]}"
         store.set_meta("run_id", run_id)
     return str(run_id)
 
@@ -261,6 +279,7 @@ class _Served:
     mailbox: Any
     reply_cap: int
     ca_dir: Path | None
+    seed: int
 
     @classmethod
     def build(
@@ -286,7 +305,8 @@ class _Served:
         run_dir.prepare(resume=resume, overwrite=False)
         store = ServerStore(state_dir)
         run_id = _run_id(config, store, state_dir)
-        state = _initial_state(config, run_dir, model, strategy, resume)
+        seed = _server_seed(config, store)
+        state = _initial_state(config, run_dir, model, strategy, resume, seed)
         import tomli_w
 
         run_dir.write_text(CONFIG, tomli_w.dumps(config.to_dict()))
@@ -309,7 +329,7 @@ class _Served:
         server = FleetServer(settings, mailbox, max_reply_bytes=reply_cap)
         return cls(
             config, net, sites, model, strategy, state_dir, run_dir, store,
-            run_id, state, server, mailbox, reply_cap, ca_dir,
+            run_id, state, server, mailbox, reply_cap, ca_dir, seed,
         )  # fmt: skip
 
     def start(self, port_file: Path | None) -> int:
@@ -363,7 +383,7 @@ class _Served:
                 rounds=config.run.rounds,
                 client_fn=_no_clients,
                 client_ids=list(self.sites),
-                seed=config.run.seed,
+                seed=self.seed,
                 backend=backend,
                 options=options,
                 evaluate_fn=None,
@@ -422,6 +442,7 @@ def _initial_state(
     model: Any,
     strategy: Any,
     resume: bool,
+    seed: int,
 ) -> ServerState:
     from fedshield.api.run import config_fingerprint
 
@@ -440,7 +461,7 @@ def _initial_state(
         run_dir.truncate_records(state.round_idx)
         logger.info("resuming %s after round %d", run_dir.path, state.round_idx)
         return state
-    params = model.init_params(config.run.seed)
+    params = model.init_params(seed % 2**63)  # init_params takes 63 bits
     state = strategy.init(params).evolve(
         metadata={"fingerprint": config_fingerprint(config)}
     )
@@ -582,6 +603,20 @@ def site_builder(
             guard.check_run()
             logger.info("site policy: %s", guard.describe())
         trust = _site_trust(config, num_sites, _site_keys(config, plan, identity))
+        if trust is not None and trust.keys is not None:
+            from dataclasses import replace as _replace
+
+            secure = secure_settings(config)
+            floor = max(
+                2,
+                config.strategy.min_clients,
+                getattr(policy, "min_clients", None) or 0,
+            )
+            trust = _replace(
+                trust,
+                min_clients=floor,
+                threshold_for=secure.threshold_for if secure is not None else None,
+            )
         return SiteSetup(
             _site_client_fn(federation, own_config, trust, guard),
             check_task=guard.check_task if guard is not None else None,

@@ -325,6 +325,15 @@ class ClientTrust:
     max_examples
         The client's own bound on ``num_examples`` (FedAvg's weight
         ``n / max_examples``); None: the server's word.
+    min_clients
+        Malicious mode: the fewest clients in a round's roster (the key
+        table) the client takes part with; a server that runs the protocol
+        with the victim and few others (one of them its own) learns little
+        less than the victim's update.
+    threshold_for
+        Malicious mode: the threshold the client's own configuration gives
+        for a roster of ``n`` (``SecureAggregation.threshold_for``); a
+        lower one is refused.
     started
         The rounds each client of this process has joined a secure sum in:
         a client joins a round's secure aggregation once (a server that ran
@@ -336,6 +345,8 @@ class ClientTrust:
     transform: SecureInput | None = None
     max_examples: int | None = None
     started: set[tuple[str, int]] = field(default_factory=set, compare=False)
+    min_clients: int | None = None
+    threshold_for: Any = None
 
 
 def plan_digest(plan: InputPlan) -> bytes:
@@ -525,6 +536,7 @@ def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
                 "a key from the directory); the server asked for another mode"
             )
         trust.keys.check_table(setup.verify_keys, setup.attestations)
+        _check_roster(trust, setup)
     joined = (session.client_id, setup.round_idx)
     if joined in trust.started:
         raise ProtocolError(
@@ -563,6 +575,23 @@ def _check_setup(session: ClientSession, setup: SecureSetup) -> None:
                 "the server's distributed-DP plan differs from this client's own "
                 f"mechanism (noise std {ddp.noise_std:g}, expected "
                 f"{mine.noise_std:g}); refused"
+            )
+
+
+def _check_roster(trust: ClientTrust, setup: SecureSetup) -> None:
+    """Refuse a round with too few clients, or a threshold below the client's own."""
+    n = len(setup.verify_keys)
+    if trust.min_clients is not None and n < trust.min_clients:
+        raise ProtocolError(
+            f"the round's roster has {n} clients; this client takes part in "
+            f"rounds of at least {trust.min_clients}"
+        )
+    if trust.threshold_for is not None:
+        need = int(trust.threshold_for(n))
+        if setup.config.threshold < need:
+            raise ProtocolError(
+                f"the round's threshold is {setup.config.threshold} of {n}; this "
+                f"client's configuration gives {need}"
             )
 
 

@@ -166,7 +166,10 @@ class SiteKeys:
             raise ProtocolError(
                 f"the certificate attesting {site!r}'s key is another's"
             )
-        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            raise ProtocolError(f"{site!r}'s certificate names no purpose") from None
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
             raise ProtocolError(f"{site!r}'s certificate is not a site's")
         public = cert.public_key()

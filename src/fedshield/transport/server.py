@@ -212,7 +212,7 @@ class _Servicer(pb_grpc.FleetServicer):
         header = first.header
         cid = await self._auth("PushResult", header, context)
         s = self.s
-        size, offset = int(header.size), int(header.offset)
+        size = int(header.size)
         cap = min(s.settings.max_upload_bytes, s.max_reply_bytes)
         if size > cap:
             s.event(cid, "oversized", f"{size} bytes declared")
@@ -241,6 +241,23 @@ class _Servicer(pb_grpc.FleetServicer):
                     "logged (one result per task)",
                 )
             return pb.PushResultReply(status=pb.PushResultReply.STAGE_CLOSED)
+        key = (cid, header.task_id)
+        if key in s.uploading:
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                "an upload of this task is already in progress; one at a time",
+            )
+        s.uploading.add(key)
+        try:
+            return await self._receive(header, cid, task, request_iterator, context)
+        finally:
+            s.uploading.discard(key)
+
+    async def _receive(
+        self, header: Any, cid: str, task: Any, request_iterator: Any, context: Any
+    ) -> Any:
+        s = self.s
+        size, offset = int(header.size), int(header.offset)
         part = s.part_path(cid, header.task_id, header.digest)
         have = s.part_size(part, header.digest)
         if offset > have:
@@ -330,6 +347,7 @@ class FleetServer:
         self._changed: asyncio.Event | None = None
         self._event_window: list[float] = [0.0, 0]
         self._polls: dict[str, int] = {}
+        self.uploading: set[tuple[str, str]] = set()
         self._uploads = mailbox.store.dir / "uploads"
         self._uploads.mkdir(exist_ok=True)
         self.port = 0

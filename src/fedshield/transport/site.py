@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -142,7 +143,7 @@ class TaskLedger:
         self._runs: dict[str, dict[str, Any]] = {}
         if path is not None and path.exists():
             try:
-                self._runs = json.loads(path.read_text())
+                self._runs = _ledger_runs(json.loads(path.read_text()))
             except (OSError, ValueError) as err:
                 raise SiteError(
                     f"{path} (this site's record of what it answered) is "
@@ -186,22 +187,46 @@ class TaskLedger:
         stage: str,
         task_id: str,
         epsilon: float | None = None,
+        *,
+        ran: bool = True,
     ) -> None:
-        """Remember an answer (on disk before the answer leaves)."""
+        """Remember an answer (on disk, synced, before the answer leaves).
+
+        ``ran``: the stage ran (a refusal moves no round forward).
+        """
         run = self._runs.setdefault(run_id, {"answered": {}, "last_fit": -1})
         run["answered"][f"{stage}:{round_idx}"] = task_id
-        if stage == "fit":
+        if stage == "fit" and ran:
             run["last_fit"] = max(run["last_fit"], round_idx)
         if epsilon is not None:
             run["epsilon"] = max(float(run.get("epsilon", 0.0)), epsilon)
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._runs, sort_keys=True))
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self._runs, sort_keys=True))
+                fh.flush()
+                os.fsync(fh.fileno())
             tmp.replace(self.path)
 
     def forget(self) -> None:
         """Forget everything (a test harness that asks the same tasks again)."""
         self._runs = {}
+
+
+def _ledger_runs(data: Any) -> dict[str, dict[str, Any]]:
+    """A ledger file's runs, checked field by field (ValueError otherwise)."""
+    if not isinstance(data, dict):
+        raise ValueError("not a map of runs")
+    for run_id, run in data.items():
+        if not (
+            isinstance(run, dict)
+            and isinstance(run.get("answered", {}), dict)
+            and all(isinstance(v, str) for v in run.get("answered", {}).values())
+            and isinstance(run.get("last_fit", -1), int)
+            and isinstance(run.get("epsilon", 0.0), int | float)
+        ):
+            raise ValueError(f"run {run_id!r} is malformed")
+    return data
 
 
 def _classify(err: grpc.RpcError, server: str) -> SiteError:
@@ -282,6 +307,7 @@ class SiteClient:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self.ledger = ledger if ledger is not None else TaskLedger()
         self._refused: set[str] = set()
+        self._ran = False
         self._sessions: dict[int, ClientSession] = {}
         self._status = "connecting"
         self._stop = threading.Event()
@@ -444,12 +470,14 @@ class SiteClient:
             payload = self._payload(task)
             cached = self._answer(task, payload)
             self._cache[task.task_id] = cached
+            # What the site refused costs nothing and moves no round forward.
             self.ledger.record(
                 self.run_id,
                 int(task.round),
                 task.stage,
                 task.task_id,
-                self._cost(task.stage, int(task.round)),
+                self._cost(task.stage, int(task.round)) if self._ran else None,
+                ran=self._ran,
             )
             while len(self._cache) > 64:
                 self._cache.popitem(last=False)
@@ -492,6 +520,7 @@ class SiteClient:
     def _answer(self, task: Any, payload: Any) -> bytes:
         """Run the task (or refuse it); the reply's wire bytes."""
         assert self.setup is not None
+        self._ran = False
         stage, round_idx = task.stage, int(task.round)
         try:
             # The payload's size was announced and its digest checked: the
@@ -553,6 +582,7 @@ class SiteClient:
                 self.name, stage, FailureKind.ERROR, f"{type(err).__name__}: {err}"
             )
             return wire.encode_reply(StageReply(self.name, failure=failure))
+        self._ran = True
         value = self._filtered(value)
         return wire.encode_reply(StageReply(self.name, value=value))
 

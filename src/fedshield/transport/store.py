@@ -213,11 +213,26 @@ class ServerStore:
             self._set(key, value)
 
     def secret(self, key: str) -> bytes:
-        """A random 32-byte secret made on first use and kept from then on."""
+        """A 32-byte secret made on first use and kept from then on.
+
+        Drawn from the operating system, or, to reproduce a run exactly
+        (tests), derived from ``FEDSHIELD_SERVER_SECRET`` (hex, at least 32
+        bytes) when that is set as the state is created. Keep it secret:
+        the server's noise and every site's randomness derive from it.
+        """
         with self._lock:
             found = self._get(key)
             if found is None:
-                found = secrets.token_hex(32)
+                master = os.environ.get("FEDSHIELD_SERVER_SECRET")
+                if master:
+                    raw = bytes.fromhex(master)
+                    if len(raw) < 32:
+                        raise HistoryError(
+                            "FEDSHIELD_SERVER_SECRET must be at least 32 bytes (64 hex)"
+                        )
+                    found = hashlib.blake2b(key.encode(), key=raw[:64]).hexdigest()[:64]
+                else:
+                    found = secrets.token_hex(32)
                 self._set(key, found)
             return bytes.fromhex(found)
 
