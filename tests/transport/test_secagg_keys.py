@@ -119,15 +119,13 @@ def _victim_and_one(cid, setup):
     return dataclasses.replace(setup, verify_keys=keys, config=config)
 
 
-def test_a_round_of_too_few_clients_or_a_low_threshold_is_refused(
-    identities,
-    tampering,  # noqa: F811
-):
+def _guarded_clients(identities):
+    """Clients with certified keys, a floor of 3 and malicious mode's threshold."""
     from fedshield.simulation.secure import SecureAggregation
 
     own, _ = identities
     settings = SecureAggregation(protocol="secagg", malicious=True)
-    clients = {
+    return {
         cid: Client(
             cid,
             ClientTrust(
@@ -138,6 +136,13 @@ def test_a_round_of_too_few_clients_or_a_low_threshold_is_refused(
         )
         for cid in IDS
     }
+
+
+def test_a_round_of_too_few_clients_or_a_low_threshold_is_refused(
+    identities,
+    tampering,  # noqa: F811
+):
+    clients = _guarded_clients(identities)
     tampering(_victim_and_one)
     result = _run(clients, malicious=True)
     assert result.metrics["secagg/aborted"] == 1.0
@@ -151,21 +156,7 @@ def _low_threshold(cid, setup):
 
 
 def test_a_threshold_below_the_clients_own_is_refused(identities, tampering):  # noqa: F811
-    from fedshield.simulation.secure import SecureAggregation
-
-    own, _ = identities
-    settings = SecureAggregation(protocol="secagg", malicious=True)
-    clients = {
-        cid: Client(
-            cid,
-            ClientTrust(
-                keys=SiteKeys(own[cid], "run-1", IDS),
-                min_clients=3,
-                threshold_for=settings.threshold_for,
-            ),
-        )
-        for cid in IDS
-    }
+    clients = _guarded_clients(identities)
     tampering(_low_threshold)  # 3 of 5; malicious mode's own is 4
     result = _run(clients, malicious=True)
     assert result.metrics["secagg/aborted"] == 1.0

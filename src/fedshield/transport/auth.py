@@ -181,7 +181,6 @@ class RequestGuard:
         self._skew_ms = int(skew_s * 1000)
         self._nonces: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self._keys: dict[bytes, tuple[str, ec.EllipticCurvePublicKey]] = {}
 
     def check(self, method: str, request: Any, peer_cert_pem: bytes | None) -> str:
         """The authenticated client id of ``request``; raise :class:`AuthError`."""

@@ -32,7 +32,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedshield.errors import ConfigError
 
-__all__ = ["CaPaths", "approve", "init_ca", "request", "revoke", "verify"]
+__all__ = [
+    "CaPaths",
+    "approve",
+    "check_site_certificate",
+    "init_ca",
+    "request",
+    "revoke",
+    "verify",
+]
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 """A site's name: letters, digits, ``.``, ``_``, ``-``; at most 63."""
@@ -384,8 +392,27 @@ def verify(cert_pem: bytes, ca_dir: Path, *, now: dt.datetime | None = None) -> 
         raise ConfigError(
             f"{paths.root} holds no ca.crt / ca.crl; copy them from the CA folder"
         )
-    ca_cert = _ca_cert(paths)
     cert = x509.load_pem_x509_certificate(cert_pem)
+    name = check_site_certificate(cert, _ca_cert(paths), now=now)
+    crl = _crl(paths)
+    if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+        raise ConfigError("the certificate has been revoked")
+    return name
+
+
+def check_site_certificate(
+    cert: x509.Certificate, ca_cert: x509.Certificate, *, now: dt.datetime | None = None
+) -> str:
+    """The site ``cert`` names, if ``ca_cert`` issued it for a site; else raise.
+
+    Checks the issuer and its signature, the validity window and the purpose
+    (client authentication); not revocation (:func:`verify` adds that).
+
+    Raises
+    ------
+    ConfigError
+        Saying which check failed.
+    """
     ca_public = ca_cert.public_key()
     assert isinstance(ca_public, ec.EllipticCurvePublicKey)
     try:
@@ -396,13 +423,18 @@ def verify(cert_pem: bytes, ca_dir: Path, *, now: dt.datetime | None = None) -> 
         )
     except InvalidSignature:
         raise ConfigError("the certificate was not issued by this CA") from None
+    if cert.issuer != ca_cert.subject:
+        raise ConfigError("the certificate names another issuer")
     moment = now or _now()
     if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
         raise ConfigError("the certificate is outside its validity window")
-    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise ConfigError("the certificate names no purpose") from None
     if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
         raise ConfigError("the certificate is not for client authentication")
-    crl = _crl(paths)
-    if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-        raise ConfigError("the certificate has been revoked")
-    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ConfigError("the certificate must name exactly one site")
+    return str(names[0].value)

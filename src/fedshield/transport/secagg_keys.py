@@ -27,7 +27,6 @@ each site's policy sees at join.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,10 +34,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedshield.errors import ProtocolError
+from fedshield.errors import ConfigError, ProtocolError
 from fedshield.transport.auth import Identity
+from fedshield.transport.ca import check_site_certificate
 
 __all__ = ["SiteKeys"]
 
@@ -87,11 +86,7 @@ class SiteKeys:
                 ec.ECDSA(hashes.SHA256()),
             ),
         )
-        ca = x509.load_pem_x509_certificate(identity.ca_pem)
-        public = ca.public_key()
-        assert isinstance(public, ec.EllipticCurvePublicKey)
-        self._ca_public = public
-        self._ca_subject = ca.subject
+        self._ca = x509.load_pem_x509_certificate(identity.ca_pem)
 
     def signing_key(self, client_id: str) -> Any:
         """The site's own signing key (it holds no other)."""
@@ -147,31 +142,14 @@ class SiteKeys:
                 f"{site!r}'s attestation holds no certificate"
             ) from None
         try:
-            self._ca_public.verify(
-                cert.signature,
-                cert.tbs_certificate_bytes,
-                ec.ECDSA(cert.signature_hash_algorithm or hashes.SHA256()),
-            )
-        except InvalidSignature:
-            raise ProtocolError(
-                f"{site!r}'s certificate was not issued by this federation's CA"
-            ) from None
-        if cert.issuer != self._ca_subject:
-            raise ProtocolError(f"{site!r}'s certificate names another issuer")
-        now = dt.datetime.now(dt.UTC)
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise ProtocolError(f"{site!r}'s certificate is outside its validity")
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(names) != 1 or names[0].value != site:
+            name = check_site_certificate(cert, self._ca)
+        except ConfigError as err:
+            reason = str(err).replace("this CA", "this federation's CA")
+            raise ProtocolError(f"{site!r}'s attestation: {reason}") from None
+        if name != site:
             raise ProtocolError(
                 f"the certificate attesting {site!r}'s key is another's"
             )
-        try:
-            usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            raise ProtocolError(f"{site!r}'s certificate names no purpose") from None
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-            raise ProtocolError(f"{site!r}'s certificate is not a site's")
         public = cert.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise ProtocolError(f"{site!r}'s certificate key is not an EC key")
